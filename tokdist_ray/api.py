@@ -1,0 +1,216 @@
+"""The Python API, compatible with the reference project's `TokenDistillation`.
+
+    tokdist = TokenDistillation("bundled:smollm2", device="cpu")
+    model, tokenizer = tokdist.run([" Krankenwagen"], data=FileDataSource("docs/"), out_path="out", save=True)
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Literal, Sequence
+
+import torch
+
+from .alignment import PhraseMerger
+from .batch import merge_snippets
+from .config import (
+    DistillationConfig,
+    FileDataSource,
+    GeneratedDataSource,
+    HFDataSource,
+    OutputEmbeddingInit,
+)
+from .corpus import documents
+from .distill import NewRows, TokenDistiller, bf16_supported
+from .export import expand_model, expand_tokenizer, save_expanded
+from .generation import generate_snippets
+from .init import pre_init_rows
+from .loop import train_local
+from .models import load_model, load_tokenizer
+from .snippets import MiningStats, mine_snippets
+from .tokens import NewToken, select_new_tokens
+
+log = logging.getLogger("tokdist_ray")
+TOO_FEW_SNIPPETS = "too_few_snippets"
+
+
+def console_logging() -> None:
+    """Progress lines on stderr, once, unless the application set up logging itself."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[tokdist] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def default_device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+class TokenDistillation:
+    """Add new tokens to a causal LM and learn their input embeddings by distillation."""
+
+    def __init__(
+        self,
+        model_path: str,
+        device: str | None = None,
+        attn_impl: str | None = "sdpa",
+        dtype: str | torch.dtype = "auto",
+        trust_remote_code: bool = False,
+    ) -> None:
+        console_logging()
+        self.model_path = model_path
+        self.device = torch.device(device or default_device())
+        self.attn_impl = attn_impl
+        self.dtype = dtype
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+        self.model = self._load_model()
+        self.last_report: dict | None = None
+
+    def _load_model(self):
+        return load_model(
+            self.model_path, dtype=self.dtype, device=self.device, attn_impl=self.attn_impl,
+            trust_remote_code=self.trust_remote_code,
+        )
+
+    # ------------------------------------------------------------------ public
+    def run(
+        self,
+        new_tokens: Sequence[str] | object,
+        out_path: str | None = None,
+        data: GeneratedDataSource | HFDataSource | FileDataSource = GeneratedDataSource(),
+        snippet_len: int = 50,
+        snippets_per_token: int = 100,
+        output_emb_policy: OutputEmbeddingInit = OutputEmbeddingInit.TRAIN_WITH_CE,
+        training: DistillationConfig = DistillationConfig(),
+        pre_init_strategy: Literal["fvt", "adapti-vocab"] = "fvt",
+        save: bool = False,
+        *,
+        min_snippets_per_token: int = 1,
+        top_up_with_generation: bool = False,
+    ):
+        """Select tokens, collect snippets, distill, and return (model, tokenizer).
+
+        `new_tokens` is a list of strings or a target tokenizer (all of its tokens the
+        model lacks). Tokens with fewer than `min_snippets_per_token` snippets are
+        skipped and reported, after an optional top-up with generated snippets.
+        """
+        if save and out_path is None:
+            raise ValueError("out_path must be given when save=True")
+        output_emb_policy = OutputEmbeddingInit(output_emb_policy)
+        if getattr(self, "_expanded", False):  # a previous run grew self.model: start clean
+            self.model = self._load_model()
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+
+        selection = select_new_tokens(self.tokenizer, new_tokens)
+        log.info("%d new tokens, %d candidates skipped %s", len(selection.tokens), len(selection.skipped), selection.skip_counts())
+        timings["select_tokens"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        snippets, stats = self._collect_snippets(selection.tokens, data, snippet_len, snippets_per_token, top_up_with_generation)
+        timings["snippets"] = time.perf_counter() - t
+
+        tokens, skipped = self._drop_short_tokens(selection.tokens, stats, min_snippets_per_token)
+        skipped = selection.skipped + skipped
+        keep = {tok.text: i for i, tok in enumerate(tokens)}
+        snippet_ids = [s["input_ids"] for s in snippets if s["token"] in keep]
+
+        t = time.perf_counter()
+        new_start = len(self.tokenizer)
+        merger = PhraseMerger([tok.phrase_ids for tok in tokens], range(new_start, new_start + len(tokens)))
+        examples = merge_snippets(merger, snippet_ids)
+        rows = self._initial_rows(tokens, output_emb_policy, pre_init_strategy)
+        distiller = TokenDistiller(
+            self.model, rows, new_start, training.loss_methods, training.target_layer, training.mixed_precision
+        ).to(self.device)
+        log.info(
+            "distilling %d tokens on %d snippets (%s, bf16 %s)", len(tokens), len(examples), self.device,
+            "on" if training.mixed_precision and bf16_supported(self.device) else "off",
+        )
+        history = train_local(distiller, examples, training)
+        timings["distill"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        tokenizer = expand_tokenizer(self.tokenizer, tokens)
+        output = rows.output if rows.output is not None else None
+        model = expand_model(self.model, new_start, rows.input.detach(), None if output is None else output.detach())
+        self._expanded = True
+        self.last_report = {
+            "model": self.model_path,
+            "tokens_added": [
+                {"token": tok.text, "id": new_start + i, "phrase_ids": list(tok.phrase_ids), "snippets": stats.counts.get(tok.text, 0)}
+                for i, tok in enumerate(tokens)
+            ],
+            "tokens_skipped": skipped,
+            "snippets": {"source": type(data).__name__, **stats.as_dict(snippets_per_token)},
+            "training": history.as_dict(),
+            "settings": {
+                "snippet_len": snippet_len, "snippets_per_token": snippets_per_token,
+                "output_emb_policy": output_emb_policy.value, "pre_init_strategy": pre_init_strategy,
+                "training": {k: v for k, v in vars(training).items()},
+            },
+            "timings_s": timings,
+        }
+        if save:
+            save_expanded(model, tokenizer, out_path, self.last_report)
+            timings["export"] = time.perf_counter() - t
+            log.info("saved the expanded model to %s", out_path)
+        return model, tokenizer
+
+    # ------------------------------------------------------------------ stages
+    def _collect_snippets(self, tokens, data, snippet_len, snippets_per_token, top_up):
+        if isinstance(data, GeneratedDataSource):
+            return generate_snippets(self.model, self.tokenizer, tokens, snippet_len, snippets_per_token, data)
+        if not isinstance(data, (HFDataSource, FileDataSource)):
+            raise TypeError(f"data must be GeneratedDataSource, HFDataSource or FileDataSource, not {type(data).__name__}")
+        snippets, stats = mine_snippets(documents(data), self.tokenizer, tokens, snippet_len, snippets_per_token)
+        log.info("mined %d snippets from %d documents (%d bad rows skipped)", len(snippets), stats.documents, stats.bad_rows)
+        short = {t: snippets_per_token - c for t, c in stats.counts.items() if c < snippets_per_token}
+        if short and top_up:
+            index = {tok.text: i for i, tok in enumerate(tokens)}
+            todo = [tok for tok in tokens if tok.text in short]
+            extra, extra_stats = generate_snippets(
+                self.model, self.tokenizer, todo, snippet_len, short, GeneratedDataSource(),
+                token_indices=[index[tok.text] for tok in todo],
+            )
+            snippets += extra
+            for text, n in extra_stats.counts.items():
+                stats.counts[text] += n
+            stats.topped_up = extra_stats.counts
+        return snippets, stats
+
+    @staticmethod
+    def _drop_short_tokens(tokens: list[NewToken], stats: MiningStats, minimum: int):
+        kept, skipped = [], []
+        for tok in tokens:
+            n = stats.counts.get(tok.text, 0)
+            if n < minimum:
+                skipped.append({"token": tok.text, "reason": TOO_FEW_SNIPPETS, "snippets": n})
+                log.warning("skipping %r: %d snippets, fewer than min_snippets_per_token=%d", tok.text, n, minimum)
+            else:
+                kept.append(tok)
+        if not kept:
+            raise ValueError(
+                f"none of the {len(tokens)} new tokens has {minimum} snippet(s) in the data; use a larger or "
+                "more in-domain corpus, raise max_docs, set top_up_with_generation=True, or use GeneratedDataSource()"
+            )
+        return kept, skipped
+
+    def _initial_rows(self, tokens: list[NewToken], policy: OutputEmbeddingInit, strategy: str) -> NewRows:
+        phrases = [tok.phrase_ids for tok in tokens]
+        inputs = pre_init_rows(self.model.get_input_embeddings().weight, phrases, strategy, "input")
+        head = self.model.get_output_embeddings()
+        tied = head is None or head.weight is self.model.get_input_embeddings().weight
+        if tied:
+            if policy is OutputEmbeddingInit.TRAIN_WITH_CE:
+                log.info("tied embeddings: output rows are the input rows; nothing separate to train")
+            return NewRows(inputs)
+        if policy is OutputEmbeddingInit.ZERO:
+            return NewRows(inputs, torch.zeros_like(inputs))
+        if policy is OutputEmbeddingInit.SUBTOKEN_MEAN:
+            return NewRows(inputs, pre_init_rows(head.weight, phrases, "fvt", "output"))
+        return NewRows(inputs, pre_init_rows(head.weight, phrases, strategy, "output"), train_output=True)

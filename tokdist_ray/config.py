@@ -1,0 +1,101 @@
+"""Configuration objects shared by the API, the job and the Ray stages.
+
+The first block of each class mirrors the reference project's API field for field
+(names, order, defaults), so code written against it runs unchanged; tokdist-ray's own
+options follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, Sequence
+
+LOSS_METHODS = ("MSE-on-hiddens", "MSE-on-logits", "KL-on-logits", "CE", "CE-auto-weighted")
+LR_SCHEDULES = ("constant", "linear")
+
+
+class OutputEmbeddingInit(str, Enum):
+    """How an untied model's new output rows are set. Tied models reuse the input rows."""
+
+    ZERO = "zero"
+    SUBTOKEN_MEAN = "subtoken_mean"
+    TRAIN_WITH_CE = "train_with_ce"
+
+
+@dataclass
+class DistillationConfig:
+    epochs: int = 1
+    batch_size: int = 1
+    learning_rate: float = 1e-4
+    loss_methods: Sequence[str] = ("MSE-on-hiddens",)
+    seed: int = 42
+    target_layer: int = -1
+    mixed_precision: bool = True
+    # --- tokdist-ray additions ---
+    lr_schedule: str = "constant"  # "linear": linear warmup, then linear decay to zero
+    warmup_ratio: float = 0.1  # share of all steps spent warming up under "linear"
+    max_steps: int | None = None  # stop after this many optimizer steps (a compute budget)
+    time_budget_s: float | None = None  # or after this much training wall time
+    log_every: int = 10  # steps between progress lines
+
+    def __post_init__(self) -> None:
+        self.loss_methods = tuple(self.loss_methods)
+        unknown = [m for m in self.loss_methods if m not in LOSS_METHODS]
+        if unknown or not self.loss_methods:
+            raise ValueError(f"unknown loss method(s) {unknown or '(none given)'}; choose from {LOSS_METHODS}")
+        if "CE-auto-weighted" in self.loss_methods and not set(self.loss_methods) & {
+            "MSE-on-hiddens",
+            "MSE-on-logits",
+            "KL-on-logits",
+        }:
+            raise ValueError("CE-auto-weighted scales CE to another loss: combine it with MSE-on-hiddens, MSE-on-logits or KL-on-logits")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class GeneratedDataSource:
+    """Snippets written by the model itself, starting from each new token's phrase."""
+
+    seed: int = 42
+    # --- tokdist-ray additions ---
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut, plain sampling
+    batch_size: int = 64  # prompts per generate call on the CPU backend
+    min_new_tokens: int = 8  # shorter samples (cut early at EOS) are dropped and counted
+
+
+@dataclass
+class HFDataSource:
+    """A Hugging Face dataset, streamed."""
+
+    dataset_path: str
+    name: str | None = None
+    split: str = "train"
+    tokenization_batch_size: int = 16_000
+    max_docs: int | None = 1_000_000
+    revision: str | None = None
+    trust_remote_code: bool = False
+    map_to_text_fn: Callable | None = None
+    # --- tokdist-ray additions ---
+    text_column: str = "text"
+    data_files: str | list[str] | None = None  # e.g. local files for a builder like "json"
+
+
+@dataclass
+class FileDataSource:
+    """Local or remote files: .txt/.rst/.md (one document per file), .jsonl, .parquet.
+    `paths` may hold globs."""
+
+    paths: str | list[str] = field(default_factory=list)
+    text_column: str = "text"
+    max_docs: int | None = None

@@ -1,0 +1,210 @@
+"""The Token Distillation step: frozen model, trainable new rows, losses, target layer.
+
+Only `NewRows` is trainable: an fp32 `[n_new, d]` input table (and, for untied models
+trained with CE, an output table). The model itself is never resized or modified during
+training, so optimizer state and gradients are O(n_new * d) and data-parallel all-reduce
+moves only the new rows' gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LOSS_METHODS
+
+_LOGIT_LOSSES = {"MSE-on-logits", "KL-on-logits"}
+_CE_LOSSES = {"CE", "CE-auto-weighted"}
+
+
+class NewRows(nn.Module):
+    """The trainable embedding rows of the new tokens, fp32 master copies.
+
+    `output` is a Parameter when an untied model's output rows are trained with CE, a
+    fixed buffer for the zero / subtoken-mean policies, and None for tied models.
+    """
+
+    def __init__(self, input_rows: torch.Tensor, output_rows: torch.Tensor | None = None, train_output: bool = False):
+        super().__init__()
+        self.input = nn.Parameter(input_rows.detach().float().clone())
+        if output_rows is None:
+            self.output = None
+        elif train_output:
+            self.output = nn.Parameter(output_rows.detach().float().clone())
+        else:
+            self.register_buffer("output", output_rows.detach().float().clone())
+
+    @property
+    def trains_output(self) -> bool:
+        return isinstance(self.output, nn.Parameter)
+
+
+def truncated_decoder(decoder: nn.Module, n_layers: int) -> nn.Module:
+    """A view of `decoder` that runs only its first `n_layers` layers.
+
+    It shares every weight with the original (a shallow copy with its own module dict),
+    so nothing is duplicated. The final norm is kept only when all layers run: that
+    matches Hugging Face's `hidden_states[n_layers]`, which is post-norm only for the last.
+    """
+    if n_layers == len(decoder.layers):
+        return decoder
+    view = copy.copy(decoder)
+    view._modules = dict(decoder._modules)
+    view.layers = nn.ModuleList(list(decoder.layers)[:n_layers])
+    view.norm = nn.Identity()
+    return view
+
+
+def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast where the hardware runs bf16 well; a no-op elsewhere."""
+    if enabled and bf16_supported(device):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # Without native bf16 instructions (AVX-512 BF16 / AMX), bf16 matmuls are
+        # emulated and slower than fp32, so mixed precision would only cost accuracy.
+        return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or _cpu_has_native_bf16()
+    return False
+
+
+def _cpu_has_native_bf16() -> bool:
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((check and check()) or (amx and amx()))
+
+
+class TokenDistiller(nn.Module):
+    """Computes the distillation loss of a batch (see batch.collate for its tensors).
+
+    Student: the merged ids, new ids (>= new_start) embedded from `rows.input`.
+    Teacher: the original ids, run without grad. Both stop at the target layer unless a
+    loss needs logits; the LM head runs only for logit and CE losses.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rows: NewRows,
+        new_start: int,
+        loss_methods: Sequence[str] = ("MSE-on-hiddens",),
+        target_layer: int = -1,
+        mixed_precision: bool = True,
+    ):
+        super().__init__()
+        unknown = set(loss_methods) - set(LOSS_METHODS)
+        if unknown:
+            raise ValueError(f"unknown loss methods {sorted(unknown)}; choose from {LOSS_METHODS}")
+        self.model = model
+        self.rows = rows
+        self.new_start = new_start
+        self.losses = tuple(loss_methods)
+        self.mixed_precision = mixed_precision
+        decoder = model.get_decoder()
+        self.n_layers = len(decoder.layers)
+        if not -(self.n_layers + 1) <= target_layer <= self.n_layers:
+            raise ValueError(
+                f"target_layer {target_layer} is out of range for a model with {self.n_layers} layers; "
+                f"use -1 (last) or 0..{self.n_layers}"
+            )
+        self.target = target_layer % (self.n_layers + 1)
+        self._decoder = [decoder]  # lists keep these views out of the module tree
+        self._target_decoder = [truncated_decoder(decoder, self.target)]
+        self.tied = rows.output is None
+
+    # ------------------------------------------------------------------ pieces
+    def embed_student(self, ids: torch.Tensor) -> torch.Tensor:
+        is_new = ids >= self.new_start
+        old = self.model.get_input_embeddings()(ids.masked_fill(is_new, 0))
+        new = self.rows.input[(ids - self.new_start).clamp(min=0)].to(old.dtype)
+        return torch.where(is_new[..., None], new, old)
+
+    def hidden_states(self, need_target: bool, need_final: bool, **inputs):
+        """(target-layer states, final states); each None when not needed."""
+        if not need_final:
+            return self._target_decoder[0](**inputs, use_cache=False).last_hidden_state, None
+        want_inner = need_target and self.target != self.n_layers
+        out = self._decoder[0](**inputs, use_cache=False, output_hidden_states=want_inner)
+        final = out.last_hidden_state
+        target = (out.hidden_states[self.target] if want_inner else final) if need_target else None
+        return target, final
+
+    def original_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the original vocabulary only (rows past it are padding or new)."""
+        head = self.model.get_output_embeddings()
+        bias = head.bias[: self.new_start] if getattr(head, "bias", None) is not None else None
+        return F.linear(hidden, head.weight[: self.new_start], bias)
+
+    def full_logits(self, hidden: torch.Tensor, output_rows: torch.Tensor) -> torch.Tensor:
+        new = hidden @ output_rows.to(hidden.dtype).T
+        return torch.cat([self.original_logits(hidden), new], dim=-1).float()
+
+    # ------------------------------------------------------------------ the step
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = self.rows.input.device
+        student_ids = batch["student_ids"].to(device)
+        mask = batch["student_mask"].to(device)
+        index = batch["teacher_index"].to(device)
+        use_hiddens = "MSE-on-hiddens" in self.losses
+        use_logits = bool(_LOGIT_LOSSES & set(self.losses))
+        use_ce = bool(_CE_LOSSES & set(self.losses))
+        train_output = self.rows.trains_output
+
+        def aligned(teacher: torch.Tensor) -> torch.Tensor:
+            picked = teacher.gather(1, index[..., None].expand(-1, -1, teacher.size(-1)))
+            return picked[mask]
+
+        parts: dict[str, torch.Tensor] = {}
+        with autocast_context(device, self.mixed_precision):
+            t_target = t_final = None
+            if use_hiddens or use_logits:
+                with torch.no_grad():
+                    t_target, t_final = self.hidden_states(use_hiddens, use_logits, input_ids=batch["teacher_ids"].to(device))
+            s_target, s_final = self.hidden_states(
+                use_hiddens, use_logits or use_ce or train_output, inputs_embeds=self.embed_student(student_ids)
+            )
+
+            loss = torch.zeros((), device=device)
+            if use_hiddens:
+                parts["MSE-on-hiddens"] = F.mse_loss(s_target[mask].float(), aligned(t_target).float())
+            if use_logits:
+                s_logits = self.original_logits(s_final[mask]).float()
+                with torch.no_grad():
+                    t_logits = self.original_logits(aligned(t_final)).float()
+                if "MSE-on-logits" in self.losses:
+                    parts["MSE-on-logits"] = F.mse_loss(s_logits, t_logits)
+                if "KL-on-logits" in self.losses:
+                    parts["KL-on-logits"] = F.kl_div(
+                        F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), reduction="batchmean", log_target=True
+                    )
+            for value in parts.values():
+                loss = loss + value
+
+            if use_ce or train_output:
+                targets = student_ids[:, 1:][mask[:, 1:]]
+                positions = mask[:, 1:]
+            if use_ce:
+                # an untied model's output rows learn only from their own CE term below
+                out_rows = self.rows.input if self.tied else self.rows.output.detach()
+                ce = F.cross_entropy(self.full_logits(s_final[:, :-1][positions], out_rows), targets)
+                parts["CE"] = ce
+                if "CE" in self.losses:
+                    loss = loss + ce
+                if "CE-auto-weighted" in self.losses:
+                    loss = loss + ce * (loss.detach() / ce.detach().clamp_min(1e-12))
+            if train_output:
+                # gradient reaches only the output rows: hidden states are detached
+                hidden = s_final[:, :-1][positions].detach()
+                parts["CE-output-rows"] = F.cross_entropy(self.full_logits(hidden, self.rows.output), targets)
+                loss = loss + parts["CE-output-rows"]
+
+        return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}

@@ -1,0 +1,57 @@
+"""Pre-initialisation of new rows from their subtokens' rows.
+
+- "fvt": the plain mean of the subtoken rows (Fast Vocabulary Transfer).
+- "adapti-vocab": exponentially weighted mean (AdaptiVocab): input rows weigh later
+  subtokens more (weights exp(2i)), output rows earlier ones (exp(-2i)).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+
+PreInitStrategy = Literal["fvt", "adapti-vocab"]
+PRE_INIT_STRATEGIES = ("fvt", "adapti-vocab")
+_CHUNK = 2048
+
+
+def _weights(lengths: torch.Tensor, width: int, strategy: str, side: str) -> torch.Tensor:
+    """[n, width] weights per subtoken slot, zero on padding, rows summing to one."""
+    slot = torch.arange(1, width + 1, dtype=torch.float64)
+    valid = slot[None, :] <= lengths[:, None]
+    if strategy == "fvt":
+        w = valid.double()
+    elif strategy == "adapti-vocab":
+        sign = 2.0 if side == "input" else -2.0
+        # subtract the largest exponent per row so long phrases cannot overflow
+        logits = (sign * slot)[None, :].expand(len(lengths), -1).masked_fill(~valid, float("-inf"))
+        w = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
+    else:
+        raise ValueError(f"unknown pre_init_strategy {strategy!r}; choose one of {PRE_INIT_STRATEGIES}")
+    return w / w.sum(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def pre_init_rows(
+    table: torch.Tensor,
+    phrases: Sequence[Sequence[int]],
+    strategy: PreInitStrategy = "fvt",
+    side: Literal["input", "output"] = "input",
+) -> torch.Tensor:
+    """Initial rows [n_new, d] (fp32) for new tokens from an embedding `table`."""
+    if side not in ("input", "output"):
+        raise ValueError("side must be 'input' or 'output'")
+    width = max(len(p) for p in phrases)
+    index = torch.zeros(len(phrases), width, dtype=torch.long)
+    for row, phrase in enumerate(phrases):
+        index[row, : len(phrase)] = torch.as_tensor(phrase, dtype=torch.long)
+    lengths = torch.tensor([len(p) for p in phrases])
+    weights = _weights(lengths, width, strategy, side).to(device=table.device, dtype=torch.float32)
+    index = index.to(table.device)
+    # in chunks: [n, width, d] in fp32 for a whole vocabulary expansion would be gigabytes
+    chunks = [
+        torch.einsum("nw,nwd->nd", weights[i : i + _CHUNK], table[index[i : i + _CHUNK]].float())
+        for i in range(0, len(phrases), _CHUNK)
+    ]
+    return torch.cat(chunks)
