@@ -1,0 +1,29 @@
+"""Pre-initialisation heuristics."""
+
+import math
+
+import torch
+
+from tokdist_ray.init import pre_init_rows
+
+
+def test_fvt_is_the_subtoken_mean():
+    table = torch.randn(10, 4)
+    rows = pre_init_rows(table, [[1, 2], [3, 4, 5]], "fvt")
+    torch.testing.assert_close(rows[0], table[[1, 2]].mean(0))
+    torch.testing.assert_close(rows[1], table[[3, 4, 5]].mean(0))
+
+
+def test_adaptivocab_weights_later_subtokens_for_inputs_and_earlier_for_outputs():
+    table = torch.eye(3)
+    inputs = pre_init_rows(table, [[0, 1, 2]], "adapti-vocab", "input")[0]
+    outputs = pre_init_rows(table, [[0, 1, 2]], "adapti-vocab", "output")[0]
+    expected = torch.tensor([math.exp(2 * i) for i in (1, 2, 3)])
+    torch.testing.assert_close(inputs, (expected / expected.sum()).float())
+    torch.testing.assert_close(outputs, inputs.flip(0))
+
+
+def test_long_phrases_do_not_overflow():
+    rows = pre_init_rows(torch.ones(5, 2), [[0, 1, 2, 3, 4] * 100], "adapti-vocab")
+    assert torch.isfinite(rows).all()
+    torch.testing.assert_close(rows[0], torch.ones(2))
