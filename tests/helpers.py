@@ -1,0 +1,35 @@
+"""Small builders shared by the engine tests (tiny models only)."""
+
+from transformers import AutoTokenizer
+
+from tokdist_ray.alignment import PhraseMerger
+from tokdist_ray.batch import merge_snippets
+from tokdist_ray.distill import NewRows, TokenDistiller
+from tokdist_ray.init import pre_init_rows
+from tokdist_ray.models import load_model
+from tokdist_ray.tokens import select_new_tokens
+
+WORDS = [" Krankenwagen", " Schmetterling"]
+SENTENCES = [
+    "The Krankenwagen drove past the river and the Schmetterling flew over the garden.",
+    "A Schmetterling sat on the bench while the Krankenwagen waited at the station.",
+    "In the morning the market square fills with people, and a Krankenwagen passes by.",
+    "Children watch a Schmetterling in the park near the library on the hill.",
+]
+
+
+def tiny_setup(model_dir, losses=("MSE-on-hiddens",), target_layer=-1, train_output=True):
+    """(distiller, examples, tokenizer) for the two WORDS on SENTENCES."""
+    model = load_model(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tokens = select_new_tokens(tok, WORDS).tokens
+    new_start = len(tok)
+    merger = PhraseMerger([t.phrase_ids for t in tokens], range(new_start, new_start + len(tokens)))
+    examples = merge_snippets(merger, [tok(s)["input_ids"] for s in SENTENCES])
+    phrases = [t.phrase_ids for t in tokens]
+    inputs = pre_init_rows(model.get_input_embeddings().weight, phrases)
+    if model.config.tie_word_embeddings:
+        rows = NewRows(inputs)
+    else:
+        rows = NewRows(inputs, pre_init_rows(model.get_output_embeddings().weight, phrases), train_output)
+    return TokenDistiller(model, rows, new_start, losses, target_layer, mixed_precision=False), examples, tok

@@ -1,0 +1,133 @@
+"""The distillation step: losses, alignment, target layer, what is and is not trained."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokdist_ray import distill
+from tokdist_ray.batch import collate
+from tokdist_ray.config import LOSS_METHODS, DistillationConfig
+from tokdist_ray.loop import make_optimizer, train_local
+
+from helpers import tiny_setup
+
+
+def _manual_hidden_mse(distiller, batch, layer):
+    """The loss computed the slow, obvious way: full model runs, hidden_states[layer]."""
+    model = distiller.model
+    with torch.no_grad():
+        teacher = model(batch["teacher_ids"], output_hidden_states=True).hidden_states[layer]
+        ids = batch["student_ids"]
+        embeds = model.get_input_embeddings()(ids.clamp(max=distiller.new_start - 1)).clone()
+        new = ids >= distiller.new_start
+        embeds[new] = distiller.rows.input[ids[new] - distiller.new_start]
+        student = model(inputs_embeds=embeds, output_hidden_states=True).hidden_states[layer]
+    mask = batch["student_mask"]
+    aligned = torch.stack([teacher[b, batch["teacher_index"][b]] for b in range(len(ids))])
+    return F.mse_loss(student[mask], aligned[mask])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_hidden_mse_matches_a_full_model_computation(tiny_model_dir, tied):
+    distiller, examples, _ = tiny_setup(tiny_model_dir(tied=tied))
+    batch = collate(examples)
+    loss = distiller(batch)["MSE-on-hiddens"]  # untied models add the output rows' CE to "loss"
+    torch.testing.assert_close(loss, _manual_hidden_mse(distiller, batch, -1))
+    assert loss > 0
+
+
+def test_target_layer_stops_early_and_equals_slicing_the_full_run(tiny_model_dir):
+    distiller, examples, _ = tiny_setup(tiny_model_dir(tied=True), target_layer=1)
+    calls = {"last_layer": 0, "lm_head": 0}
+    model = distiller.model
+    model.model.layers[1].register_forward_hook(lambda *a: calls.__setitem__("last_layer", calls["last_layer"] + 1))
+    model.lm_head.register_forward_hook(lambda *a: calls.__setitem__("lm_head", calls["lm_head"] + 1))
+    batch = collate(examples)
+    loss = distiller(batch)["loss"]
+    assert calls == {"last_layer": 0, "lm_head": 0}
+    torch.testing.assert_close(loss, _manual_hidden_mse(distiller, batch, 1))
+
+
+def test_target_layer_out_of_range_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_setup(tiny_model_dir(tied=True), target_layer=5)
+
+
+@pytest.mark.parametrize("losses", [[m] for m in LOSS_METHODS if m != "CE-auto-weighted"] + [["MSE-on-hiddens", "CE-auto-weighted"]])
+@pytest.mark.parametrize("tied", [True, False])
+def test_every_loss_trains_only_the_new_rows(tiny_model_dir, losses, tied):
+    distiller, examples, _ = tiny_setup(tiny_model_dir(tied=tied), losses=losses)
+    out = distiller(collate(examples))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0
+    grad = distiller.rows.input.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert all(p.grad is None for p in distiller.model.parameters())
+
+
+def test_ce_auto_weighted_matches_the_other_losses_magnitude(tiny_model_dir):
+    distiller, examples, _ = tiny_setup(tiny_model_dir(tied=True), losses=["MSE-on-hiddens", "CE-auto-weighted"])
+    out = distiller(collate(examples))
+    torch.testing.assert_close(out["loss"], 2 * out["MSE-on-hiddens"])
+
+
+def test_untied_output_rows_learn_only_from_their_own_ce(tiny_model_dir):
+    trained, examples, _ = tiny_setup(tiny_model_dir(tied=False), train_output=True)
+    fixed, _, _ = tiny_setup(tiny_model_dir(tied=False), train_output=False)
+    batch = collate(examples)
+    trained(batch)["loss"].backward()
+    fixed(batch)["loss"].backward()
+    assert trained.rows.output.grad.abs().sum() > 0
+    # the output rows' CE term leaves the input rows' gradient untouched
+    torch.testing.assert_close(trained.rows.input.grad, fixed.rows.input.grad)
+
+
+def test_training_lowers_the_loss_and_moves_output_rows(tiny_model_dir):
+    distiller, examples, _ = tiny_setup(tiny_model_dir(tied=False))
+    before = distiller(collate(examples))
+    out_before = distiller.rows.output.detach().clone()
+    train_local(distiller, examples, DistillationConfig(epochs=20, batch_size=2, learning_rate=1e-2, log_every=1000))
+    after = distiller(collate(examples))
+    assert after["MSE-on-hiddens"] < 0.5 * before["MSE-on-hiddens"]
+    assert after["CE-output-rows"] < before["CE-output-rows"]
+    assert not torch.equal(out_before, distiller.rows.output.detach())
+
+
+def test_optimizer_state_scales_with_new_tokens_not_vocabulary(tiny_model_dir):
+    distiller, examples, _ = tiny_setup(tiny_model_dir(tied=True))
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    assert params == [distiller.rows.input]
+    optimizer, _ = make_optimizer(params, DistillationConfig(), 1)
+    distiller(collate(examples))["loss"].backward()
+    optimizer.step()
+    shapes = {tuple(v.shape) for s in optimizer.state.values() for v in s.values() if v.dim()}
+    assert shapes == {tuple(distiller.rows.input.shape)} == {(2, 64)}
+
+
+def test_linear_schedule_warms_up_then_decays():
+    p = torch.nn.Parameter(torch.zeros(1))
+    optimizer, schedule = make_optimizer([p], DistillationConfig(lr_schedule="linear", warmup_ratio=0.2), 10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] < lrs[1] == max(lrs) and lrs[-1] < lrs[2]
+
+
+def test_bf16_autocast_path_runs(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(distill, "bf16_supported", lambda device: True)
+    distiller, examples, _ = tiny_setup(tiny_model_dir(tied=True))
+    distiller.mixed_precision = True
+    out = distiller(collate(examples))
+    out["loss"].backward()
+    assert distiller.rows.input.dtype == torch.float32 and torch.isfinite(distiller.rows.input.grad).all()
+
+
+def test_config_typos_are_named():
+    with pytest.raises(ValueError, match="unknown loss method"):
+        DistillationConfig(loss_methods=["MSE"])
+    with pytest.raises(ValueError, match="lr_schedule"):
+        DistillationConfig(lr_schedule="cosine")
+    with pytest.raises(ValueError, match="CE-auto-weighted"):
+        DistillationConfig(loss_methods=["CE-auto-weighted"])
