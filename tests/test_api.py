@@ -1,0 +1,130 @@
+"""The reference-compatible API end to end on tiny models: export, old rows, bad input."""
+
+import inspect
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tokdist_ray import (
+    DistillationConfig,
+    FileDataSource,
+    GeneratedDataSource,
+    HFDataSource,
+    OutputEmbeddingInit,
+    TokenDistillation,
+)
+from tokdist_ray.models import ModelNotFoundError
+from tokdist_ray.tokens import NoNewTokensError
+
+from helpers import SENTENCES, WORDS
+
+FAST = DistillationConfig(epochs=1, batch_size=4, log_every=1000)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i, s in enumerate(SENTENCES * 3):
+        (d / f"doc{i}.txt").write_text(f"Line {i}. {s} More text follows here.", encoding="utf-8")
+    return d
+
+
+@pytest.mark.parametrize("tied,bos", [(True, True), (False, True), (False, False)])
+def test_exported_model_loads_encodes_new_tokens_and_keeps_old_rows(tiny_model_dir, corpus, tmp_path, tied, bos):
+    model_dir = tiny_model_dir(tied=tied, bos=bos)
+    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    td = TokenDistillation(str(model_dir), device="cpu")
+    out = tmp_path / "out"
+    td.run(WORDS, out_path=str(out), data=FileDataSource(str(corpus)), snippet_len=40, snippets_per_token=5,
+           training=FAST, save=True)
+
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pkl")) == []
+    assert list(out.glob("*.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    n_old = len(AutoTokenizer.from_pretrained(model_dir))
+    for i, word in enumerate(WORDS):
+        assert tok(word, add_special_tokens=False)["input_ids"] == [n_old + i]
+    assert torch.equal(model.get_input_embeddings().weight[:n_old], original.get_input_embeddings().weight[:n_old])
+    assert torch.equal(model.get_output_embeddings().weight[:n_old], original.get_output_embeddings().weight[:n_old])
+    new_rows = model.get_input_embeddings().weight[n_old:]
+    assert new_rows.shape[0] == len(WORDS) and torch.isfinite(new_rows).all() and new_rows.abs().sum() > 0
+    if not tied:  # trained with CE by default: not zero, not the input rows
+        assert model.get_output_embeddings().weight[n_old:].abs().sum() > 0
+
+    report = json.loads((out / "report.json").read_text())
+    assert [t["token"] for t in report["tokens_added"]] == WORDS
+    assert all(t["snippets"] == 5 for t in report["tokens_added"])
+    assert report["training"]["loss_curve"] and report["timings_s"]["distill"] > 0
+
+
+@pytest.mark.parametrize("policy", [OutputEmbeddingInit.ZERO, OutputEmbeddingInit.SUBTOKEN_MEAN])
+def test_output_row_policies_of_untied_models(tiny_model_dir, corpus, policy):
+    model_dir = tiny_model_dir(tied=False)
+    td = TokenDistillation(str(model_dir), device="cpu")
+    head = td.model.get_output_embeddings().weight.detach().clone()
+    model, tok = td.run(WORDS, data=FileDataSource(str(corpus)), snippet_len=16, snippets_per_token=3,
+                        output_emb_policy=policy, training=FAST)
+    n_old = len(td.tokenizer)
+    new_out = model.get_output_embeddings().weight[n_old:]
+    if policy is OutputEmbeddingInit.ZERO:
+        assert torch.equal(new_out, torch.zeros_like(new_out))
+    else:
+        phrase = td.tokenizer(WORDS[0], add_special_tokens=False)["input_ids"]
+        torch.testing.assert_close(new_out[0], head[phrase].mean(0))
+
+
+def test_generated_snippets_drive_a_run(tiny_model_dir):
+    td = TokenDistillation(str(tiny_model_dir(tied=True)), device="cpu")
+    model, tok = td.run(WORDS[:1], data=GeneratedDataSource(seed=1, min_new_tokens=1), snippet_len=8,
+                        snippets_per_token=4, training=FAST)
+    assert td.last_report["tokens_added"][0]["snippets"] > 0
+    assert td.last_report["snippets"]["source"] == "GeneratedDataSource"
+
+
+def test_signature_matches_the_reference_api():
+    params = inspect.signature(TokenDistillation.run).parameters
+    expected = ["self", "new_tokens", "out_path", "data", "snippet_len", "snippets_per_token", "output_emb_policy",
+                "training", "pre_init_strategy", "save"]
+    assert list(params)[: len(expected)] == expected
+    assert params["snippet_len"].default == 50 and params["snippets_per_token"].default == 100
+    assert params["output_emb_policy"].default == OutputEmbeddingInit.TRAIN_WITH_CE
+    assert params["pre_init_strategy"].default == "fvt" and params["save"].default is False
+    cfg = DistillationConfig()
+    assert (cfg.epochs, cfg.batch_size, cfg.learning_rate, cfg.loss_methods, cfg.seed, cfg.target_layer,
+            cfg.mixed_precision) == (1, 1, 1e-4, ("MSE-on-hiddens",), 42, -1, True)
+    hf = HFDataSource("x")
+    assert (hf.split, hf.tokenization_batch_size, hf.max_docs, hf.trust_remote_code) == ("train", 16_000, 1_000_000, False)
+    assert GeneratedDataSource().seed == 42
+    assert {e.value for e in OutputEmbeddingInit} == {"zero", "subtoken_mean", "train_with_ce"}
+
+
+def test_unknown_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does/not/exist"):
+        TokenDistillation(str(tmp_path / "does/not/exist"), device="cpu")
+
+
+def test_bad_token_lists_are_clear_errors(tiny_model_dir, corpus):
+    td = TokenDistillation(str(tiny_model_dir(tied=True)), device="cpu")
+    with pytest.raises(NoNewTokensError, match="empty"):
+        td.run([], data=FileDataSource(str(corpus)))
+    with pytest.raises(NoNewTokensError, match="already a single token"):
+        td.run([" the", "</s>"], data=FileDataSource(str(corpus)))
+    with pytest.raises(ValueError, match="out_path"):
+        td.run(WORDS, save=True)
+
+
+def test_rows_without_text_are_counted_and_tokens_never_found_are_reported(tiny_model_dir, tmp_path):
+    rows = [{"text": SENTENCES[0]}, {"text": None}, {"other": 1}, {"text": ""}, {"text": 7}, {"text": SENTENCES[1]}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    td = TokenDistillation(str(tiny_model_dir(tied=True)), device="cpu")
+    td.run(WORDS + [" distillation"], data=FileDataSource(str(data)), snippet_len=12, snippets_per_token=2, training=FAST)
+    report = td.last_report
+    assert report["snippets"]["bad_rows"] == 4 and report["snippets"]["documents"] == 2
+    assert {"token": " distillation", "reason": "too_few_snippets", "snippets": 0} in report["tokens_skipped"]
+    with pytest.raises(ValueError, match="none of the 1 new tokens"):
+        td.run([" distillation"], data=FileDataSource(str(data)), training=FAST)
