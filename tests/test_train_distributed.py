@@ -1,0 +1,240 @@
+"""Distributed distillation on Ray Train (CPU, gloo, 2 workers, tiny models).
+
+Every distributed run is compared with `loop.train_local` on the same global batches:
+new rows and the per-step loss curve must match within fp32 round-off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tokdist_ray.alignment import PhraseMerger
+from tokdist_ray.batch import merge_snippets
+from tokdist_ray.config import DistillationConfig, OutputEmbeddingInit
+from tokdist_ray.distill import TokenDistiller
+from tokdist_ray.init import initial_rows
+from tokdist_ray.loop import train_local
+from tokdist_ray.models import load_model
+from tokdist_ray.shards import SnippetSchedule, read_snippets
+from tokdist_ray.snippets import mine_snippets, snippets_to_table
+from tokdist_ray.tokens import select_new_tokens
+from tokdist_ray.train import (
+    CRASH_ENV,
+    DistributedConfig,
+    distill_distributed,
+    model_bytes,
+    pick_strategy,
+)
+
+from helpers import WORDS
+
+WORKERS = 2
+# per-worker batch 2 x 2 workers: 13 snippets make batches of 4, 4, 4, 1 (rank 1 idles in the last)
+TRAINING = DistillationConfig(
+    epochs=2, batch_size=2, learning_rate=5e-2, mixed_precision=False, seed=3,
+    lr_schedule="linear", warmup_ratio=0.25, log_every=1,
+)
+POLICY = OutputEmbeddingInit.SUBTOKEN_MEAN
+DOCUMENTS = [
+    f"{lead} the{word} {tail}"
+    for lead, tail in [
+        ("In the morning", "waited near the station."),
+        ("After school", "was seen by the river."),
+        ("Late at night", "passed the old library."),
+        ("On Monday", "stopped at the market square."),
+        ("During the storm", "stayed in the garden."),
+        ("Before lunch", "crossed the bridge in the valley."),
+        ("In summer", "came back to the hill."),
+    ]
+    for word in WORDS
+]
+ROWS_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    """(model_dir, tokens, snippets_dir): an untied tiny model, 2 new tokens, 13 snippets in 2 files."""
+    model_dir = tiny_model_dir(tied=False, bos=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens = select_new_tokens(tokenizer, WORDS).tokens
+    rows, _ = mine_snippets(DOCUMENTS, tokenizer, tokens, snippet_len=16, snippets_per_token=7)
+    rows = rows[:13]
+    assert len(rows) == 13
+    snippets_dir = tmp_path_factory.mktemp("snippets")
+    pq.write_table(snippets_to_table(rows[:6]), snippets_dir / "part-0.parquet")
+    pq.write_table(snippets_to_table(rows[6:]), snippets_dir / "part-1.parquet")
+    return model_dir, tokens, snippets_dir
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """train_local on the same snippets, with the global batch: (rows, history)."""
+    model_dir, tokens, snippets_dir = setup
+    model = load_model(model_dir)
+    new_start = len(AutoTokenizer.from_pretrained(model_dir))
+    merger = PhraseMerger([t.phrase_ids for t in tokens], range(new_start, new_start + len(tokens)))
+    examples = merge_snippets(merger, read_snippets(str(snippets_dir), [t.text for t in tokens]).ids)
+    rows = initial_rows(model, [t.phrase_ids for t in tokens], POLICY, "fvt")
+    distiller = TokenDistiller(model, rows, new_start, mixed_precision=False)
+    history = train_local(distiller, examples, dataclasses.replace(TRAINING, batch_size=TRAINING.batch_size * WORKERS))
+    return {"input": rows.input.detach().clone(), "output": rows.output.clone()}, history
+
+
+def run(setup, out: Path, **dist) -> object:
+    model_dir, tokens, snippets_dir = setup
+    return distill_distributed(
+        str(model_dir), str(snippets_dir), tokens, out, training=TRAINING,
+        dist=DistributedConfig(num_workers=WORKERS, **dist), output_emb_policy=POLICY,
+    )
+
+
+def assert_matches_reference(result, reference) -> None:
+    from safetensors.torch import load_file
+
+    ref_rows, ref_history = reference
+    rows = load_file(result.rows_path)
+    torch.testing.assert_close(rows["input"], ref_rows["input"], **ROWS_TOLERANCE)
+    torch.testing.assert_close(rows["output"], ref_rows["output"], rtol=0, atol=0)
+    assert not torch.equal(rows["input"], initial_input_rows(result)), "training did not move the rows"
+    curve = result.report["training"]["loss_curve"]
+    assert [p["step"] for p in curve] == [p["step"] for p in ref_history.loss_curve] == list(range(1, 9))
+    torch.testing.assert_close(
+        torch.tensor([p["loss"] for p in curve]), torch.tensor([p["loss"] for p in ref_history.loss_curve]),
+        rtol=1e-5, atol=1e-7,
+    )
+    assert result.report["training"]["snippets"] == 2 * 13
+
+
+def initial_input_rows(result) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(result.report["model"])
+    phrases = [t["phrase_ids"] for t in result.report["tokens_added"]]
+    return initial_rows(model, phrases, POLICY, "fvt").input.detach()
+
+
+def assert_old_rows_unchanged(result, model_dir) -> None:
+    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    expanded = AutoModelForCausalLM.from_pretrained(result.out_dir)
+    n_old = original.get_input_embeddings().weight.shape[0]
+    assert expanded.get_input_embeddings().weight.shape[0] == n_old + 2
+    assert torch.equal(expanded.get_input_embeddings().weight[:n_old], original.get_input_embeddings().weight)
+    assert torch.equal(expanded.get_output_embeddings().weight[:n_old], original.get_output_embeddings().weight)
+    tokenizer = AutoTokenizer.from_pretrained(result.out_dir)
+    assert tokenizer(WORDS[0], add_special_tokens=False)["input_ids"] == [n_old]
+
+
+# --------------------------------------------------------------------- equivalence
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        dict(strategy="ddp"),
+        dict(strategy="deepspeed", zero_stage=2),
+        # threshold 0: partition even the tiny model's small tensors, so ZeRO-3 really shards
+        dict(strategy="deepspeed", zero_stage=3, deepspeed_config={"zero_optimization": {"stage3_param_persistence_threshold": 0}}),
+    ],
+    ids=["ddp", "zero2", "zero3"],
+)
+def test_distributed_run_equals_single_process(ray_session, setup, reference, tmp_path, strategy):
+    result = run(setup, tmp_path / "out", checkpoint_every=3, **strategy)
+    assert_matches_reference(result, reference)
+    assert_old_rows_unchanged(result, setup[0])
+    report = result.report["distributed"]
+    assert (report["strategy"], report["global_batch"], report["resumed_from_steps"]) == (strategy["strategy"], 4, [])
+
+
+# --------------------------------------------------------------------- failures and resume
+
+
+def test_dead_worker_is_replaced_and_training_resumes_from_the_checkpoint(ray_session, setup, reference, tmp_path, monkeypatch):
+    monkeypatch.setenv(CRASH_ENV, f"5:1:{tmp_path / 'crashed'}")  # rank 1 exits after step 5
+    result = run(setup, tmp_path / "out", strategy="ddp", checkpoint_every=3, max_failures=1)
+    assert (tmp_path / "crashed").exists()
+    assert result.report["distributed"]["resumed_from_steps"] == [3]
+    # steps 4-5 were redone from the checkpoint: each step, and so each snippet, counts once
+    assert_matches_reference(result, reference)
+
+
+def test_resume_after_a_stopped_job_equals_one_uninterrupted_run(ray_session, setup, reference, tmp_path, monkeypatch):
+    from ray.train import TrainingFailedError
+
+    stage3 = dict(strategy="deepspeed", zero_stage=3, checkpoint_every=3, storage_path=str(tmp_path / "ckpt"))
+    monkeypatch.setenv(CRASH_ENV, f"5:0:{tmp_path / 'crashed'}")
+    with pytest.raises(TrainingFailedError):
+        run(setup, tmp_path / "out", **stage3)
+    monkeypatch.delenv(CRASH_ENV)
+    assert not (tmp_path / "out" / "report.json").exists()
+
+    with pytest.raises(FileExistsError, match="resume=True"):
+        run(setup, tmp_path / "out", **stage3)
+    result = run(setup, tmp_path / "out", resume=True, **stage3)
+    assert result.report["distributed"]["resumed_from_steps"] == [3]
+    assert_matches_reference(result, reference)
+    assert_old_rows_unchanged(result, setup[0])
+
+    with pytest.raises(ValueError, match=r"settings differ from the stopped run: \['num_workers', 'strategy', 'zero_stage'\]"):
+        distill_distributed(
+            str(setup[0]), str(setup[2]), setup[1], tmp_path / "out", training=TRAINING, output_emb_policy=POLICY,
+            dist=DistributedConfig(num_workers=1, strategy="ddp", storage_path=str(tmp_path / "ckpt"), resume=True),
+        )
+    with pytest.raises(FileNotFoundError, match="no run to resume"):
+        run(setup, tmp_path / "out", **{**stage3, "storage_path": str(tmp_path / "empty")}, resume=True)
+
+
+# --------------------------------------------------------------------- pieces, no Ray
+
+
+def test_every_snippet_is_trained_once_per_epoch_in_the_single_process_batches():
+    from tokdist_ray.loop import epoch_order
+
+    schedule = SnippetSchedule(n_snippets=13, global_batch=4, seed=3)
+    for epoch in range(2):
+        steps = range(epoch * 4, epoch * 4 + 4)
+        globals_ = [schedule.global_indices(s) for s in steps]
+        order = epoch_order(13, 3, epoch)
+        assert globals_ == [order[i : i + 4] for i in range(0, 13, 4)]
+        for step, batch in zip(steps, globals_):
+            assert sum((schedule.rank_indices(step, r, 2) for r in range(2)), []) == batch
+    assert schedule.rank_indices(3, 1, 2) == []  # the short last batch: one snippet, rank 0 has it
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(strategy="fsdp"), r"strategy must be one of \('auto', 'ddp', 'deepspeed'\), got 'fsdp'"),
+        (dict(strategy="ddp", zero_stage=3), "zero_stage=3 applies only to strategy='deepspeed'"),
+        (dict(strategy="deepspeed", zero_stage=4), r"zero_stage must be one of \(1, 2, 3\)"),
+        (dict(num_workers=0), "num_workers must be an int >= 1"),
+        (dict(checkpoint_every=-1), "checkpoint_every must be an int >= 0"),
+        (dict(max_failures=-2), "max_failures must be an int >= -1"),
+        (dict(run_name="a/b"), "run_name must be a non-empty name without '/'"),
+    ],
+)
+def test_config_errors_name_the_field_and_the_allowed_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DistributedConfig(**kwargs)
+
+
+def test_bad_arguments_fail_before_any_worker_starts(setup, tmp_path):
+    model_dir, tokens, snippets_dir = setup
+    with pytest.raises(ValueError, match="output_emb_policy must be one of"):
+        distill_distributed(str(model_dir), str(snippets_dir), tokens, tmp_path, output_emb_policy="mean")
+    with pytest.raises(ValueError, match="pre_init_strategy must be one of"):
+        distill_distributed(str(model_dir), str(snippets_dir), tokens, tmp_path, pre_init_strategy="mean")
+    with pytest.raises(ValueError, match="non-empty list of NewToken"):
+        distill_distributed(str(model_dir), str(snippets_dir), [], tmp_path)
+
+
+def test_auto_picks_ddp_when_the_model_fits_and_zero3_when_it_does_not(tiny_model_dir):
+    size = model_bytes(str(tiny_model_dir(tied=False)), torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(tied=False))
+    assert size == 4 * sum(p.numel() for p in model.parameters())
+    assert pick_strategy(size, worker_bytes=10 * size) == ("ddp", None)
+    assert pick_strategy(size, worker_bytes=size) == ("deepspeed", 3)

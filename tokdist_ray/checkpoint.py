@@ -1,0 +1,90 @@
+"""What a distributed run's checkpoint holds, and reading it back.
+
+    checkpoint_step_00000040/          (one directory in the run's storage; Ray merges
+      progress.json                     the files every worker wrote into it)
+      new_rows.safetensors              the whole new rows, fp32 (rank 0)
+      rng_rank{r}.pt                    RNG states of rank r
+      optimizer/                        the strategy's own optimizer state (parallel.py)
+
+The data position is the step: the snippet schedule (shards.py) maps it to the exact
+snippets that come next.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .loop import TrainingHistory
+
+PROGRESS = "progress.json"
+ROWS = "new_rows.safetensors"
+OPTIMIZER_DIR = "optimizer"
+
+
+@dataclass
+class Progress:
+    """Where a run stands: steps done, the history so far, and the steps it was resumed at."""
+
+    step: int = 0
+    history: TrainingHistory = field(default_factory=TrainingHistory)
+    resumed_from: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        h = self.history
+        return {
+            "step": self.step,
+            "resumed_from": self.resumed_from,
+            "history": {
+                "steps": h.steps, "snippets": h.snippets, "seconds": h.seconds,
+                "loss_curve": h.loss_curve, "stopped_by": h.stopped_by,
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Progress":
+        return cls(step=d["step"], history=TrainingHistory(**d["history"]), resumed_from=list(d["resumed_from"]))
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_step_{step:08d}"
+
+
+def write_progress(directory: Path, progress: Progress) -> None:
+    (directory / PROGRESS).write_text(json.dumps(progress.as_dict()), encoding="utf-8")
+
+
+def read_progress(directory: Path) -> Progress:
+    return Progress.from_dict(json.loads((directory / PROGRESS).read_text(encoding="utf-8")))
+
+
+def write_rows(path: Path, rows: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in rows.items()}, str(path))
+
+
+def read_rows(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def save_rng(directory: Path, rank: int) -> None:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    torch.save(state, directory / f"rng_rank{rank}.pt")
+
+
+def restore_rng(directory: Path, rank: int) -> None:
+    """Restore this rank's RNG states; a rank the checkpoint did not have keeps its own."""
+    path = directory / f"rng_rank{rank}.pt"
+    if not path.is_file():
+        return
+    state = torch.load(path, weights_only=False)  # written by this module; holds Python's RNG tuple
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
