@@ -26,7 +26,7 @@ from .corpus import documents
 from .distill import NewRows, TokenDistiller, bf16_supported
 from .export import expand_model, expand_tokenizer, save_expanded
 from .generation import generate_snippets
-from .init import pre_init_rows
+from .init import initial_rows
 from .loop import train_local
 from .models import load_model, load_tokenizer
 from .snippets import MiningStats, mine_snippets
@@ -201,16 +201,7 @@ class TokenDistillation:
         return kept, skipped
 
     def _initial_rows(self, tokens: list[NewToken], policy: OutputEmbeddingInit, strategy: str) -> NewRows:
-        phrases = [tok.phrase_ids for tok in tokens]
-        inputs = pre_init_rows(self.model.get_input_embeddings().weight, phrases, strategy, "input")
         head = self.model.get_output_embeddings()
-        tied = head is None or head.weight is self.model.get_input_embeddings().weight
-        if tied:
-            if policy is OutputEmbeddingInit.TRAIN_WITH_CE:
-                log.info("tied embeddings: output rows are the input rows; nothing separate to train")
-            return NewRows(inputs)
-        if policy is OutputEmbeddingInit.ZERO:
-            return NewRows(inputs, torch.zeros_like(inputs))
-        if policy is OutputEmbeddingInit.SUBTOKEN_MEAN:
-            return NewRows(inputs, pre_init_rows(head.weight, phrases, "fvt", "output"))
-        return NewRows(inputs, pre_init_rows(head.weight, phrases, strategy, "output"), train_output=True)
+        if policy is OutputEmbeddingInit.TRAIN_WITH_CE and (head is None or head.weight is self.model.get_input_embeddings().weight):
+            log.info("tied embeddings: output rows are the input rows; nothing separate to train")
+        return initial_rows(self.model, [tok.phrase_ids for tok in tokens], policy, strategy)

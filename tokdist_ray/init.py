@@ -11,6 +11,9 @@ from typing import Literal, Sequence
 
 import torch
 
+from .config import OutputEmbeddingInit
+from .distill import NewRows
+
 PreInitStrategy = Literal["fvt", "adapti-vocab"]
 PRE_INIT_STRATEGIES = ("fvt", "adapti-vocab")
 _CHUNK = 2048
@@ -55,3 +58,17 @@ def pre_init_rows(
         for i in range(0, len(phrases), _CHUNK)
     ]
     return torch.cat(chunks)
+
+
+def initial_rows(model, phrases: Sequence[Sequence[int]], policy: OutputEmbeddingInit, strategy: PreInitStrategy) -> NewRows:
+    """The new rows before training: input rows pre-initialised from the subtokens; an
+    untied model's output rows zero, the subtoken mean, or pre-initialised and trained."""
+    inputs = pre_init_rows(model.get_input_embeddings().weight, phrases, strategy, "input")
+    head = model.get_output_embeddings()
+    if head is None or head.weight is model.get_input_embeddings().weight:
+        return NewRows(inputs)
+    if policy is OutputEmbeddingInit.ZERO:
+        return NewRows(inputs, torch.zeros_like(inputs))
+    if policy is OutputEmbeddingInit.SUBTOKEN_MEAN:
+        return NewRows(inputs, pre_init_rows(head.weight, phrases, "fvt", "output"))
+    return NewRows(inputs, pre_init_rows(head.weight, phrases, strategy, "output"), train_output=True)
