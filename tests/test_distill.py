@@ -131,3 +131,20 @@ def test_config_typos_are_named():
         DistillationConfig(lr_schedule="cosine")
     with pytest.raises(ValueError, match="CE-auto-weighted"):
         DistillationConfig(loss_methods=["CE-auto-weighted"])
+
+
+@pytest.mark.parametrize("losses", [["MSE-on-hiddens"], ["KL-on-logits"], ["MSE-on-hiddens", "CE-auto-weighted"]])
+@pytest.mark.parametrize("tied,target_layer", [(True, -1), (False, -1), (True, 1)])
+def test_reusing_the_teachers_prefix_changes_neither_loss_nor_gradient(tiny_model_dir, losses, tied, target_layer):
+    distiller, examples, _ = tiny_setup(tiny_model_dir(tied=tied), losses=losses, target_layer=target_layer)
+    batch = collate(examples)
+    assert distiller.shared_prefix(batch["student_ids"], batch["student_mask"]) > 1
+    results = []
+    for reuse in (True, False):
+        distiller.reuse_prefix = reuse
+        distiller.rows.zero_grad()
+        out = distiller(batch)
+        out["loss"].backward()
+        results.append((out["loss"].detach(), distiller.rows.input.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])

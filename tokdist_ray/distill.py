@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Sequence
+import inspect
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,12 @@ from torch import nn
 from .config import LOSS_METHODS
 
 _LOGIT_LOSSES = {"MSE-on-logits", "KL-on-logits"}
+
+
+class RunStates(NamedTuple):
+    target: torch.Tensor | None
+    final: torch.Tensor | None
+    cache: object = None
 _CE_LOSSES = {"CE", "CE-auto-weighted"}
 
 
@@ -83,6 +90,10 @@ def _cpu_has_native_bf16() -> bool:
     return bool((check and check()) or (amx and amx()))
 
 
+def _cache_of(output) -> object:
+    return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+
+
 class TokenDistiller(nn.Module):
     """Computes the distillation loss of a batch (see batch.collate for its tensors).
 
@@ -120,6 +131,9 @@ class TokenDistiller(nn.Module):
         self._decoder = [decoder]  # lists keep these views out of the module tree
         self._target_decoder = [truncated_decoder(decoder, self.target)]
         self.tied = rows.output is None
+        self.reuse_prefix = True  # off only to check that reuse changes nothing
+        # transformers renamed `past_key_values` to `cache` during 5.x
+        self._cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
     # ------------------------------------------------------------------ pieces
     def embed_student(self, ids: torch.Tensor) -> torch.Tensor:
@@ -128,15 +142,43 @@ class TokenDistiller(nn.Module):
         new = self.rows.input[(ids - self.new_start).clamp(min=0)].to(old.dtype)
         return torch.where(is_new[..., None], new, old)
 
-    def hidden_states(self, need_target: bool, need_final: bool, **inputs):
-        """(target-layer states, final states); each None when not needed."""
+    def hidden_states(self, need_target: bool, need_final: bool, cache=None, keep_cache=False, **inputs) -> RunStates:
+        """Target-layer and final states (each None when not needed), and the KV cache
+        when `keep_cache`. `cache` holds states of earlier positions to continue from."""
+        kwargs = {self._cache_arg: cache, "use_cache": keep_cache or cache is not None}
         if not need_final:
-            return self._target_decoder[0](**inputs, use_cache=False).last_hidden_state, None
+            out = self._target_decoder[0](**inputs, **kwargs)
+            states = out.last_hidden_state
+            return RunStates(states, states if self.target == self.n_layers else None, _cache_of(out))
         want_inner = need_target and self.target != self.n_layers
-        out = self._decoder[0](**inputs, use_cache=False, output_hidden_states=want_inner)
+        out = self._decoder[0](**inputs, **kwargs, output_hidden_states=want_inner)
         final = out.last_hidden_state
         target = (out.hidden_states[self.target] if want_inner else final) if need_target else None
-        return target, final
+        return RunStates(target, final, _cache_of(out))
+
+    def student_states(self, student_ids, mask, teacher: RunStates | None, split: int, need_target, need_final) -> RunStates:
+        """Student states for the whole batch. With a teacher cache and split > 0, only
+        positions from `split` on are run: before the first new token the student's
+        input equals the teacher's, so its states there are the teacher's, exactly."""
+        if not split:
+            return self.hidden_states(need_target, need_final, inputs_embeds=self.embed_student(student_ids))
+        surplus = teacher.cache.get_seq_length() - split
+        if surplus:
+            teacher.cache.crop(-surplus)  # negative: drop that many positions (any 5.x version)
+        suffix = self.hidden_states(
+            need_target, need_final, cache=teacher.cache, inputs_embeds=self.embed_student(student_ids[:, split:])
+        )
+
+        def join(prefix, rest):
+            return None if rest is None else torch.cat([prefix[:, :split].to(rest.dtype), rest], dim=1)
+
+        return RunStates(join(teacher.target, suffix.target), join(teacher.final, suffix.final), None)
+
+    def shared_prefix(self, student_ids: torch.Tensor, mask: torch.Tensor) -> int:
+        """Positions before the batch's first new token (at least 1 left to run)."""
+        is_new = (student_ids >= self.new_start) & mask
+        first = torch.where(is_new.any(1), is_new.float().argmax(1), torch.full_like(is_new[:, 0], is_new.shape[1], dtype=torch.long))
+        return int(min(int(first.min()), student_ids.shape[1] - 1))
 
     def original_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the original vocabulary only (rows past it are padding or new)."""
@@ -163,15 +205,22 @@ class TokenDistiller(nn.Module):
             picked = teacher.gather(1, index[..., None].expand(-1, -1, teacher.size(-1)))
             return picked[mask]
 
+        student_final = use_logits or use_ce or train_output
+        run_teacher = use_hiddens or use_logits
+        # reuse the teacher's prefix only when both ran the same layers
+        reuse = self.reuse_prefix and run_teacher and (use_logits == student_final or self.target == self.n_layers)
+        split = self.shared_prefix(student_ids, mask) if reuse else 0
+
         parts: dict[str, torch.Tensor] = {}
         with autocast_context(device, self.mixed_precision):
-            t_target = t_final = None
-            if use_hiddens or use_logits:
+            teacher = None
+            if run_teacher:
                 with torch.no_grad():
-                    t_target, t_final = self.hidden_states(use_hiddens, use_logits, input_ids=batch["teacher_ids"].to(device))
-            s_target, s_final = self.hidden_states(
-                use_hiddens, use_logits or use_ce or train_output, inputs_embeds=self.embed_student(student_ids)
-            )
+                    teacher = self.hidden_states(
+                        use_hiddens, use_logits, keep_cache=split > 0, input_ids=batch["teacher_ids"].to(device)
+                    )
+                t_target, t_final = teacher.target, teacher.final
+            s_target, s_final, _ = self.student_states(student_ids, mask, teacher, split, use_hiddens, student_final)
 
             loss = torch.zeros((), device=device)
             if use_hiddens:

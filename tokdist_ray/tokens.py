@@ -175,3 +175,24 @@ def tokens_from_spec(spec: str | Sequence[str] | PreTrainedTokenizerBase) -> lis
     if Path(spec).suffix in (".txt", ".json") or Path(spec).is_file():
         return read_token_file(spec)
     return split_token_string(spec)
+
+
+_WORD = re.compile(r" ?[^\W\d_]{3,}")
+
+
+def frequent_fragmented_words(
+    tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], top_n: int, min_pieces: int = 3, min_count: int = 1
+) -> list[tuple[str, int]]:
+    """Candidate new tokens chosen from a corpus: words (with their leading space) that the
+    tokenizer splits into at least `min_pieces` ids, ranked by the ids they would save
+    (count x (pieces - 1)). Returns [(word, count)]."""
+    counts = Counter(m.group(0) for text in texts for m in _WORD.finditer(text))
+    scored = []
+    for word, count in counts.items():
+        if count < min_count:
+            continue
+        pieces = len(phrase_ids(tokenizer, word))
+        if pieces >= min_pieces:
+            scored.append((count * (pieces - 1), word, count))
+    scored.sort(key=lambda s: (-s[0], s[1]))
+    return [(word, count) for _, word, count in scored[:top_n]]
