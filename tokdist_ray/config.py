@@ -61,6 +61,9 @@ class DistillationConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
+GENERATION_BACKENDS = ("auto", "vllm", "transformers")
+
+
 @dataclass
 class GeneratedDataSource:
     """Snippets written by the model itself, starting from each new token's phrase."""
@@ -70,8 +73,39 @@ class GeneratedDataSource:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k cut, plain sampling
-    batch_size: int = 64  # prompts per generate call on the CPU backend
-    min_new_tokens: int = 8  # shorter samples (cut early at EOS) are dropped and counted
+    batch_size: int = 64  # prompts per batch: one CPU decode batch, or one vLLM processor batch
+    min_new_tokens: int = 8  # shorter samples (cut early at EOS) are dropped and counted; capped at snippet_len
+    refill_rounds: int = 2  # extra rounds that replace dropped samples with fresh ones
+    # "auto": vLLM when it is installed and the cluster has GPUs, else transformers on CPU actors.
+    # The in-process API path treats "auto" as "transformers" on the model it already holds.
+    backend: str = "auto"
+    concurrency: int = 1  # vLLM engine replicas, or CPU generation actors
+    num_cpus_per_actor: float = 1.0  # CPU backend: cores (torch threads) per actor
+    dtype: str = "auto"  # weights dtype of the vLLM engines and of the CPU actors
+    # vLLM engine settings
+    tensor_parallel_size: int = 1  # GPUs per replica
+    max_model_len: int | None = None  # None: the model's own limit
+    gpu_memory_utilization: float = 0.9
+    accelerator_type: str | None = None  # e.g. "H100": pin replicas to one GPU type
+    engine_kwargs: dict = field(default_factory=dict)  # any further vllm.EngineArgs
+
+    def __post_init__(self) -> None:
+        if self.backend not in GENERATION_BACKENDS:
+            raise ValueError(f"backend {self.backend!r} is not one of {GENERATION_BACKENDS}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive (plain sampling is 1.0), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("batch_size", "concurrency", "tensor_parallel_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("top_k", "min_new_tokens", "refill_rounds"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.num_cpus_per_actor <= 0:
+            raise ValueError(f"num_cpus_per_actor must be positive, got {self.num_cpus_per_actor}")
 
 
 @dataclass

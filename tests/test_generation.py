@@ -1,0 +1,313 @@
+"""Generated snippets: request planning, seeded sampling, EOS cuts, top-up, the Ray Data CPU
+actor pool on the real SmolLM2, and the vLLM request/response functions without vLLM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tokdist_ray import FileDataSource, GeneratedDataSource, TokenDistillation
+from tokdist_ray import generation, vllm_generation
+from tokdist_ray.config import DistillationConfig
+from tokdist_ray.generation import (
+    BackendUnavailableError,
+    SampleStreams,
+    cut_at_eos,
+    draw,
+    generate_snippet_dataset,
+    generate_snippets,
+    plan_requests,
+    resolve_backend,
+    sample_seed,
+    snippet_from_sample,
+    snippet_table,
+    stop_ids,
+    warp_logits,
+)
+from tokdist_ray.models import load_model, load_tokenizer
+from tokdist_ray.snippets import SNIPPET_SCHEMA, bos_prefix
+from tokdist_ray.tokens import NewToken, select_new_tokens
+
+from helpers import SENTENCES, WORDS
+
+SNIPPET_LEN = 10
+PER_TOKEN = 3
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_dir):
+    """(model, tokenizer, new tokens) for SmolLM2 and the two test words."""
+    tokenizer = load_tokenizer(str(smollm2_dir))
+    return load_model(str(smollm2_dir)), tokenizer, select_new_tokens(tokenizer, WORDS).tokens
+
+
+@pytest.fixture(scope="module")
+def smol_snippets(smol):
+    model, tokenizer, tokens = smol
+    return generate_snippets(model, tokenizer, tokens, SNIPPET_LEN, PER_TOKEN, GeneratedDataSource(min_new_tokens=2))
+
+
+def force_eos_at(model, step: int, eos: int):
+    """Make EOS (all but) certain as the `step`-th new id of every sample."""
+    state = {"step": 0}
+
+    def hook(module, args, kwargs, output):
+        state["step"] = 1 if kwargs["input_ids"].shape[1] > 1 else state["step"] + 1  # a prefill starts a batch
+        if state["step"] == step:
+            output.logits[:, -1, eos] = 1e4
+        return output
+
+    return model.register_forward_hook(hook, with_kwargs=True)
+
+
+# --- plain functions ------------------------------------------------------------------------
+
+
+def test_sample_seeds_are_stable_distinct_and_fit_int64():
+    seeds = {sample_seed(42, tok, k) for tok in WORDS for k in range(100)}
+    assert len(seeds) == 200 and all(0 <= s < 2**63 for s in seeds)
+    assert sample_seed(42, WORDS[0], 3) == sample_seed(42, WORDS[0], 3) != sample_seed(43, WORDS[0], 3)
+
+
+def test_cut_at_eos_stops_at_the_first_of_several_stop_ids():
+    assert cut_at_eos([5, 6, 2, 7, 0], [0, 2]) == [5, 6]
+    assert cut_at_eos(np.array([5, 6]), [2]) == [5, 6]
+    assert cut_at_eos([2, 5], [2]) == []
+
+
+def test_stop_ids_join_tokenizer_and_generation_config():
+    class Tok:
+        eos_token_id = 2
+
+    class Config:
+        eos_token_id = [7, 2]
+
+    assert stop_ids(Tok(), Config()) == [2, 7]
+    assert stop_ids(Tok()) == [2]
+
+
+def test_requests_carry_prompt_seed_and_continue_sample_indices():
+    tokens = [NewToken(" abc", (10, 11, 12)), NewToken(" de", (20, 21))]
+    requests = plan_requests(tokens, {" abc": 2, " de": 1}, {" abc": 3, " de": 0}, [1], seed=7, token_indices=[4, 9])
+    assert [(r["token"], r["sample_index"]) for r in requests] == [(" de", 0), (" abc", 3), (" abc", 4)]
+    assert requests[0]["prompt_ids"] == [1, 20, 21] and requests[0]["phrase_start"] == 1
+    assert requests[1]["token_index"] == 4 and requests[1]["seed"] == sample_seed(7, " abc", 3)
+    assert plan_requests(tokens, {" de": 1}, {" abc": 0, " de": 0}, [], 7, [0, 1])[0]["prompt_ids"] == [20, 21]
+
+
+def test_short_samples_are_dropped_and_rows_fit_the_snippet_schema():
+    request = {"token": " x", "token_index": 3, "prompt_ids": [1, 9, 8], "phrase_start": 1}
+    assert snippet_from_sample({**request, "continuation": [5, 6]}, min_new_tokens=3) is None
+    row = snippet_from_sample({**request, "continuation": [5, 6, 7]}, min_new_tokens=3)
+    assert row == {"token": " x", "token_index": 3, "input_ids": [1, 9, 8, 5, 6, 7], "phrase_start": 1, "source": "generated"}
+    table = snippet_table([{**request, "continuation": [5, 6, 7]}, {**request, "continuation": []}], 3)
+    assert table.schema.equals(SNIPPET_SCHEMA) and table.num_rows == 1
+
+
+def test_draws_follow_the_distribution_and_repeat_per_seed():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1, 0.0]])).expand(4000, 4)
+    ids = draw(logits, SampleStreams(range(4000)).noise(4))
+    freq = torch.bincount(ids, minlength=4) / 4000
+    assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1, 0.0]), atol=0.03)
+    assert torch.equal(ids, draw(logits, SampleStreams(range(4000)).noise(4)))
+
+
+def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    top1 = warp_logits(logits, GeneratedDataSource(top_k=1))
+    assert torch.isfinite(top1).tolist() == [[False, True, False, False]]
+    nucleus = warp_logits(logits, GeneratedDataSource(top_p=0.8))
+    assert torch.isfinite(nucleus).tolist() == [[False, True, False, True]]
+
+
+def test_config_rejects_unknown_backend_and_zero_temperature():
+    with pytest.raises(ValueError, match="backend"):
+        GeneratedDataSource(backend="tpu")
+    with pytest.raises(ValueError, match="temperature"):
+        GeneratedDataSource(temperature=0)
+
+
+# --- backend choice -------------------------------------------------------------------------
+
+
+def test_without_vllm_auto_picks_cpu_and_vllm_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(generation, "vllm_installed", lambda: False)
+    assert resolve_backend("auto") == "transformers"
+    assert resolve_backend("transformers") == "transformers"
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'tokdist-ray\[gpu\]'"):
+        resolve_backend("vllm")
+
+
+def test_auto_picks_vllm_only_with_gpus(monkeypatch):
+    monkeypatch.setattr(generation, "vllm_installed", lambda: True)
+    monkeypatch.setattr(generation, "cluster_has_gpus", lambda: True)
+    assert resolve_backend("auto") == "vllm"
+    monkeypatch.setattr(generation, "cluster_has_gpus", lambda: False)
+    assert resolve_backend("auto") == "transformers"
+
+
+def test_in_process_vllm_request_fails_clearly_without_vllm(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(generation, "vllm_installed", lambda: False)
+    model_dir = tiny_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens = select_new_tokens(tokenizer, WORDS).tokens
+    with pytest.raises(BackendUnavailableError, match="vLLM"):
+        generate_snippets(load_model(model_dir), tokenizer, tokens, 8, 2, GeneratedDataSource(backend="vllm"))
+
+
+# --- vLLM requests and outputs (no vLLM needed) ---------------------------------------------
+
+
+def test_vllm_sampling_params_are_plain_sampling_per_row_seed():
+    source = GeneratedDataSource(temperature=0.9, top_p=0.95)
+    params = vllm_generation.sampling_params(source, snippet_len=12, stop=[2, 7])
+    assert params == {"n": 1, "temperature": 0.9, "top_p": 0.95, "top_k": -1, "max_tokens": 12,
+                      "stop_token_ids": [2, 7], "detokenize": False}
+    assert vllm_generation.sampling_params(GeneratedDataSource(top_k=40), 12, [2])["top_k"] == 40
+    request = {"prompt_ids": np.array([1, 5, 6]), "seed": 99}
+    row = vllm_generation.vllm_request(request, params)
+    assert row["tokenized_prompt"] == [1, 5, 6] and row["sampling_params"] == {**params, "seed": 99}
+
+
+def test_vllm_output_is_cut_at_eos_and_keeps_the_request_columns():
+    row = {"token": " x", "token_index": 1, "sample_index": 4, "seed": 3, "prompt_ids": np.array([1, 9]),
+           "phrase_start": 1, "generated_tokens": np.array([5, 6, 2]), "generated_text": "", "num_input_tokens": 2}
+    sample = vllm_generation.vllm_sample(row, stop=[2])
+    assert sample == {"token": " x", "token_index": 1, "sample_index": 4, "seed": 3, "prompt_ids": [1, 9],
+                      "phrase_start": 1, "continuation": [5, 6]}
+
+
+def test_vllm_engine_settings_reach_the_processor_config():
+    source = GeneratedDataSource(tensor_parallel_size=2, dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.5,
+                                 concurrency=3, batch_size=16, engine_kwargs={"enforce_eager": True})
+    config = vllm_generation.processor_config("/models/x", source)
+    assert config.model_source == "/models/x" and config.concurrency == 3 and config.batch_size == 16
+    kwargs = config.engine_kwargs
+    assert (kwargs["tensor_parallel_size"], kwargs["dtype"], kwargs["max_model_len"], kwargs["gpu_memory_utilization"],
+            kwargs["enforce_eager"]) == (2, "bfloat16", 512, 0.5, True)
+    assert "max_model_len" not in vllm_generation.engine_kwargs(GeneratedDataSource())
+    assert not (config.chat_template_stage or config.tokenize_stage or config.detokenize_stage)
+
+
+def fake_engine_processor(config, preprocess, postprocess, **_):
+    """Stands in for ray.data.llm.build_processor: row = input + preprocess(input), the engine
+    adds `generated_tokens`, postprocess sees the merged row. Every third sample ends at once."""
+
+    def run(row):
+        row = {**row, **preprocess(row)}
+        params = row["sampling_params"]
+        n = 0 if row["sample_index"] % 3 == 2 else params["max_tokens"]
+        tokens = [100 + (params["seed"] + i) % 50 for i in range(n)] + params["stop_token_ids"][:1]
+        return postprocess({**row, "generated_tokens": np.array(tokens)})
+
+    return lambda dataset: dataset.map(run)
+
+
+def test_vllm_stage_wiring_with_a_fake_engine(tiny_model_dir, ray_session, monkeypatch):
+    import ray.data.llm
+
+    monkeypatch.setattr(generation, "vllm_installed", lambda: True)
+    monkeypatch.setattr(ray.data.llm, "build_processor", fake_engine_processor)
+    model_dir = tiny_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens = select_new_tokens(tokenizer, WORDS).tokens
+    dataset, stats = generate_snippet_dataset(str(model_dir), tokens, 6, 4, GeneratedDataSource(backend="vllm", min_new_tokens=1))
+    rows = dataset.take_all()
+    assert stats.backend == "vllm" and stats.counts == {w: 4 for w in WORDS}
+    # per token, sample 2 of round 0 came back empty and sample 4 of round 1 replaced it
+    assert stats.samples == 2 * 5 and stats.dropped_short == 2
+    for row in rows:
+        phrase = next(t.phrase_ids for t in tokens if t.text == row["token"])
+        assert list(row["input_ids"][: 1 + len(phrase)]) == bos_prefix(tokenizer) + list(phrase)
+        assert len(row["input_ids"]) == 1 + len(phrase) + 6
+
+
+# --- the CPU backend on SmolLM2 -------------------------------------------------------------
+
+
+def test_snippets_start_with_bos_then_the_phrase(smol, smol_snippets):
+    _, tokenizer, tokens = smol
+    rows, stats = smol_snippets
+    assert tokenizer.bos_token_id is not None and bos_prefix(tokenizer) == [tokenizer.bos_token_id]
+    for row in rows:
+        phrase = list(next(t.phrase_ids for t in tokens if t.text == row["token"]))
+        assert row["input_ids"][: 1 + len(phrase)] == [tokenizer.bos_token_id] + phrase
+        assert row["phrase_start"] == 1 and row["source"] == "generated"
+        assert 1 + len(phrase) + 2 <= len(row["input_ids"]) <= 1 + len(phrase) + SNIPPET_LEN
+        assert tokenizer.eos_token_id not in row["input_ids"]
+    assert stats.counts == {w: PER_TOKEN for w in WORDS} and len(rows) == 2 * PER_TOKEN
+
+
+def test_no_bos_where_the_tokenizer_has_none(tiny_model_dir):
+    model_dir = tiny_model_dir(bos=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens = select_new_tokens(tokenizer, WORDS).tokens
+    rows, _ = generate_snippets(load_model(model_dir), tokenizer, tokens, 6, 2, GeneratedDataSource(min_new_tokens=0))
+    for row in rows:
+        phrase = list(next(t.phrase_ids for t in tokens if t.text == row["token"]))
+        assert row["input_ids"][: len(phrase)] == phrase and row["phrase_start"] == 0
+
+
+def test_seeds_give_identical_output_whatever_the_batching(smol, smol_snippets):
+    model, tokenizer, tokens = smol
+    rows, _ = smol_snippets
+    one_by_one, _ = generate_snippets(model, tokenizer, tokens, SNIPPET_LEN, PER_TOKEN,
+                                      GeneratedDataSource(min_new_tokens=2, batch_size=1))
+    assert one_by_one == rows
+    other_seed, _ = generate_snippets(model, tokenizer, tokens, SNIPPET_LEN, PER_TOKEN,
+                                      GeneratedDataSource(min_new_tokens=2, seed=7))
+    assert [r["input_ids"] for r in other_seed] != [r["input_ids"] for r in rows]
+
+
+def test_samples_are_cut_at_eos_and_short_ones_counted(smol):
+    model, tokenizer, tokens = smol
+    eos = tokenizer.eos_token_id
+    handle = force_eos_at(model, step=5, eos=eos)
+    try:
+        kept, kept_stats = generate_snippets(model, tokenizer, tokens, SNIPPET_LEN, 2, GeneratedDataSource(min_new_tokens=4))
+        dropped, dropped_stats = generate_snippets(model, tokenizer, tokens, SNIPPET_LEN, 2,
+                                                   GeneratedDataSource(min_new_tokens=5, refill_rounds=1))
+    finally:
+        handle.remove()
+    phrase_len = {t.text: len(t.phrase_ids) for t in tokens}
+    assert [len(r["input_ids"]) - 1 - phrase_len[r["token"]] for r in kept] == [4] * 4
+    assert all(eos not in r["input_ids"] for r in kept) and kept_stats.dropped_short == 0
+    assert dropped == [] and dropped_stats.counts == {w: 0 for w in WORDS}
+    assert dropped_stats.samples == dropped_stats.dropped_short == 2 * 2 * 2  # tokens x samples x rounds
+
+
+def test_top_up_generates_exactly_the_shortfall(smol):
+    model, tokenizer, tokens = smol
+    shortfall = {WORDS[0]: 2, WORDS[1]: 1}
+    rows, stats = generate_snippets(model, tokenizer, tokens, 8, shortfall, GeneratedDataSource(min_new_tokens=2),
+                                    token_indices=[5, 9])
+    assert stats.counts == shortfall
+    assert sorted((r["token"], r["token_index"]) for r in rows) == [(WORDS[0], 5)] * 2 + [(WORDS[1], 9)]
+
+
+def test_api_tops_up_short_tokens_and_reports_it(tiny_model_dir, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "doc.txt").write_text(SENTENCES[0], encoding="utf-8")  # each word once
+    td = TokenDistillation(str(tiny_model_dir()), device="cpu")
+    td.run(WORDS, data=FileDataSource(str(corpus)), snippet_len=10, snippets_per_token=3, top_up_with_generation=True,
+           training=DistillationConfig(batch_size=4, log_every=1000))
+    report = td.last_report
+    assert report["snippets"]["topped_up_by_generation"] == {w: 2 for w in WORDS}
+    assert [t["snippets"] for t in report["tokens_added"]] == [3, 3]
+
+
+def test_ray_actor_pool_matches_in_process_and_writes_snippet_parquet(smol, smol_snippets, smollm2_dir, ray_session, tmp_path):
+    _, tokenizer, tokens = smol
+    rows, _ = smol_snippets
+    source = GeneratedDataSource(min_new_tokens=2, batch_size=2, concurrency=2, backend="transformers")
+    dataset, stats = generate_snippet_dataset(str(smollm2_dir), tokens, SNIPPET_LEN, PER_TOKEN, source, tokenizer=tokenizer)
+    assert stats.backend == "transformers" and stats.counts == {w: PER_TOKEN for w in WORDS}
+    dataset.write_parquet(str(tmp_path / "snippets"))
+    table = pq.read_table(tmp_path / "snippets")
+    assert table.schema.remove_metadata().equals(SNIPPET_SCHEMA)
+    key = lambda r: (r["token_index"], r["input_ids"])  # noqa: E731
+    assert sorted(table.to_pylist(), key=key) == sorted(rows, key=key)
