@@ -122,6 +122,7 @@ def deepspeed_config(stage: int, micro_batch: int, world: int, bf16: bool, overr
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,  # torch AdamW from loop.make_optimizer
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told; the engine's loop never clips
         "steps_per_print": 1 << 30,
     }
     return _deep_merge(config, overrides or {})
@@ -147,13 +148,13 @@ def _register_params_used_outside_their_module(distiller: TokenDistiller) -> Non
     """ZeRO-3 gathers a parameter only inside its own module's forward. The new rows are
     read in TokenDistiller.forward itself, and logit losses read the LM head's weight
     directly, so both are registered with the distiller, whose forward spans the step."""
-    from deepspeed.zero import register_external_parameter
+    import deepspeed
 
     params = [p for _, p in _named_rows(distiller) if isinstance(p, nn.Parameter)]
     if _LOGIT_LOSSES & set(distiller.losses) or distiller.rows.trains_output:
         params += list(distiller.model.get_output_embeddings().parameters())
     for param in params:
-        register_external_parameter(distiller, param)
+        deepspeed.zero.register_external_parameter(distiller, param)
 
 
 def _rebuild_target_view(distiller: TokenDistiller) -> None:
