@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install tokdist-ray for CPU use into ./.venv, with the offline demo corpus.
+# Idempotent: rerunning only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The demo and tests read real English text from Debian's Python docs.
+if [ ! -d /usr/share/doc/python3.11/html/_sources ] && command -v apt-get >/dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3.11-doc >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first, pinned: a CPU build on machines that have one cached; otherwise pip's default.
+.venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+.venv/bin/python -m pip install -q -e ".[dev]"

@@ -1,0 +1,135 @@
+"""Held-out drift: how far the expanded model strays from the original on text it never
+trained on, for Token Distillation's rows and for the cheap baselines, in one pass.
+
+For each held-out snippet the original model reads the original ids (the teacher) and the
+expanded model reads the merged ids (the student). From the first new token on, at the
+aligned positions, we measure last-layer and target-layer hidden-state MSE and the KL
+divergence of next-token distributions over the original vocabulary. Positions before
+the first new token are identical by construction and would only dilute the averages.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+
+from .batch import collate
+from .distill import NewRows, TokenDistiller
+from .init import pre_init_rows
+from .tokens import NewToken
+
+METRICS = ("hidden_mse", "target_mse", "kl")
+
+
+def baseline_rows(model, tokens: Sequence[NewToken], new_start: int) -> dict[str, torch.Tensor]:
+    """Input rows of the heuristics Token Distillation is compared with."""
+    table = model.get_input_embeddings().weight[:new_start]
+    phrases = [t.phrase_ids for t in tokens]
+    return {
+        "fvt": pre_init_rows(table, phrases, "fvt"),
+        "adapti-vocab": pre_init_rows(table, phrases, "adapti-vocab"),
+        # the row resize_token_embeddings centres new rows on: the mean of all rows
+        "mean_embedding": table.float().mean(0).expand(len(phrases), -1).clone(),
+    }
+
+
+def _from_first_new_token(student_ids: torch.Tensor, mask: torch.Tensor, new_start: int) -> torch.Tensor:
+    is_new = (student_ids >= new_start) & mask
+    return (is_new.cumsum(dim=1) > 0) & mask
+
+
+@torch.no_grad()
+def drift(
+    model,
+    new_start: int,
+    methods: dict[str, torch.Tensor],
+    examples: Sequence[dict],
+    token_of_example: Sequence[str],
+    target_layer: int = -1,
+    batch_size: int = 16,
+) -> dict[str, dict]:
+    """{method: {"overall": {metric: mean}, "per_token": {token: {metric: mean}}}}.
+
+    Means are over positions (per token: over the positions of that token's snippets).
+    """
+    distillers = {
+        name: TokenDistiller(model, NewRows(rows), new_start, ("MSE-on-hiddens",), target_layer, mixed_precision=False)
+        for name, rows in methods.items()
+    }
+    anyone = next(iter(distillers.values()))
+    need_target = anyone.target != anyone.n_layers
+    sums = {name: defaultdict(lambda: defaultdict(float)) for name in methods}
+    for lo in range(0, len(examples), batch_size):
+        batch = collate(examples[lo : lo + batch_size])
+        keep = _from_first_new_token(batch["student_ids"], batch["student_mask"], new_start)
+        t_target, t_final, _ = anyone.hidden_states(need_target, True, input_ids=batch["teacher_ids"])
+
+        def aligned(x):
+            return x.gather(1, batch["teacher_index"][..., None].expand(-1, -1, x.size(-1)))
+
+        t_final, t_logp = aligned(t_final), None
+        t_logp = torch.log_softmax(anyone.original_logits(t_final).float(), -1)
+        t_target = aligned(t_target) if need_target else t_final
+        for name, d in distillers.items():
+            s_target, s_final, _ = d.hidden_states(need_target, True, inputs_embeds=d.embed_student(batch["student_ids"]))
+            s_target = s_target if need_target else s_final
+            s_logp = torch.log_softmax(d.original_logits(s_final).float(), -1)
+            per_position = {
+                "hidden_mse": (s_final - t_final).pow(2).mean(-1),
+                "target_mse": (s_target - t_target).pow(2).mean(-1),
+                "kl": (t_logp.exp() * (t_logp - s_logp)).sum(-1),
+            }
+            for row in range(len(keep)):
+                token = token_of_example[lo + row]
+                n = int(keep[row].sum())
+                for key in ("overall", token):
+                    sums[name][key]["positions"] += n
+                    for metric, values in per_position.items():
+                        sums[name][key][metric] += float(values[row][keep[row]].sum())
+
+    def means(acc):
+        n = max(acc["positions"], 1)
+        return {m: acc[m] / n for m in METRICS} | {"positions": int(acc["positions"])}
+
+    return {
+        name: {
+            "overall": means(acc["overall"]),
+            "per_token": {tok: means(v) for tok, v in acc.items() if tok != "overall"},
+        }
+        for name, acc in sums.items()
+    }
+
+
+def compression(original_tokenizer, expanded_tokenizer, texts: Sequence[str]) -> dict[str, float]:
+    """Tokens per byte of held-out text before and after adding the new tokens."""
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    before = sum(len(ids) for ids in original_tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+    after = sum(len(ids) for ids in expanded_tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+    return {"bytes": n_bytes, "tokens_before": before, "tokens_after": after,
+            "tokens_per_byte_before": before / n_bytes, "tokens_per_byte_after": after / n_bytes}
+
+
+def relative_to(results: dict[str, dict], baseline: str = "fvt") -> dict[str, dict[str, float]]:
+    """Each method's overall metrics divided by the baseline's (lower is better)."""
+    base = results[baseline]["overall"]
+    return {
+        name: {m: r["overall"][m] / base[m] if base[m] else float("nan") for m in METRICS}
+        for name, r in results.items()
+    }
+
+
+def markdown_table(results: dict[str, dict], baseline: str = "fvt") -> str:
+    ratios = relative_to(results, baseline)
+    lines = [
+        f"| method | hidden MSE | target-layer MSE | KL | hidden MSE / {baseline} | KL / {baseline} |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        o = r["overall"]
+        lines.append(
+            f"| {name} | {o['hidden_mse']:.4g} | {o['target_mse']:.4g} | {o['kl']:.4g} | "
+            f"{ratios[name]['hidden_mse']:.3f} | {ratios[name]['kl']:.3f} |"
+        )
+    return "\n".join(lines)
