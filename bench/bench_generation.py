@@ -1,0 +1,105 @@
+"""CPU snippet generation throughput on SmolLM2-135M: in-process vs the Ray Data actor pool.
+
+Rows, all on the same tokens and settings, in one run:
+  - in-process, one token per batch (the layout of the earlier per-token loop)
+  - in-process, prompts of several tokens batched together with left padding
+  - Ray Data actor pool, 1 actor with all cores, and 2 actors with one core each
+    (wall time of the whole stage: actor start and model load included)
+  - the Ray Data stage for a single snippet: its fixed cost
+Each configuration runs `--repeats` times and the best time counts, because this machine
+is shared and noisy; the load average is printed with the table.
+
+    python bench/bench_generation.py --tokens 4 --per-token 8 --snippet-len 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import ray
+import torch
+
+from tokdist_ray.config import GeneratedDataSource
+from tokdist_ray.generation import generate_snippet_dataset, generate_snippets
+from tokdist_ray.models import load_model, load_tokenizer, resolve_model_path
+from tokdist_ray.tokens import select_new_tokens
+
+MODEL = "bundled:smollm2"
+WORDS = [" Krankenwagen", " Schmetterling", " Donaudampfschiff", " Quetzalcoatl", " Eichhörnchen",
+         " Streichholzschachtel", " Zugspitze", " Rindfleisch"]
+
+
+def best_of(repeats: int, run) -> tuple[int, float]:
+    """(snippets, best seconds) over `repeats` runs."""
+    results = [run() for _ in range(repeats)]
+    return results[0][0], min(seconds for _, seconds in results)
+
+
+def timed(fn) -> tuple[int, float]:
+    start = time.perf_counter()
+    count = fn()
+    return count, time.perf_counter() - start
+
+
+def in_process(model, tokenizer, tokens, args, batch_size: int):
+    source = GeneratedDataSource(min_new_tokens=1, batch_size=batch_size)
+    return lambda: timed(lambda: len(generate_snippets(model, tokenizer, tokens, args.snippet_len, args.per_token, source)[0]))
+
+
+def ray_pool(tokenizer, tokens, args, actors: int, per_token: int | None = None):
+    source = GeneratedDataSource(min_new_tokens=1, batch_size=args.batch_size, backend="transformers",
+                                 concurrency=actors, num_cpus_per_actor=args.cpus / actors)
+    count = per_token or args.per_token
+
+    def run():
+        dataset, stats = generate_snippet_dataset(MODEL, tokens, args.snippet_len, count, source, tokenizer=tokenizer)
+        return sum(stats.counts.values())
+
+    return lambda: timed(run)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4)
+    parser.add_argument("--per-token", type=int, default=8)
+    parser.add_argument("--snippet-len", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    resolve_model_path(MODEL)  # materialise once, outside every timing
+    tokenizer = load_tokenizer(MODEL)
+    model = load_model(MODEL)
+    tokens = select_new_tokens(tokenizer, WORDS).tokens[: args.tokens]
+    print(f"{len(tokens)} tokens x {args.per_token} snippets, snippet_len {args.snippet_len}, "
+          f"batch {args.batch_size}, torch threads in-process {torch.get_num_threads()}, load {os.getloadavg()}")
+
+    rows = [
+        ("in-process, one token per batch", best_of(args.repeats, in_process(model, tokenizer, tokens, args, args.per_token))),
+        ("in-process, tokens batched together", best_of(args.repeats, in_process(model, tokenizer, tokens, args, args.batch_size))),
+    ]
+    pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    try:
+        rows += [
+            (f"Ray Data, 1 actor x {args.cpus} CPUs", best_of(args.repeats, ray_pool(tokenizer, tokens, args, 1))),
+            (f"Ray Data, 2 actors x {args.cpus / 2:g} CPU", best_of(args.repeats, ray_pool(tokenizer, tokens, args, 2))),
+            ("Ray Data, 2 actors, 1 snippet (fixed cost)", best_of(args.repeats, ray_pool(tokenizer, tokens[:1], args, 2, 1))),
+        ]
+    finally:
+        ray.shutdown()
+
+    base = rows[1][1][0] / rows[1][1][1]
+    print(f"\nload average after: {os.getloadavg()}\n")
+    print("| configuration | snippets | seconds | snippets/s | vs batched in-process |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, (count, seconds) in rows:
+        print(f"| {name} | {count} | {seconds:.1f} | {count / seconds:.2f} | {count / seconds / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
