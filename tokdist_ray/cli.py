@@ -1,0 +1,86 @@
+"""`tokdist-ray`: one subcommand per stage, sharing the job config.
+
+    tokdist-ray run --config jobs/configs/demo_cpu.yaml --training.epochs 2
+    tokdist-ray mine --config ... ; tokdist-ray distill --config ... ; tokdist-ray eval --config ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from .jobconfig import REFERENCE_FLAGS, ConfigError, JobConfig, load_config, parse_overrides
+
+COMMANDS = {
+    "run": ("tokens", "snippets", "distill", "evaluate"),
+    "mine": ("tokens", "snippets"),
+    "generate": ("tokens", "snippets"),
+    "distill": ("tokens", "snippets", "distill"),
+    "export": ("tokens", "snippets", "distill"),
+    "eval": ("tokens", "snippets", "distill", "evaluate"),
+}
+HELP = {
+    "run": "every stage: select tokens, mine/generate snippets, distill, export, evaluate",
+    "mine": "select tokens and mine corpus snippets (data.source files|hf)",
+    "generate": "select tokens and generate snippets with the model (no corpus)",
+    "distill": "everything up to the distilled, exported model",
+    "export": "same as distill: the expanded model is exported when distillation ends",
+    "eval": "evaluate the expanded model on eval.heldout_paths (runs missing stages first)",
+}
+
+
+def option_reference(cls=JobConfig, prefix: str = "") -> list[str]:
+    """Every option as `--section.key  (type, default)`, for --help."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            lines += option_reference(kind, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        type_name = getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
+        lines.append(f"  {'--' + prefix + f.name:<40} {type_name}, default {default!r}")
+    return lines
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="tokdist-ray",
+        description="Add new tokens to a causal LM and learn their embeddings by Token Distillation, on Ray.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Options (YAML keys, overridable as --section.key VALUE):\n" + "\n".join(option_reference())
+        + "\n\nReference example.py flags accepted: " + ", ".join(f"--{k}" for k in REFERENCE_FLAGS),
+    )
+    ap.add_argument("command", choices=list(COMMANDS), help="; ".join(f"{k}: {v}" for k, v in HELP.items()))
+    ap.add_argument("--config", help="YAML job config (see jobs/configs/)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = parser().parse_known_args(argv)
+    try:
+        overrides = parse_overrides(rest)
+        if args.command == "generate":
+            overrides["data.source"] = "generated"
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"tokdist-ray: config error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "eval" and not config.eval.heldout_paths:
+        print("tokdist-ray: config error: eval needs eval.heldout_paths (held-out text files)", file=sys.stderr)
+        return 2
+    from .api import console_logging
+    from .pipeline import run_job
+
+    console_logging()
+    report = run_job(config, COMMANDS[args.command])
+    print(f"done in {report['wall_seconds']:.1f}s; stages {report['stage_seconds']}; outputs under {config.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The evaluate stage: held-out drift of an expanded model next to the baselines, written
+as eval.json, eval.md and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file
+
+from .alignment import PhraseMerger
+from .batch import merge_snippets
+from .config import FileDataSource
+from .corpus import documents
+from .evaluate import baseline_rows, compression, drift, markdown_table, relative_to
+from .export import expand_tokenizer, write_report
+from .models import load_model, load_tokenizer
+from .snippets import mine_snippets
+from .tokens import NewToken
+
+log = logging.getLogger("tokdist_ray")
+COMPRESSION_SAMPLE_BYTES = 5_000_000  # tokens-per-byte needs no more text than this
+
+
+def evaluate_export(config, tokens: Sequence[NewToken], distilled: dict, out_dir: Path) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    skipped = set(distilled.get("too_few_snippets", {}))
+    tokens = [t for t in tokens if t.text not in skipped]
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    model = load_model(config.model, dtype=torch.float32, trust_remote_code=config.trust_remote_code)
+    new_start = len(tokenizer)
+    rows = load_file(distilled["rows_path"])["input"]
+    texts = [t for t in documents(FileDataSource(paths=list(config.eval.heldout_paths))) if isinstance(t, str)]
+    snippets, _ = mine_snippets(texts, tokenizer, tokens, config.snippets.snippet_len, config.eval.snippets_per_token)
+    if not snippets:
+        raise ValueError("none of the new tokens occurs in eval.heldout_paths; point it at held-out text that uses them")
+    merger = PhraseMerger([t.phrase_ids for t in tokens], range(new_start, new_start + len(tokens)))
+    examples = merge_snippets(merger, [s["input_ids"] for s in snippets])
+    methods = {"token_distillation": rows, **baseline_rows(model, tokens, new_start)}
+    results = drift(model, new_start, methods, examples, [s["token"] for s in snippets],
+                    config.training.target_layer, config.eval.batch_size)
+    sample, size = [], 0
+    for text in texts:
+        if size >= COMPRESSION_SAMPLE_BYTES:
+            break
+        sample.append(text)
+        size += len(text.encode("utf-8"))
+    report = {
+        "heldout_snippets": len(examples),
+        "methods": results,
+        "relative_to_fvt": relative_to(results),
+        "compression": compression(tokenizer, expand_tokenizer(tokenizer, tokens), sample),
+    }
+    write_report(out_dir / "eval.json", report)
+    table = markdown_table(results)
+    (out_dir / "eval.md").write_text(table + "\n", encoding="utf-8")
+    log.info("held-out drift (lower is better):\n%s", table)
+    plots = write_plots(results, Path(distilled["report_path"]), out_dir)
+    return {"eval_path": str(out_dir / "eval.json"), "table": table, "plots": plots,
+            "relative_to_fvt": report["relative_to_fvt"]["token_distillation"]}
+
+
+def write_plots(results: dict, training_report: Path, out_dir: Path) -> list[str]:
+    """Per-token hidden-state drift per method, and the training loss curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    names = list(results)
+    tokens = sorted(results[names[0]]["per_token"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(tokens) * len(names) / 2), 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [results[name]["per_token"][t]["hidden_mse"] for t in tokens]
+        ax.bar([x + i * width for x in range(len(tokens))], values, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tokens))], [repr(t) for t in tokens], rotation=60, ha="right")
+    ax.set_ylabel("held-out last-layer hidden MSE")
+    ax.set_title("Drift from the original model per new token (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "drift_per_token.png", dpi=100)
+    plt.close(fig)
+    written.append(str(out_dir / "drift_per_token.png"))
+
+    curve = json.loads(training_report.read_text(encoding="utf-8")).get("training", {}).get("loss_curve", [])
+    if curve:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker="o")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_title("Token Distillation loss")
+        fig.tight_layout()
+        fig.savefig(out_dir / "loss_curve.png", dpi=100)
+        plt.close(fig)
+        written.append(str(out_dir / "loss_curve.png"))
+    return written

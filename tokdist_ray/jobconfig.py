@@ -1,0 +1,281 @@
+"""The job's one config: a YAML file plus command-line overrides, validated up front.
+
+    python jobs/expand_vocab.py --config jobs/configs/demo_cpu.yaml --training.learning_rate 5e-4
+
+Sections reuse the API's dataclasses (`training` is a DistillationConfig, `generation` a
+GeneratedDataSource, `distributed` a DistributedConfig), so one option means the same
+thing everywhere. Unknown keys, wrong types and bad values fail before any work starts,
+with the key, what was given, and what is allowed. The reference project's `example.py`
+flags (`--model_path`, `--new_tokens`, `--dataset_path`, ...) are accepted too.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import DistillationConfig, GeneratedDataSource, OutputEmbeddingInit
+from .init import PRE_INIT_STRATEGIES
+from .train import DistributedConfig
+
+
+class ConfigError(ValueError):
+    """A config key, type or value that cannot work; the message says which and why."""
+
+
+@dataclass
+class TokensConfig:
+    """Where the new tokens come from (exactly one of the four)."""
+
+    list: typing.List[str] | None = None  # noqa: UP006 - `list` is a field name here
+    file: str | None = None  # .txt (one per line, leading spaces kept) or .json list
+    target_tokenizer: str | None = None  # every token of this tokenizer the model lacks
+    from_corpus: int | None = None  # the N words of the corpus the model fragments most
+    min_pieces: int = 3  # for from_corpus: only words split into at least this many ids
+
+
+@dataclass
+class DataConfig:
+    """The corpus to mine (`source: files|hf`) or `source: generated` for no corpus."""
+
+    source: str = "files"
+    paths: typing.List[str] = field(default_factory=list)  # files, dirs, globs; local or s3://, gs://
+    text_column: str = "text"
+    dataset_path: str | None = None  # source: hf
+    name: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    max_docs: int | None = None
+    top_up_with_generation: bool = False  # fill tokens the corpus leaves short
+    num_workers: int | None = None  # mining actors; default: the cluster's CPUs
+
+
+@dataclass
+class SnippetsConfig:
+    snippet_len: int = 50
+    snippets_per_token: int = 100
+    min_snippets_per_token: int = 1  # tokens with fewer are skipped and reported
+    seed: int = 42
+
+
+@dataclass
+class OutputConfig:
+    emb_policy: str = OutputEmbeddingInit.TRAIN_WITH_CE.value  # untied models' new output rows
+    pre_init_strategy: str = "fvt"
+
+
+@dataclass
+class EvalConfig:
+    heldout_paths: typing.List[str] = field(default_factory=list)  # empty: no evaluation stage
+    snippets_per_token: int = 20
+    batch_size: int = 16
+
+
+@dataclass
+class JobConfig:
+    model: str = "bundled:smollm2"  # HF dir, hub id, .gguf file, or bundled:smollm2
+    run_dir: str = "runs/demo"  # every stage writes under it; a rerun skips finished stages
+    out_path: str | None = None  # the expanded model; default <run_dir>/model
+    trust_remote_code: bool = False
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    snippets: SnippetsConfig = field(default_factory=SnippetsConfig)
+    generation: GeneratedDataSource = field(default_factory=GeneratedDataSource)
+    training: DistillationConfig = field(default_factory=DistillationConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.out_path) if self.out_path else Path(self.run_dir) / "model"
+
+    def validate(self) -> "JobConfig":
+        given = [k for k in ("list", "file", "target_tokenizer", "from_corpus") if getattr(self.tokens, k)]
+        if len(given) != 1:
+            raise ConfigError(
+                f"tokens: give exactly one of list, file, target_tokenizer, from_corpus (got {given or 'none'}), "
+                "e.g. --tokens.list ' Krankenwagen, Schmetterling'"
+            )
+        _one_of("data.source", self.data.source, ("files", "hf", "generated"))
+        if self.data.source == "files" and not self.data.paths:
+            raise ConfigError("data.paths is empty; name corpus files, directories or globs (or set data.source: generated)")
+        if self.data.source == "hf" and not self.data.dataset_path:
+            raise ConfigError("data.dataset_path is required for data.source: hf (e.g. HuggingFaceFW/fineweb-2)")
+        if self.tokens.from_corpus and self.data.source == "generated":
+            raise ConfigError("tokens.from_corpus needs a corpus; set data.source to files or hf")
+        _one_of("output.emb_policy", self.output.emb_policy, [e.value for e in OutputEmbeddingInit])
+        _one_of("output.pre_init_strategy", self.output.pre_init_strategy, PRE_INIT_STRATEGIES)
+        for key in ("snippet_len", "snippets_per_token", "min_snippets_per_token"):
+            if getattr(self.snippets, key) < 1:
+                raise ConfigError(f"snippets.{key} must be at least 1, got {getattr(self.snippets, key)}")
+        return self
+
+
+def _one_of(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
+
+
+# ------------------------------------------------------------------ building from dicts
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Check `value` against a dataclass field's annotation, converting CLI strings."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(kind):
+        return build(kind, value, key)
+    if origin in (list, tuple, collections.abc.Sequence) or kind in (list, tuple):
+        if isinstance(value, str):  # "--tokens.list ' a, b'": comma separated, spaces kept
+            value = value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = kind(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+        if kind is int and (isinstance(number, float) and not number.is_integer() or not isinstance(number, (int, float))):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return kind(number)
+    if kind is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if kind is dict and not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    return value
+
+
+def build(cls, values: dict | None, prefix: str = ""):
+    """`cls(**values)` with every key checked: typos get a 'did you mean'."""
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of options, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown option {full!r}{hint} Options here: {', '.join(names)}")
+        kwargs[key] = _coerce(full, value, hints[key])
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+# ------------------------------------------------------------------ YAML + overrides
+# The reference project's example.py flags, mapped onto this config.
+REFERENCE_FLAGS = {
+    "model_path": "model",
+    "new_tokens": "tokens.list",
+    "out_path": "out_path",
+    "dataset_path": "data.dataset_path",
+    "dataset_name": "data.name",
+    "dataset_split": "data.split",
+    "max_docs": "data.max_docs",
+    "snippet_len": "snippets.snippet_len",
+    "snippets_per_token": "snippets.snippets_per_token",
+    "learning_rate": "training.learning_rate",
+    "epochs": "training.epochs",
+    "batch_size": "training.batch_size",
+    "seed": "training.seed",
+    "target_layer": "training.target_layer",
+    "loss_methods": "training.loss_methods",
+    "mixed_precision": "training.mixed_precision",
+    "output_emb_policy": "output.emb_policy",
+    "pre_init_strategy": "output.pre_init_strategy",
+}
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """`--a.b value` or `--a.b=value` pairs into {"a.b": "value"}."""
+    overrides, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --training.learning_rate 1e-4")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"option --{key} needs a value")
+            value, i = args[i + 1], i + 1
+        overrides[REFERENCE_FLAGS.get(key, key)] = value
+        i += 1
+    return overrides
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    tree: dict = {}
+    if path:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    overrides = dict(overrides or {})
+    if "data.dataset_path" in overrides and "data.source" not in overrides:
+        overrides["data.source"] = "hf"  # the reference's --dataset_path means a HF dataset
+    if "tokens.list" in overrides:  # a list on the command line replaces the file's choice
+        tree.setdefault("tokens", {}).update({k: None for k in ("file", "target_tokenizer", "from_corpus")})
+    for key, value in overrides.items():
+        _set_dotted(tree, key, value)
+    return build(JobConfig, tree).validate()
+
+
+def config_dict(config: JobConfig) -> dict:
+    """A plain, YAML-safe dict of the config (for reports and stage fingerprints)."""
+
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            return value
+        return repr(value)
+
+    return plain(config)

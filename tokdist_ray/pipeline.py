@@ -1,0 +1,245 @@
+"""The job: select tokens -> mine and/or generate snippets -> distill -> export -> evaluate.
+
+Every stage writes under `run_dir` and records a fingerprint of its inputs in
+`run_dir/stages/<stage>.json` when it finishes. A rerun with the same inputs skips the
+finished stages, and a distillation that was stopped resumes from its last checkpoint,
+so a failed job resubmitted continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import pyarrow.parquet as pq
+
+from .config import FileDataSource, HFDataSource
+from .export import write_report
+from .jobconfig import JobConfig, config_dict
+from .models import load_tokenizer
+from .tokens import NewToken, TokenSelection, frequent_fragmented_words, select_new_tokens, tokens_from_spec
+
+log = logging.getLogger("tokdist_ray")
+STAGES = ("tokens", "snippets", "distill", "evaluate")
+
+
+# ------------------------------------------------------------------ stage bookkeeping
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class StageLedger:
+    """Which stages finished, with which inputs, how long they took."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir / "stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+        self.skipped: list[str] = []
+
+    def done(self, stage: str, key: str) -> dict | None:
+        path = self.dir / f"{stage}.json"
+        if path.is_file():
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if record.get("fingerprint") == key:
+                return record
+        return None
+
+    def run(self, stage: str, key: str, work: Callable[[], dict]) -> dict:
+        record = self.done(stage, key)
+        if record is not None:
+            log.info("stage %s: already done with the same inputs, reusing %s", stage, self.dir / f"{stage}.json")
+            self.skipped.append(stage)
+            self.timings[stage] = 0.0
+            return record["outputs"]
+        log.info("stage %s: running", stage)
+        start = time.perf_counter()
+        outputs = work()
+        self.timings[stage] = round(time.perf_counter() - start, 3)
+        record = {"fingerprint": key, "seconds": self.timings[stage], "outputs": outputs}
+        write_report(self.dir / f"{stage}.json", record)
+        return outputs
+
+
+# ------------------------------------------------------------------ stages
+def corpus_source(config: JobConfig) -> FileDataSource | HFDataSource | None:
+    data = config.data
+    if data.source == "files":
+        return FileDataSource(paths=list(data.paths), text_column=data.text_column, max_docs=data.max_docs)
+    if data.source == "hf":
+        return HFDataSource(
+            dataset_path=data.dataset_path, name=data.name, split=data.split, max_docs=data.max_docs,
+            revision=data.revision, text_column=data.text_column,
+        )
+    return None
+
+
+def select_tokens(config: JobConfig, tokenizer) -> TokenSelection:
+    spec = config.tokens
+    if spec.list is not None:
+        candidates = spec.list
+    elif spec.file:
+        candidates = tokens_from_spec(spec.file)
+    elif spec.target_tokenizer:
+        candidates = load_tokenizer(spec.target_tokenizer, trust_remote_code=config.trust_remote_code)
+    else:
+        from .corpus import documents
+
+        texts = (t for t in documents(corpus_source(config)) if isinstance(t, str))
+        chosen = frequent_fragmented_words(tokenizer, texts, spec.from_corpus, min_pieces=spec.min_pieces)
+        candidates = [word for word, _ in chosen]
+    return select_new_tokens(tokenizer, candidates)
+
+
+def _tokens_stage(config: JobConfig, tokenizer, run_dir: Path) -> dict:
+    selection = select_tokens(config, tokenizer)
+    path = run_dir / "tokens.json"
+    write_report(path, {
+        "tokens": [{"token": t.text, "phrase_ids": list(t.phrase_ids)} for t in selection.tokens],
+        "skipped": selection.skipped,
+    })
+    log.info("%d new tokens (%d candidates skipped: %s)", len(selection.tokens), len(selection.skipped), selection.skip_counts())
+    return {"tokens_path": str(path), "count": len(selection.tokens), "skipped": selection.skipped}
+
+
+def load_tokens(path: str | Path) -> list[NewToken]:
+    saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    return [NewToken(t["token"], tuple(t["phrase_ids"])) for t in saved["tokens"]]
+
+
+def _snippets_stage(config: JobConfig, tokenizer, tokens: list[NewToken], run_dir: Path) -> dict:
+    from .generation import generate_snippet_dataset
+
+    out = run_dir / "snippets"
+    report: dict = {}
+    source = corpus_source(config)
+    quota = config.snippets.snippets_per_token
+    shortfall = {t.text: quota for t in tokens}
+    if source is not None:
+        from .mining import mine_corpus
+
+        mined = mine_corpus(source, tokenizer, tokens, config.snippets.snippet_len, quota, str(out / "corpus"),
+                            config.snippets.seed, config.data.num_workers)
+        report["mining"] = mined.report()
+        shortfall = mined.shortfall if config.data.top_up_with_generation else {}
+    if shortfall:
+        todo = [t for t in tokens if t.text in shortfall]
+        index = {t.text: i for i, t in enumerate(tokens)}
+        dataset, stats = generate_snippet_dataset(
+            config.model, todo, config.snippets.snippet_len, {t.text: shortfall[t.text] for t in todo},
+            config.generation, token_indices=[index[t.text] for t in todo], tokenizer=tokenizer,
+        )
+        dataset.write_parquet(str(out / "generated"))
+        report["generation"] = stats.as_dict(quota) | {"top_up": source is not None}
+    counts = snippet_counts(out)
+    report["snippets_per_token"] = {t.text: counts.get(t.text, 0) for t in tokens}
+    write_report(run_dir / "snippets_report.json", report)
+    return {"snippets_path": str(out), "report": report}
+
+
+def snippet_counts(path: Path) -> dict[str, int]:
+    table = pq.read_table(str(path), columns=["token"])
+    counts: dict[str, int] = {}
+    for token in table.column("token").to_pylist():
+        counts[token] = counts.get(token, 0) + 1
+    return counts
+
+
+def _distill_stage(config: JobConfig, tokens: list[NewToken], snippets_path: str, run_dir: Path) -> dict:
+    import dataclasses
+
+    from .train import MANIFEST, distill_distributed
+
+    counts = snippet_counts(Path(snippets_path))
+    keep = [t for t in tokens if counts.get(t.text, 0) >= config.snippets.min_snippets_per_token]
+    short = {t.text: counts.get(t.text, 0) for t in tokens if t not in keep}
+    if short:
+        log.warning("skipping %d tokens with fewer than %d snippets: %s", len(short),
+                    config.snippets.min_snippets_per_token, dict(list(short.items())[:10]))
+    if not keep:
+        raise ValueError("no token has enough snippets to distill; add corpus data or set data.top_up_with_generation: true")
+    dist = config.distributed
+    storage = dist.storage_path or str((run_dir / "checkpoints").resolve())
+    resume = (Path(storage) / dist.run_name / MANIFEST).is_file() if "://" not in storage else dist.resume
+    if resume:
+        log.info("resuming the stopped distillation from its checkpoints in %s", storage)
+    dist = dataclasses.replace(dist, storage_path=storage, resume=resume)
+    result = distill_distributed(
+        config.model, snippets_path, keep, config.model_dir, config.training, dist,
+        config.output.emb_policy, config.output.pre_init_strategy,
+    )
+    return {"model_dir": str(result.out_dir), "rows_path": str(result.rows_path),
+            "report_path": str(result.report_path), "too_few_snippets": short}
+
+
+def _evaluate_stage(config: JobConfig, tokens: list[NewToken], distilled: dict, run_dir: Path) -> dict:
+    from .evaluate_job import evaluate_export
+
+    return evaluate_export(config, tokens, distilled, run_dir / "eval")
+
+
+# ------------------------------------------------------------------ the job
+def run_job(config: JobConfig, stages: tuple[str, ...] = STAGES) -> dict:
+    """Run (or continue) the job; returns the job report, also written to run_dir/job.json."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # a local instance, or the cluster when submitted with `ray job submit`
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ledger = StageLedger(run_dir)
+    settings = config_dict(config)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    start = time.perf_counter()
+
+    key = fingerprint(settings["model"], settings["tokens"], settings["data"] if config.tokens.from_corpus else None)
+    picked = ledger.run("tokens", key, lambda: _tokens_stage(config, tokenizer, run_dir))
+    tokens = load_tokens(picked["tokens_path"])
+    outputs = {"tokens": picked}
+
+    if "snippets" in stages or "distill" in stages:
+        key = fingerprint(key, settings["data"], settings["snippets"], settings["generation"])
+        outputs["snippets"] = ledger.run("snippets", key, lambda: _snippets_stage(config, tokenizer, tokens, run_dir))
+    if "distill" in stages:
+        key = fingerprint(key, settings["training"], settings["output"], settings["out_path"],
+                          {k: v for k, v in settings["distributed"].items() if k not in ("resume", "max_failures")})
+        snippets_path = outputs["snippets"]["snippets_path"]
+        outputs["distill"] = ledger.run("distill", key, lambda: _distill_stage(config, tokens, snippets_path, run_dir))
+    if "evaluate" in stages and config.eval.heldout_paths:
+        distilled = outputs.get("distill") or _finished(ledger, "distill")
+        key = fingerprint(key, settings["eval"], distilled)
+        outputs["evaluate"] = ledger.run("evaluate", key, lambda: _evaluate_stage(config, tokens, distilled, run_dir))
+
+    report = {
+        "run_dir": str(run_dir),
+        "wall_seconds": round(time.perf_counter() - start, 3),
+        "stage_seconds": ledger.timings,
+        "stages_reused": ledger.skipped,
+        "outputs": outputs,
+        "config": settings,
+    }
+    write_report(run_dir / "job.json", report)
+    if "distill" in outputs:  # the model's report.json gets the stage breakdown too
+        model_report = Path(outputs["distill"]["report_path"])
+        merged = json.loads(model_report.read_text(encoding="utf-8")) | {
+            "tokens_skipped": picked["skipped"] + [
+                {"token": t, "reason": "too_few_snippets", "snippets": n}
+                for t, n in outputs["distill"]["too_few_snippets"].items()
+            ],
+            "snippets": outputs["snippets"]["report"],
+            "job": {k: report[k] for k in ("stage_seconds", "stages_reused")},
+        }
+        write_report(model_report, merged)
+    log.info("job finished in %.1fs: %s", report["wall_seconds"], ledger.timings)
+    return report
+
+
+def _finished(ledger: StageLedger, stage: str) -> dict:
+    records = sorted(ledger.dir.glob(f"{stage}.json"))
+    if not records:
+        raise RuntimeError(f"stage {stage} has not run yet in {ledger.dir.parent}; run it first (tokdist-ray {stage})")
+    return json.loads(records[0].read_text(encoding="utf-8"))["outputs"]
