@@ -75,7 +75,7 @@ class GeneratedDataSource:
     top_k: int = 0  # 0: no top-k cut, plain sampling
     batch_size: int = 64  # prompts per batch: one CPU decode batch, or one vLLM processor batch
     min_new_tokens: int = 8  # shorter samples (cut early at EOS) are dropped and counted; capped at snippet_len
-    refill_rounds: int = 2  # extra rounds that replace dropped samples with fresh ones
+    refill_rounds: int = 2  # extra rounds that replace dropped samples (each restarts the actors/engines)
     # "auto": vLLM when it is installed and the cluster has GPUs, else transformers on CPU actors.
     # The in-process API path treats "auto" as "transformers" on the model it already holds.
     backend: str = "auto"

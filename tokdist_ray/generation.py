@@ -6,11 +6,14 @@ none), up to `snippet_len` new ids, cut at the first EOS. Samples with fewer tha
 replace them with fresh samples, so a token normally ends with exactly the count asked.
 
 Determinism: each sample has its own seed, derived from (seed, token text, sample index),
-and its own random stream (exponential race, as vLLM draws). A sample does not
-depend on which other tokens run, on batch size or order, or on the number of actors,
-except through floating-point differences in the logits between batch shapes, which can
-flip a draw that lands on a probability boundary. The same inputs with the same batching
-on the same hardware give bit-identical snippets.
+and its own random stream, drawn by the exponential race (as vLLM draws). So a sample does
+not depend on which other tokens run, on batch size or order, or on the number of actors:
+the logits of one prompt differ between batch shapes only by rounding, which flips a draw
+only where two ids tie within rounding (not seen in the tests). The same inputs on the
+same hardware give bit-identical snippets. vLLM gets the same per-sample seeds and is
+reproducible for one vLLM version and GPU type (set VLLM_BATCH_INVARIANT=1 on Hopper and
+newer to remove its batch dependence too); its snippets differ from the CPU backend's,
+whose kernels differ.
 
 Backends:
   generate_snippets(model, tokenizer, ...)       in-process, on the model the API holds
