@@ -9,6 +9,7 @@ so a failed job resubmitted continues where it stopped.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import json
 import logging
 import time
@@ -21,6 +22,7 @@ from .config import FileDataSource, HFDataSource
 from .export import write_report
 from .jobconfig import JobConfig, config_dict
 from .models import load_tokenizer
+from .snippets import SNIPPET_SCHEMA
 from .tokens import NewToken, TokenSelection, frequent_fragmented_words, select_new_tokens, tokens_from_spec
 
 log = logging.getLogger("tokdist_ray")
@@ -112,19 +114,22 @@ def load_tokens(path: str | Path) -> list[NewToken]:
 
 
 def _snippets_stage(config: JobConfig, tokenizer, tokens: list[NewToken], run_dir: Path) -> dict:
+    """Mine and/or generate, then write one snippet table that training reads."""
+    import pyarrow as pa
+
     from .generation import generate_snippet_dataset
 
-    out = run_dir / "snippets"
-    report: dict = {}
+    tables, report = [], {}
     source = corpus_source(config)
     quota = config.snippets.snippets_per_token
     shortfall = {t.text: quota for t in tokens}
     if source is not None:
         from .mining import mine_corpus
 
-        mined = mine_corpus(source, tokenizer, tokens, config.snippets.snippet_len, quota, str(out / "corpus"),
+        mined = mine_corpus(source, tokenizer, tokens, config.snippets.snippet_len, quota, str(run_dir / "mining"),
                             config.snippets.seed, config.data.num_workers)
         report["mining"] = mined.report()
+        tables.append(pq.read_table(mined.snippets_path))
         shortfall = mined.shortfall if config.data.top_up_with_generation else {}
     if shortfall:
         todo = [t for t in tokens if t.text in shortfall]
@@ -133,20 +138,27 @@ def _snippets_stage(config: JobConfig, tokenizer, tokens: list[NewToken], run_di
             config.model, todo, config.snippets.snippet_len, {t.text: shortfall[t.text] for t in todo},
             config.generation, token_indices=[index[t.text] for t in todo], tokenizer=tokenizer,
         )
-        dataset.write_parquet(str(out / "generated"))
+        tables.append(pa.concat_tables(ray_tables(dataset)))
         report["generation"] = stats.as_dict(quota) | {"top_up": source is not None}
+    out = run_dir / "snippets"
+    out.mkdir(parents=True, exist_ok=True)
+    table = pa.concat_tables([t.cast(SNIPPET_SCHEMA) for t in tables])
+    pq.write_table(table, out / "snippets.parquet")
     counts = snippet_counts(out)
     report["snippets_per_token"] = {t.text: counts.get(t.text, 0) for t in tokens}
     write_report(run_dir / "snippets_report.json", report)
     return {"snippets_path": str(out), "report": report}
 
 
+def ray_tables(dataset) -> list:
+    import ray
+
+    return [ray.get(ref) for ref in dataset.to_arrow_refs()]
+
+
 def snippet_counts(path: Path) -> dict[str, int]:
-    table = pq.read_table(str(path), columns=["token"])
-    counts: dict[str, int] = {}
-    for token in table.column("token").to_pylist():
-        counts[token] = counts.get(token, 0) + 1
-    return counts
+    table = pq.read_table(str(path / "snippets.parquet"), columns=["token"])
+    return dict(Counter(table.column("token").to_pylist()))
 
 
 def _distill_stage(config: JobConfig, tokens: list[NewToken], snippets_path: str, run_dir: Path) -> dict:
