@@ -37,12 +37,14 @@ TOO_FEW_SNIPPETS = "too_few_snippets"
 
 
 def console_logging() -> None:
-    """Progress lines on stderr, once, unless the application set up logging itself."""
-    if not log.handlers and not logging.getLogger().handlers:
+    """Progress lines on stderr, once, unless the application gave our logger a handler.
+    (Not conditional on the root logger: Ray and others configure it on import.)"""
+    if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[tokdist] %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def default_device() -> str:

@@ -73,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval" and not config.eval.heldout_paths:
         print("tokdist-ray: config error: eval needs eval.heldout_paths (held-out text files)", file=sys.stderr)
         return 2
+    from .models import ModelNotFoundError, resolve_model_path
+
+    try:  # fail before starting Ray; GGUF and bundled models materialise here once
+        resolve_model_path(config.model)
+    except ModelNotFoundError as e:
+        print(f"tokdist-ray: model error: {e}", file=sys.stderr)
+        return 2
     from .api import console_logging
     from .pipeline import run_job
 

@@ -1,0 +1,90 @@
+"""Quality per compute on the demo workload: held-out drift of Token Distillation relative
+to FVT (subtoken mean), after one epoch and within a wall-time budget that picks the
+number of passes.
+
+    python bench/bench_quality.py --tokens 16 --snippets 100 --snippet-len 50 --batch-size 16 --budget-s 330
+
+Trains on the Python docs' training split and evaluates on the held-out split (every
+10th file), both from Debian's python3.11-doc. Prints one table; lower is better.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from tokdist_ray import DistillationConfig, FileDataSource, TokenDistillation
+from tokdist_ray.alignment import PhraseMerger
+from tokdist_ray.batch import merge_snippets
+from tokdist_ray.evaluate import baseline_rows, drift, relative_to
+from tokdist_ray.models import resolve_model_path
+from tokdist_ray.snippets import mine_snippets
+from tokdist_ray.tokens import frequent_fragmented_words, select_new_tokens
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import DOCS_SOURCES, split_corpus  # noqa: E402  (one definition of the split)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--snippets", type=int, default=100)
+    ap.add_argument("--snippet-len", type=int, default=50)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--learning-rate", type=float, default=1e-3)
+    ap.add_argument("--budget-s", type=float, default=330.0, help="wall-time budget for the budgeted run")
+    args = ap.parse_args()
+
+    path = resolve_model_path("bundled:smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    split = split_corpus(DOCS_SOURCES)
+    train = [p.read_text(encoding="utf-8") for p in split.train]
+    heldout = [p.read_text(encoding="utf-8") for p in split.heldout]
+    joined = "\n".join(heldout)
+    ranked = frequent_fragmented_words(tokenizer, train, 200, min_pieces=3, min_count=args.snippets)
+    words = [w for w, _ in ranked if joined.count(w) >= 5][: args.tokens]
+    tokens = select_new_tokens(tokenizer, words).tokens
+
+    runs = {
+        "1 epoch": DistillationConfig(epochs=1, batch_size=args.batch_size, learning_rate=args.learning_rate, log_every=20),
+        f"budget {args.budget_s:.0f}s": DistillationConfig(epochs=100, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                                           time_budget_s=args.budget_s, log_every=20),
+    }
+    rows, timings = {}, {}
+    for name, cfg in runs.items():
+        td = TokenDistillation(path, device="cpu")
+        start = time.perf_counter()
+        model, _ = td.run(words, data=FileDataSource([str(p) for p in split.train]), snippet_len=args.snippet_len,
+                          snippets_per_token=args.snippets, training=cfg)
+        timings[name] = (time.perf_counter() - start, td.last_report["training"])
+        new_start = len(td.tokenizer)
+        rows[name] = model.get_input_embeddings().weight[new_start:].detach().clone()
+
+    td = TokenDistillation(path, device="cpu")
+    new_start = len(tokenizer)
+    snippets, _ = mine_snippets(heldout, tokenizer, tokens, args.snippet_len, 20)
+    merger = PhraseMerger([t.phrase_ids for t in tokens], range(new_start, new_start + len(tokens)))
+    examples = merge_snippets(merger, [s["input_ids"] for s in snippets])
+    methods = {**baseline_rows(td.model, tokens, new_start), **{f"tokdist {k}": v for k, v in rows.items()}}
+    with torch.inference_mode():
+        results = drift(td.model, new_start, methods, examples, [s["token"] for s in snippets])
+    ratios = relative_to(results)
+
+    print(f"SmolLM2-135M, {len(tokens)} tokens x {args.snippets} snippets of {args.snippet_len}, batch {args.batch_size}, "
+          f"lr {args.learning_rate}; held-out: {len(examples)} snippets from {len(split.heldout)} files")
+    print("| method | wall s (end to end) | epochs run | hidden MSE / FVT | KL / FVT |")
+    print("|---|---:|---:|---:|---:|")
+    for name in methods:
+        wall, history = timings.get(name.removeprefix("tokdist "), (None, None))
+        epochs = history["loss_curve"][-1]["epoch"] + 1 if history and history["loss_curve"] else "-"
+        print(f"| {name} | {wall:.0f} | {epochs} | {ratios[name]['hidden_mse']:.3f} | {ratios[name]['kl']:.3f} |"
+              if wall else f"| {name} | - | - | {ratios[name]['hidden_mse']:.3f} | {ratios[name]['kl']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The job: config validation, resumable stages, `ray job submit` against a local head,
+and the cluster YAMLs."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tokdist_ray.cli import main as cli_main
+from tokdist_ray.jobconfig import ConfigError, load_config, parse_overrides
+
+from helpers import SENTENCES, WORDS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_job_args(model_dir, corpus_dir, run_dir):
+    return [
+        "--model", str(model_dir), "--run_dir", str(run_dir), "--tokens.list", ",".join(WORDS),
+        "--data.paths", str(corpus_dir), "--snippets.snippet_len", "24", "--snippets.snippets_per_token", "4",
+        "--training.batch_size", "4", "--distributed.checkpoint_every", "0", "--eval.heldout_paths", str(corpus_dir),
+        "--eval.snippets_per_token", "2",
+    ]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("job-corpus")
+    for i, s in enumerate(SENTENCES * 2):
+        (d / f"doc{i}.txt").write_text(f"Part {i}. {s} The end of part {i}.", encoding="utf-8")
+    return d
+
+
+def test_config_errors_name_the_key_and_the_fix(tiny_model_dir, corpus_dir, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        load_config(None, parse_overrides(["--training.learnig_rate", "1e-4", "--tokens.list", " a"]))
+    with pytest.raises(ConfigError, match="training.epochs: expected an integer, got 'two'"):
+        load_config(None, parse_overrides(["--training.epochs", "two", "--tokens.list", " a"]))
+    with pytest.raises(ConfigError, match="exactly one of"):
+        load_config(None, {})
+    config = load_config(None, parse_overrides(["--model_path", "m", "--new_tokens", " Krankenwagen, Schmetterling",
+                                                "--dataset_path", "HuggingFaceFW/fineweb-2", "--epochs", "3"]))
+    assert (config.model, config.tokens.list, config.data.source, config.training.epochs) == (
+        "m", [" Krankenwagen", " Schmetterling"], "hf", 3)
+    missing = tiny_job_args(tmp_path / "no-such-model", corpus_dir, tmp_path / "run")
+    assert cli_main(["run", *missing]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+
+
+def test_job_stages_are_reused_and_a_lost_stage_reruns(ray_session, tiny_model_dir, corpus_dir, tmp_path):
+    from tokdist_ray.pipeline import run_job
+
+    model_dir = tiny_model_dir(tied=False)
+    config = load_config(None, parse_overrides(tiny_job_args(model_dir, corpus_dir, tmp_path / "run")))
+    first = run_job(config)
+    assert first["stages_reused"] == []
+    assert (tmp_path / "run" / "eval" / "eval.md").is_file()
+    assert all((tmp_path / "run" / "eval" / p).stat().st_size > 0 for p in ("drift_per_token.png", "loss_curve.png"))
+    again = run_job(config)
+    assert again["stages_reused"] == ["tokens", "snippets", "distill", "evaluate"]
+    # as if the job died during distillation: its stage record never got written
+    (tmp_path / "run" / "stages" / "distill.json").unlink()
+    third = run_job(config)
+    assert third["stages_reused"] == ["tokens", "snippets"]
+    report = json.loads((tmp_path / "run" / "model" / "report.json").read_text())
+    assert report["distributed"]["resumed_from_steps"], "the rerun should resume from the final checkpoint"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A separate local Ray head with its dashboard (job server) on 127.0.0.1."""
+    port, dash = _free_port(), _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    subprocess.run(["ray", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+                    f"--temp-dir={tmp_path / 'ray'}"], check=True, env=env, capture_output=True)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_produces_a_loadable_model(ray_head, tiny_model_dir, corpus_dir, tmp_path):
+    address, env = ray_head
+    model_dir = tiny_model_dir(tied=True)
+    run_dir = tmp_path / "run"
+    args = tiny_job_args(model_dir, corpus_dir, run_dir)
+    submit = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", address,
+              "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git"]}),
+              "--", "python", "jobs/expand_vocab.py", *args]
+    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    n_old = len(AutoTokenizer.from_pretrained(model_dir))
+    for i, word in enumerate(WORDS):
+        assert tok(word, add_special_tokens=False)["input_ids"] == [n_old + i]
+    assert torch.equal(model.get_input_embeddings().weight[:n_old], original.get_input_embeddings().weight[:n_old])
+    report = json.loads((run_dir / "model" / "report.json").read_text())
+    assert [t["token"] for t in report["tokens_added"]] == WORDS and report["job"]["stage_seconds"]
+
+    resubmitted = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+    assert resubmitted.returncode == 0, resubmitted.stderr[-3000:]
+    job = json.loads((run_dir / "job.json").read_text())
+    assert job["stages_reused"] == ["tokens", "snippets", "distill", "evaluate"]
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_cluster_yamls_pass_rays_validation(name):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster" / name).read_text())
+    validate_config(prepare_config(config))
+    assert "127.0.0.1" in " ".join(config["head_start_ray_commands"])
+    config["available_node_types"]["head"]["not_a_field"] = 1
+    with pytest.raises(Exception):
+        validate_config(prepare_config(config))
+
+
+def test_rayjob_manifest_keeps_the_dashboard_private():
+    job = yaml.safe_load((REPO / "cluster" / "rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and "expand_vocab.py" in job["spec"]["entrypoint"]
+    assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
