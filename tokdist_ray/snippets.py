@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import pyarrow as pa
 
 from .alignment import PhraseMerger
-from .tokens import NewToken
+
+if TYPE_CHECKING:  # keeps transformers out of processes that only need windows (mining actors)
+    from .tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")
 
