@@ -1,0 +1,244 @@
+"""Mining benchmark: 100 snippets for each of >= 1,000 new tokens from >= 100 MB of real
+documentation, tokdist-ray's Ray Data miner against the reference approach, side by side
+in one run.
+
+Reference: tokenise documents in corpus order with the fast tokenizer (batched), find the
+phrases' ids with Aho-Corasick (leftmost-longest, as the merge in training), keep each
+token's first 100 distinct windows, skip tokens already full, stop when all are full or
+the corpus ends.
+tokdist-ray: `mine_corpus` with 1 and with 2 mining actors on a local Ray instance
+started beforehand (its start-up is reported apart; actor start-up is timed).
+
+Corpus: the Python docs sources from python3.11-doc, then every other UTF-8 text under
+/usr/share/doc (gzip opened; PostScript, tarballs and test logs left out; duplicate files
+once) until 100 MB, large files cut into <= 64 KB documents at line breaks (repeated if
+the files fall short), written once as parquet shards into $TOKDIST_RAY_CACHE/bench-mining-corpus.
+Tokens: words of the corpus SmolLM2's tokenizer cuts into >= 3 pieces, 1,000 of them at
+evenly spaced frequency ranks, from the most frequent to ones seen twice.
+
+    python bench/bench_mining.py                # full run, prints the table
+    python bench/bench_mining.py --tokens 200 --megabytes 20   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tokdist_ray.config import FileDataSource  # noqa: E402
+from tokdist_ray.models import cache_root, load_tokenizer  # noqa: E402
+from tokdist_ray.snippets import bos_prefix, window_around  # noqa: E402
+from tokdist_ray.tokens import NewToken, phrase_ids  # noqa: E402
+
+DOC_ROOT = Path("/usr/share/doc")
+PY_SOURCES = DOC_ROOT / "python3.11/html/_sources"
+SKIP = re.compile(r"(\.ps(\.gz)?|\.tar(\.gz)?|\.pdf|check\.log\.gz|test_results\.gz|jtreport.*)$")
+MAX_DOC_CHARS = 64_000
+SHARD_BYTES = 4_000_000
+WORD = re.compile(r"(?<![A-Za-z0-9_]) [A-Za-z]{5,}(?![A-Za-z0-9_])")
+
+
+# ---------------------------------------------------------------------- corpus
+def _texts_of(path: Path) -> str | None:
+    try:
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile):
+        return None
+    return text if "\0" not in text[:2000] and text.strip() else None
+
+
+def _source_files() -> list[Path]:
+    python = sorted(PY_SOURCES.rglob("*.txt"))
+    other = sorted(
+        p for p in DOC_ROOT.rglob("*")
+        if p.is_file() and not p.is_symlink() and "python3.11/html" not in str(p) and not SKIP.search(p.name)
+    )
+    return python + other
+
+
+def _documents(text: str) -> list[str]:
+    """Large files cut at line breaks into documents of at most MAX_DOC_CHARS."""
+    docs, start = [], 0
+    while start < len(text):
+        end = len(text) if len(text) - start <= MAX_DOC_CHARS else text.rfind("\n", start, start + MAX_DOC_CHARS) + 1
+        end = end if end > start else start + MAX_DOC_CHARS
+        docs.append(text[start:end])
+        start = end
+    return docs
+
+
+def build_corpus(directory: Path, megabytes: float) -> list[str]:
+    """Parquet shards (column `text`) of >= `megabytes` MB, built once."""
+    done = directory / "DONE"
+    if done.exists():
+        return sorted(str(p) for p in directory.glob("*.parquet"))
+    directory.mkdir(parents=True, exist_ok=True)
+    docs, seen, unique = [], set(), 0
+    for path in _source_files():
+        text = _texts_of(path)
+        digest = text and hashlib.sha1(text.encode()).digest()
+        if text and digest not in seen:
+            seen.add(digest)
+            docs += _documents(text)
+            unique += len(text.encode())
+        if unique >= megabytes * 1e6:
+            break
+    copies = max(1, math.ceil(megabytes * 1e6 / unique))
+    shard, size, index = [], 0, 0
+    for doc in docs * copies:
+        shard.append(doc)
+        size += len(doc.encode())
+        if size >= SHARD_BYTES:
+            pq.write_table(pa.table({"text": shard}), directory / f"shard-{index:04d}.parquet")
+            shard, size, index = [], 0, index + 1
+    if shard:
+        pq.write_table(pa.table({"text": shard}), directory / f"shard-{index:04d}.parquet")
+    done.write_text(f"{len(docs)} documents, {unique / 1e6:.1f} MB unique, {copies} copies\n")
+    return sorted(str(p) for p in directory.glob("*.parquet"))
+
+
+def corpus_documents(shards: list[str]):
+    for shard in shards:
+        yield from pq.read_table(shard).column("text").to_pylist()
+
+
+# ---------------------------------------------------------------------- tokens
+def select_tokens(tokenizer, shards: list[str], n: int) -> list[NewToken]:
+    """n over-fragmented words at evenly spaced frequency ranks, most frequent first."""
+    counts = Counter()
+    for doc in corpus_documents(shards):
+        counts.update(WORD.findall(doc))
+    fragmented = [w for w, c in counts.most_common() if c >= 2 and len(phrase_ids(tokenizer, w)) >= 3]
+    step = max(1, len(fragmented) // n)
+    return [NewToken(w, tuple(phrase_ids(tokenizer, w))) for w in fragmented[::step][:n]]
+
+
+# ---------------------------------------------------------------------- reference
+def reference_mine(shards, tokenizer, tokens, snippet_len, quota, batch_size=64):
+    """Tokenise everything in order, Aho-Corasick over ids, first `quota` distinct per token."""
+    import ahocorasick
+
+    automaton = ahocorasick.Automaton(ahocorasick.STORE_ANY, ahocorasick.KEY_SEQUENCE)
+    for index, token in enumerate(tokens):
+        automaton.add_word(tuple(token.phrase_ids), (index, len(token.phrase_ids)))
+    automaton.make_automaton()
+    prefix = bos_prefix(tokenizer)
+    found = [dict() for _ in tokens]  # index -> {snippet: phrase_start}, insertion-ordered
+    open_tokens, scanned = len(tokens), 0
+
+    def scan(batch):
+        nonlocal open_tokens
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            for end, (index, length) in automaton.iter_long(tuple(ids)):
+                if len(found[index]) >= quota:
+                    continue
+                window, offset = window_around(ids, end + 1 - length, length, snippet_len)
+                snippet = tuple(prefix + window)
+                if snippet not in found[index]:
+                    found[index][snippet] = len(prefix) + offset
+                    open_tokens -= len(found[index]) == quota
+
+    batch = []
+    for doc in corpus_documents(shards):
+        if not doc.strip():
+            continue
+        batch.append(doc)
+        scanned += len(doc.encode())
+        if len(batch) == batch_size:
+            scan(batch)
+            batch = []
+            if open_tokens == 0:
+                break
+    if batch and open_tokens:
+        scan(batch)
+    return found, scanned
+
+
+# ---------------------------------------------------------------------- run
+def run_miner(shards, tokenizer, tokens, snippet_len, quota, workers):
+    from tokdist_ray.mining import mine_corpus
+
+    with tempfile.TemporaryDirectory() as out:
+        t = time.perf_counter()
+        result = mine_corpus(FileDataSource(shards), tokenizer, tokens, snippet_len, quota, out_dir=out, seed=0, num_workers=workers)
+        seconds = time.perf_counter() - t
+        rows = result.rows()
+    found = [dict() for _ in tokens]
+    for row in rows:
+        found[row["token_index"]][tuple(row["input_ids"])] = row["phrase_start"]
+    return found, result, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=1000)
+    parser.add_argument("--megabytes", type=float, default=100)
+    parser.add_argument("--quota", type=int, default=100)
+    parser.add_argument("--snippet-len", type=int, default=50)
+    parser.add_argument("--model", default="bundled:smollm2")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("ray").setLevel(logging.WARNING)
+
+    import ray
+
+    tokenizer = load_tokenizer(args.model)
+    shards = build_corpus(cache_root() / f"bench-mining-corpus-{args.megabytes:g}MB", args.megabytes)
+    corpus_mb = sum(os.path.getsize(s) for s in shards) / 1e6
+    tokens = select_tokens(tokenizer, shards, args.tokens)
+    print(f"corpus: {len(shards)} shards ({corpus_mb:.0f} MB parquet); {len(tokens)} tokens, "
+          f"{sum(len(t.phrase_ids) for t in tokens) / len(tokens):.1f} pieces on average", flush=True)
+
+    t = time.perf_counter()
+    reference, reference_bytes = reference_mine(shards, tokenizer, tokens, args.snippet_len, args.quota)
+    rows = [("reference (in order, whole documents)", time.perf_counter() - t, reference_bytes / 1e6, reference)]
+
+    t = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    ray_start = time.perf_counter() - t
+    results = {}
+    try:
+        for workers in (1, 2):
+            found, result, seconds = run_miner(shards, tokenizer, tokens, args.snippet_len, args.quota, workers)
+            results[workers] = result
+            rows.append((f"tokdist-ray mine_corpus, {workers} worker(s)", seconds, result.stats.bytes / 1e6, found))
+    finally:
+        ray.shutdown()
+
+    print(f"\nRay start-up (not in the times below): {ray_start:.1f} s")
+    print(f"{'method':<40} {'wall s':>8} {'MB scanned':>11} {'snippets':>9} {'tokens full':>12} {'speed-up':>9}")
+    for name, seconds, megabytes, found in rows:
+        full = sum(len(f) == args.quota for f in found)
+        print(f"{name:<40} {seconds:>8.1f} {megabytes:>11.1f} {sum(map(len, found)):>9} {full:>7}/{len(found):<4} "
+              f"{rows[0][1] / seconds:>8.1f}x")
+    print(f"2 workers vs 1: {rows[1][1] / rows[2][1]:.2f}x")
+    for name, _, _, found in rows[1:]:
+        agree = all(len(a) == len(b) for a, b in zip(reference, found))
+        short_same = all(set(a) == set(b) for a, b in zip(reference, found) if len(a) < args.quota)
+        print(f"{name}: snippets per token agree with the reference: {agree}; "
+              f"tokens short of quota have the very same snippets: {short_same}")
+    r = results[1].report()
+    print(f"tokenised share of the corpus (1 worker): {r['tokenised_share']:.1%}; "
+          f"tokens short of quota: {len(r['shortfall'])}")
+
+
+if __name__ == "__main__":
+    main()

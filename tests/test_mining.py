@@ -1,0 +1,312 @@
+"""Corpus mining at scale: region tokenisation equals whole-document tokenisation on the
+real Python docs with SmolLM2's tokenizer; the Ray Data pipeline equals the in-process
+miner; quotas, early stop, determinism, bad rows, an HF `datasets` source from local
+files, the result cache, and a run on a two-node Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tokdist_ray.alignment import PhraseMerger
+from tokdist_ray.config import FileDataSource, HFDataSource
+from tokdist_ray.corpus import documents
+from tokdist_ray.corpus_dataset import file_kind, resolve_files, text_blocks
+from tokdist_ray.matching import Cuts, PhraseScanner
+from tokdist_ray.mining import QuotaLedger, TokenizerSpec, cache_key, corpus_spec, mine_corpus
+from tokdist_ray.models import load_tokenizer
+from tokdist_ray.snippets import SNIPPET_SCHEMA, bos_prefix, mine_snippets, window_around
+from tokdist_ray.tokens import NewToken, select_new_tokens
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Phrases across pre-tokens, one overlapping the next (" is not" / " not None").
+MULTI_WORD = [" is not", " not None", " for example", "::\n\n"]
+EVERYTHING = 10**6  # a quota no token reaches: mine every distinct window
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer(smollm2_dir):
+    return load_tokenizer(str(smollm2_dir))
+
+
+@pytest.fixture(scope="module")
+def doc_texts(docs_corpus) -> list[str]:
+    """Every third file of the Python docs (about 170 files, 3.4 MB)."""
+    files = sorted(docs_corpus.rglob("*.txt"))[::3]
+    return [f.read_text(encoding="utf-8") for f in files]
+
+
+def fragmented_words(tokenizer, texts, every: int = 25, extra=()) -> list[NewToken]:
+    """Words SmolLM2 splits, taken at evenly spaced frequency ranks, plus `extra`."""
+    counts = Counter(re.findall(r" [A-Za-z_]{6,}", "\n".join(texts)))
+    ranked = [w for w, _ in counts.most_common()]
+    return select_new_tokens(tokenizer, ranked[::every] + list(extra)).tokens
+
+
+@pytest.fixture(scope="module")
+def doc_tokens(smol_tokenizer, doc_texts) -> list[NewToken]:
+    return fragmented_words(smol_tokenizer, doc_texts, extra=MULTI_WORD)
+
+
+@pytest.fixture(scope="module")
+def whole_document_ids(smol_tokenizer, doc_texts) -> list[list[int]]:
+    return [e.ids for e in smol_tokenizer.backend_tokenizer.encode_batch(doc_texts, add_special_tokens=False)]
+
+
+def whole_document_windows(ids_per_doc, tokens, snippet_len):
+    merger = PhraseMerger([t.phrase_ids for t in tokens], range(len(tokens)))
+    return [
+        (doc, index, *window_around(ids, start, length, snippet_len))
+        for doc, ids in enumerate(ids_per_doc)
+        for start, length, index in merger.occurrences(ids)
+    ]
+
+
+# ---------------------------------------------------------------------- matching
+@pytest.mark.parametrize("snippet_len", [12, 50, 200])
+def test_region_tokenisation_finds_the_windows_of_whole_document_tokenisation(
+    smol_tokenizer, doc_texts, doc_tokens, whole_document_ids, snippet_len
+):
+    scanner = PhraseScanner(smol_tokenizer.backend_tokenizer, [t.text for t in doc_tokens],
+                            [t.phrase_ids for t in doc_tokens], snippet_len)
+    hits = scanner.scan(doc_texts, range(len(doc_tokens)))
+
+    expected = whole_document_windows(whole_document_ids, doc_tokens, snippet_len)
+    assert [(h.doc, h.token_index, h.window, h.phrase_start) for h in hits] == expected
+    assert scanner.regions and scanner.tokenised_chars < 0.7 * sum(map(len, doc_texts))
+    found = {doc_tokens[h.token_index].text for h in hits}
+    assert {" is not", "::\n\n"} <= found  # phrases across pre-tokens (" not None" loses to " is not")
+    assert any(a.phrase_ids == b.phrase_ids[: len(a.phrase_ids)] and {a.text, b.text} <= found
+               for a in doc_tokens for b in doc_tokens if a != b)  # one phrase a prefix of another
+
+
+def test_only_open_tokens_are_reported_but_full_ones_still_take_their_place(smol_tokenizer):
+    tokens = select_new_tokens(smol_tokenizer, [" is not", " not None"]).tokens
+    scanner = PhraseScanner(smol_tokenizer.backend_tokenizer, [t.text for t in tokens], [t.phrase_ids for t in tokens], 8)
+    text = "When x is not None, y is not set and z is not None."
+    assert [h.token_index for h in scanner.scan([text], [0, 1])] == [0, 0, 0]  # greedy: " is not" wins
+    assert scanner.scan([text], [1]) == []  # " not None" never occurs once " is not" is merged
+
+
+def test_tokenizers_that_change_text_are_scanned_whole(smol_tokenizer, doc_texts, doc_tokens, whole_document_ids):
+    from tokenizers import Tokenizer, normalizers
+
+    tokenizer = Tokenizer.from_str(smol_tokenizer.backend_tokenizer.to_str())
+    tokenizer.normalizer = normalizers.NFC()  # ids no longer spell the text byte for byte, in general
+    scanner = PhraseScanner(tokenizer, [t.text for t in doc_tokens], [t.phrase_ids for t in doc_tokens], 30)
+    hits = scanner.scan(doc_texts[:20], range(len(doc_tokens)))
+    assert not scanner.regions
+    expected = whole_document_windows(whole_document_ids[:20], doc_tokens, 30)
+    assert [(h.doc, h.token_index, h.window, h.phrase_start) for h in hits] == expected
+
+
+def test_cut_rules_are_kept_only_where_they_keep_the_ids(smol_tokenizer):
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    assert Cuts.safe_for(smol_tokenizer.backend_tokenizer).chars == (" ", "\n")
+    prefixing = Tokenizer.from_str(smol_tokenizer.backend_tokenizer.to_str())
+    prefixing.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # "\nx" alone becomes " \nx"
+    assert Cuts.safe_for(prefixing).chars == (" ",)
+    cuts = Cuts((" ", "\n"))
+    text = "ab cd  ef\ngh.\nij"
+    assert [p for p in range(len(text)) if cuts.is_cut(text, p)] == [2, 9]
+    assert (cuts.before(text, 8), cuts.after(text, 3), cuts.after(text, 10)) == (2, 9, len(text))
+
+
+# ---------------------------------------------------------------------- pieces
+def test_ledger_takes_the_first_distinct_snippets_in_stream_order():
+    tokens = [NewToken(" a", (1, 2)), NewToken(" b", (3, 4))]
+    ledger = QuotaLedger(tokens, quota=2)
+    offers = [(0, [9, 1, 2]), (0, [9, 1, 2]), (1, [3, 4]), (0, [1, 2, 7]), (0, [1, 2, 8])]
+    assert [ledger.offer(i, ids, 1) for i, ids in offers] == [False, False, False, True, False]
+    assert ledger.counts() == {" a": 2, " b": 1} and ledger.open == 1
+    assert [r["input_ids"] for r in ledger.rows[0]] == [[9, 1, 2], [1, 2, 7]]
+    assert ledger.table().schema == SNIPPET_SCHEMA
+
+
+def test_files_resolve_from_paths_globs_and_uris(tmp_path):
+    for name in ("a.jsonl", "b.txt.gz", "sub/c.parquet"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    local = resolve_files(str(tmp_path))
+    assert [Path(p).name for p in local.paths] == ["a.jsonl", "b.txt.gz", "c.parquet"]
+    by_uri = resolve_files(f"file://{tmp_path}/*.jsonl")
+    assert [Path(p).name for p in by_uri.paths] == ["a.jsonl"] and by_uri.sizes == [1]
+    assert [file_kind(p) for p in local.paths] == ["jsonl", "text", "parquet"]
+    with pytest.raises(FileNotFoundError):
+        resolve_files(f"file://{tmp_path}/*.nothing")
+    blocks = list(text_blocks(["aaaa", None, "bb", "cccccc"], max_bytes=5))
+    assert [b.column("text").to_pylist() for b in blocks] == [["aaaa", None, "bb"], ["cccccc"]]
+
+
+def test_cache_key_follows_corpus_tokenizer_tokens_and_settings(tmp_path, tiny_tokenizer_dir):
+    (tmp_path / "doc.txt").write_text("text")
+    source = FileDataSource(str(tmp_path))
+    from transformers import AutoTokenizer
+
+    spec = TokenizerSpec.of(AutoTokenizer.from_pretrained(tiny_tokenizer_dir(bos=True)))
+    other_spec = TokenizerSpec.of(AutoTokenizer.from_pretrained(tiny_tokenizer_dir(bos=False)))
+    tokens = [NewToken(" ab", (5, 6))]
+    settings = {"snippet_len": 8, "snippets_per_token": 4, "seed": 0}
+    key = cache_key(corpus_spec(source, resolve_files(source.paths)), spec, tokens, settings)
+    assert key == cache_key(corpus_spec(source, resolve_files(source.paths)), spec, tokens, dict(settings))
+    assert key != cache_key(corpus_spec(source, resolve_files(source.paths)), other_spec, tokens, settings)
+    assert key != cache_key(corpus_spec(source, resolve_files(source.paths)), spec, [NewToken(" ab", (5, 7))], settings)
+    assert key != cache_key(corpus_spec(source, resolve_files(source.paths)), spec, tokens, {**settings, "seed": 1})
+    (tmp_path / "doc.txt").write_text("longer text")
+    assert key != cache_key(corpus_spec(source, resolve_files(source.paths)), spec, tokens, settings)
+
+
+# ---------------------------------------------------------------------- on Ray
+BAD_JSON_LINES = ['{"text": null}', '{"text": 5}', '{"other": "x"}', '{"text": ""}', "not json", '{"text": "   "}']
+
+
+@pytest.fixture(scope="module")
+def mixed_corpus(tmp_path_factory, doc_texts):
+    """40 docs as text files, JSONL and parquet, plus 8 bad rows; and the good texts."""
+    root = tmp_path_factory.mktemp("mixed-corpus")
+    texts = doc_texts[:40]
+    for i, text in enumerate(texts[:20]):
+        (root / f"doc{i:02d}.rst.txt").write_text(text, encoding="utf-8")
+    lines = [json.dumps({"text": t}) for t in texts[20:30]] + BAD_JSON_LINES
+    (root / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    pq.write_table(pa.table({"text": texts[30:] + [None]}), root / "docs.parquet")
+    (root / "empty.txt").write_text("")
+    return root, texts
+
+
+def snippet_sets(rows) -> dict[str, set]:
+    sets = defaultdict(set)
+    for row in rows:
+        sets[row["token"]].add((tuple(row["input_ids"]), row["phrase_start"]))
+    return dict(sets)
+
+
+def test_ray_mining_equals_the_in_process_miner_counts_bad_rows_and_is_cached(
+    ray_session, smol_tokenizer, mixed_corpus, doc_tokens, tmp_path
+):
+    root, texts = mixed_corpus
+    source = FileDataSource(f"file://{root}/*")  # a glob through a pyarrow filesystem
+    result = mine_corpus(source, smol_tokenizer, doc_tokens, 24, EVERYTHING, out_dir=str(tmp_path))
+
+    reference, _ = mine_snippets(documents(FileDataSource(str(root))), smol_tokenizer, doc_tokens, 24, EVERYTHING)
+    assert snippet_sets(result.rows()) == snippet_sets(reference)
+    assert result.stats.documents == len(texts)
+    assert result.stats.bad_rows == len(BAD_JSON_LINES) + 2  # the parquet null and the empty file
+    assert result.stats.bytes == sum(len(t.encode()) for t in texts)
+    assert result.shortfall == {t.text: EVERYTHING - result.stats.counts[t.text] for t in doc_tokens}
+    report = result.report()
+    assert report["documents"] == len(texts) and report["megabytes_per_second"] > 0
+    assert report["snippets_per_token"] == result.stats.counts
+
+    table = pq.read_table(result.snippets_path)
+    assert table.schema == SNIPPET_SCHEMA and set(table.column("source").to_pylist()) == {"corpus"}
+    prefix = bos_prefix(smol_tokenizer)
+    assert all(row["input_ids"][: len(prefix)] == prefix for row in table.to_pylist())
+
+    again = mine_corpus(source, smol_tokenizer, doc_tokens, 24, EVERYTHING, out_dir=str(tmp_path))
+    assert again.cached and again.snippets_path == result.snippets_path
+    assert again.stats.counts == result.stats.counts and again.stats.bad_rows == result.stats.bad_rows
+
+
+@pytest.fixture(scope="module")
+def frequent_tokens(smol_tokenizer, doc_texts) -> list[NewToken]:
+    """Eight fragmented words found in many documents."""
+    return fragmented_words(smol_tokenizer, doc_texts, every=1)[:8]
+
+
+def test_quotas_stop_reading_early_and_the_sample_depends_on_the_seed_only(
+    ray_session, smol_tokenizer, docs_corpus, frequent_tokens, tmp_path
+):
+    source = FileDataSource(str(docs_corpus))
+    total = len(list(docs_corpus.rglob("*.txt")))
+
+    def mine(seed, workers, name):
+        result = mine_corpus(source, smol_tokenizer, frequent_tokens, 32, 3, out_dir=str(tmp_path / name),
+                             seed=seed, num_workers=workers)
+        return result, pq.read_table(result.snippets_path)
+
+    one, one_table = mine(0, 1, "one")
+    two, two_table = mine(0, 2, "two")
+    other, other_table = mine(1, 2, "other")
+    for result in (one, two, other):
+        assert set(result.stats.counts.values()) == {3} and result.shortfall == {}
+        assert result.stats.documents < total / 2  # stopped once every token had its 3
+    assert one_table.equals(two_table)  # whatever the number of miners
+    assert not one_table.equals(other_table)  # another seed, another sample of the corpus
+    assert one_table.column("token_index").to_pylist() == sorted(one_table.column("token_index").to_pylist())
+
+
+def test_hf_dataset_from_local_files(ray_session, smol_tokenizer, doc_texts, doc_tokens, tmp_path):
+    texts = doc_texts[40:70]
+    files = []
+    for shard in range(3):  # three shards, so three read tasks
+        path = tmp_path / f"part{shard}.jsonl"
+        path.write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(texts[shard::3])))
+        files.append(str(path))
+
+    def body(row):
+        return {"text": row["body"]}
+
+    source = HFDataSource("json", split="train", data_files=files, map_to_text_fn=body, max_docs=None)
+    result = mine_corpus(source, smol_tokenizer, doc_tokens, 24, EVERYTHING, out_dir=str(tmp_path / "out"))
+    reference, _ = mine_snippets(documents(source), smol_tokenizer, doc_tokens, 24, EVERYTHING)
+    assert snippet_sets(result.rows()) == snippet_sets(reference)
+    assert result.stats.documents == len(texts) and result.stats.bad_rows == 0
+
+    capped = HFDataSource("json", split="train", data_files=files, map_to_text_fn=body, max_docs=7)
+    assert mine_corpus(capped, smol_tokenizer, doc_tokens, 24, 5, out_dir=str(tmp_path / "capped")).stats.documents == 7
+
+
+CLUSTER_RUN = """
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from tokdist_ray.config import FileDataSource
+from tokdist_ray.mining import mine_corpus
+from tokdist_ray.models import load_tokenizer
+from tokdist_ray.tokens import select_new_tokens
+
+corpus, model, out, words = sys.argv[1:5]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+cluster.add_node(num_cpus=2)
+try:
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    tokenizer = load_tokenizer(model)
+    tokens = select_new_tokens(tokenizer, json.loads(words)).tokens
+    result = mine_corpus(FileDataSource(corpus), tokenizer, tokens, 24, 10**6, out_dir=out, num_workers=2)
+    alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    print("RESULT " + json.dumps({"nodes": result.nodes, "alive": alive, "counts": result.stats.counts,
+                                 "documents": result.stats.documents}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_two_node_cluster_mines_on_both_nodes(smollm2_dir, mixed_corpus, smol_tokenizer, tmp_path):
+    """A cluster of two 2-CPU nodes, started in a child process so that it does not meet
+    the test session's own Ray instance."""
+    root, texts = mixed_corpus
+    tokens = fragmented_words(smol_tokenizer, texts, every=1)[:6]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    args = [str(root), str(smollm2_dir), str(tmp_path), json.dumps([t.text for t in tokens])]
+    run = subprocess.run([sys.executable, "-c", CLUSTER_RUN, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(next(line[7:] for line in run.stdout.splitlines() if line.startswith("RESULT ")))
+
+    assert len(result["alive"]) == 2 and set(result["nodes"]) == set(result["alive"])
+    assert all(docs > 0 for docs in result["nodes"].values()) and result["documents"] == len(texts)
+    reference, _ = mine_snippets(documents(FileDataSource(str(root))), smol_tokenizer, tokens, 24, EVERYTHING)
+    expected = snippet_sets(reference)
+    assert result["counts"] == {t.text: len(expected.get(t.text, ())) for t in tokens}

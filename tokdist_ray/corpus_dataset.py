@@ -1,0 +1,257 @@
+"""The corpus as a Ray Dataset of documents: one column, `text`, holding a document's
+text or None where the row has none (missing, not a string, not JSON); the miner counts
+those and empty texts as bad rows and skips them.
+
+Files (FileDataSource): local paths, directories, globs, or URIs of any pyarrow
+filesystem (s3://, gs://, hdfs://, file://; globs there match fnmatch-style under the
+part of the path before the first wildcard). Compressed files (.gz, .bz2, .zst, ...) are
+opened transparently; the suffix before the compression one says what a file holds:
+    .parquet       the text column
+    .jsonl/.json   one JSON object per line, its text column
+    anything else  the whole file is one document (UTF-8, bad bytes replaced)
+Hugging Face datasets (HFDataSource): streamed, one read task per shard of the
+IterableDataset, `map_to_text_fn` applied in the read task.
+
+Order: files (or HF shards) in an order shuffled by the seed, rows in file order, so
+what is read first is not biased toward the corpus's own order; `max_docs` keeps the
+first rows of that order. Files stream in blocks of about BLOCK_BYTES.
+
+Reads are plain read tasks of our own that reserve no CPU: mining actors hold every
+CPU, and a read task (or Ray's own file-listing step of read_parquet) that waits for a
+whole free CPU stalls the pipeline.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import io
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from functools import partial
+from itertools import chain
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from .config import FileDataSource, HFDataSource
+from .corpus import expand_paths
+
+log = logging.getLogger("tokdist_ray")
+
+TEXT = "text"
+BLOCK_BYTES = 2 << 20  # small blocks, so that work spreads over the miners as it streams
+TASK_BYTES = 64 << 20  # consecutive small files share a read task up to this size
+READ_ARGS = {"num_cpus": 0}
+COMPRESSION_SUFFIXES = {".gz", ".bz2", ".zst", ".lz4", ".br"}
+
+
+@dataclass(frozen=True)
+class CorpusFiles:
+    filesystem: pafs.FileSystem
+    paths: list[str]  # sorted
+    sizes: list[int]
+    mtimes: list[float | None]
+
+
+def file_kind(path: str) -> str:
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
+        suffixes.pop()
+    suffix = suffixes[-1] if suffixes else ""
+    return {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}.get(suffix, "text")
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _remote_matches(pattern: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+    filesystem, path = pafs.FileSystem.from_uri(pattern)
+    if not glob.has_magic(path):
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+            return filesystem, [i for i in infos if i.type == pafs.FileType.File]
+        return filesystem, [info] if info.type == pafs.FileType.File else []
+    magic = min(i for i, c in enumerate(path) if c in "*?[")
+    base = path[:magic].rsplit("/", 1)[0] or "/"
+    infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    return filesystem, [i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+
+
+def resolve_files(paths: str | list[str]) -> CorpusFiles:
+    """The files a FileDataSource names, with sizes and modification times (for the
+    cache key). All patterns must be local paths or URIs of one filesystem."""
+    patterns = [paths] if isinstance(paths, str) else list(paths)
+    if not any(_is_uri(p) for p in patterns):
+        filesystem = pafs.LocalFileSystem()
+        infos = filesystem.get_file_info(sorted({os.path.abspath(p) for p in expand_paths(patterns)}))
+    elif not all(_is_uri(p) for p in patterns):
+        raise ValueError(f"mix of local paths and URIs in {patterns!r}; use file:// URIs for local files")
+    else:
+        filesystem, infos = None, []
+        for pattern in patterns:
+            fs, matched = _remote_matches(pattern)
+            if filesystem is not None and fs.type_name != filesystem.type_name:
+                raise ValueError(f"corpus paths span filesystems {filesystem.type_name} and {fs.type_name}; use one")
+            filesystem, infos = fs, infos + matched
+        if not infos:
+            raise FileNotFoundError(f"no corpus files match {paths!r}; check the URI or glob")
+        infos = sorted({i.path: i for i in infos}.values(), key=lambda i: i.path)
+    mtimes = [i.mtime.timestamp() if i.mtime is not None else None for i in infos]
+    return CorpusFiles(filesystem, [i.path for i in infos], [i.size for i in infos], mtimes)
+
+
+# ---------------------------------------------------------------------- reading
+def _text_value(row: Any, column: str) -> str | None:
+    value = row.get(column) if isinstance(row, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _json_line_value(line: str, column: str) -> str | None:
+    try:
+        return _text_value(json.loads(line), column)
+    except ValueError:
+        return None
+
+
+def _parquet_values(filesystem: pafs.FileSystem, path: str, column: str) -> Iterator[str | None]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(filesystem.open_input_file(path))
+    if column not in parquet.schema_arrow.names:
+        raise ValueError(f"{path} has no column {column!r} (columns: {parquet.schema_arrow.names}); set text_column")
+    for batch in parquet.iter_batches(columns=[column], batch_size=256):
+        yield from (v if isinstance(v, str) else None for v in batch.column(0).to_pylist())
+
+
+def _file_values(filesystem: pafs.FileSystem, path: str, column: str) -> Iterator[str | None]:
+    """The text values of one file, in file order."""
+    kind = file_kind(path)
+    if kind == "parquet":
+        yield from _parquet_values(filesystem, path, column)
+        return
+    with filesystem.open_input_stream(path, compression="detect") as stream:
+        if kind == "text":
+            yield stream.read().decode("utf-8", errors="replace")
+            return
+        for line in io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
+            if line.strip():
+                yield _json_line_value(line, column)
+
+
+def text_blocks(values: Iterable[str | None], max_bytes: int = BLOCK_BYTES) -> Iterator[pa.Table]:
+    """Tables of one `text` column, each up to about max_bytes of text."""
+    block: list[str | None] = []
+    size = 0
+    for value in values:
+        block.append(value)
+        size += len(value) if value else 0
+        if size >= max_bytes:
+            yield pa.table({TEXT: pa.array(block, pa.large_string())})
+            block, size = [], 0
+    if block:
+        yield pa.table({TEXT: pa.array(block, pa.large_string())})
+
+
+def _read_tasks(read_fns: list[tuple[Any, list[str], int | None]], per_task_row_limit):
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import ReadTask
+
+    return [
+        ReadTask(read, BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=inputs),
+                 per_task_row_limit=per_task_row_limit)
+        for read, inputs, size in read_fns
+    ]
+
+
+def _datasource(describe: str, read_fns: list[tuple[Any, list[str], int | None]]):
+    """A Ray Datasource whose read tasks are the given (read, input files, bytes)."""
+    from ray.data.datasource import Datasource
+
+    class CorpusReads(Datasource):
+        def get_name(self):
+            return describe
+
+        def estimate_inmemory_data_size(self):
+            sizes = [size for _, _, size in read_fns]
+            return None if None in sizes else sum(sizes)
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            return _read_tasks(read_fns, per_task_row_limit)
+
+    return CorpusReads()
+
+
+def _read_files(filesystem, paths: list[str], column: str) -> Iterator[pa.Table]:
+    return text_blocks(chain.from_iterable(_file_values(filesystem, p, column) for p in paths))
+
+
+def files_dataset(source: FileDataSource, seed: int, files: CorpusFiles | None = None):
+    import ray.data
+
+    files = files or resolve_files(source.paths)
+    size_of = dict(zip(files.paths, files.sizes))
+    order = list(files.paths)
+    random.Random(seed).shuffle(order)
+    groups: list[list[str]] = []
+    for path in order:  # consecutive files share a task up to TASK_BYTES
+        if groups and sum(size_of[p] for p in groups[-1]) + size_of[path] <= TASK_BYTES:
+            groups[-1].append(path)
+        else:
+            groups.append([path])
+    read_fns = [
+        (partial(_read_files, files.filesystem, group, source.text_column), group, sum(size_of[p] for p in group))
+        for group in groups
+    ]
+    ds = ray.data.read_datasource(_datasource("CorpusFiles", read_fns), **READ_ARGS)
+    return ds.limit(source.max_docs) if source.max_docs is not None else ds
+
+
+# ---------------------------------------------------------------------- Hugging Face
+def open_hf_stream(source: HFDataSource):
+    import datasets
+
+    kwargs = {"name": source.name, "split": source.split, "streaming": True, "revision": source.revision}
+    if source.data_files is not None:
+        kwargs["data_files"] = source.data_files
+    return datasets.load_dataset(source.dataset_path, **kwargs)
+
+
+def _hf_shard_values(source: HFDataSource, num_shards: int, index: int) -> Iterator[str | None]:
+    for row in open_hf_stream(source).shard(num_shards=num_shards, index=index):
+        if source.map_to_text_fn is not None:
+            row = source.map_to_text_fn(row)
+        yield row if isinstance(row, str) else _text_value(row, source.text_column)
+
+
+def _read_hf_shard(source: HFDataSource, num_shards: int, index: int) -> Iterator[pa.Table]:
+    return text_blocks(_hf_shard_values(source, num_shards, index))
+
+
+def hf_dataset(source: HFDataSource, seed: int):
+    import ray.data
+
+    if source.trust_remote_code:
+        log.warning("trust_remote_code is ignored: datasets no longer runs dataset scripts")
+    num_shards = open_hf_stream(source).num_shards
+    order = list(range(num_shards))
+    random.Random(seed).shuffle(order)
+    read_fns = [(partial(_read_hf_shard, source, num_shards, i), [], None) for i in order]
+    ds = ray.data.read_datasource(_datasource("HFStream", read_fns), **READ_ARGS)
+    return ds.limit(source.max_docs) if source.max_docs is not None else ds
+
+
+def corpus_dataset(source: FileDataSource | HFDataSource, seed: int, files: CorpusFiles | None = None):
+    """A Ray Dataset with a `text` column, in the seeded read order described above."""
+    if isinstance(source, FileDataSource):
+        return files_dataset(source, seed, files)
+    if isinstance(source, HFDataSource):
+        return hf_dataset(source, seed)
+    raise TypeError(f"not a corpus source: {type(source).__name__}")

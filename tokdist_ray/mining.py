@@ -1,0 +1,399 @@
+"""Corpus -> snippets on Ray Data: `mine_corpus`.
+
+    result = mine_corpus(FileDataSource("s3://bucket/corpus/*.parquet"), "bundled:smollm2",
+                         tokens, snippet_len=50, snippets_per_token=100, out_dir="s3://bucket/mining")
+    result.snippets_path     # parquet in SNIPPET_SCHEMA, read by training as is
+    result.shortfall         # {token: snippets missing}, for a generation top-up
+
+Pipeline: read the corpus (corpus_dataset) -> SnippetMiner actors, one tokenizer and
+one PhraseScanner each, built once (`ActorPoolStrategy`, one CPU each, as many as the
+cluster has CPUs) -> the driver takes each token's first `snippets_per_token` distinct
+windows in stream order and stops reading once every token has them.
+
+Determinism: the stream order is fixed by the seed (corpus_dataset) and kept
+(`preserve_order`); a miner passes on, per batch and token, its first
+`snippets_per_token` distinct windows, which always contain the ones the driver takes.
+So the snippets depend on corpus, tokenizer, tokens, settings and seed only, not on the
+number of workers or nodes or on timing. A token full at the driver is dropped by the
+miners (a QuotaBoard actor tells them), which can only skip windows the driver would
+refuse.
+
+Caching: results live under `out_dir/mining-<key>/`, the key hashing the corpus (files
+with sizes and mtimes, or the HF dataset spec), the tokenizer's full definition, the
+tokens and the settings; a rerun with the same key reads them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import marshal
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .config import FileDataSource, HFDataSource
+from .corpus_dataset import TEXT, CorpusFiles, corpus_dataset, resolve_files
+from .matching import PhraseScanner
+from .snippets import SNIPPET_SCHEMA, MiningStats, snippet_row
+
+if TYPE_CHECKING:  # mining actors import this module: keep transformers out of them
+    from .tokens import NewToken
+
+log = logging.getLogger("tokdist_ray")
+
+CACHE_VERSION = 1  # bump when the output for the same inputs changes
+DOCS_PER_BATCH = 128
+PROGRESS_EVERY_S = 10.0
+TALLY = -1  # token_index of a miner's per-batch tally row
+
+MINED_SCHEMA = pa.schema(
+    [
+        ("token_index", pa.int32()),  # TALLY for the tally row
+        ("input_ids", pa.list_(pa.int32())),
+        ("phrase_start", pa.int32()),
+        ("documents", pa.int64()),  # tally row only, as the rest
+        ("bad_rows", pa.int64()),
+        ("bytes", pa.int64()),
+        ("tokenised_chars", pa.int64()),
+        ("node", pa.string()),
+    ]
+)
+
+
+# ---------------------------------------------------------------------- tokenizer
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What a miner needs of a tokenizer, shipped by value (no shared filesystem)."""
+
+    definition: str  # tokenizers JSON
+    bos: tuple[int, ...]  # [BOS] or () for BOS-less tokenizers
+
+    @classmethod
+    def of(cls, tokenizer) -> TokenizerSpec:
+        """From a loaded HF fast tokenizer or anything `load_tokenizer` accepts."""
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from .models import load_tokenizer
+
+            tokenizer = load_tokenizer(str(tokenizer))
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("corpus mining on Ray needs a fast (Rust) tokenizer; use mine_snippets for slow ones")
+        bos = () if tokenizer.bos_token_id is None else (tokenizer.bos_token_id,)
+        return cls(tokenizer.backend_tokenizer.to_str(), bos)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps([self.definition, self.bos]).encode()).hexdigest()
+
+    def load(self):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(self.definition)
+
+
+# ---------------------------------------------------------------------- cache key
+def _function_fingerprint(fn) -> str | None:
+    if fn is None:
+        return None
+    code = getattr(fn, "__code__", None)
+    body = marshal.dumps(code) if code is not None else repr(fn).encode()
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}:{hashlib.sha256(body).hexdigest()}"
+
+
+def corpus_spec(source: FileDataSource | HFDataSource, files: CorpusFiles | None) -> dict:
+    if isinstance(source, FileDataSource):
+        return {
+            "files": [list(f) for f in zip(files.paths, files.sizes, files.mtimes)],
+            "text_column": source.text_column,
+            "max_docs": source.max_docs,
+        }
+    spec = {k: v for k, v in asdict(source).items() if k not in ("map_to_text_fn", "tokenization_batch_size")}
+    return {**spec, "map_to_text_fn": _function_fingerprint(source.map_to_text_fn)}
+
+
+def cache_key(corpus: dict, tokenizer: TokenizerSpec, tokens: Sequence[NewToken], settings: dict) -> str:
+    blob = json.dumps(
+        {
+            "version": CACHE_VERSION,
+            "corpus": corpus,
+            "tokenizer": tokenizer.fingerprint(),
+            "tokens": [[t.text, list(t.phrase_ids)] for t in tokens],
+            "settings": settings,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------- the actors
+class QuotaBoard:
+    """Tokens already full at the driver, so miners stop looking for them."""
+
+    def __init__(self):
+        self._full: set[int] = set()
+
+    def mark_full(self, indices: list[int]) -> None:
+        self._full.update(indices)
+
+    def full_since(self, known: int) -> list[int] | None:
+        """All full tokens, or None if there are still `known` of them."""
+        return sorted(self._full) if len(self._full) != known else None
+
+
+class SnippetMiner:
+    """Ray Data UDF: a batch of documents -> candidate snippets plus one tally row."""
+
+    def __init__(self, tokenizer: TokenizerSpec, texts, phrases, snippet_len: int, quota: int, board=None):
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one CPU per miner
+        import ray
+
+        self._scanner = PhraseScanner(tokenizer.load(), texts, phrases, snippet_len)
+        self._bos = list(tokenizer.bos)
+        self._quota = quota
+        self._board = board
+        self._all = range(len(texts))
+        self._full: list[int] = []
+        self._node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+    def _open_tokens(self) -> set[int]:
+        if self._board is not None:
+            import ray
+
+            full = ray.get(self._board.full_since.remote(len(self._full)))
+            self._full = full if full is not None else self._full
+        return set(self._all) - set(self._full)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        values = batch[TEXT].to_pylist()
+        docs = [v for v in values if isinstance(v, str) and v.strip()]
+        chars_before = self._scanner.tokenised_chars
+        hits = self._scanner.scan(docs, self._open_tokens())
+        rows = self._first_distinct(hits)
+        tally = {
+            "token_index": TALLY, "input_ids": [], "phrase_start": -1, "documents": len(docs),
+            "bad_rows": len(values) - len(docs), "bytes": sum(len(d.encode("utf-8")) for d in docs),
+            "tokenised_chars": self._scanner.tokenised_chars - chars_before, "node": self._node,
+        }
+        return pa.Table.from_pylist(rows + [tally], schema=MINED_SCHEMA)
+
+    def _first_distinct(self, hits) -> list[dict]:
+        """Per token, the first `quota` distinct snippets of this batch."""
+        seen: dict[int, set] = {}
+        rows = []
+        for hit in hits:
+            windows = seen.setdefault(hit.token_index, set())
+            snippet = tuple(self._bos + hit.window)
+            if len(windows) < self._quota and snippet not in windows:
+                windows.add(snippet)
+                rows.append({"token_index": hit.token_index, "input_ids": list(snippet),
+                             "phrase_start": len(self._bos) + hit.phrase_start})
+        return rows
+
+
+# ---------------------------------------------------------------------- the driver
+@dataclass
+class QuotaLedger:
+    """The driver's side: each token's first `quota` distinct snippets in stream order."""
+
+    tokens: Sequence[NewToken]
+    quota: int
+    rows: list[list[dict]] = field(default_factory=list)  # per token index
+    seen: list[set] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.rows = [[] for _ in self.tokens]
+        self.seen = [set() for _ in self.tokens]
+        self.open = len(self.tokens) if self.quota > 0 else 0
+
+    def offer(self, index: int, ids: list[int], phrase_start: int) -> bool:
+        """Take the snippet if its token has room and it is new; True if that fills the token."""
+        key = tuple(ids)
+        if len(self.rows[index]) >= self.quota or key in self.seen[index]:
+            return False
+        self.seen[index].add(key)
+        self.rows[index].append(snippet_row(self.tokens[index], index, ids, phrase_start, "corpus"))
+        if len(self.rows[index]) == self.quota:
+            self.open -= 1
+            return True
+        return False
+
+    def counts(self) -> dict[str, int]:
+        return {t.text: len(r) for t, r in zip(self.tokens, self.rows)}
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pylist([row for rows in self.rows for row in rows], schema=SNIPPET_SCHEMA)
+
+
+@dataclass
+class MiningResult:
+    snippets_path: str  # directory of parquet files in SNIPPET_SCHEMA
+    stats: MiningStats
+    quota: int
+    nodes: dict[str, int] = field(default_factory=dict)  # node id -> documents mined there
+    tokenised_chars: int = 0
+    workers: int = 0
+    cached: bool = False
+
+    @property
+    def shortfall(self) -> dict[str, int]:
+        """token -> snippets missing to reach the quota."""
+        return {t: self.quota - n for t, n in self.stats.counts.items() if n < self.quota}
+
+    def report(self) -> dict:
+        stats = self.stats.as_dict(self.quota)
+        seconds = max(self.stats.seconds, 1e-9)
+        return {
+            **stats,
+            "megabytes_per_second": round(self.stats.bytes / 1e6 / seconds, 3),
+            "documents_per_second": round(self.stats.documents / seconds, 1),
+            "shortfall": self.shortfall,
+            "tokenised_share": round(self.tokenised_chars / max(1, self.stats.bytes), 4),  # of chars, per byte
+            "workers": self.workers,
+            "nodes": self.nodes,
+            "snippets_path": self.snippets_path,
+        }
+
+    def rows(self) -> list[dict]:
+        fs, path = _filesystem(self.snippets_path)
+        return pq.read_table(path, filesystem=fs).to_pylist()
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def default_workers() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _progress(stats: MiningStats, ledger: QuotaLedger, started: float) -> None:
+    seconds = time.perf_counter() - started
+    log.info(
+        "mining: %d documents, %.1f MB (%.1f MB/s), %d/%d tokens at quota",
+        stats.documents, stats.bytes / 1e6, stats.bytes / 1e6 / max(seconds, 1e-9),
+        len(ledger.tokens) - ledger.open, len(ledger.tokens),
+    )
+
+
+def _consume(stream, ledger: QuotaLedger, board) -> tuple[MiningStats, dict[str, int], int]:
+    """Feed mined batches to the ledger in stream order until every token is full."""
+    stats, nodes, tokenised = MiningStats(), {}, 0
+    started = last_log = time.perf_counter()
+    for block in stream:
+        newly_full = []
+        columns = block.to_pydict()
+        for i, index in enumerate(columns["token_index"]):
+            if index == TALLY:
+                stats.documents += columns["documents"][i]
+                stats.bad_rows += columns["bad_rows"][i]
+                stats.bytes += columns["bytes"][i]
+                tokenised += columns["tokenised_chars"][i]
+                nodes[columns["node"][i]] = nodes.get(columns["node"][i], 0) + columns["documents"][i]
+            elif ledger.offer(index, columns["input_ids"][i], columns["phrase_start"][i]):
+                newly_full.append(index)
+        if newly_full and board is not None:
+            board.mark_full.remote(newly_full)
+        if time.perf_counter() - last_log > PROGRESS_EVERY_S:
+            last_log = time.perf_counter()
+            _progress(stats, ledger, started)
+        if ledger.open == 0:
+            break
+    stats.seconds = time.perf_counter() - started
+    return stats, nodes, tokenised
+
+
+def _mine_on_ray(source, spec, tokens, snippet_len, quota, seed, workers, files, ledger):
+    import ray
+
+    board = ray.remote(num_cpus=0)(QuotaBoard).remote()
+    dataset = corpus_dataset(source, seed, files).map_batches(
+        SnippetMiner,
+        fn_constructor_kwargs={
+            "tokenizer": spec, "texts": [t.text for t in tokens], "phrases": [list(t.phrase_ids) for t in tokens],
+            "snippet_len": snippet_len, "quota": quota, "board": board,
+        },
+        batch_size=DOCS_PER_BATCH,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=1,
+        scheduling_strategy="SPREAD",  # miners over as many nodes as possible
+    )
+    dataset.context.execution_options.preserve_order = True
+    stream = dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+    try:
+        return _consume(stream, ledger, board)
+    finally:
+        ray.kill(board)
+
+
+def _write(out: str, table: pa.Table, report: dict) -> None:
+    fs, root = _filesystem(out)
+    fs.create_dir(f"{root}/snippets", recursive=True)
+    pq.write_table(table, f"{root}/snippets/corpus.parquet", filesystem=fs)
+    with fs.open_output_stream(f"{root}/report.json") as f:  # written last: marks the result complete
+        f.write(json.dumps(report, indent=1).encode())
+
+
+def _cached(out: str, quota: int) -> MiningResult | None:
+    fs, root = _filesystem(out)
+    if fs.get_file_info(f"{root}/report.json").type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{root}/report.json") as f:
+        report = json.loads(f.read())
+    stats = MiningStats(
+        documents=report["documents"], bad_rows=report["bad_rows"], bytes=report["bytes"],
+        seconds=report["seconds"], counts=report["snippets_per_token"],
+    )
+    return MiningResult(f"{out}/snippets", stats, quota, report["nodes"], report["tokenised_chars"], report["workers"], cached=True)
+
+
+def mine_corpus(
+    source: FileDataSource | HFDataSource,
+    tokenizer,
+    tokens: Sequence[NewToken],
+    snippet_len: int = 50,
+    snippets_per_token: int = 100,
+    out_dir: str = "mining",
+    seed: int = 0,
+    num_workers: int | None = None,
+) -> MiningResult:
+    """Mine up to `snippets_per_token` distinct snippets per token from `source` on the
+    running Ray cluster (a local one is started if none is), written to
+    `out_dir/mining-<key>/snippets/` in SNIPPET_SCHEMA. `tokenizer` is a fast HF
+    tokenizer or a model path/id. `num_workers` defaults to the cluster's CPUs."""
+    import ray
+
+    if not tokens:
+        raise ValueError("no tokens to mine snippets for")
+    spec = TokenizerSpec.of(tokenizer)
+    files = resolve_files(source.paths) if isinstance(source, FileDataSource) else None
+    settings = {"snippet_len": snippet_len, "snippets_per_token": snippets_per_token, "seed": seed}
+    out = f"{out_dir.rstrip('/')}/mining-{cache_key(corpus_spec(source, files), spec, tokens, settings)}"
+    cached = _cached(out, snippets_per_token)
+    if cached is not None:
+        log.info("mining: reusing %s", out)
+        return cached
+
+    if not ray.is_initialized():
+        ray.init()
+    workers = num_workers or default_workers()
+    ledger = QuotaLedger(tokens, snippets_per_token)
+    stats, nodes, tokenised = _mine_on_ray(source, spec, tokens, snippet_len, snippets_per_token, seed, workers, files, ledger)
+    stats.counts = ledger.counts()
+    result = MiningResult(f"{out}/snippets", stats, snippets_per_token, nodes, tokenised, workers)
+    report = {**result.report(), "bytes": stats.bytes, "tokenised_chars": tokenised, "settings": settings}
+    _write(out, ledger.table(), report)
+    _progress(stats, ledger, time.perf_counter() - stats.seconds)
+    if result.shortfall:
+        log.info("mining: %d of %d tokens short of %d snippets", len(result.shortfall), len(tokens), snippets_per_token)
+    return result
