@@ -95,7 +95,7 @@ class SnippetSchedule:
     def global_indices(self, step: int) -> list[int]:
         epoch, batch = self.position(step)
         order = _epoch_order(self.n_snippets, self.seed, epoch)
-        return order[batch * self.global_batch : (batch + 1) * self.global_batch]
+        return list(order[batch * self.global_batch : (batch + 1) * self.global_batch])
 
     def rank_indices(self, step: int, rank: int, world: int) -> list[int]:
         """This rank's contiguous slice of the global batch; slices differ in size by at

@@ -378,6 +378,9 @@ def train_worker(config: dict) -> None:
     progress, rows = _restore(parallel, rank)
     last_checkpoint = progress.step
     meter = _IntervalMeter(rank)
+    # Ray gets metrics with each checkpoint only: every ray.train.report waits until the
+    # controller (polling every few seconds) took the previous one, so a report per log
+    # interval would stall fast steps. Progress lines and the loss curve need no Ray.
     started = time.perf_counter() - progress.history.seconds
     while progress.step < steps and progress.history.stopped_by != "time_budget":
         indices = schedule.rank_indices(progress.step, rank, world)
@@ -400,14 +403,11 @@ def train_worker(config: dict) -> None:
         finished = progress.step == steps or progress.history.stopped_by == "time_budget"
         at_checkpoint = finished or (plan.checkpoint_every and progress.step % plan.checkpoint_every == 0)
         if at_checkpoint or progress.step % max(1, cfg.log_every) == 0:
-            epoch = schedule.position(progress.step - 1)[0]
-            report = meter.flush(progress, epoch, steps)
-            if at_checkpoint:
-                rows = parallel.full_rows()
-                _save_checkpoint(parallel, progress, rows, rank, report)
-                last_checkpoint = progress.step
-            else:
-                ray.train.report(report)
+            report = meter.flush(progress, schedule.position(progress.step - 1)[0], steps)
+        if at_checkpoint:
+            rows = parallel.full_rows()
+            _save_checkpoint(parallel, progress, rows, rank, report)
+            last_checkpoint = progress.step
     if progress.step != last_checkpoint or rows is None:
         rows = parallel.full_rows()
     if rank == 0:
@@ -544,6 +544,11 @@ def _maybe_crash(step: int, rank: int) -> None:
             open(marker, "x").close()
         except FileExistsError:
             return
+        import ray.train
+
+        # die only once Ray has committed the reported checkpoints, so the test knows
+        # which one the restart must continue from
+        ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED)
         os._exit(1)
 
 
