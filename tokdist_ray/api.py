@@ -28,7 +28,8 @@ from .export import expand_model, expand_tokenizer, save_expanded
 from .generation import generate_snippets
 from .init import initial_rows
 from .loop import train_local
-from .models import load_model, load_tokenizer
+from .mining import mine_corpus, ray_is_running
+from .models import cache_root, load_model, load_tokenizer
 from .snippets import MiningStats, mine_snippets
 from .tokens import NewToken, select_new_tokens
 
@@ -169,7 +170,7 @@ class TokenDistillation:
             return generate_snippets(self.model, self.tokenizer, tokens, snippet_len, snippets_per_token, data)
         if not isinstance(data, (HFDataSource, FileDataSource)):
             raise TypeError(f"data must be GeneratedDataSource, HFDataSource or FileDataSource, not {type(data).__name__}")
-        snippets, stats = mine_snippets(documents(data), self.tokenizer, tokens, snippet_len, snippets_per_token)
+        snippets, stats = self._mine(tokens, data, snippet_len, snippets_per_token)
         log.info("mined %d snippets from %d documents (%d bad rows skipped)", len(snippets), stats.documents, stats.bad_rows)
         short = {t: snippets_per_token - c for t, c in stats.counts.items() if c < snippets_per_token}
         if short and top_up:
@@ -184,6 +185,14 @@ class TokenDistillation:
                 stats.counts[text] += n
             stats.topped_up = extra_stats.counts
         return snippets, stats
+
+    def _mine(self, tokens, data, snippet_len, snippets_per_token):
+        """On the running Ray cluster if there is one (results cached under the tokdist_ray
+        cache dir); in process otherwise, as starting Ray costs more than a small run."""
+        if ray_is_running() and self.tokenizer.is_fast:
+            result = mine_corpus(data, self.tokenizer, tokens, snippet_len, snippets_per_token, str(cache_root() / "mining"))
+            return result.rows(), result.stats
+        return mine_snippets(documents(data), self.tokenizer, tokens, snippet_len, snippets_per_token)
 
     @staticmethod
     def _drop_short_tokens(tokens: list[NewToken], stats: MiningStats, minimum: int):
