@@ -48,7 +48,10 @@ def _file_rows(path: str, text_column: str) -> Iterator[Any]:
         with open(path, encoding="utf-8") as f:
             for line in f:
                 if line.strip():
-                    row = json.loads(line)
+                    try:
+                        row = json.loads(line)
+                    except ValueError:  # a line that is not JSON is a bad row, not a crash
+                        row = None
                     yield row.get(text_column) if isinstance(row, dict) else None
     else:
         yield Path(path).read_text(encoding="utf-8", errors="replace")
