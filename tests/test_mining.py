@@ -217,6 +217,10 @@ def test_ray_mining_equals_the_in_process_miner_counts_bad_rows_and_is_cached(
     assert again.cached and again.snippets_path == result.snippets_path
     assert again.stats.counts == result.stats.counts and again.stats.bad_rows == result.stats.bad_rows
 
+    capped = FileDataSource(f"file://{root}/*", max_docs=12)  # rows, bad ones included
+    stats = mine_corpus(capped, smol_tokenizer, doc_tokens, 24, EVERYTHING, out_dir=str(tmp_path)).stats
+    assert stats.documents + stats.bad_rows == 12
+
 
 @pytest.fixture(scope="module")
 def frequent_tokens(smol_tokenizer, doc_texts) -> list[NewToken]:
@@ -249,9 +253,9 @@ def test_quotas_stop_reading_early_and_the_sample_depends_on_the_seed_only(
 def test_hf_dataset_from_local_files(ray_session, smol_tokenizer, doc_texts, doc_tokens, tmp_path):
     texts = doc_texts[40:70]
     files = []
-    for shard in range(3):  # three shards, so three read tasks
+    for shard in range(2):  # two shards, so two read tasks
         path = tmp_path / f"part{shard}.jsonl"
-        path.write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(texts[shard::3])))
+        path.write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(texts[shard::2])))
         files.append(str(path))
 
     def body(row):
@@ -262,9 +266,6 @@ def test_hf_dataset_from_local_files(ray_session, smol_tokenizer, doc_texts, doc
     reference, _ = mine_snippets(documents(source), smol_tokenizer, doc_tokens, 24, EVERYTHING)
     assert snippet_sets(result.rows()) == snippet_sets(reference)
     assert result.stats.documents == len(texts) and result.stats.bad_rows == 0
-
-    capped = HFDataSource("json", split="train", data_files=files, map_to_text_fn=body, max_docs=7)
-    assert mine_corpus(capped, smol_tokenizer, doc_tokens, 24, 5, out_dir=str(tmp_path / "capped")).stats.documents == 7
 
 
 CLUSTER_RUN = """
@@ -294,19 +295,40 @@ finally:
 """
 
 
-def test_two_node_cluster_mines_on_both_nodes(smollm2_dir, mixed_corpus, smol_tokenizer, tmp_path):
+def test_two_node_cluster_mines_on_both_nodes(smollm2_dir, docs_corpus, doc_texts, smol_tokenizer, tmp_path):
     """A cluster of two 2-CPU nodes, started in a child process so that it does not meet
-    the test session's own Ray instance."""
-    root, texts = mixed_corpus
-    tokens = fragmented_words(smol_tokenizer, texts, every=1)[:6]
+    the test session's own Ray instance. Every document is read (no token fills up), so
+    both miners get batches."""
+    tokens = fragmented_words(smol_tokenizer, doc_texts, every=1)[:6]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    args = [str(root), str(smollm2_dir), str(tmp_path), json.dumps([t.text for t in tokens])]
+    args = [str(docs_corpus), str(smollm2_dir), str(tmp_path), json.dumps([t.text for t in tokens])]
     run = subprocess.run([sys.executable, "-c", CLUSTER_RUN, *args], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(next(line[7:] for line in run.stdout.splitlines() if line.startswith("RESULT ")))
 
     assert len(result["alive"]) == 2 and set(result["nodes"]) == set(result["alive"])
-    assert all(docs > 0 for docs in result["nodes"].values()) and result["documents"] == len(texts)
-    reference, _ = mine_snippets(documents(FileDataSource(str(root))), smol_tokenizer, tokens, 24, EVERYTHING)
-    expected = snippet_sets(reference)
-    assert result["counts"] == {t.text: len(expected.get(t.text, ())) for t in tokens}
+    assert all(docs > 0 for docs in result["nodes"].values())
+    assert result["documents"] == len(list(docs_corpus.rglob("*.txt")))
+    assert all(result["counts"][t.text] > 0 for t in tokens)
+
+
+def test_the_api_mines_on_ray_when_ray_is_running(ray_session, tiny_model_dir, tmp_path, monkeypatch):
+    from tokdist_ray import DistillationConfig, TokenDistillation, api
+
+    from helpers import SENTENCES, WORDS
+
+    monkeypatch.setenv("TOKDIST_RAY_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, sentence in enumerate(SENTENCES):
+        (corpus / f"{i}.txt").write_text(sentence)
+    calls = []
+    monkeypatch.setattr(api, "mine_corpus", lambda *a, **k: calls.append(a) or mine_corpus(*a, **k))
+
+    tokdist = TokenDistillation(str(tiny_model_dir()), device="cpu")
+    tokdist.run(WORDS, data=FileDataSource(str(corpus)), snippet_len=12, snippets_per_token=3,
+                training=DistillationConfig(max_steps=1))
+    assert len(calls) == 1 and any((tmp_path / "cache" / "mining").iterdir())
+    tokens = select_new_tokens(tokdist.tokenizer, WORDS).tokens
+    _, expected = mine_snippets(documents(FileDataSource(str(corpus))), tokdist.tokenizer, tokens, 12, 3)
+    assert {t["token"]: t["snippets"] for t in tokdist.last_report["tokens_added"]} == expected.counts

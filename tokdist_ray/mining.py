@@ -270,6 +270,13 @@ def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def ray_is_running() -> bool:
+    """Whether this process is connected to Ray (without importing it)."""
+    import sys
+
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 def default_workers() -> int:
     import ray
 
@@ -325,8 +332,7 @@ def _mine_on_ray(source, spec, tokens, snippet_len, quota, seed, workers, files,
         batch_size=DOCS_PER_BATCH,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=1,
-        scheduling_strategy="SPREAD",  # miners over as many nodes as possible
+        num_cpus=1,  # Ray Data spreads the actors over the nodes (its default strategy)
     )
     dataset.context.execution_options.preserve_order = True
     stream = dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
