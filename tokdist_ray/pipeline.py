@@ -223,7 +223,8 @@ def run_job(config: JobConfig, stages: tuple[str, ...] = STAGES) -> dict:
         outputs["distill"] = ledger.run("distill", key, lambda: _distill_stage(config, tokens, snippets_path, run_dir))
     if "evaluate" in stages and config.eval.heldout_paths:
         distilled = outputs.get("distill") or _finished(ledger, "distill")
-        key = fingerprint(key, settings["eval"], distilled)
+        rows = Path(distilled["rows_path"]).read_bytes()  # a re-distilled model is evaluated anew
+        key = fingerprint(key, settings["eval"], distilled, hashlib.sha256(rows).hexdigest())
         outputs["evaluate"] = ledger.run("evaluate", key, lambda: _evaluate_stage(config, tokens, distilled, run_dir))
 
     report = {
