@@ -31,6 +31,7 @@ import logging
 import marshal
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -133,7 +134,8 @@ def cache_key(corpus: dict, tokenizer: TokenizerSpec, tokens: Sequence[NewToken]
 
 # ---------------------------------------------------------------------- the actors
 class QuotaBoard:
-    """Tokens already full at the driver, so miners stop looking for them."""
+    """Tokens already full at the driver, so miners stop looking for them. A named actor,
+    started only once a token fills: a run where none does starts no extra process."""
 
     def __init__(self):
         self._full: set[int] = set()
@@ -141,39 +143,57 @@ class QuotaBoard:
     def mark_full(self, indices: list[int]) -> None:
         self._full.update(indices)
 
-    def full_since(self, known: int) -> list[int] | None:
-        """All full tokens, or None if there are still `known` of them."""
-        return sorted(self._full) if len(self._full) != known else None
+    def full(self) -> list[int]:
+        return sorted(self._full)
+
+
+class BoardReader:
+    """A miner's view of the board: asks without waiting, and uses the answer at the next
+    batch, so neither the board's start nor a round trip ever holds up mining."""
+
+    def __init__(self, name: str | None):
+        self._name, self._board, self._pending = name, None, None
+        self.full: list[int] = []
+
+    def refresh(self) -> list[int]:
+        import ray
+
+        if self._pending is not None and ray.wait([self._pending], timeout=0)[0]:
+            self.full, self._pending = ray.get(self._pending), None
+        if self._pending is None and self._find():
+            self._pending = self._board.full.remote()
+        return self.full
+
+    def _find(self) -> bool:
+        import ray
+
+        if self._board is None and self._name is not None:
+            try:
+                self._board = ray.get_actor(self._name)
+            except ValueError:  # no token is full yet
+                pass
+        return self._board is not None
 
 
 class SnippetMiner:
     """Ray Data UDF: a batch of documents -> candidate snippets plus one tally row."""
 
-    def __init__(self, tokenizer: TokenizerSpec, texts, phrases, snippet_len: int, quota: int, board=None):
+    def __init__(self, tokenizer: TokenizerSpec, texts, phrases, snippet_len: int, quota: int, board: str | None = None):
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one CPU per miner
         import ray
 
         self._scanner = PhraseScanner(tokenizer.load(), texts, phrases, snippet_len)
         self._bos = list(tokenizer.bos)
         self._quota = quota
-        self._board = board
-        self._all = range(len(texts))
-        self._full: list[int] = []
+        self._board = BoardReader(board)
+        self._all = frozenset(range(len(texts)))
         self._node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-
-    def _open_tokens(self) -> set[int]:
-        if self._board is not None:
-            import ray
-
-            full = ray.get(self._board.full_since.remote(len(self._full)))
-            self._full = full if full is not None else self._full
-        return set(self._all) - set(self._full)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         values = batch[TEXT].to_pylist()
         docs = [v for v in values if isinstance(v, str) and v.strip()]
         chars_before = self._scanner.tokenised_chars
-        hits = self._scanner.scan(docs, self._open_tokens())
+        hits = self._scanner.scan(docs, self._all.difference(self._board.refresh()))
         rows = self._first_distinct(hits)
         tally = {
             "token_index": TALLY, "input_ids": [], "phrase_start": -1, "documents": len(docs),
@@ -292,7 +312,27 @@ def _progress(stats: MiningStats, ledger: QuotaLedger, started: float) -> None:
     )
 
 
-def _consume(stream, ledger: QuotaLedger, board) -> tuple[MiningStats, dict[str, int], int]:
+class _BoardWriter:
+    """The driver's side of the QuotaBoard: started with the first full token."""
+
+    def __init__(self, name: str):
+        self.name, self._board = name, None
+
+    def mark_full(self, indices: list[int]) -> None:
+        import ray
+
+        if self._board is None:
+            self._board = ray.remote(num_cpus=0)(QuotaBoard).options(name=self.name).remote()
+        self._board.mark_full.remote(indices)
+
+    def close(self) -> None:
+        import ray
+
+        if self._board is not None:
+            ray.kill(self._board)
+
+
+def _consume(stream, ledger: QuotaLedger, board: _BoardWriter) -> tuple[MiningStats, dict[str, int], int]:
     """Feed mined batches to the ledger in stream order until every token is full."""
     stats, nodes, tokenised = MiningStats(), {}, 0
     started = last_log = time.perf_counter()
@@ -308,8 +348,8 @@ def _consume(stream, ledger: QuotaLedger, board) -> tuple[MiningStats, dict[str,
                 nodes[columns["node"][i]] = nodes.get(columns["node"][i], 0) + columns["documents"][i]
             elif ledger.offer(index, columns["input_ids"][i], columns["phrase_start"][i]):
                 newly_full.append(index)
-        if newly_full and board is not None:
-            board.mark_full.remote(newly_full)
+        if newly_full:
+            board.mark_full(newly_full)
         if time.perf_counter() - last_log > PROGRESS_EVERY_S:
             last_log = time.perf_counter()
             _progress(stats, ledger, started)
@@ -322,12 +362,12 @@ def _consume(stream, ledger: QuotaLedger, board) -> tuple[MiningStats, dict[str,
 def _mine_on_ray(source, spec, tokens, snippet_len, quota, seed, workers, files, ledger):
     import ray
 
-    board = ray.remote(num_cpus=0)(QuotaBoard).remote()
+    board = _BoardWriter(f"tokdist-quota-board-{uuid.uuid4().hex}")
     dataset = corpus_dataset(source, seed, files).map_batches(
         SnippetMiner,
         fn_constructor_kwargs={
             "tokenizer": spec, "texts": [t.text for t in tokens], "phrases": [list(t.phrase_ids) for t in tokens],
-            "snippet_len": snippet_len, "quota": quota, "board": board,
+            "snippet_len": snippet_len, "quota": quota, "board": board.name,
         },
         batch_size=DOCS_PER_BATCH,
         batch_format="pyarrow",
@@ -339,7 +379,7 @@ def _mine_on_ray(source, spec, tokens, snippet_len, quota, seed, workers, files,
     try:
         return _consume(stream, ledger, board)
     finally:
-        ray.kill(board)
+        board.close()
 
 
 def _write(out: str, table: pa.Table, report: dict) -> None:
