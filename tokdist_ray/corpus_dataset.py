@@ -121,24 +121,31 @@ def _json_line_value(line: str, column: str) -> str | None:
         return None
 
 
-def _parquet_values(filesystem: pafs.FileSystem, path: str, column: str) -> Iterator[str | None]:
+def _parquet_blocks(filesystem: pafs.FileSystem, path: str, column: str) -> Iterator[pa.Table]:
+    """The text column in blocks of about BLOCK_BYTES, kept in Arrow (no Python strings)."""
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(filesystem.open_input_file(path))
     if column not in parquet.schema_arrow.names:
         raise ValueError(f"{path} has no column {column!r} (columns: {parquet.schema_arrow.names}); set text_column")
-    for batch in parquet.iter_batches(columns=[column], batch_size=256):
-        yield from (v if isinstance(v, str) else None for v in batch.column(0).to_pylist())
+    batches, size = [], 0
+    for batch in parquet.iter_batches(columns=[column], batch_size=64):
+        values = batch.column(0)
+        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            values = pa.nulls(len(values), pa.large_string())  # not text: every row is bad
+        batches.append(values.cast(pa.large_string()))
+        size += values.nbytes
+        if size >= BLOCK_BYTES:
+            yield pa.table({TEXT: pa.concat_arrays(batches)})
+            batches, size = [], 0
+    if batches:
+        yield pa.table({TEXT: pa.concat_arrays(batches)})
 
 
 def _file_values(filesystem: pafs.FileSystem, path: str, column: str) -> Iterator[str | None]:
-    """The text values of one file, in file order."""
-    kind = file_kind(path)
-    if kind == "parquet":
-        yield from _parquet_values(filesystem, path, column)
-        return
+    """The text values of a JSONL or plain text file, in file order."""
     with filesystem.open_input_stream(path, compression="detect") as stream:
-        if kind == "text":
+        if file_kind(path) == "text":
             yield stream.read().decode("utf-8", errors="replace")
             return
         for line in io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
@@ -190,7 +197,16 @@ def _datasource(describe: str, read_fns: list[tuple[Any, list[str], int | None]]
 
 
 def _read_files(filesystem, paths: list[str], column: str) -> Iterator[pa.Table]:
-    return text_blocks(chain.from_iterable(_file_values(filesystem, p, column) for p in paths))
+    """Blocks of the files in order; runs of JSONL and text files share blocks."""
+    run: list[str] = []
+    for path in paths + [None]:
+        if path is not None and file_kind(path) != "parquet":
+            run.append(path)
+            continue
+        yield from text_blocks(chain.from_iterable(_file_values(filesystem, p, column) for p in run))
+        run = []
+        if path is not None:
+            yield from _parquet_blocks(filesystem, path, column)
 
 
 def files_dataset(source: FileDataSource, seed: int, files: CorpusFiles | None = None):
