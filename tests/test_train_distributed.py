@@ -7,7 +7,6 @@ new rows and the per-step loss curve must match within fp32 round-off.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq

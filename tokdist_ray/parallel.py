@@ -13,11 +13,8 @@ import copy
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .distill import TokenDistiller, truncated_decoder
-
-_LOGIT_LOSSES = {"MSE-on-logits", "KL-on-logits", "CE", "CE-auto-weighted"}
 
 
 class DataParallel:
@@ -78,8 +75,9 @@ class DeepSpeedZero:
 
         self.distiller = distiller
         self.stage = config["zero_optimization"]["stage"]
-        if self.stage == 3:
-            _register_params_used_outside_their_module(distiller)
+        # Under ZeRO-3 the new rows and the LM head are read outside their own modules'
+        # forward; DeepSpeed gathers such parameters on access and ties them to the
+        # module running then (TokenDistiller), so they need no registration here.
         trainable = [p for p in distiller.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(
             model=distiller, model_parameters=trainable, optimizer=optimizer, lr_scheduler=schedule, config=config
@@ -142,19 +140,6 @@ def _named_rows(distiller: TokenDistiller) -> list[tuple[str, torch.Tensor]]:
 
 def _rows_of(distiller: TokenDistiller) -> dict[str, torch.Tensor]:
     return {name: t.detach().float().cpu().clone() for name, t in _named_rows(distiller)}
-
-
-def _register_params_used_outside_their_module(distiller: TokenDistiller) -> None:
-    """ZeRO-3 gathers a parameter only inside its own module's forward. The new rows are
-    read in TokenDistiller.forward itself, and logit losses read the LM head's weight
-    directly, so both are registered with the distiller, whose forward spans the step."""
-    import deepspeed
-
-    params = [p for _, p in _named_rows(distiller) if isinstance(p, nn.Parameter)]
-    if _LOGIT_LOSSES & set(distiller.losses) or distiller.rows.trains_output:
-        params += list(distiller.model.get_output_embeddings().parameters())
-    for param in params:
-        deepspeed.zero.register_external_parameter(distiller, param)
 
 
 def _rebuild_target_view(distiller: TokenDistiller) -> None:

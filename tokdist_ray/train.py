@@ -10,11 +10,12 @@ Every worker runs the engine's step (distill.TokenDistiller) on its slice of eac
 batch (per-worker batch x workers, the same batches as `loop.train_local` would see, see
 shards.py). Each worker's loss is weighted by its share of the global batch's loss
 positions before the strategy averages gradients, so a step equals the single-process
-step on the whole global batch. Checkpoints go to Ray's storage path every
-`checkpoint_every` steps and at the end (checkpoint.py); a restarted worker group, or a
-run started again with `resume=True`, continues from the latest one. Rank 0 exports the
-expanded model with the engine's export and writes report.json: Ray's `Result.metrics`
-is not relied on.
+step on the whole global batch. Every `log_every` steps rank 0 prints loss, snippets/s,
+tokens/s, elapsed and ETA, and the loss curve grows; the same metrics go to Ray with each
+checkpoint. Checkpoints go to Ray's storage path every `checkpoint_every` steps and at
+the end (checkpoint.py); a restarted worker group, or a run started again with
+`resume=True`, continues from the latest one. Rank 0 exports the expanded model with the
+engine's export and writes report.json: Ray's `Result.metrics` is not relied on.
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ def distill_distributed(
     plan = _plan(model_path, snippets_path, tokens, out_dir, training, dist, output_emb_policy, pre_init_strategy, snippets_filesystem)
     if not ray.is_initialized():
         ray.init()
-    plan = dataclasses.replace(plan, **dict(zip(("strategy", "zero_stage"), choose_strategy(dist, plan))))
+    strategy, zero_stage = choose_strategy(dist, plan)
+    plan = dataclasses.replace(plan, strategy=strategy, zero_stage=zero_stage)
     log.info(
         "distributed distillation: %d tokens, %d workers, %s%s, global batch %d",
         len(plan.tokens), plan.num_workers, plan.strategy,
@@ -394,10 +396,10 @@ def train_worker(config: dict) -> None:
         progress.history.snippets += len(global_batch)
         progress.history.seconds = time.perf_counter() - started
         meter.add(metrics, len(global_batch), sum(len(snippets.ids[i]) for i in global_batch))
-        if cfg.time_budget_s and _any_rank(progress.history.seconds >= cfg.time_budget_s, device):
-            progress.history.stopped_by = "time_budget"
-        elif progress.step == steps:
+        if progress.step == steps:
             progress.history.stopped_by = "max_steps" if steps < natural_steps else "completed"
+        elif cfg.time_budget_s and _any_rank(progress.history.seconds >= cfg.time_budget_s, device):
+            progress.history.stopped_by = "time_budget"
         _maybe_crash(progress.step, rank)
 
         finished = progress.step == steps or progress.history.stopped_by == "time_budget"
