@@ -20,6 +20,7 @@ from tokdist_ray.generation import (
     generate_snippet_dataset,
     generate_snippets,
     plan_requests,
+    request_blocks,
     resolve_backend,
     sample_seed,
     snippet_from_sample,
@@ -96,6 +97,12 @@ def test_requests_carry_prompt_seed_and_continue_sample_indices():
     assert requests[0]["prompt_ids"] == [1, 20, 21] and requests[0]["phrase_start"] == 1
     assert requests[1]["token_index"] == 4 and requests[1]["seed"] == sample_seed(7, " abc", 3)
     assert plan_requests(tokens, {" de": 1}, {" abc": 0, " de": 0}, [], 7, [0, 1])[0]["prompt_ids"] == [20, 21]
+
+
+def test_requests_split_into_a_block_per_batch_and_one_per_actor_at_least():
+    assert request_blocks(100, GeneratedDataSource(batch_size=32, concurrency=2)) == 4
+    assert request_blocks(32, GeneratedDataSource(batch_size=32, concurrency=2)) == 2
+    assert request_blocks(1, GeneratedDataSource(batch_size=32, concurrency=4)) == 1
 
 
 def test_short_samples_are_dropped_and_rows_fit_the_snippet_schema():

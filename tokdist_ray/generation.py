@@ -396,6 +396,11 @@ def token_counts(dataset: "ray.data.Dataset") -> Counter:
     return counts
 
 
+def request_blocks(n_requests: int, source: GeneratedDataSource) -> int:
+    """One block per batch, and at least one per actor or replica so that none idles."""
+    return max(math.ceil(n_requests / source.batch_size), min(n_requests, source.concurrency))
+
+
 def generate_snippet_dataset(
     model_path: str,
     tokens: Sequence[NewToken],
@@ -429,7 +434,7 @@ def generate_snippet_dataset(
         stage = transformers_stage(model_path, source, snippet_len, stop)
 
     def run_round(requests: list[dict]) -> tuple["ray.data.Dataset", Counter]:
-        dataset = stage(ray.data.from_items(requests, override_num_blocks=math.ceil(len(requests) / source.batch_size)))
+        dataset = stage(ray.data.from_items(requests, override_num_blocks=request_blocks(len(requests), source)))
         dataset.context.execution_options.preserve_order = True
         dataset = dataset.materialize()
         return dataset, token_counts(dataset)
