@@ -3,10 +3,14 @@ and the cluster YAMLs."""
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -82,17 +86,52 @@ def _free_port():
 
 
 @pytest.fixture
-def ray_head(tmp_path):
-    """A separate local Ray head with its dashboard (job server) on 127.0.0.1."""
-    port, dash = _free_port(), _free_port()
+def ray_head():
+    """A separate local Ray head with its dashboard (job server) on 127.0.0.1.
+
+    Started with --block in its own process group, so teardown stops exactly this head
+    (`ray stop` would stop every Ray instance on the machine, the suite's shared one too).
+    """
+    port, dash, agent, grpc, metrics, runtime_env = (_free_port() for _ in range(6))
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    subprocess.run(["ray", "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
-                    f"--temp-dir={tmp_path / 'ray'}"], check=True, env=env, capture_output=True)
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}",
+         # own agent ports: the defaults may be held by the suite's other Ray instance
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=5)
+                break
+            except OSError:
+                if time.time() > deadline or head.poll() is not None:
+                    raise RuntimeError("the local Ray head did not come up")
+                time.sleep(2)
+        yield address, env
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _submit(command, env):
+    """`ray job submit`, retried while the head's job agent is still starting."""
+    for _ in range(30):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in done.stderr:
+            return done
+        time.sleep(3)
+    return done
 
 
 @pytest.mark.slow
@@ -104,7 +143,7 @@ def test_ray_job_submit_produces_a_loadable_model(ray_head, tiny_model_dir, corp
     submit = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", address,
               "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git"]}),
               "--", "python", "jobs/expand_vocab.py", *args]
-    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+    done = _submit(submit, env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
@@ -117,7 +156,7 @@ def test_ray_job_submit_produces_a_loadable_model(ray_head, tiny_model_dir, corp
     report = json.loads((run_dir / "model" / "report.json").read_text())
     assert [t["token"] for t in report["tokens_added"]] == WORDS and report["job"]["stage_seconds"]
 
-    resubmitted = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+    resubmitted = _submit(submit, env)
     assert resubmitted.returncode == 0, resubmitted.stderr[-3000:]
     job = json.loads((run_dir / "job.json").read_text())
     assert job["stages_reused"] == ["tokens", "snippets", "distill", "evaluate"]
