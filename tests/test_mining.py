@@ -287,7 +287,7 @@ try:
     tokens = select_new_tokens(tokenizer, json.loads(words)).tokens
     result = mine_corpus(FileDataSource(corpus), tokenizer, tokens, 24, 10**6, out_dir=out, num_workers=2)
     alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-    print("RESULT " + json.dumps({"nodes": result.nodes, "alive": alive, "counts": result.stats.counts,
+    print("RESULT " + json.dumps({"nodes": result.work.nodes, "alive": alive, "counts": result.stats.counts,
                                  "documents": result.stats.documents}))
 finally:
     ray.shutdown()

@@ -63,6 +63,7 @@ MINED_SCHEMA = pa.schema(
         ("bad_rows", pa.int64()),
         ("bytes", pa.int64()),
         ("tokenised_chars", pa.int64()),
+        ("cpu_seconds", pa.float64()),
         ("node", pa.string()),
     ]
 )
@@ -190,15 +191,16 @@ class SnippetMiner:
         self._node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        cpu, chars_before = time.process_time(), self._scanner.tokenised_chars
         values = batch[TEXT].to_pylist()
         docs = [v for v in values if isinstance(v, str) and v.strip()]
-        chars_before = self._scanner.tokenised_chars
         hits = self._scanner.scan(docs, self._all.difference(self._board.refresh()))
         rows = self._first_distinct(hits)
         tally = {
             "token_index": TALLY, "input_ids": [], "phrase_start": -1, "documents": len(docs),
             "bad_rows": len(values) - len(docs), "bytes": sum(len(d.encode("utf-8")) for d in docs),
-            "tokenised_chars": self._scanner.tokenised_chars - chars_before, "node": self._node,
+            "tokenised_chars": self._scanner.tokenised_chars - chars_before,
+            "cpu_seconds": time.process_time() - cpu, "node": self._node,
         }
         return pa.Table.from_pylist(rows + [tally], schema=MINED_SCHEMA)
 
@@ -223,8 +225,9 @@ class QuotaLedger:
 
     tokens: Sequence[NewToken]
     quota: int
-    rows: list[list[dict]] = field(default_factory=list)  # per token index
-    seen: list[set] = field(default_factory=list)
+    rows: list[list[dict]] = field(init=False)  # per token index, in the order taken
+    seen: list[set] = field(init=False)
+    open: int = field(init=False)  # tokens still short of the quota
 
     def __post_init__(self):
         self.rows = [[] for _ in self.tokens]
@@ -251,13 +254,26 @@ class QuotaLedger:
 
 
 @dataclass
+class MinerWork:
+    """What the miners did, from their tally rows."""
+
+    workers: int = 0
+    nodes: dict[str, int] = field(default_factory=dict)  # node id -> documents mined there
+    tokenised_chars: int = 0  # characters tokenised, of all characters scanned
+    cpu_seconds: float = 0.0  # summed over the miners
+
+    def add(self, tally: dict) -> None:
+        self.nodes[tally["node"]] = self.nodes.get(tally["node"], 0) + tally["documents"]
+        self.tokenised_chars += tally["tokenised_chars"]
+        self.cpu_seconds += tally["cpu_seconds"]
+
+
+@dataclass
 class MiningResult:
     snippets_path: str  # directory of parquet files in SNIPPET_SCHEMA
     stats: MiningStats
     quota: int
-    nodes: dict[str, int] = field(default_factory=dict)  # node id -> documents mined there
-    tokenised_chars: int = 0
-    workers: int = 0
+    work: MinerWork = field(default_factory=MinerWork)
     cached: bool = False
 
     @property
@@ -273,9 +289,10 @@ class MiningResult:
             "megabytes_per_second": round(self.stats.bytes / 1e6 / seconds, 3),
             "documents_per_second": round(self.stats.documents / seconds, 1),
             "shortfall": self.shortfall,
-            "tokenised_share": round(self.tokenised_chars / max(1, self.stats.bytes), 4),  # of chars, per byte
-            "workers": self.workers,
-            "nodes": self.nodes,
+            "tokenised_share": round(self.work.tokenised_chars / max(1, self.stats.bytes), 4),  # chars per byte
+            "miner_cpu_seconds": round(self.work.cpu_seconds, 2),
+            "workers": self.work.workers,
+            "nodes": self.work.nodes,
             "snippets_path": self.snippets_path,
         }
 
@@ -332,22 +349,20 @@ class _BoardWriter:
             ray.kill(self._board)
 
 
-def _consume(stream, ledger: QuotaLedger, board: _BoardWriter) -> tuple[MiningStats, dict[str, int], int]:
+def _consume(stream, ledger: QuotaLedger, board: _BoardWriter, work: MinerWork) -> MiningStats:
     """Feed mined batches to the ledger in stream order until every token is full."""
-    stats, nodes, tokenised = MiningStats(), {}, 0
+    stats = MiningStats()
     started = last_log = time.perf_counter()
     for block in stream:
         newly_full = []
-        columns = block.to_pydict()
-        for i, index in enumerate(columns["token_index"]):
-            if index == TALLY:
-                stats.documents += columns["documents"][i]
-                stats.bad_rows += columns["bad_rows"][i]
-                stats.bytes += columns["bytes"][i]
-                tokenised += columns["tokenised_chars"][i]
-                nodes[columns["node"][i]] = nodes.get(columns["node"][i], 0) + columns["documents"][i]
-            elif ledger.offer(index, columns["input_ids"][i], columns["phrase_start"][i]):
-                newly_full.append(index)
+        for row in block.to_pylist():
+            if row["token_index"] == TALLY:
+                stats.documents += row["documents"]
+                stats.bad_rows += row["bad_rows"]
+                stats.bytes += row["bytes"]
+                work.add(row)
+            elif ledger.offer(row["token_index"], row["input_ids"], row["phrase_start"]):
+                newly_full.append(row["token_index"])
         if newly_full:
             board.mark_full(newly_full)
         if time.perf_counter() - last_log > PROGRESS_EVERY_S:
@@ -356,10 +371,10 @@ def _consume(stream, ledger: QuotaLedger, board: _BoardWriter) -> tuple[MiningSt
         if ledger.open == 0:
             break
     stats.seconds = time.perf_counter() - started
-    return stats, nodes, tokenised
+    return stats
 
 
-def _mine_on_ray(source, spec, tokens, snippet_len, quota, seed, workers, files, ledger):
+def _mine_on_ray(source, spec, tokens, snippet_len, quota, seed, files, ledger, work: MinerWork) -> MiningStats:
     import ray
 
     board = _BoardWriter(f"tokdist-quota-board-{uuid.uuid4().hex}")
@@ -371,13 +386,13 @@ def _mine_on_ray(source, spec, tokens, snippet_len, quota, seed, workers, files,
         },
         batch_size=DOCS_PER_BATCH,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers),
+        compute=ray.data.ActorPoolStrategy(size=work.workers),
         num_cpus=1,  # Ray Data spreads the actors over the nodes (its default strategy)
     )
     dataset.context.execution_options.preserve_order = True
     stream = dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
     try:
-        return _consume(stream, ledger, board)
+        return _consume(stream, ledger, board, work)
     finally:
         board.close()
 
@@ -400,7 +415,8 @@ def _cached(out: str, quota: int) -> MiningResult | None:
         documents=report["documents"], bad_rows=report["bad_rows"], bytes=report["bytes"],
         seconds=report["seconds"], counts=report["snippets_per_token"],
     )
-    return MiningResult(f"{out}/snippets", stats, quota, report["nodes"], report["tokenised_chars"], report["workers"], cached=True)
+    work = MinerWork(report["workers"], report["nodes"], report["tokenised_chars"], report["miner_cpu_seconds"])
+    return MiningResult(f"{out}/snippets", stats, quota, work, cached=True)
 
 
 def mine_corpus(
@@ -432,12 +448,12 @@ def mine_corpus(
 
     if not ray.is_initialized():
         ray.init()
-    workers = num_workers or default_workers()
+    work = MinerWork(workers=num_workers or default_workers())
     ledger = QuotaLedger(tokens, snippets_per_token)
-    stats, nodes, tokenised = _mine_on_ray(source, spec, tokens, snippet_len, snippets_per_token, seed, workers, files, ledger)
+    stats = _mine_on_ray(source, spec, tokens, snippet_len, snippets_per_token, seed, files, ledger, work)
     stats.counts = ledger.counts()
-    result = MiningResult(f"{out}/snippets", stats, snippets_per_token, nodes, tokenised, workers)
-    report = {**result.report(), "bytes": stats.bytes, "tokenised_chars": tokenised, "settings": settings}
+    result = MiningResult(f"{out}/snippets", stats, snippets_per_token, work)
+    report = {**result.report(), "bytes": stats.bytes, "tokenised_chars": work.tokenised_chars, "settings": settings}
     _write(out, ledger.table(), report)
     _progress(stats, ledger, time.perf_counter() - stats.seconds)
     if result.shortfall:
