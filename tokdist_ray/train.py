@@ -377,44 +377,48 @@ def train_worker(config: dict) -> None:
     merger = PhraseMerger([t.phrase_ids for t in plan.tokens], range(new_start, new_start + len(plan.tokens)))
     parallel = _parallel_distiller(plan, new_start, steps, world, device)
 
-    progress, rows = _restore(parallel, rank)
-    last_checkpoint = progress.step
+    progress, rows = _restore(parallel, rank)  # rows: None until a checkpoint holds them
     meter = _IntervalMeter(rank)
     # Ray gets metrics with each checkpoint only: every ray.train.report waits until the
     # controller (polling every few seconds) took the previous one, so a report per log
     # interval would stall fast steps. Progress lines and the loss curve need no Ray.
     started = time.perf_counter() - progress.history.seconds
-    while progress.step < steps and progress.history.stopped_by != "time_budget":
+    while progress.step < steps:
         indices = schedule.rank_indices(progress.step, rank, world)
         global_batch = schedule.global_indices(progress.step)
         # a rank without snippets in a short last batch still joins the gradient average,
         # with a zero-weighted loss on a borrowed snippet
         examples = merge_snippets(merger, [snippets.ids[i] for i in (indices or global_batch[:1])])
         metrics = _train_step(parallel, collate(examples), world, has_snippets=bool(indices), device=device)
-        progress.step += 1
-        progress.history.steps = progress.step
-        progress.history.snippets += len(global_batch)
-        progress.history.seconds = time.perf_counter() - started
+        history = progress.history
+        progress.step = history.steps = progress.step + 1
+        history.snippets += len(global_batch)
+        history.seconds = time.perf_counter() - started
         meter.add(metrics, len(global_batch), sum(len(snippets.ids[i]) for i in global_batch))
-        if progress.step == steps:
-            progress.history.stopped_by = "max_steps" if steps < natural_steps else "completed"
-        elif cfg.time_budget_s and _any_rank(progress.history.seconds >= cfg.time_budget_s, device):
-            progress.history.stopped_by = "time_budget"
+        stop = _stop_reason(progress.step, steps, natural_steps, history.seconds, cfg.time_budget_s, device)
+        history.stopped_by = stop or history.stopped_by
         _maybe_crash(progress.step, rank)
 
-        finished = progress.step == steps or progress.history.stopped_by == "time_budget"
-        at_checkpoint = finished or (plan.checkpoint_every and progress.step % plan.checkpoint_every == 0)
+        at_checkpoint = stop or (plan.checkpoint_every and progress.step % plan.checkpoint_every == 0)
         if at_checkpoint or progress.step % max(1, cfg.log_every) == 0:
             report = meter.flush(progress, schedule.position(progress.step - 1)[0], steps)
         if at_checkpoint:
             rows = parallel.full_rows()
             _save_checkpoint(parallel, progress, rows, rank, report)
-            last_checkpoint = progress.step
-    if progress.step != last_checkpoint or rows is None:
-        rows = parallel.full_rows()
+        if stop:
+            break
     if rank == 0:
         del parallel
         _export(plan, rows, progress, snippets.counts)
+
+
+def _stop_reason(step: int, steps: int, natural_steps: int, seconds: float, budget: float | None, device) -> str | None:
+    """Why training ends after this step (as in train_local), or None; the same on every rank."""
+    if step == steps:
+        return "max_steps" if steps < natural_steps else "completed"
+    if budget and _any_rank(seconds >= budget, device):
+        return "time_budget"
+    return None
 
 
 def _device(use_gpu: bool) -> torch.device:
