@@ -94,9 +94,11 @@ def ray_head():
     """
     port, dash, agent, grpc, metrics, runtime_env = (_free_port() for _ in range(6))
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    # this interpreter's bin first: CI calls .venv/bin/python without activating the venv
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=path)
     head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}",
          # own agent ports: the defaults may be held by the suite's other Ray instance
          f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
@@ -142,7 +144,7 @@ def test_ray_job_submit_produces_a_loadable_model(ray_head, tiny_model_dir, corp
     args = tiny_job_args(model_dir, corpus_dir, run_dir)
     submit = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", address,
               "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git"]}),
-              "--", "python", "jobs/expand_vocab.py", *args]
+              "--", sys.executable, "jobs/expand_vocab.py", *args]
     done = _submit(submit, env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
