@@ -149,21 +149,29 @@ def test_files_resolve_from_paths_globs_and_uris(tmp_path):
 
 
 def test_cache_key_follows_corpus_tokenizer_tokens_and_settings(tmp_path, tiny_tokenizer_dir):
-    (tmp_path / "doc.txt").write_text("text")
-    source = FileDataSource(str(tmp_path))
     from transformers import AutoTokenizer
 
+    (tmp_path / "doc.txt").write_text("text")
+    source = FileDataSource(str(tmp_path))
     spec = TokenizerSpec.of(AutoTokenizer.from_pretrained(tiny_tokenizer_dir(bos=True)))
-    other_spec = TokenizerSpec.of(AutoTokenizer.from_pretrained(tiny_tokenizer_dir(bos=False)))
     tokens = [NewToken(" ab", (5, 6))]
     settings = {"snippet_len": 8, "snippets_per_token": 4, "seed": 0}
-    key = cache_key(corpus_spec(source, resolve_files(source.paths)), spec, tokens, settings)
-    assert key == cache_key(corpus_spec(source, resolve_files(source.paths)), spec, tokens, dict(settings))
-    assert key != cache_key(corpus_spec(source, resolve_files(source.paths)), other_spec, tokens, settings)
-    assert key != cache_key(corpus_spec(source, resolve_files(source.paths)), spec, [NewToken(" ab", (5, 7))], settings)
-    assert key != cache_key(corpus_spec(source, resolve_files(source.paths)), spec, tokens, {**settings, "seed": 1})
+
+    def key(spec=spec, tokens=tokens, settings=settings, corpus=None):
+        return cache_key(corpus or corpus_spec(source, resolve_files(source.paths)), spec, tokens, settings)
+
+    first = key()
+    assert first == key(settings=dict(settings))
+    assert first != key(spec=TokenizerSpec.of(AutoTokenizer.from_pretrained(tiny_tokenizer_dir(bos=False))))
+    assert first != key(tokens=[NewToken(" ab", (5, 7))])
+    assert first != key(settings={**settings, "seed": 1})
     (tmp_path / "doc.txt").write_text("longer text")
-    assert key != cache_key(corpus_spec(source, resolve_files(source.paths)), spec, tokens, settings)
+    assert first != key()
+
+    def hf(fn):
+        return corpus_spec(HFDataSource("json", data_files=["a.jsonl"], map_to_text_fn=fn), None)
+
+    assert key(corpus=hf(lambda row: row)) != key(corpus=hf(lambda row: {"text": row["body"]}))
 
 
 # ---------------------------------------------------------------------- on Ray

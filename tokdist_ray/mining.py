@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -354,15 +355,14 @@ def _consume(stream, ledger: QuotaLedger, board: _BoardWriter, work: MinerWork) 
     stats = MiningStats()
     started = last_log = time.perf_counter()
     for block in stream:
-        newly_full = []
-        for row in block.to_pylist():
-            if row["token_index"] == TALLY:
-                stats.documents += row["documents"]
-                stats.bad_rows += row["bad_rows"]
-                stats.bytes += row["bytes"]
-                work.add(row)
-            elif ledger.offer(row["token_index"], row["input_ids"], row["phrase_start"]):
-                newly_full.append(row["token_index"])
+        tally = pc.equal(block["token_index"], TALLY)
+        for row in block.filter(tally).to_pylist():
+            stats.documents += row["documents"]
+            stats.bad_rows += row["bad_rows"]
+            stats.bytes += row["bytes"]
+            work.add(row)
+        mined = block.filter(pc.invert(tally)).select(["token_index", "input_ids", "phrase_start"]).to_pydict()
+        newly_full = [index for index, ids, start in zip(*mined.values()) if ledger.offer(index, ids, start)]
         if newly_full:
             board.mark_full(newly_full)
         if time.perf_counter() - last_log > PROGRESS_EVERY_S:
@@ -390,6 +390,7 @@ def _mine_on_ray(source, spec, tokens, snippet_len, quota, seed, files, ledger, 
         num_cpus=1,  # Ray Data spreads the actors over the nodes (its default strategy)
     )
     dataset.context.execution_options.preserve_order = True
+    dataset.context.enable_progress_bars = False  # _consume logs progress; bars cost driver CPU
     stream = dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
     try:
         return _consume(stream, ledger, board, work)
