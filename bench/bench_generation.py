@@ -12,7 +12,7 @@ is shared and noisy; the load average is printed with the table.
     python bench/bench_generation.py --tokens 4 --per-token 8 --snippet-len 32
 
 Results, `--tokens 4 --per-token 8 --snippet-len 16 --batch-size 32 --repeats 2`, 2-core
-machine shared with other jobs (load average 9 to 23 over the run, so absolute numbers
+machine shared with other jobs (load average 2 to 23 over the runs, so absolute numbers
 swing by 8x between runs; read the ratios):
 
     run 1, 2026-11-29 08:40, load 9 -> 23 (1 block for 2 actors: fixed since)
@@ -30,7 +30,14 @@ swing by 8x between runs; read the ratios):
     | Ray Data, 2 actors x 1 CPU                 |       32 |    35.0 |       0.91 |      2.34x |
     | Ray Data, 2 actors, 1 snippet (fixed cost) |        1 |    27.5 |       0.04 |      0.09x |
 
-What holds in both: batching prompts of several tokens is 5-8x faster than one token per
+    run 3, 2026-11-29 09:48, load 2 -> 5 (the quietest)
+    | in-process, one token per batch            |       32 |    97.4 |       0.33 |      0.17x |
+    | in-process, tokens batched together        |       32 |    16.6 |       1.92 |      1.00x |
+    | Ray Data, 1 actor x 2 CPUs                 |       32 |    34.6 |       0.93 |      0.48x |
+    | Ray Data, 2 actors x 1 CPU                 |       32 |    33.8 |       0.95 |      0.49x |
+    | Ray Data, 2 actors, 1 snippet (fixed cost) |        1 |    29.1 |       0.03 |      0.02x |
+
+What holds in all three: batching prompts of several tokens is 5-8x faster than one token per
 batch; a Ray Data stage costs 30-55 s before its first snippet here (worker start, torch
 import, model load), so a small run is faster in-process; one-thread actors hold up far
 better than one two-thread process when the cores are oversubscribed (OpenMP threads spin).
