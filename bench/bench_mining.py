@@ -10,6 +10,9 @@ tokdist-ray: `mine_corpus` with 1 and with 2 mining actors on a local 2-CPU Ray 
 started and warmed beforehand, as a running cluster would be (its start-up is reported
 apart; starting the mining actors is inside the timed call).
 
+Then, as actor start-up is a fixed cost next to some 10 s of mining at 100 MB, 1 against 2
+workers again on the corpus repeated to about 400 MB (`--scaling-megabytes`).
+
 Corpus: the Python docs sources from python3.11-doc, then every other UTF-8 text under
 /usr/share/doc (gzip opened; PostScript, tarballs and test logs left out; duplicate files
 once) until 100 MB, large files cut into <= 64 KB documents at line breaks (repeated if
@@ -204,6 +207,8 @@ class Run:
     megabytes: float
     cpu: float  # the reference's process CPU time; the miners' CPU time summed
     found: list[dict]
+    first_batch: float = 0.0  # tokdist-ray: seconds to the first mined batch (actor start-up)
+    streaming: float = 0.0  # tokdist-ray: MB/s after the first batch
 
 
 def run_miner(shards, tokenizer, tokens, snippet_len, quota, workers) -> Run:
@@ -217,25 +222,44 @@ def run_miner(shards, tokenizer, tokens, snippet_len, quota, workers) -> Run:
     found = [dict() for _ in tokens]
     for row in rows:
         found[row["token_index"]][tuple(row["input_ids"])] = row["phrase_start"]
+    report = result.report()
     name = f"tokdist-ray mine_corpus, {workers} worker{'s' if workers > 1 else ''}"
-    print(f"{name}: {seconds:.1f} s, tokenised share {result.report()['tokenised_share']:.1%}", flush=True)
-    return Run(name, seconds, result.stats.bytes / 1e6, result.work.cpu_seconds, found)
+    print(f"{name}: {seconds:.1f} s, tokenised share {report['tokenised_share']:.1%}", flush=True)
+    return Run(name, seconds, result.stats.bytes / 1e6, result.work.cpu_seconds, found,
+               report["first_batch_seconds"], report["megabytes_per_second_after_first_batch"])
+
+
+def best_runs(shards, tokenizer, tokens, args) -> dict[int, Run]:
+    """The best wall time of `repeats` runs per number of workers, alternating 1 and 2."""
+    best: dict[int, Run] = {}
+    for _ in range(args.repeats):
+        for workers in (1, 2):
+            run = run_miner(shards, tokenizer, tokens, args.snippet_len, args.quota, workers)
+            best[workers] = min(best.get(workers, run), run, key=lambda r: r.wall)
+    return best
 
 
 def print_table(runs: list[Run], quota: int, repeats: int) -> None:
     reference = runs[0]
-    print(f"\n{'method':<34} {'wall s':>7} {'MB scanned':>11} {'CPU s':>7} {'snippets':>9} {'tokens full':>12} {'speed-up':>9}")
+    print(f"\n{'method':<34} {'wall s':>7} {'MB scanned':>11} {'CPU s':>7} {'snippets':>9} {'tokens full':>12} "
+          f"{'speed-up':>9} {'1st batch s':>12} {'MB/s after':>11}")
     for run in runs:
         full = sum(len(f) == quota for f in run.found)
+        extra = f"{run.first_batch:>12.1f} {run.streaming:>11.1f}" if run is not reference else ""
         print(f"{run.name:<34} {run.wall:>7.1f} {run.megabytes:>11.1f} {run.cpu:>7.1f} {sum(map(len, run.found)):>9} "
-              f"{full:>7}/{len(run.found):<4} {reference.wall / run.wall:>8.1f}x")
-    print(f"(tokdist-ray rows: best wall time of {repeats} runs; CPU s: the miners' own CPU time)")
-    print(f"2 workers vs 1: {runs[1].wall / runs[2].wall:.2f}x")
+              f"{full:>7}/{len(run.found):<4} {reference.wall / run.wall:>8.1f}x {extra}")
+    print(f"(tokdist-ray rows: best wall time of {repeats} runs; CPU s: the miners' own CPU time; "
+          "1st batch s: start to first mined batch, mostly starting the actors; MB/s after: throughput after it)")
+    print_scaling(runs[1], runs[2])
     for run in runs[1:]:
         agree = all(len(a) == len(b) for a, b in zip(reference.found, run.found))
         short_same = all(set(a) == set(b) for a, b in zip(reference.found, run.found) if len(a) < quota)
         print(f"{run.name}: snippets per token agree with the reference: {agree}; "
               f"tokens short of quota have the very same snippets: {short_same}")
+
+
+def print_scaling(one: Run, two: Run) -> None:
+    print(f"2 workers vs 1: {one.wall / two.wall:.2f}x end to end, {two.streaming / one.streaming:.2f}x after the first batch")
 
 
 def main() -> None:
@@ -245,6 +269,8 @@ def main() -> None:
     parser.add_argument("--quota", type=int, default=100)
     parser.add_argument("--snippet-len", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each tokdist-ray setting, alternating")
+    parser.add_argument("--scaling-megabytes", type=float, default=400,
+                        help="also time 1 and 2 workers (no reference) on a corpus this large; 0 to skip")
     parser.add_argument("--model", default="bundled:smollm2")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -266,16 +292,21 @@ def main() -> None:
     t = time.perf_counter()
     start_warm_cluster()
     ray_start = time.perf_counter() - t
-    best: dict[int, Run] = {}
     try:
-        for _ in range(args.repeats):
-            for workers in (1, 2):
-                run = run_miner(shards, tokenizer, tokens, args.snippet_len, args.quota, workers)
-                best[workers] = min(best.get(workers, run), run, key=lambda r: r.wall)
+        best = best_runs(shards, tokenizer, tokens, args)
+        if args.scaling_megabytes:
+            large = build_corpus(cache_root() / f"bench-mining-corpus-{args.scaling_megabytes:g}MB", args.scaling_megabytes)
+            scaling = best_runs(large, tokenizer, tokens, args)
     finally:
         ray.shutdown()
     print(f"\nRay start-up and warm-up (not in the times below): {ray_start:.1f} s; load average {os.getloadavg()[0]:.1f}")
     print_table(runs + [best[1], best[2]], args.quota, args.repeats)
+    if args.scaling_megabytes:
+        print(f"\nOn {scaling[1].megabytes:.0f} MB (the corpus repeated; no reference run):")
+        for run in scaling.values():
+            print(f"{run.name:<34} {run.wall:>7.1f} s, miners' CPU {run.cpu:.1f} s, 1st batch {run.first_batch:.1f} s, "
+                  f"{run.streaming:.1f} MB/s after it")
+        print_scaling(scaling[1], scaling[2])
 
 
 if __name__ == "__main__":

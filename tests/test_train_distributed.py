@@ -151,8 +151,12 @@ ZERO3 = dict(
 )
 
 
-def test_zero2_equals_single_process(ray_session, setup, reference, tmp_path):
-    result = run(setup, tmp_path / "out", strategy="deepspeed", zero_stage=2, checkpoint_every=3)
+def test_zero2_equals_single_process(ray_session, setup, reference, tmp_path, monkeypatch):
+    # relative snippets path, as a job config gives it: workers run in Ray's own directory
+    model_dir, tokens, snippets_dir = setup
+    monkeypatch.chdir(snippets_dir.parent)
+    relative = (model_dir, tokens, Path(snippets_dir.name))
+    result = run(relative, tmp_path / "out", strategy="deepspeed", zero_stage=2, checkpoint_every=3)
     report = result.report["distributed"]
     assert (report["strategy"], report["zero_stage"], report["global_batch"], report["resumed_from_steps"]) == ("deepspeed", 2, 4, [])
     assert_matches_reference(result, reference())

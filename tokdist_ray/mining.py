@@ -262,6 +262,7 @@ class MinerWork:
     nodes: dict[str, int] = field(default_factory=dict)  # node id -> documents mined there
     tokenised_chars: int = 0  # characters tokenised, of all characters scanned
     cpu_seconds: float = 0.0  # summed over the miners
+    first_batch_seconds: float = 0.0  # from the start to the first mined batch: mostly actor start-up
 
     def add(self, tally: dict) -> None:
         self.nodes[tally["node"]] = self.nodes.get(tally["node"], 0) + tally["documents"]
@@ -285,10 +286,13 @@ class MiningResult:
     def report(self) -> dict:
         stats = self.stats.as_dict(self.quota)
         seconds = max(self.stats.seconds, 1e-9)
+        streaming = max(self.stats.seconds - self.work.first_batch_seconds, 1e-9)
         return {
             **stats,
             "megabytes_per_second": round(self.stats.bytes / 1e6 / seconds, 3),
             "documents_per_second": round(self.stats.documents / seconds, 1),
+            "first_batch_seconds": round(self.work.first_batch_seconds, 2),
+            "megabytes_per_second_after_first_batch": round(self.stats.bytes / 1e6 / streaming, 3),
             "shortfall": self.shortfall,
             "tokenised_share": round(self.work.tokenised_chars / max(1, self.stats.bytes), 4),  # chars per byte
             "miner_cpu_seconds": round(self.work.cpu_seconds, 2),
@@ -355,6 +359,7 @@ def _consume(stream, ledger: QuotaLedger, board: _BoardWriter, work: MinerWork) 
     stats = MiningStats()
     started = last_log = time.perf_counter()
     for block in stream:
+        work.first_batch_seconds = work.first_batch_seconds or time.perf_counter() - started
         tally = pc.equal(block["token_index"], TALLY)
         for row in block.filter(tally).to_pylist():
             stats.documents += row["documents"]
@@ -416,7 +421,8 @@ def _cached(out: str, quota: int) -> MiningResult | None:
         documents=report["documents"], bad_rows=report["bad_rows"], bytes=report["bytes"],
         seconds=report["seconds"], counts=report["snippets_per_token"],
     )
-    work = MinerWork(report["workers"], report["nodes"], report["tokenised_chars"], report["miner_cpu_seconds"])
+    work = MinerWork(report["workers"], report["nodes"], report["tokenised_chars"], report["miner_cpu_seconds"],
+                     report["first_batch_seconds"])
     return MiningResult(f"{out}/snippets", stats, quota, work, cached=True)
 
 

@@ -201,7 +201,7 @@ def run_job(config: JobConfig, stages: tuple[str, ...] = STAGES) -> dict:
 
     if not ray.is_initialized():
         ray.init()  # a local instance, or the cluster when submitted with `ray job submit`
-    run_dir = Path(config.run_dir)
+    run_dir = Path(config.run_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     ledger = StageLedger(run_dir)
     settings = config_dict(config)

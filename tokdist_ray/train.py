@@ -243,6 +243,9 @@ def _plan(model_path, snippets_path, tokens, out_dir, training, dist, output_emb
     storage = dist.storage_path or str(out.parent / f"{out.name}.checkpoints")
     if dist.storage_filesystem is None and "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
+    # Ray Train starts workers in their own artifacts directory: relative paths would miss.
+    if snippets_fs is None and "://" not in snippets_path:
+        snippets_path = str(Path(snippets_path).expanduser().resolve())
     return WorkerPlan(
         model_path=resolve_model_path(model_path), model_name=model_path, snippets_path=snippets_path,
         snippets_filesystem=snippets_fs, tokens=tokens, out_dir=str(out), training=training,
