@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tokdist_ray import FileDataSource, GeneratedDataSource, TokenDistillation
-from tokdist_ray import generation, vllm_generation
+from tokdist_ray import api, generation, vllm_generation
 from tokdist_ray.config import DistillationConfig
 from tokdist_ray.generation import (
     BackendUnavailableError,
@@ -296,13 +296,22 @@ def test_top_up_generates_exactly_the_shortfall(smol):
     assert sorted((r["token"], r["token_index"]) for r in rows) == [(WORDS[0], 5)] * 2 + [(WORDS[1], 9)]
 
 
-def test_api_tops_up_short_tokens_and_reports_it(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("top_up", [True, GeneratedDataSource(seed=7, temperature=0.7)], ids=["default", "settings"])
+def test_api_tops_up_short_tokens_and_reports_it(tiny_model_dir, tmp_path, monkeypatch, top_up):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "doc.txt").write_text(SENTENCES[0], encoding="utf-8")  # each word once
+    sources = []
+
+    def generate_and_record(*args, **kwargs):
+        sources.append(args[5])
+        return generate_snippets(*args, **kwargs)
+
+    monkeypatch.setattr(api, "generate_snippets", generate_and_record)
     td = TokenDistillation(str(tiny_model_dir()), device="cpu")
-    td.run(WORDS, data=FileDataSource(str(corpus)), snippet_len=10, snippets_per_token=3, top_up_with_generation=True,
+    td.run(WORDS, data=FileDataSource(str(corpus)), snippet_len=10, snippets_per_token=3, top_up_with_generation=top_up,
            training=DistillationConfig(batch_size=4, log_every=1000))
+    assert sources == [GeneratedDataSource() if top_up is True else top_up]
     report = td.last_report
     assert report["snippets"]["topped_up_by_generation"] == {w: 2 for w in WORDS}
     assert [t["snippets"] for t in report["tokens_added"]] == [3, 3]

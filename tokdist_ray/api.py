@@ -93,13 +93,15 @@ class TokenDistillation:
         save: bool = False,
         *,
         min_snippets_per_token: int = 1,
-        top_up_with_generation: bool = False,
+        top_up_with_generation: bool | GeneratedDataSource = False,
     ):
         """Select tokens, collect snippets, distill, and return (model, tokenizer).
 
         `new_tokens` is a list of strings or a target tokenizer (all of its tokens the
         model lacks). Tokens with fewer than `min_snippets_per_token` snippets are
-        skipped and reported, after an optional top-up with generated snippets.
+        skipped and reported, after an optional top-up with generated snippets
+        (`top_up_with_generation`: True for default sampling, or a GeneratedDataSource
+        whose settings the top-up uses).
         """
         if save and out_path is None:
             raise ValueError("out_path must be given when save=True")
@@ -176,8 +178,9 @@ class TokenDistillation:
         if short and top_up:
             index = {tok.text: i for i, tok in enumerate(tokens)}
             todo = [tok for tok in tokens if tok.text in short]
+            settings = top_up if isinstance(top_up, GeneratedDataSource) else GeneratedDataSource()
             extra, extra_stats = generate_snippets(
-                self.model, self.tokenizer, todo, snippet_len, short, GeneratedDataSource(),
+                self.model, self.tokenizer, todo, snippet_len, short, settings,
                 token_indices=[index[tok.text] for tok in todo],
             )
             snippets += extra
