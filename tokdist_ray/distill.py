@@ -90,8 +90,11 @@ def _cpu_has_native_bf16() -> bool:
     return bool((check and check()) or (amx and amx()))
 
 
-def _cache_of(output) -> object:
-    return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+def _cache_of(output, wanted: bool) -> object:
+    if not wanted:
+        return None  # reading the old name, even to find None, warns in transformers 5.x
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 class TokenDistiller(nn.Module):
@@ -149,12 +152,12 @@ class TokenDistiller(nn.Module):
         if not need_final:
             out = self._target_decoder[0](**inputs, **kwargs)
             states = out.last_hidden_state
-            return RunStates(states, states if self.target == self.n_layers else None, _cache_of(out))
+            return RunStates(states, states if self.target == self.n_layers else None, _cache_of(out, keep_cache))
         want_inner = need_target and self.target != self.n_layers
         out = self._decoder[0](**inputs, **kwargs, output_hidden_states=want_inner)
         final = out.last_hidden_state
         target = (out.hidden_states[self.target] if want_inner else final) if need_target else None
-        return RunStates(target, final, _cache_of(out))
+        return RunStates(target, final, _cache_of(out, keep_cache))
 
     def student_states(self, student_ids, mask, teacher: RunStates | None, split: int, need_target, need_final) -> RunStates:
         """Student states for the whole batch. With a teacher cache and split > 0, only
