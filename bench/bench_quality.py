@@ -47,7 +47,8 @@ def main() -> None:
     train = [p.read_text(encoding="utf-8") for p in split.train]
     heldout = [p.read_text(encoding="utf-8") for p in split.heldout]
     joined = "\n".join(heldout)
-    ranked = frequent_fragmented_words(tokenizer, train, 200, min_pieces=3, min_count=args.snippets)
+    # 2+ pieces: at 3+ the training split has too few words with 100 distinct contexts
+    ranked = frequent_fragmented_words(tokenizer, train, 400, min_pieces=2, min_count=int(1.5 * args.snippets))
     words = [w for w, _ in ranked if joined.count(w) >= 5][: args.tokens]
     tokens = select_new_tokens(tokenizer, words).tokens
 

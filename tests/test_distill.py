@@ -148,3 +148,14 @@ def test_reusing_the_teachers_prefix_changes_neither_loss_nor_gradient(tiny_mode
         results.append((out["loss"].detach(), distiller.rows.input.grad.clone()))
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_a_compute_budget_stops_training_and_bounds_the_eta(tiny_model_dir, caplog):
+    distiller, examples, _ = tiny_setup(tiny_model_dir(tied=True))  # 4 snippets: 2 steps per epoch
+    by_steps = train_local(distiller, examples, DistillationConfig(epochs=10, batch_size=2, max_steps=3, log_every=1))
+    assert (by_steps.steps, by_steps.stopped_by) == (3, "max_steps")
+    with caplog.at_level("INFO", logger="tokdist_ray"):
+        by_time = train_local(distiller, examples, DistillationConfig(epochs=1000, batch_size=2, time_budget_s=1e-6, log_every=1))
+    assert (by_time.steps, by_time.stopped_by) == (1, "time_budget")
+    # without the budget the ETA would be 1,999 steps away
+    assert caplog.records[-1].getMessage().endswith("eta 0s")

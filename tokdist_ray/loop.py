@@ -71,11 +71,17 @@ class TrainingHistory:
         }
 
 
+def eta_seconds(seconds_per_step: float, steps_left: int, budget_left_s: float | None) -> float:
+    """Time to the last step, or to the end of the time budget when that comes first."""
+    eta = seconds_per_step * steps_left
+    return eta if budget_left_s is None else max(0.0, min(eta, budget_left_s))
+
+
 class ProgressLog:
     """Averages step metrics over a window and prints one line per window, with ETA."""
 
-    def __init__(self, every: int, total: int):
-        self.every, self.total = max(1, every), total
+    def __init__(self, every: int, total: int, budget_s: float | None = None):
+        self.every, self.total, self.budget_s = max(1, every), total, budget_s
         self.window: dict[str, list[float]] = {}
         self.start = time.perf_counter()
 
@@ -87,7 +93,7 @@ class ProgressLog:
         point = {"step": step, "epoch": epoch, **{k: sum(v) / len(v) for k, v in self.window.items()}}
         history.loss_curve.append(point)
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / step * (self.total - step)
+        eta = eta_seconds(elapsed / step, self.total - step, self.budget_s and self.budget_s - history.seconds)
         log.info(
             "step %d/%d epoch %d loss %.5f | %.1f snippets/s | elapsed %.0fs eta %.0fs",
             step, self.total, epoch, point["loss"], history.snippets / max(elapsed, 1e-9), elapsed, eta,
@@ -103,7 +109,7 @@ def train_local(distiller: TokenDistiller, examples: Sequence[dict], cfg: Distil
     torch.manual_seed(cfg.seed)
     steps = total_steps(len(examples), cfg)
     optimizer, schedule = make_optimizer([p for p in distiller.parameters() if p.requires_grad], cfg, steps)
-    history, progress = TrainingHistory(), ProgressLog(cfg.log_every, steps)
+    history, progress = TrainingHistory(), ProgressLog(cfg.log_every, steps, cfg.time_budget_s)
     natural_steps = cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
     start = time.perf_counter()  # the frozen model stays in eval mode: no dropout
     for epoch in range(cfg.epochs):

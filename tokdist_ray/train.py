@@ -52,7 +52,7 @@ from .config import DistillationConfig, OutputEmbeddingInit
 from .distill import TokenDistiller, bf16_supported
 from .export import expand_model, expand_tokenizer, save_expanded
 from .init import PRE_INIT_STRATEGIES, initial_rows
-from .loop import make_optimizer, total_steps
+from .loop import eta_seconds, make_optimizer, total_steps
 from .models import load_model, load_tokenizer, resolve_model_path
 from .parallel import DataParallel, DeepSpeedZero, deepspeed_config
 from .shards import SnippetSchedule, read_snippets, storage_location
@@ -404,7 +404,7 @@ def train_worker(config: dict) -> None:
 
         at_checkpoint = stop or (plan.checkpoint_every and progress.step % plan.checkpoint_every == 0)
         if at_checkpoint or progress.step % max(1, cfg.log_every) == 0:
-            report = meter.flush(progress, schedule.position(progress.step - 1)[0], steps)
+            report = meter.flush(progress, schedule.position(progress.step - 1)[0], steps, cfg.time_budget_s)
         if at_checkpoint:
             rows = parallel.full_rows()
             _save_checkpoint(parallel, progress, rows, rank, report)
@@ -484,7 +484,7 @@ class _IntervalMeter:
         self.snippets += snippets
         self.tokens += tokens
 
-    def flush(self, progress: Progress, epoch: int, total: int) -> dict:
+    def flush(self, progress: Progress, epoch: int, total: int, budget_s: float | None) -> dict:
         names = sorted(self.sums)
         totals = torch.stack([self.sums[n] for n in names])
         torch_dist.all_reduce(totals)
@@ -497,7 +497,8 @@ class _IntervalMeter:
             "snippets_per_s": self.snippets / seconds,
             "tokens_per_s": self.tokens / seconds,
             "elapsed_s": progress.history.seconds,
-            "eta_s": seconds / self.steps * (total - progress.step),
+            "eta_s": eta_seconds(seconds / self.steps, total - progress.step,
+                                 budget_s and budget_s - progress.history.seconds),
         }
         if self.rank == 0:
             log.info(
