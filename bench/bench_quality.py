@@ -84,13 +84,13 @@ def main() -> None:
 
     print(f"SmolLM2-135M, {len(tokens)} tokens x {args.snippets} snippets of {args.snippet_len}, batch {args.batch_size}, "
           f"lr {args.learning_rate}; held-out: {len(examples)} snippets from {len(split.heldout)} files")
-    print("| method | wall s (end to end) | epochs run | hidden MSE / FVT | KL / FVT |")
-    print("|---|---:|---:|---:|---:|")
+    n_train = sum(t["snippets"] for t in report["tokens_added"])
+    print("| method | wall s (end to end) | steps | epochs | hidden MSE / FVT | KL / FVT |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in methods:
         wall, history = timings.get(name.removeprefix("tokdist "), (None, None))
-        epochs = history["loss_curve"][-1]["epoch"] + 1 if history and history["loss_curve"] else "-"
-        print(f"| {name} | {wall:.0f} | {epochs} | {ratios[name]['hidden_mse']:.3f} | {ratios[name]['kl']:.3f} |"
-              if wall else f"| {name} | - | - | {ratios[name]['hidden_mse']:.3f} | {ratios[name]['kl']:.3f} |")
+        run_cols = f"{wall:.0f} | {history['steps']} | {history['snippets'] / n_train:.2f}" if wall else "- | - | -"
+        print(f"| {name} | {run_cols} | {ratios[name]['hidden_mse']:.3f} | {ratios[name]['kl']:.3f} |")
 
 
 if __name__ == "__main__":
