@@ -422,7 +422,7 @@ def _cached(out: str, quota: int) -> MiningResult | None:
         seconds=report["seconds"], counts=report["snippets_per_token"],
     )
     work = MinerWork(report["workers"], report["nodes"], report["tokenised_chars"], report["miner_cpu_seconds"],
-                     report["first_batch_seconds"])
+                     report.get("first_batch_seconds", 0.0))  # absent in caches written before it was kept
     return MiningResult(f"{out}/snippets", stats, quota, work, cached=True)
 
 
