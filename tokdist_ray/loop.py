@@ -71,10 +71,10 @@ class TrainingHistory:
         }
 
 
-def eta_seconds(seconds_per_step: float, steps_left: int, budget_left_s: float | None) -> float:
+def eta_seconds(seconds_per_step: float, steps_left: int, budget_s: float | None, elapsed_s: float) -> float:
     """Time to the last step, or to the end of the time budget when that comes first."""
     eta = seconds_per_step * steps_left
-    return eta if budget_left_s is None else max(0.0, min(eta, budget_left_s))
+    return eta if budget_s is None else max(0.0, min(eta, budget_s - elapsed_s))
 
 
 class ProgressLog:
@@ -93,7 +93,7 @@ class ProgressLog:
         point = {"step": step, "epoch": epoch, **{k: sum(v) / len(v) for k, v in self.window.items()}}
         history.loss_curve.append(point)
         elapsed = time.perf_counter() - self.start
-        eta = eta_seconds(elapsed / step, self.total - step, self.budget_s and self.budget_s - history.seconds)
+        eta = eta_seconds(elapsed / step, self.total - step, self.budget_s, history.seconds)
         log.info(
             "step %d/%d epoch %d loss %.5f | %.1f snippets/s | elapsed %.0fs eta %.0fs",
             step, self.total, epoch, point["loss"], history.snippets / max(elapsed, 1e-9), elapsed, eta,

@@ -497,8 +497,7 @@ class _IntervalMeter:
             "snippets_per_s": self.snippets / seconds,
             "tokens_per_s": self.tokens / seconds,
             "elapsed_s": progress.history.seconds,
-            "eta_s": eta_seconds(seconds / self.steps, total - progress.step,
-                                 budget_s and budget_s - progress.history.seconds),
+            "eta_s": eta_seconds(seconds / self.steps, total - progress.step, budget_s, progress.history.seconds),
         }
         if self.rank == 0:
             log.info(
