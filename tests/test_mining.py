@@ -20,9 +20,9 @@ import pytest
 from tokdist_ray.alignment import PhraseMerger
 from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.corpus import documents
-from tokdist_ray.corpus_dataset import file_kind, resolve_files, text_blocks
+from tokdist_ray.corpus_dataset import corpus_parts, file_kind, read_part, resolve_files, text_blocks
 from tokdist_ray.matching import Cuts, PhraseScanner
-from tokdist_ray.mining import QuotaLedger, TokenizerSpec, cache_key, corpus_spec, mine_corpus
+from tokdist_ray.mining import QuotaLedger, TokenizerSpec, cache_key, corpus_spec, mine_corpus, mining_dataset, reads_fused
 from tokdist_ray.models import load_tokenizer
 from tokdist_ray.snippets import SNIPPET_SCHEMA, bos_prefix, mine_snippets, window_around
 from tokdist_ray.tokens import NewToken, select_new_tokens
@@ -174,7 +174,37 @@ def test_cache_key_follows_corpus_tokenizer_tokens_and_settings(tmp_path, tiny_t
     assert key(corpus=hf(lambda row: row)) != key(corpus=hf(lambda row: {"text": row["body"]}))
 
 
+@pytest.mark.parametrize("part_bytes", [1, 37, 200, 10**6])
+def test_large_files_are_read_in_slices_that_give_each_row_once_in_order(tmp_path, part_bytes):
+    lines = [json.dumps({"text": f"line {i} " + "x" * (i % 13)}) for i in range(40)] + BAD_JSON_LINES + ["", "  "]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    texts = [f"row {i} " * (i % 5 + 1) for i in range(50)] + [None]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "b.parquet", row_group_size=7)
+    (tmp_path / "c.txt").write_text("one document\n" * 20)
+    files = resolve_files(str(tmp_path))
+
+    def values(parts):
+        return [v for part in parts for block in read_part(files.filesystem, part, "text")
+                for v in block.column("text").to_pylist()]
+
+    whole = corpus_parts(files, seed=3, part_bytes=10**9, split=False)
+    sliced = corpus_parts(files, seed=3, part_bytes=part_bytes, split=True)
+    assert values(sliced) == values(whole)
+    assert len(values(whole)) == 40 + len(BAD_JSON_LINES) + 51 + 1  # blank lines are no rows
+    if part_bytes < 100:  # both large files cut, the text file whole
+        assert sum(p.byte_range is not None for part in sliced for p in part) > 1
+        assert sum(p.row_groups is not None for part in sliced for p in part) == 8  # ceil(51 / 7) row groups
+        assert sum(p.path.endswith("c.txt") for part in sliced for p in part) == 1
+
+
 # ---------------------------------------------------------------------- on Ray
+def test_local_files_are_read_inside_the_miners_and_others_in_tasks_of_their_own(ray_session, tmp_path):
+    (tmp_path / "a.txt").write_text("some text")
+    args = {"tokenizer": None, "texts": [], "phrases": [], "snippet_len": 8, "quota": 1}
+    assert reads_fused(mining_dataset(FileDataSource(str(tmp_path)), 0, None, args, 2))
+    assert not reads_fused(mining_dataset(FileDataSource(str(tmp_path), max_docs=5), 0, None, args, 2))
+
+
 BAD_JSON_LINES = ['{"text": null}', '{"text": 5}', '{"other": "x"}', '{"text": ""}', "not json", '{"text": "   "}']
 
 

@@ -14,11 +14,19 @@ IterableDataset, `map_to_text_fn` applied in the read task.
 
 Order: files (or HF shards) in an order shuffled by the seed, rows in file order, so
 what is read first is not biased toward the corpus's own order; `max_docs` keeps the
-first rows of that order. Files stream in blocks of about BLOCK_BYTES.
+first rows of that order.
 
-Reads are plain read tasks of our own that reserve no CPU: mining actors hold every
-CPU, and a read task (or Ray's own file-listing step of read_parquet) that waits for a
-whole free CPU stalls the pipeline.
+Reading is a read task per *part* of the corpus: a run of consecutive small files, or a
+slice of a large one (parquet row groups, or the lines of an uncompressed JSONL file
+that start in a byte range), about PART_BYTES each; a part streams in blocks of about
+BLOCK_BYTES. Two ways to run them:
+  - local files: the read tasks ask for the miners' resources (MINER_CPUS), so Ray Data
+    fuses them into the mining actors; each miner reads its own parts and the text never
+    passes through the object store or a separate process. Small parts keep the miners
+    evenly loaded and the early stop prompt.
+  - remote files, HF streams, and `max_docs` (a Limit between read and miners, which
+    Ray Data does not fuse): plain read tasks that reserve no CPU, so that network waits
+    overlap mining and a read never waits for a CPU the miners hold.
 """
 
 from __future__ import annotations
@@ -46,8 +54,9 @@ log = logging.getLogger("tokdist_ray")
 
 TEXT = "text"
 BLOCK_BYTES = 2 << 20  # small blocks, so that work spreads over the miners as it streams
-TASK_BYTES = 64 << 20  # consecutive small files share a read task up to this size
-READ_ARGS = {"num_cpus": 0}
+PART_BYTES = 4 << 20  # a part read inside a miner: small, to balance miners and stop early
+TASK_BYTES = 64 << 20  # a read task of its own (remote files): fewer, larger tasks
+MINER_CPUS = 1  # the miners' num_cpus; local reads ask the same, which lets Ray Data fuse them
 COMPRESSION_SUFFIXES = {".gz", ".bz2", ".zst", ".lz4", ".br"}
 
 
@@ -57,6 +66,21 @@ class CorpusFiles:
     paths: list[str]  # sorted
     sizes: list[int]
     mtimes: list[float | None]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A file, or a slice of a large one: some parquet row groups, or the JSONL lines
+    that start in [start, end)."""
+
+    path: str
+    size: int
+    row_groups: tuple[int, ...] | None = None
+    byte_range: tuple[int, int] | None = None
+
+
+def _compressed(path: str) -> bool:
+    return Path(path).suffix.lower() in COMPRESSION_SUFFIXES
 
 
 def file_kind(path: str) -> str:
@@ -121,15 +145,16 @@ def _json_line_value(line: str, column: str) -> str | None:
         return None
 
 
-def _parquet_blocks(filesystem: pafs.FileSystem, path: str, column: str) -> Iterator[pa.Table]:
-    """The text column in blocks of about BLOCK_BYTES, kept in Arrow (no Python strings)."""
+def _parquet_blocks(filesystem: pafs.FileSystem, path: str, column: str, row_groups=None) -> Iterator[pa.Table]:
+    """The text column (of `row_groups`, or all) in blocks of about BLOCK_BYTES, kept in
+    Arrow (no Python strings)."""
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(filesystem.open_input_file(path))
     if column not in parquet.schema_arrow.names:
         raise ValueError(f"{path} has no column {column!r} (columns: {parquet.schema_arrow.names}); set text_column")
     batches, size = [], 0
-    for batch in parquet.iter_batches(columns=[column], batch_size=64):
+    for batch in parquet.iter_batches(columns=[column], batch_size=64, row_groups=row_groups):
         values = batch.column(0)
         if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
             values = pa.nulls(len(values), pa.large_string())  # not text: every row is bad
@@ -151,6 +176,26 @@ def _file_values(filesystem: pafs.FileSystem, path: str, column: str) -> Iterato
         for line in io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
             if line.strip():
                 yield _json_line_value(line, column)
+
+
+def _line_range_values(filesystem: pafs.FileSystem, path: str, start: int, end: int, column: str) -> Iterator[str | None]:
+    """The text values of the JSONL lines that start in [start, end)."""
+    with io.BufferedReader(filesystem.open_input_file(path)) as stream:
+        if start > 0:
+            stream.seek(start - 1)
+            stream.readline()  # the line holding byte start - 1 is the previous slice's
+        while stream.tell() < end:
+            line = stream.readline()
+            if not line:
+                break
+            if line.strip():
+                yield _json_line_value(line.decode("utf-8", errors="replace"), column)
+
+
+def _piece_values(filesystem: pafs.FileSystem, piece: Piece, column: str) -> Iterator[str | None]:
+    if piece.byte_range is not None:
+        return _line_range_values(filesystem, piece.path, *piece.byte_range, column)
+    return _file_values(filesystem, piece.path, column)
 
 
 def text_blocks(values: Iterable[str | None], max_bytes: int = BLOCK_BYTES) -> Iterator[pa.Table]:
@@ -196,37 +241,73 @@ def _datasource(describe: str, read_fns: list[tuple[Any, list[str], int | None]]
     return CorpusReads()
 
 
-def _read_files(filesystem, paths: list[str], column: str) -> Iterator[pa.Table]:
-    """Blocks of the files in order; runs of JSONL and text files share blocks."""
-    run: list[str] = []
-    for path in paths + [None]:
-        if path is not None and file_kind(path) != "parquet":
-            run.append(path)
+def read_part(filesystem, pieces: list[Piece], column: str) -> Iterator[pa.Table]:
+    """Blocks of the pieces in order; runs of JSONL and text pieces share blocks."""
+    run: list[Piece] = []
+    for piece in pieces + [None]:
+        if piece is not None and file_kind(piece.path) != "parquet":
+            run.append(piece)
             continue
-        yield from text_blocks(chain.from_iterable(_file_values(filesystem, p, column) for p in run))
+        yield from text_blocks(chain.from_iterable(_piece_values(filesystem, p, column) for p in run))
         run = []
-        if path is not None:
-            yield from _parquet_blocks(filesystem, path, column)
+        if piece is not None:
+            yield from _parquet_blocks(filesystem, piece.path, column, piece.row_groups)
 
 
-def files_dataset(source: FileDataSource, seed: int, files: CorpusFiles | None = None):
+def _slices(filesystem: pafs.FileSystem, path: str, size: int, part_bytes: int) -> list[Piece]:
+    """A large parquet or uncompressed JSONL file in slices of about part_bytes; any
+    other file whole."""
+    kind = file_kind(path)
+    if size <= part_bytes or _compressed(path) or kind == "text":
+        return [Piece(path, size)]
+    if kind == "jsonl":
+        return [Piece(path, min(part_bytes, size - a), byte_range=(a, min(a + part_bytes, size)))
+                for a in range(0, size, part_bytes)]
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(filesystem.open_input_file(path)).metadata
+    slices, groups, stored = [], [], 0
+    for g in range(metadata.num_row_groups):
+        row_group = metadata.row_group(g)
+        groups.append(g)
+        stored += sum(row_group.column(c).total_compressed_size for c in range(row_group.num_columns))
+        if stored >= part_bytes or g == metadata.num_row_groups - 1:
+            slices.append(Piece(path, stored, row_groups=tuple(groups)))
+            groups, stored = [], 0
+    return slices if len(slices) > 1 else [Piece(path, size)]
+
+
+def corpus_parts(files: CorpusFiles, seed: int, part_bytes: int, split: bool) -> list[list[Piece]]:
+    """The files in seeded order, as parts of about part_bytes: consecutive small files
+    share a part; with `split`, large files are cut into slices, a part each."""
+    order = list(zip(files.paths, files.sizes))
+    random.Random(seed).shuffle(order)
+    parts: list[list[Piece]] = []
+    for path, size in order:
+        pieces = _slices(files.filesystem, path, size, part_bytes) if split else [Piece(path, size)]
+        for piece in pieces:
+            if parts and sum(p.size for p in parts[-1]) + piece.size <= part_bytes:
+                parts[-1].append(piece)
+            else:
+                parts.append([piece])
+    return parts
+
+
+def files_dataset(source: FileDataSource, seed: int, files: CorpusFiles | None = None, in_miners: bool = True):
     import ray.data
 
     files = files or resolve_files(source.paths)
-    size_of = dict(zip(files.paths, files.sizes))
-    order = list(files.paths)
-    random.Random(seed).shuffle(order)
-    groups: list[list[str]] = []
-    for path in order:  # consecutive files share a task up to TASK_BYTES
-        if groups and sum(size_of[p] for p in groups[-1]) + size_of[path] <= TASK_BYTES:
-            groups[-1].append(path)
-        else:
-            groups.append([path])
+    in_miners = in_miners and files.filesystem.type_name == "local" and source.max_docs is None
+    parts = corpus_parts(files, seed, PART_BYTES if in_miners else TASK_BYTES, split=in_miners)
     read_fns = [
-        (partial(_read_files, files.filesystem, group, source.text_column), group, sum(size_of[p] for p in group))
-        for group in groups
+        (partial(read_part, files.filesystem, part, source.text_column), sorted({p.path for p in part}),
+         sum(p.size for p in part))
+        for part in parts
     ]
-    ds = ray.data.read_datasource(_datasource("CorpusFiles", read_fns), **READ_ARGS)
+    if in_miners:  # one block per part as Ray Data sees it: a split factor would stop the fusion
+        return ray.data.read_datasource(_datasource("CorpusFiles", read_fns), num_cpus=MINER_CPUS,
+                                        override_num_blocks=len(read_fns))
+    ds = ray.data.read_datasource(_datasource("CorpusFiles", read_fns), num_cpus=0)
     return ds.limit(source.max_docs) if source.max_docs is not None else ds
 
 
@@ -260,14 +341,16 @@ def hf_dataset(source: HFDataSource, seed: int):
     order = list(range(num_shards))
     random.Random(seed).shuffle(order)
     read_fns = [(partial(_read_hf_shard, source, num_shards, i), [], None) for i in order]
-    ds = ray.data.read_datasource(_datasource("HFStream", read_fns), **READ_ARGS)
+    ds = ray.data.read_datasource(_datasource("HFStream", read_fns), num_cpus=0)
     return ds.limit(source.max_docs) if source.max_docs is not None else ds
 
 
-def corpus_dataset(source: FileDataSource | HFDataSource, seed: int, files: CorpusFiles | None = None):
-    """A Ray Dataset with a `text` column, in the seeded read order described above."""
+def corpus_dataset(source: FileDataSource | HFDataSource, seed: int, files: CorpusFiles | None = None,
+                   in_miners: bool = True):
+    """A Ray Dataset with a `text` column, in the seeded read order described above;
+    `in_miners=False` reads local files in tasks of their own too."""
     if isinstance(source, FileDataSource):
-        return files_dataset(source, seed, files)
+        return files_dataset(source, seed, files, in_miners)
     if isinstance(source, HFDataSource):
         return hf_dataset(source, seed)
     raise TypeError(f"not a corpus source: {type(source).__name__}")

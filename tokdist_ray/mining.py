@@ -7,8 +7,9 @@
 
 Pipeline: read the corpus (corpus_dataset) -> SnippetMiner actors, one tokenizer and
 one PhraseScanner each, built once (`ActorPoolStrategy`, one CPU each, as many as the
-cluster has CPUs) -> the driver takes each token's first `snippets_per_token` distinct
-windows in stream order and stops reading once every token has them.
+cluster has CPUs; local files are read inside them) -> the driver takes each token's
+first `snippets_per_token` distinct windows in stream order and stops reading once
+every token has them.
 
 Determinism: the stream order is fixed by the seed (corpus_dataset) and kept
 (`preserve_order`); a miner passes on, per batch and token, its first
@@ -41,7 +42,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .config import FileDataSource, HFDataSource
-from .corpus_dataset import TEXT, CorpusFiles, corpus_dataset, resolve_files
+from .corpus_dataset import MINER_CPUS, TEXT, CorpusFiles, corpus_dataset, resolve_files
 from .matching import PhraseScanner
 from .snippets import SNIPPET_SCHEMA, MiningStats, snippet_row
 
@@ -51,7 +52,6 @@ if TYPE_CHECKING:  # mining actors import this module: keep transformers out of 
 log = logging.getLogger("tokdist_ray")
 
 CACHE_VERSION = 1  # bump when the output for the same inputs changes
-DOCS_PER_BATCH = 128
 PROGRESS_EVERY_S = 10.0
 TALLY = -1  # token_index of a miner's per-batch tally row
 
@@ -379,21 +379,45 @@ def _consume(stream, ledger: QuotaLedger, board: _BoardWriter, work: MinerWork) 
     return stats
 
 
-def _mine_on_ray(source, spec, tokens, snippet_len, quota, seed, files, ledger, work: MinerWork) -> MiningStats:
+def reads_fused(dataset) -> bool:
+    """Whether Ray Data runs the reads inside the miners (one fused operator)."""
+    import contextlib
+    import io
+
+    plan = io.StringIO()
+    with contextlib.redirect_stdout(plan):
+        dataset.explain()
+    return "->MapBatches(SnippetMiner)" in plan.getvalue()
+
+
+def mining_dataset(source, seed, files, miner_args: dict, workers: int):
+    """The corpus through the miners. Local reads ask for the miners' CPU so that Ray Data
+    fuses them into the miners; were they left as tasks of their own (another Ray
+    version, say) they would wait forever for CPUs the miners hold, so then the reads
+    run in 0-CPU tasks instead."""
     import ray
 
+    def through_miners(in_miners: bool):
+        return corpus_dataset(source, seed, files, in_miners).map_batches(
+            SnippetMiner,
+            fn_constructor_kwargs=miner_args,
+            batch_size=None,  # a block of the corpus (about BLOCK_BYTES) at a time; a batch size would stop the fusion
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=MINER_CPUS,  # Ray Data spreads the actors over the nodes (its default strategy)
+        )
+
+    dataset = through_miners(True)
+    return dataset if reads_fused(dataset) else through_miners(False)
+
+
+def _mine_on_ray(source, spec, tokens, snippet_len, quota, seed, files, ledger, work: MinerWork) -> MiningStats:
     board = _BoardWriter(f"tokdist-quota-board-{uuid.uuid4().hex}")
-    dataset = corpus_dataset(source, seed, files).map_batches(
-        SnippetMiner,
-        fn_constructor_kwargs={
-            "tokenizer": spec, "texts": [t.text for t in tokens], "phrases": [list(t.phrase_ids) for t in tokens],
-            "snippet_len": snippet_len, "quota": quota, "board": board.name,
-        },
-        batch_size=DOCS_PER_BATCH,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=work.workers),
-        num_cpus=1,  # Ray Data spreads the actors over the nodes (its default strategy)
-    )
+    miner_args = {
+        "tokenizer": spec, "texts": [t.text for t in tokens], "phrases": [list(t.phrase_ids) for t in tokens],
+        "snippet_len": snippet_len, "quota": quota, "board": board.name,
+    }
+    dataset = mining_dataset(source, seed, files, miner_args, work.workers)
     dataset.context.execution_options.preserve_order = True
     dataset.context.enable_progress_bars = False  # _consume logs progress; bars cost driver CPU
     stream = dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
