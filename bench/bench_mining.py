@@ -10,8 +10,9 @@ tokdist-ray: `mine_corpus` with 1 and with 2 mining actors on a local 2-CPU Ray 
 started and warmed beforehand, as a running cluster would be (its start-up is reported
 apart; starting the mining actors is inside the timed call).
 
-Then, as actor start-up is a fixed cost next to some 10 s of mining at 100 MB, 1 against 2
-workers again on the corpus repeated to about 400 MB (`--scaling-megabytes`).
+All of it on two corpora (`--megabytes`, default 100 and 400): starting the mining
+actors is a fixed cost of some 3 s next to 10 s of mining at 100 MB, which bounds what a
+second worker can gain there; at 400 MB mining dominates.
 
 Corpus: the Python docs sources from python3.11-doc, then every other UTF-8 text under
 /usr/share/doc (gzip opened; PostScript, tarballs and test logs left out; duplicate files
@@ -20,7 +21,7 @@ the files fall short), written once as parquet shards into $TOKDIST_RAY_CACHE/be
 Tokens: words of the corpus SmolLM2's tokenizer cuts into >= 3 pieces, 1,000 of them at
 evenly spaced frequency ranks, from the most frequent to ones seen twice.
 
-    python bench/bench_mining.py                # full run, prints the table
+    python bench/bench_mining.py                # full run (about 15 min), prints the tables
     python bench/bench_mining.py --tokens 200 --megabytes 20   # a quick look
 """
 
@@ -249,8 +250,9 @@ def print_table(runs: list[Run], quota: int, repeats: int) -> None:
         print(f"{run.name:<34} {run.wall:>7.1f} {run.megabytes:>11.1f} {run.cpu:>7.1f} {sum(map(len, run.found)):>9} "
               f"{full:>7}/{len(run.found):<4} {reference.wall / run.wall:>8.1f}x {extra}")
     print(f"(tokdist-ray rows: best wall time of {repeats} runs; CPU s: the miners' own CPU time; "
-          "1st batch s: start to first mined batch, mostly starting the actors; MB/s after: throughput after it)")
-    print_scaling(runs[1], runs[2])
+          "1st batch s: start to the first mined part, mostly starting the actors; MB/s after: throughput after it)")
+    one, two = runs[1], runs[2]
+    print(f"2 workers vs 1: {one.wall / two.wall:.2f}x end to end, {two.streaming / one.streaming:.2f}x after the first batch")
     for run in runs[1:]:
         agree = all(len(a) == len(b) for a, b in zip(reference.found, run.found))
         short_same = all(set(a) == set(b) for a, b in zip(reference.found, run.found) if len(a) < quota)
@@ -258,19 +260,14 @@ def print_table(runs: list[Run], quota: int, repeats: int) -> None:
               f"tokens short of quota have the very same snippets: {short_same}")
 
 
-def print_scaling(one: Run, two: Run) -> None:
-    print(f"2 workers vs 1: {one.wall / two.wall:.2f}x end to end, {two.streaming / one.streaming:.2f}x after the first batch")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1000)
-    parser.add_argument("--megabytes", type=float, default=100)
+    parser.add_argument("--megabytes", type=float, nargs="+", default=[100, 400],
+                        help="corpus sizes; the tokens come from the first")
     parser.add_argument("--quota", type=int, default=100)
     parser.add_argument("--snippet-len", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each tokdist-ray setting, alternating")
-    parser.add_argument("--scaling-megabytes", type=float, default=400,
-                        help="also time 1 and 2 workers (no reference) on a corpus this large; 0 to skip")
     parser.add_argument("--model", default="bundled:smollm2")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -278,35 +275,29 @@ def main() -> None:
     import ray
 
     tokenizer = load_tokenizer(args.model)
-    shards = build_corpus(cache_root() / f"bench-mining-corpus-{args.megabytes:g}MB", args.megabytes)
-    corpus_mb = sum(os.path.getsize(s) for s in shards) / 1e6
-    tokens = select_tokens(tokenizer, shards, args.tokens)
-    print(f"corpus: {len(shards)} shards ({corpus_mb:.0f} MB parquet); {len(tokens)} tokens, "
-          f"{sum(len(t.phrase_ids) for t in tokens) / len(tokens):.1f} pieces on average", flush=True)
+    corpora = {mb: build_corpus(cache_root() / f"bench-mining-corpus-{mb:g}MB", mb) for mb in args.megabytes}
+    tokens = select_tokens(tokenizer, corpora[args.megabytes[0]], args.tokens)
+    print(f"{len(tokens)} tokens, {sum(len(t.phrase_ids) for t in tokens) / len(tokens):.1f} pieces on average", flush=True)
 
-    t, cpu = time.perf_counter(), time.process_time()
-    reference, reference_bytes = reference_mine(shards, tokenizer, tokens, args.snippet_len, args.quota)
-    runs = [Run("reference (whole documents)", time.perf_counter() - t, reference_bytes / 1e6, time.process_time() - cpu, reference)]
-    print(f"reference: {runs[0].wall:.1f} s", flush=True)
+    references = {}
+    for mb, shards in corpora.items():  # before Ray starts: nothing else runs beside it
+        t, cpu = time.perf_counter(), time.process_time()
+        found, scanned = reference_mine(shards, tokenizer, tokens, args.snippet_len, args.quota)
+        references[mb] = Run("reference (whole documents)", time.perf_counter() - t, scanned / 1e6,
+                             time.process_time() - cpu, found)
+        print(f"reference, {len(shards)} shards ({scanned / 1e6:.0f} MB scanned): {references[mb].wall:.1f} s", flush=True)
 
     t = time.perf_counter()
     start_warm_cluster()
     ray_start = time.perf_counter() - t
     try:
-        best = best_runs(shards, tokenizer, tokens, args)
-        if args.scaling_megabytes:
-            large = build_corpus(cache_root() / f"bench-mining-corpus-{args.scaling_megabytes:g}MB", args.scaling_megabytes)
-            scaling = best_runs(large, tokenizer, tokens, args)
+        best = {mb: best_runs(shards, tokenizer, tokens, args) for mb, shards in corpora.items()}
     finally:
         ray.shutdown()
     print(f"\nRay start-up and warm-up (not in the times below): {ray_start:.1f} s; load average {os.getloadavg()[0]:.1f}")
-    print_table(runs + [best[1], best[2]], args.quota, args.repeats)
-    if args.scaling_megabytes:
-        print(f"\nOn {scaling[1].megabytes:.0f} MB (the corpus repeated; no reference run):")
-        for run in scaling.values():
-            print(f"{run.name:<34} {run.wall:>7.1f} s, miners' CPU {run.cpu:.1f} s, 1st batch {run.first_batch:.1f} s, "
-                  f"{run.streaming:.1f} MB/s after it")
-        print_scaling(scaling[1], scaling[2])
+    for mb in corpora:
+        print(f"\n== corpus of {references[mb].megabytes:.0f} MB")
+        print_table([references[mb], best[mb][1], best[mb][2]], args.quota, args.repeats)
 
 
 if __name__ == "__main__":
