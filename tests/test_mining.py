@@ -22,7 +22,7 @@ from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.corpus import documents
 from tokdist_ray.corpus_dataset import corpus_parts, file_kind, read_part, resolve_files, text_blocks
 from tokdist_ray.matching import Cuts, PhraseScanner
-from tokdist_ray.mining import QuotaLedger, TokenizerSpec, cache_key, corpus_spec, mine_corpus, mining_dataset, reads_fused
+from tokdist_ray.mining import TALLY, QuotaLedger, SnippetMiner, TokenizerSpec, cache_key, corpus_spec, mine_corpus, mining_dataset, reads_fused
 from tokdist_ray.models import load_tokenizer
 from tokdist_ray.snippets import SNIPPET_SCHEMA, bos_prefix, mine_snippets, window_around
 from tokdist_ray.tokens import NewToken, select_new_tokens
@@ -131,6 +131,22 @@ def test_ledger_takes_the_first_distinct_snippets_in_stream_order():
     assert ledger.counts() == {" a": 2, " b": 1} and ledger.open == 1
     assert [r["input_ids"] for r in ledger.rows[0]] == [[9, 1, 2], [1, 2, 7]]
     assert ledger.table().schema == SNIPPET_SCHEMA
+
+
+def test_a_miner_drops_a_token_it_filled_itself_but_only_for_later_parts(smol_tokenizer):
+    tokens = select_new_tokens(smol_tokenizer, [" tokenizers", " pretrained"]).tokens
+    miner = SnippetMiner(TokenizerSpec.of(smol_tokenizer), [t.text for t in tokens],
+                         [list(t.phrase_ids) for t in tokens], snippet_len=8, quota=2)
+
+    def mined(part: int, words: str) -> Counter:
+        docs = [f"Note {part}.{i}: {words} and {i * 7} more." for i in range(3)]  # distinct windows
+        table = miner(pa.table({"text": docs, "part": [part] * len(docs)}))
+        return Counter(i for i in table.column("token_index").to_pylist() if i != TALLY)
+
+    assert mined(5, "the tokenizers") == {0: 2}  # two distinct windows: full after part 5
+    assert mined(3, "the tokenizers") == {0: 2}  # an earlier part (a retried task): still wanted
+    assert mined(6, "the tokenizers or pretrained") == {1: 2}  # a later part: no longer
+    assert mined(5, "the tokenizers") == {0: 2}  # part 5 itself is kept: its windows may come first
 
 
 def test_files_resolve_from_paths_globs_and_uris(tmp_path):

@@ -1,6 +1,8 @@
-"""The corpus as a Ray Dataset of documents: one column, `text`, holding a document's
-text or None where the row has none (missing, not a string, not JSON); the miner counts
-those and empty texts as bad rows and skips them.
+"""The corpus as a Ray Dataset of documents: a column `text`, holding a document's text
+or None where the row has none (missing, not a string, not JSON), which the miner counts
+as a bad row and skips, as it does empty texts; and a column `part`, the place of the
+document's read task in the read order, which tells a miner where a row stands in the
+stream.
 
 Files (FileDataSource): local paths, directories, globs, or URIs of any pyarrow
 filesystem (s3://, gs://, hdfs://, file://; globs there match fnmatch-style under the
@@ -53,6 +55,7 @@ from .corpus import expand_paths
 log = logging.getLogger("tokdist_ray")
 
 TEXT = "text"
+PART = "part"
 BLOCK_BYTES = 2 << 20  # small blocks, so that work spreads over the miners as it streams
 PART_BYTES = 4 << 20  # a part read inside a miner: small, to balance miners and stop early
 TASK_BYTES = 64 << 20  # a read task of its own (remote files): fewer, larger tasks
@@ -241,6 +244,12 @@ def _datasource(describe: str, read_fns: list[tuple[Any, list[str], int | None]]
     return CorpusReads()
 
 
+def _numbered(read, part: int) -> Iterator[pa.Table]:
+    """The blocks `read()` yields, each row tagged with its part number."""
+    for block in read():
+        yield block.append_column(PART, pa.array([part] * block.num_rows, pa.int64()))
+
+
 def read_part(filesystem, pieces: list[Piece], column: str) -> Iterator[pa.Table]:
     """Blocks of the pieces in order; runs of JSONL and text pieces share blocks."""
     run: list[Piece] = []
@@ -300,9 +309,9 @@ def files_dataset(source: FileDataSource, seed: int, files: CorpusFiles | None =
     in_miners = in_miners and files.filesystem.type_name == "local" and source.max_docs is None
     parts = corpus_parts(files, seed, PART_BYTES if in_miners else TASK_BYTES, split=in_miners)
     read_fns = [
-        (partial(read_part, files.filesystem, part, source.text_column), sorted({p.path for p in part}),
-         sum(p.size for p in part))
-        for part in parts
+        (partial(_numbered, partial(read_part, files.filesystem, part, source.text_column), i),
+         sorted({p.path for p in part}), sum(p.size for p in part))
+        for i, part in enumerate(parts)
     ]
     if in_miners:  # one block per part as Ray Data sees it: a split factor would stop the fusion
         return ray.data.read_datasource(_datasource("CorpusFiles", read_fns), num_cpus=MINER_CPUS,
@@ -340,7 +349,8 @@ def hf_dataset(source: HFDataSource, seed: int):
     num_shards = open_hf_stream(source).num_shards
     order = list(range(num_shards))
     random.Random(seed).shuffle(order)
-    read_fns = [(partial(_read_hf_shard, source, num_shards, i), [], None) for i in order]
+    read_fns = [(partial(_numbered, partial(_read_hf_shard, source, num_shards, shard), i), [], None)
+                for i, shard in enumerate(order)]
     ds = ray.data.read_datasource(_datasource("HFStream", read_fns), num_cpus=0)
     return ds.limit(source.max_docs) if source.max_docs is not None else ds
 

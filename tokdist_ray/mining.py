@@ -15,9 +15,13 @@ Determinism: the stream order is fixed by the seed (corpus_dataset) and kept
 (`preserve_order`); a miner passes on, per batch and token, its first
 `snippets_per_token` distinct windows, which always contain the ones the driver takes.
 So the snippets depend on corpus, tokenizer, tokens, settings and seed only, not on the
-number of workers or nodes or on timing. A token full at the driver is dropped by the
-miners (a QuotaBoard actor tells them), which can only skip windows the driver would
-refuse.
+number of workers or nodes or on timing. Miners stop looking for a token in two cases,
+both of which can only skip windows the driver would refuse:
+  - it is full at the driver (a QuotaBoard actor tells them, a little late);
+  - the miner itself has passed on `snippets_per_token` distinct windows of it from
+    parts up to p: then the token is full at the driver by the end of part p, whatever
+    the other miners find, so the miner drops it from later parts (at once, which
+    matters for frequent tokens: they cost the most tokenising).
 
 Caching: results live under `out_dir/mining-<key>/`, the key hashing the corpus (files
 with sizes and mtimes, or the HF dataset spec), the tokenizer's full definition, the
@@ -42,7 +46,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .config import FileDataSource, HFDataSource
-from .corpus_dataset import MINER_CPUS, TEXT, CorpusFiles, corpus_dataset, resolve_files
+from .corpus_dataset import MINER_CPUS, PART, TEXT, CorpusFiles, corpus_dataset, resolve_files
 from .matching import PhraseScanner
 from .snippets import SNIPPET_SCHEMA, MiningStats, snippet_row
 
@@ -177,6 +181,15 @@ class BoardReader:
         return self._board is not None
 
 
+@dataclass
+class _Passed:
+    """What one miner passed on for one token: hashes of its distinct windows (a hash
+    collision only undercounts, which is safe) and the latest part they came from."""
+
+    windows: set[int] = field(default_factory=set)
+    last_part: int = -1
+
+
 class SnippetMiner:
     """Ray Data UDF: a batch of documents -> candidate snippets plus one tally row."""
 
@@ -189,23 +202,31 @@ class SnippetMiner:
         self._quota = quota
         self._board = BoardReader(board)
         self._all = frozenset(range(len(texts)))
+        self._passed: dict[int, _Passed] = {}
+        self._full_after: dict[int, int] = {}  # token -> part after which this miner alone filled it
         self._node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cpu, chars_before = time.process_time(), self._scanner.tokenised_chars
-        values = batch[TEXT].to_pylist()
-        docs = [v for v in values if isinstance(v, str) and v.strip()]
-        hits = self._scanner.scan(docs, self._all.difference(self._board.refresh()))
-        rows = self._first_distinct(hits)
+        texts, parts = batch[TEXT].to_pylist(), batch[PART].to_pylist()
+        good = [(text, part) for text, part in zip(texts, parts) if isinstance(text, str) and text.strip()]
+        docs = [text for text, _ in good]
+        hits = self._scanner.scan(docs, self._open(min(parts, default=0)))
+        rows = self._first_distinct(hits, [part for _, part in good])
         tally = {
             "token_index": TALLY, "input_ids": [], "phrase_start": -1, "documents": len(docs),
-            "bad_rows": len(values) - len(docs), "bytes": sum(len(d.encode("utf-8")) for d in docs),
+            "bad_rows": batch.num_rows - len(docs), "bytes": sum(len(d.encode("utf-8")) for d in docs),
             "tokenised_chars": self._scanner.tokenised_chars - chars_before,
             "cpu_seconds": time.process_time() - cpu, "node": self._node,
         }
         return pa.Table.from_pylist(rows + [tally], schema=MINED_SCHEMA)
 
-    def _first_distinct(self, hits) -> list[dict]:
+    def _open(self, first_part: int) -> frozenset[int]:
+        """Tokens still wanted from parts >= first_part."""
+        full_here = [t for t, part in self._full_after.items() if part < first_part]
+        return self._all.difference(self._board.refresh(), full_here)
+
+    def _first_distinct(self, hits, doc_parts: list[int]) -> list[dict]:
         """Per token, the first `quota` distinct snippets of this batch."""
         seen: dict[int, set] = {}
         rows = []
@@ -216,7 +237,18 @@ class SnippetMiner:
                 windows.add(snippet)
                 rows.append({"token_index": hit.token_index, "input_ids": list(snippet),
                              "phrase_start": len(self._bos) + hit.phrase_start})
+                self._note_passed(hit.token_index, snippet, doc_parts[hit.doc])
         return rows
+
+    def _note_passed(self, index: int, snippet: tuple, part: int) -> None:
+        if index in self._full_after:
+            return
+        passed = self._passed.setdefault(index, _Passed())
+        passed.windows.add(hash(snippet))
+        passed.last_part = max(passed.last_part, part)
+        if len(passed.windows) >= self._quota:
+            self._full_after[index] = passed.last_part
+            del self._passed[index]
 
 
 # ---------------------------------------------------------------------- the driver
