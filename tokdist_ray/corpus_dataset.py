@@ -292,13 +292,16 @@ def corpus_parts(files: CorpusFiles, seed: int, part_bytes: int, split: bool) ->
     order = list(zip(files.paths, files.sizes))
     random.Random(seed).shuffle(order)
     parts: list[list[Piece]] = []
+    filled = 0  # bytes in the last part
     for path, size in order:
         pieces = _slices(files.filesystem, path, size, part_bytes) if split else [Piece(path, size)]
         for piece in pieces:
-            if parts and sum(p.size for p in parts[-1]) + piece.size <= part_bytes:
+            if parts and filled + piece.size <= part_bytes:
                 parts[-1].append(piece)
+                filled += piece.size
             else:
                 parts.append([piece])
+                filled = piece.size
     return parts
 
 
