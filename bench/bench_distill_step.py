@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from tokdist_ray.alignment import PhraseMerger
-from tokdist_ray.batch import collate, merge_snippets
-from tokdist_ray.distill import NewRows, TokenDistiller, bf16_supported
-from tokdist_ray.init import pre_init_rows
-from tokdist_ray.loop import make_optimizer
+from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.training.batching import collate, merge_snippets
+from tokdist_ray.training.step import NewRows, TokenDistiller, bf16_supported
+from tokdist_ray.training.rows import pre_init_rows
+from tokdist_ray.training.local import make_optimizer
 from tokdist_ray.config import DistillationConfig
-from tokdist_ray.models import load_model, resolve_model_path
-from tokdist_ray.snippets import mine_snippets
-from tokdist_ray.tokens import frequent_fragmented_words, select_new_tokens
+from tokdist_ray.vocab.models import load_model, resolve_model_path
+from tokdist_ray.data.snippets import mine_snippets
+from tokdist_ray.vocab.tokens import frequent_fragmented_words, select_new_tokens
 
 DOCS = "/usr/share/doc/python3.11/html/_sources/**/*.txt"
 

@@ -53,9 +53,9 @@ import ray
 import torch
 
 from tokdist_ray.config import GeneratedDataSource
-from tokdist_ray.generation import generate_snippet_dataset, generate_snippets
-from tokdist_ray.models import load_model, load_tokenizer, resolve_model_path
-from tokdist_ray.tokens import select_new_tokens
+from tokdist_ray.data.generation import generate_snippet_dataset, generate_snippets
+from tokdist_ray.vocab.models import load_model, load_tokenizer, resolve_model_path
+from tokdist_ray.vocab.tokens import select_new_tokens
 
 MODEL = "bundled:smollm2"
 WORDS = [" Krankenwagen", " Schmetterling", " Donaudampfschiff", " Quetzalcoatl", " Eichhörnchen",

@@ -47,9 +47,9 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokdist_ray.config import FileDataSource  # noqa: E402
-from tokdist_ray.models import cache_root, load_tokenizer  # noqa: E402
-from tokdist_ray.snippets import bos_prefix, window_around  # noqa: E402
-from tokdist_ray.tokens import NewToken, phrase_ids  # noqa: E402
+from tokdist_ray.vocab.models import cache_root, load_tokenizer  # noqa: E402
+from tokdist_ray.data.snippets import bos_prefix, window_around  # noqa: E402
+from tokdist_ray.vocab.tokens import NewToken, phrase_ids  # noqa: E402
 
 DOC_ROOT = Path("/usr/share/doc")
 PY_SOURCES = DOC_ROOT / "python3.11/html/_sources"
@@ -194,7 +194,7 @@ def start_warm_cluster() -> None:
     def warm() -> int:
         import ray.data  # noqa: F401
 
-        import tokdist_ray.mining  # noqa: F401
+        import tokdist_ray.data.mining  # noqa: F401
 
         return os.getpid()
 
@@ -213,7 +213,7 @@ class Run:
 
 
 def run_miner(shards, tokenizer, tokens, snippet_len, quota, workers) -> Run:
-    from tokdist_ray.mining import mine_corpus
+    from tokdist_ray.data.mining import mine_corpus
 
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout or a `ray job submit` working dir
     sys.path.insert(0, str(ROOT))
 
-from tokdist_ray.cli import main  # noqa: E402
+from tokdist_ray.job.cli import main  # noqa: E402
 
 DEMO = ROOT / "jobs" / "configs" / "demo_cpu.yaml"
 

@@ -167,7 +167,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as an HF dir, materialised once into ~/.cache/tokdist_ray (or $TOKDIST_RAY_CACHE)."""
     pytest.importorskip("gguf", reason="materialising the bundled SmolLM2 GGUF needs the gguf package")
-    from tokdist_ray.models import resolve_model_path
+    from tokdist_ray.vocab.models import resolve_model_path
 
     return Path(resolve_model_path("bundled:smollm2"))
 

@@ -2,12 +2,12 @@
 
 from transformers import AutoTokenizer
 
-from tokdist_ray.alignment import PhraseMerger
-from tokdist_ray.batch import merge_snippets
-from tokdist_ray.distill import NewRows, TokenDistiller
-from tokdist_ray.init import pre_init_rows
-from tokdist_ray.models import load_model
-from tokdist_ray.tokens import select_new_tokens
+from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.training.batching import merge_snippets
+from tokdist_ray.training.step import NewRows, TokenDistiller
+from tokdist_ray.training.rows import pre_init_rows
+from tokdist_ray.vocab.models import load_model
+from tokdist_ray.vocab.tokens import select_new_tokens
 
 WORDS = [" Krankenwagen", " Schmetterling"]
 SENTENCES = [

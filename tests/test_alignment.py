@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from tokdist_ray.alignment import PhraseMerger
+from tokdist_ray.vocab.alignment import PhraseMerger
 
 
 def test_unmerged_tokens_align_to_themselves_and_phrases_to_their_last_subtoken():

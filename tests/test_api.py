@@ -15,8 +15,8 @@ from tokdist_ray import (
     OutputEmbeddingInit,
     TokenDistillation,
 )
-from tokdist_ray.models import ModelNotFoundError
-from tokdist_ray.tokens import NoNewTokensError
+from tokdist_ray.vocab.models import ModelNotFoundError
+from tokdist_ray.vocab.tokens import NoNewTokensError
 
 from helpers import SENTENCES, WORDS
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokdist_ray import distill
-from tokdist_ray.batch import collate
+from tokdist_ray.training import step as distill
+from tokdist_ray.training.batching import collate
 from tokdist_ray.config import LOSS_METHODS, DistillationConfig
-from tokdist_ray.loop import make_optimizer, train_local
+from tokdist_ray.training.local import make_optimizer, train_local
 
 from helpers import tiny_setup
 

@@ -5,11 +5,11 @@ import torch
 from transformers import AutoTokenizer
 
 from tokdist_ray import DistillationConfig, FileDataSource, TokenDistillation
-from tokdist_ray.alignment import PhraseMerger
-from tokdist_ray.batch import merge_snippets
-from tokdist_ray.evaluate import baseline_rows, drift
-from tokdist_ray.snippets import mine_snippets
-from tokdist_ray.tokens import frequent_fragmented_words, select_new_tokens
+from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.training.batching import merge_snippets
+from tokdist_ray.eval.drift import baseline_rows, drift
+from tokdist_ray.data.snippets import mine_snippets
+from tokdist_ray.vocab.tokens import frequent_fragmented_words, select_new_tokens
 
 pytestmark = pytest.mark.slow
 

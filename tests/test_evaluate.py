@@ -3,9 +3,9 @@
 import torch
 from transformers import AutoTokenizer
 
-from tokdist_ray.evaluate import baseline_rows, compression, drift, markdown_table, relative_to
-from tokdist_ray.models import load_model
-from tokdist_ray.tokens import select_new_tokens
+from tokdist_ray.eval.drift import baseline_rows, compression, drift, markdown_table, relative_to
+from tokdist_ray.vocab.models import load_model
+from tokdist_ray.vocab.tokens import select_new_tokens
 
 
 def _examples(tok, new_id):
@@ -52,7 +52,7 @@ def test_baselines_are_built_from_the_original_rows(tiny_model_dir):
 
 
 def test_compression_counts_tokens_per_byte(tiny_model_dir):
-    from tokdist_ray.export import expand_tokenizer
+    from tokdist_ray.vocab.export import expand_tokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir(tied=True))
     tokens = select_new_tokens(tok, [" Krankenwagen"]).tokens

@@ -10,9 +10,10 @@ import torch
 from transformers import AutoTokenizer
 
 from tokdist_ray import FileDataSource, GeneratedDataSource, TokenDistillation
-from tokdist_ray import api, generation, vllm_generation
+from tokdist_ray import api
+from tokdist_ray.data import generation, vllm_generation
 from tokdist_ray.config import DistillationConfig
-from tokdist_ray.generation import (
+from tokdist_ray.data.generation import (
     BackendUnavailableError,
     SampleStreams,
     cut_at_eos,
@@ -28,9 +29,9 @@ from tokdist_ray.generation import (
     stop_ids,
     warp_logits,
 )
-from tokdist_ray.models import load_model, load_tokenizer
-from tokdist_ray.snippets import SNIPPET_SCHEMA, bos_prefix
-from tokdist_ray.tokens import NewToken, select_new_tokens
+from tokdist_ray.vocab.models import load_model, load_tokenizer
+from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix
+from tokdist_ray.vocab.tokens import NewToken, select_new_tokens
 
 from helpers import SENTENCES, WORDS
 

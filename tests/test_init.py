@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from tokdist_ray.init import pre_init_rows
+from tokdist_ray.training.rows import pre_init_rows
 
 
 def test_fvt_is_the_subtoken_mean():

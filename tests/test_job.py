@@ -18,8 +18,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokdist_ray.cli import main as cli_main
-from tokdist_ray.jobconfig import ConfigError, load_config, parse_overrides
+from tokdist_ray.job.cli import main as cli_main
+from tokdist_ray.job.config import ConfigError, load_config, parse_overrides
 
 from helpers import SENTENCES, WORDS
 
@@ -60,7 +60,7 @@ def test_config_errors_name_the_key_and_the_fix(tiny_model_dir, corpus_dir, tmp_
 
 
 def test_job_stages_are_reused_and_a_lost_stage_reruns(ray_session, tiny_model_dir, corpus_dir, tmp_path):
-    from tokdist_ray.pipeline import run_job
+    from tokdist_ray.job.pipeline import run_job
 
     model_dir = tiny_model_dir(tied=False)
     config = load_config(None, parse_overrides(tiny_job_args(model_dir, corpus_dir, tmp_path / "run")))

@@ -17,15 +17,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tokdist_ray.alignment import PhraseMerger
+from tokdist_ray.vocab.alignment import PhraseMerger
 from tokdist_ray.config import FileDataSource, HFDataSource
-from tokdist_ray.corpus import documents
-from tokdist_ray.corpus_dataset import corpus_parts, file_kind, read_part, resolve_files, text_blocks
-from tokdist_ray.matching import Cuts, PhraseScanner
-from tokdist_ray.mining import TALLY, QuotaLedger, SnippetMiner, TokenizerSpec, cache_key, corpus_spec, mine_corpus, mining_dataset, reads_fused
-from tokdist_ray.models import load_tokenizer
-from tokdist_ray.snippets import SNIPPET_SCHEMA, bos_prefix, mine_snippets, window_around
-from tokdist_ray.tokens import NewToken, select_new_tokens
+from tokdist_ray.data.corpus import documents
+from tokdist_ray.data.ray_corpus import corpus_parts, file_kind, read_part, resolve_files, text_blocks
+from tokdist_ray.data.matching import Cuts, PhraseScanner
+from tokdist_ray.data.mining import TALLY, QuotaLedger, SnippetMiner, TokenizerSpec, cache_key, corpus_spec, mine_corpus, mining_dataset, reads_fused
+from tokdist_ray.vocab.models import load_tokenizer
+from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix, mine_snippets, window_around
+from tokdist_ray.vocab.tokens import NewToken, select_new_tokens
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Phrases across pre-tokens, one overlapping the next (" is not" / " not None").
@@ -327,9 +327,9 @@ import json, sys
 import ray
 from ray.cluster_utils import Cluster
 from tokdist_ray.config import FileDataSource
-from tokdist_ray.mining import mine_corpus
-from tokdist_ray.models import load_tokenizer
-from tokdist_ray.tokens import select_new_tokens
+from tokdist_ray.data.mining import mine_corpus
+from tokdist_ray.vocab.models import load_tokenizer
+from tokdist_ray.vocab.tokens import select_new_tokens
 
 corpus, model, out, words = sys.argv[1:5]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})

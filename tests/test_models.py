@@ -1,4 +1,4 @@
-"""tokdist_ray.models: naming, materialising and loading models, plus the shared model fixtures."""
+"""tokdist_ray.vocab.models: naming, materialising and loading models, plus the shared model fixtures."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY_VOCAB_SIZE, UNSEEN_WORDS
-from tokdist_ray import models
-from tokdist_ray.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model_path
+from tokdist_ray.vocab import models
+from tokdist_ray.vocab.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model_path
 
 
 def test_suite_runs_offline():
@@ -237,7 +237,7 @@ def test_ray_workers_can_import_the_package(ray_session, tiny_model_dir):
 
     @ray.remote
     def resolve_remotely(path):
-        from tokdist_ray.models import resolve_model_path
+        from tokdist_ray.vocab.models import resolve_model_path
 
         return resolve_model_path(path), os.environ.get("HF_HUB_OFFLINE")
 

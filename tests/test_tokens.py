@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from tokdist_ray.tokens import (
+from tokdist_ray.vocab.tokens import (
     BYTE_TOKEN,
     DUPLICATE,
     EMPTY,

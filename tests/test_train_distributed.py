@@ -14,17 +14,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokdist_ray.alignment import PhraseMerger
-from tokdist_ray.batch import merge_snippets
+from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.training.batching import merge_snippets
 from tokdist_ray.config import DistillationConfig, OutputEmbeddingInit
-from tokdist_ray.distill import TokenDistiller
-from tokdist_ray.init import initial_rows
-from tokdist_ray.loop import train_local
-from tokdist_ray.models import load_model
-from tokdist_ray.shards import SnippetSchedule, read_snippets
-from tokdist_ray.snippets import mine_snippets, snippets_to_table
-from tokdist_ray.tokens import select_new_tokens
-from tokdist_ray.train import (
+from tokdist_ray.training.step import TokenDistiller
+from tokdist_ray.training.rows import initial_rows
+from tokdist_ray.training.local import train_local
+from tokdist_ray.vocab.models import load_model
+from tokdist_ray.training.snippet_schedule import SnippetSchedule, read_snippets
+from tokdist_ray.data.snippets import mine_snippets, snippets_to_table
+from tokdist_ray.vocab.tokens import select_new_tokens
+from tokdist_ray.training.ray_trainer import (
     CRASH_ENV,
     DistributedConfig,
     distill_distributed,
@@ -207,7 +207,7 @@ def test_ddp_resumes_a_stopped_job_and_equals_single_process(ray_session, setup,
 
 
 def test_every_snippet_is_trained_once_per_epoch_in_the_single_process_batches():
-    from tokdist_ray.loop import epoch_order
+    from tokdist_ray.training.local import epoch_order
 
     schedule = SnippetSchedule(n_snippets=13, global_batch=4, seed=3)
     for epoch in range(2):

@@ -13,25 +13,25 @@ from typing import Literal, Sequence
 
 import torch
 
-from .alignment import PhraseMerger
-from .batch import merge_snippets
-from .config import (
+from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.training.batching import merge_snippets
+from tokdist_ray.config import (
     DistillationConfig,
     FileDataSource,
     GeneratedDataSource,
     HFDataSource,
     OutputEmbeddingInit,
 )
-from .corpus import documents
-from .distill import NewRows, TokenDistiller, bf16_supported
-from .export import expand_model, expand_tokenizer, save_expanded
-from .generation import generate_snippets
-from .init import initial_rows
-from .loop import train_local
-from .mining import mine_corpus, ray_is_running
-from .models import cache_root, load_model, load_tokenizer
-from .snippets import MiningStats, mine_snippets
-from .tokens import NewToken, select_new_tokens
+from tokdist_ray.data.corpus import documents
+from tokdist_ray.training.step import NewRows, TokenDistiller, bf16_supported
+from tokdist_ray.vocab.export import expand_model, expand_tokenizer, save_expanded
+from tokdist_ray.data.generation import generate_snippets
+from tokdist_ray.training.rows import initial_rows
+from tokdist_ray.training.local import train_local
+from tokdist_ray.data.mining import mine_corpus, ray_is_running
+from tokdist_ray.vocab.models import cache_root, load_model, load_tokenizer
+from tokdist_ray.data.snippets import MiningStats, mine_snippets
+from tokdist_ray.vocab.tokens import NewToken, select_new_tokens
 
 log = logging.getLogger("tokdist_ray")
 TOO_FEW_SNIPPETS = "too_few_snippets"

@@ -37,10 +37,10 @@ import pyarrow as pa
 import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .config import GeneratedDataSource
-from .models import load_model, load_tokenizer, resolve_model_path
-from .snippets import SNIPPET_SCHEMA, MiningStats, bos_prefix
-from .tokens import NewToken
+from tokdist_ray.config import GeneratedDataSource
+from tokdist_ray.vocab.models import load_model, load_tokenizer, resolve_model_path
+from tokdist_ray.data.snippets import SNIPPET_SCHEMA, MiningStats, bos_prefix
+from tokdist_ray.vocab.tokens import NewToken
 
 if TYPE_CHECKING:
     import ray.data
@@ -427,7 +427,7 @@ def generate_snippet_dataset(
     tokenizer = tokenizer or load_tokenizer(model_path)
     stop = stop_ids(tokenizer, model_generation_config(model_dir))
     if backend == "vllm":
-        from .vllm_generation import vllm_stage
+        from tokdist_ray.data.vllm_generation import vllm_stage
 
         stage = vllm_stage(model_dir, source, snippet_len, stop)
     else:  # actors resolve the name themselves, so a bundled model materialises on each node

@@ -18,12 +18,12 @@ from typing import Callable
 
 import pyarrow.parquet as pq
 
-from .config import FileDataSource, HFDataSource
-from .export import write_report
-from .jobconfig import JobConfig, config_dict
-from .models import load_tokenizer
-from .snippets import SNIPPET_SCHEMA
-from .tokens import NewToken, TokenSelection, frequent_fragmented_words, select_new_tokens, tokens_from_spec
+from tokdist_ray.config import FileDataSource, HFDataSource
+from tokdist_ray.vocab.export import write_report
+from tokdist_ray.job.config import JobConfig, config_dict
+from tokdist_ray.vocab.models import load_tokenizer
+from tokdist_ray.data.snippets import SNIPPET_SCHEMA
+from tokdist_ray.vocab.tokens import NewToken, TokenSelection, frequent_fragmented_words, select_new_tokens, tokens_from_spec
 
 log = logging.getLogger("tokdist_ray")
 STAGES = ("tokens", "snippets", "distill", "evaluate")
@@ -89,7 +89,7 @@ def select_tokens(config: JobConfig, tokenizer) -> TokenSelection:
     elif spec.target_tokenizer:
         candidates = load_tokenizer(spec.target_tokenizer, trust_remote_code=config.trust_remote_code)
     else:
-        from .corpus import documents
+        from tokdist_ray.data.corpus import documents
 
         texts = (t for t in documents(corpus_source(config)) if isinstance(t, str))
         chosen = frequent_fragmented_words(tokenizer, texts, spec.from_corpus, min_pieces=spec.min_pieces)
@@ -117,14 +117,14 @@ def _snippets_stage(config: JobConfig, tokenizer, tokens: list[NewToken], run_di
     """Mine and/or generate, then write one snippet table that training reads."""
     import pyarrow as pa
 
-    from .generation import generate_snippet_dataset
+    from tokdist_ray.data.generation import generate_snippet_dataset
 
     tables, report = [], {}
     source = corpus_source(config)
     quota = config.snippets.snippets_per_token
     shortfall = {t.text: quota for t in tokens}
     if source is not None:
-        from .mining import mine_corpus
+        from tokdist_ray.data.mining import mine_corpus
 
         mined = mine_corpus(source, tokenizer, tokens, config.snippets.snippet_len, quota, str(run_dir / "mining"),
                             config.snippets.seed, config.data.num_workers)
@@ -164,7 +164,7 @@ def snippet_counts(path: Path) -> dict[str, int]:
 def _distill_stage(config: JobConfig, tokens: list[NewToken], snippets_path: str, run_dir: Path) -> dict:
     import dataclasses
 
-    from .train import MANIFEST, distill_distributed
+    from tokdist_ray.training.ray_trainer import MANIFEST, distill_distributed
 
     counts = snippet_counts(Path(snippets_path))
     keep = [t for t in tokens if counts.get(t.text, 0) >= config.snippets.min_snippets_per_token]
@@ -189,7 +189,7 @@ def _distill_stage(config: JobConfig, tokens: list[NewToken], snippets_path: str
 
 
 def _evaluate_stage(config: JobConfig, tokens: list[NewToken], distilled: dict, run_dir: Path) -> dict:
-    from .evaluate_job import evaluate_export
+    from tokdist_ray.eval.heldout import evaluate_export
 
     return evaluate_export(config, tokens, distilled, run_dir / "eval")
 

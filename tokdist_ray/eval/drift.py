@@ -15,10 +15,10 @@ from typing import Sequence
 
 import torch
 
-from .batch import collate
-from .distill import NewRows, TokenDistiller
-from .init import pre_init_rows
-from .tokens import NewToken
+from tokdist_ray.training.batching import collate
+from tokdist_ray.training.step import NewRows, TokenDistiller
+from tokdist_ray.training.rows import pre_init_rows
+from tokdist_ray.vocab.tokens import NewToken
 
 METRICS = ("hidden_mse", "target_mse", "kl")
 

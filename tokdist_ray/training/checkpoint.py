@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .loop import TrainingHistory
+from tokdist_ray.training.local import TrainingHistory
 
 PROGRESS = "progress.json"
 ROWS = "new_rows.safetensors"

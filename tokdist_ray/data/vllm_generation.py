@@ -17,8 +17,8 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .config import GeneratedDataSource
-from .generation import GPU_EXTRA_HINT, BackendUnavailableError, cut_at_eos, snippet_table
+from tokdist_ray.config import GeneratedDataSource
+from tokdist_ray.data.generation import GPU_EXTRA_HINT, BackendUnavailableError, cut_at_eos, snippet_table
 
 if TYPE_CHECKING:
     import ray.data

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LOSS_METHODS
+from tokdist_ray.config import LOSS_METHODS
 
 _LOGIT_LOSSES = {"MSE-on-logits", "KL-on-logits"}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .distill import TokenDistiller, truncated_decoder
+from tokdist_ray.training.step import TokenDistiller, truncated_decoder
 
 
 class DataParallel:

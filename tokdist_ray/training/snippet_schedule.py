@@ -22,7 +22,7 @@ from typing import Sequence
 import pyarrow.fs
 import pyarrow.parquet as pq
 
-from .loop import epoch_order
+from tokdist_ray.training.local import epoch_order
 
 
 @dataclass

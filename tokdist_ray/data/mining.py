@@ -45,13 +45,13 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .config import FileDataSource, HFDataSource
-from .corpus_dataset import MINER_CPUS, PART, TEXT, CorpusFiles, corpus_dataset, resolve_files
-from .matching import PhraseScanner
-from .snippets import SNIPPET_SCHEMA, MiningStats, snippet_row
+from tokdist_ray.config import FileDataSource, HFDataSource
+from tokdist_ray.data.ray_corpus import MINER_CPUS, PART, TEXT, CorpusFiles, corpus_dataset, resolve_files
+from tokdist_ray.data.matching import PhraseScanner
+from tokdist_ray.data.snippets import SNIPPET_SCHEMA, MiningStats, snippet_row
 
 if TYPE_CHECKING:  # mining actors import this module: keep transformers out of them
-    from .tokens import NewToken
+    from tokdist_ray.vocab.tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")
 
@@ -86,7 +86,7 @@ class TokenizerSpec:
     def of(cls, tokenizer) -> TokenizerSpec:
         """From a loaded HF fast tokenizer or anything `load_tokenizer` accepts."""
         if isinstance(tokenizer, (str, os.PathLike)):
-            from .models import load_tokenizer
+            from tokdist_ray.vocab.models import load_tokenizer
 
             tokenizer = load_tokenizer(str(tokenizer))
         if not getattr(tokenizer, "is_fast", False):

@@ -11,15 +11,15 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file
 
-from .alignment import PhraseMerger
-from .batch import merge_snippets
-from .config import FileDataSource
-from .corpus import documents
-from .evaluate import baseline_rows, compression, drift, markdown_table, relative_to
-from .export import expand_tokenizer, write_report
-from .models import load_model, load_tokenizer
-from .snippets import mine_snippets
-from .tokens import NewToken
+from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.training.batching import merge_snippets
+from tokdist_ray.config import FileDataSource
+from tokdist_ray.data.corpus import documents
+from tokdist_ray.eval.drift import baseline_rows, compression, drift, markdown_table, relative_to
+from tokdist_ray.vocab.export import expand_tokenizer, write_report
+from tokdist_ray.vocab.models import load_model, load_tokenizer
+from tokdist_ray.data.snippets import mine_snippets
+from tokdist_ray.vocab.tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")
 COMPRESSION_SAMPLE_BYTES = 5_000_000  # tokens-per-byte needs no more text than this

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import FileDataSource, HFDataSource
+from tokdist_ray.config import FileDataSource, HFDataSource
 
 log = logging.getLogger("tokdist_ray")
 

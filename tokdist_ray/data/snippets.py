@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import pyarrow as pa
 
-from .alignment import PhraseMerger
+from tokdist_ray.vocab.alignment import PhraseMerger
 
 if TYPE_CHECKING:  # keeps transformers out of processes that only need windows (mining actors)
-    from .tokens import NewToken
+    from tokdist_ray.vocab.tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")
 

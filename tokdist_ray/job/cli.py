@@ -11,7 +11,7 @@ import dataclasses
 import sys
 import typing
 
-from .jobconfig import REFERENCE_FLAGS, ConfigError, JobConfig, load_config, parse_overrides
+from tokdist_ray.job.config import REFERENCE_FLAGS, ConfigError, JobConfig, load_config, parse_overrides
 
 COMMANDS = {
     "run": ("tokens", "snippets", "distill", "evaluate"),
@@ -73,15 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval" and not config.eval.heldout_paths:
         print("tokdist-ray: config error: eval needs eval.heldout_paths (held-out text files)", file=sys.stderr)
         return 2
-    from .models import ModelNotFoundError, resolve_model_path
+    from tokdist_ray.vocab.models import ModelNotFoundError, resolve_model_path
 
     try:  # fail before starting Ray; GGUF and bundled models materialise here once
         resolve_model_path(config.model)
     except ModelNotFoundError as e:
         print(f"tokdist-ray: model error: {e}", file=sys.stderr)
         return 2
-    from .api import console_logging
-    from .pipeline import run_job
+    from tokdist_ray.api import console_logging
+    from tokdist_ray.job.pipeline import run_job
 
     console_logging()
     report = run_job(config, COMMANDS[args.command])

@@ -11,9 +11,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .batch import collate
-from .config import DistillationConfig
-from .distill import TokenDistiller
+from tokdist_ray.training.batching import collate
+from tokdist_ray.config import DistillationConfig
+from tokdist_ray.training.step import TokenDistiller
 
 log = logging.getLogger("tokdist_ray")
 

@@ -34,9 +34,9 @@ import pyarrow.fs
 import torch
 import torch.distributed as torch_dist
 
-from .alignment import PhraseMerger
-from .batch import collate, merge_snippets
-from .checkpoint import (
+from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.training.batching import collate, merge_snippets
+from tokdist_ray.training.checkpoint import (
     OPTIMIZER_DIR,
     ROWS,
     Progress,
@@ -48,15 +48,15 @@ from .checkpoint import (
     write_progress,
     write_rows,
 )
-from .config import DistillationConfig, OutputEmbeddingInit
-from .distill import TokenDistiller, bf16_supported
-from .export import expand_model, expand_tokenizer, save_expanded
-from .init import PRE_INIT_STRATEGIES, initial_rows
-from .loop import eta_seconds, make_optimizer, total_steps
-from .models import load_model, load_tokenizer, resolve_model_path
-from .parallel import DataParallel, DeepSpeedZero, deepspeed_config
-from .shards import SnippetSchedule, read_snippets, storage_location
-from .tokens import NewToken
+from tokdist_ray.config import DistillationConfig, OutputEmbeddingInit
+from tokdist_ray.training.step import TokenDistiller, bf16_supported
+from tokdist_ray.vocab.export import expand_model, expand_tokenizer, save_expanded
+from tokdist_ray.training.rows import PRE_INIT_STRATEGIES, initial_rows
+from tokdist_ray.training.local import eta_seconds, make_optimizer, total_steps
+from tokdist_ray.vocab.models import load_model, load_tokenizer, resolve_model_path
+from tokdist_ray.training.strategies import DataParallel, DeepSpeedZero, deepspeed_config
+from tokdist_ray.training.snippet_schedule import SnippetSchedule, read_snippets, storage_location
+from tokdist_ray.vocab.tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")
 

@@ -49,8 +49,8 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from .config import FileDataSource, HFDataSource
-from .corpus import expand_paths
+from tokdist_ray.config import FileDataSource, HFDataSource
+from tokdist_ray.data.corpus import expand_paths
 
 log = logging.getLogger("tokdist_ray")
 

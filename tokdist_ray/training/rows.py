@@ -11,8 +11,8 @@ from typing import Literal, Sequence
 
 import torch
 
-from .config import OutputEmbeddingInit
-from .distill import NewRows
+from tokdist_ray.config import OutputEmbeddingInit
+from tokdist_ray.training.step import NewRows
 
 PreInitStrategy = Literal["fvt", "adapti-vocab"]
 PRE_INIT_STRATEGIES = ("fvt", "adapti-vocab")

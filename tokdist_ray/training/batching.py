@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .alignment import PhraseMerger
+from tokdist_ray.vocab.alignment import PhraseMerger
 
 
 def merge_snippets(merger: PhraseMerger, snippets: Sequence[Sequence[int]]) -> list[dict]:

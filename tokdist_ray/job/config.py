@@ -22,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from .config import DistillationConfig, GeneratedDataSource, OutputEmbeddingInit
-from .init import PRE_INIT_STRATEGIES
-from .train import DistributedConfig
+from tokdist_ray.config import DistillationConfig, GeneratedDataSource, OutputEmbeddingInit
+from tokdist_ray.training.rows import PRE_INIT_STRATEGIES
+from tokdist_ray.training.ray_trainer import DistributedConfig
 
 
 class ConfigError(ValueError):

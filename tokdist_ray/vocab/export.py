@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from tokenizers import AddedToken
 
-from .tokens import NewToken
+from tokdist_ray.vocab.tokens import NewToken
 
 
 def expand_tokenizer(tokenizer, tokens: Sequence[NewToken]):
