@@ -117,7 +117,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokens, snippets = snippets_for_benchmark(tokenizer, args.tokens, args.snippet_len, 100)
     new_start = len(tokenizer)
-    merger = PhraseMerger([t.phrase_ids for t in tokens], range(new_start, new_start + len(tokens)))
+    merger = PhraseMerger.for_tokens(tokens, new_start)
     examples = merge_snippets(merger, snippets)
     batches = [collate(examples[i * args.batch_size : (i + 1) * args.batch_size]) for i in range(args.steps + 1)]
 

@@ -75,7 +75,7 @@ def main() -> None:
     td = TokenDistillation(path, device="cpu")
     new_start = len(tokenizer)
     snippets, _ = mine_snippets(heldout, tokenizer, tokens, args.snippet_len, 20)
-    merger = PhraseMerger([t.phrase_ids for t in tokens], range(new_start, new_start + len(tokens)))
+    merger = PhraseMerger.for_tokens(tokens, new_start)
     examples = merge_snippets(merger, [s["input_ids"] for s in snippets])
     methods = {**baseline_rows(td.model, tokens, new_start), **{f"tokdist {k}": v for k, v in rows.items()}}
     with torch.inference_mode():

@@ -22,6 +22,14 @@ Corpus
 Ray
     ray_session   one local Ray instance (2 CPUs, no dashboard) for the whole session, started only
         when a test asks for it and always shut down.
+
+Layout and markers
+    unit/         one process, tiny models (and SmolLM2's tokenizer where a real one matters)
+    integration/  Ray: mining, generation actors, Ray Train, the job, `ray job submit`
+    e2e/          the real SmolLM2 model on real text
+    Tests that use Ray (the `ray_session` fixture, or under integration/) are marked `ray`;
+    those and every test under e2e/ or that uses SmolLM2 are marked `slow`, so
+    `pytest -m "not slow"` is the quick inner loop and plain `pytest tests` runs everything.
 """
 
 from __future__ import annotations
@@ -110,6 +118,16 @@ def _train_tokenizer(bos: bool):
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tok.post_processor = byte_level  # like Qwen 2: no BOS at all
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        kind = Path(str(item.fspath)).relative_to(Path(__file__).parent).parts[0]
+        if kind == "integration" or "ray_session" in item.fixturenames:
+            item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.slow)
+        if kind == "e2e" or "smollm2_dir" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

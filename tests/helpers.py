@@ -24,7 +24,7 @@ def tiny_setup(model_dir, losses=("MSE-on-hiddens",), target_layer=-1, train_out
     tok = AutoTokenizer.from_pretrained(model_dir)
     tokens = select_new_tokens(tok, WORDS).tokens
     new_start = len(tok)
-    merger = PhraseMerger([t.phrase_ids for t in tokens], range(new_start, new_start + len(tokens)))
+    merger = PhraseMerger.for_tokens(tokens, new_start)
     examples = merge_snippets(merger, [tok(s)["input_ids"] for s in SENTENCES])
     phrases = [t.phrase_ids for t in tokens]
     inputs = pre_init_rows(model.get_input_embeddings().weight, phrases)

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from typing import Literal, Sequence
 
@@ -15,6 +14,7 @@ import torch
 
 from tokdist_ray.vocab.alignment import PhraseMerger
 from tokdist_ray.training.batching import merge_snippets
+from tokdist_ray.console import console_logging
 from tokdist_ray.config import (
     DistillationConfig,
     FileDataSource,
@@ -35,17 +35,6 @@ from tokdist_ray.vocab.tokens import NewToken, select_new_tokens
 
 log = logging.getLogger("tokdist_ray")
 TOO_FEW_SNIPPETS = "too_few_snippets"
-
-
-def console_logging() -> None:
-    """Progress lines on stderr, once, unless the application gave our logger a handler.
-    (Not conditional on the root logger: Ray and others configure it on import.)"""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[tokdist] %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
 
 
 def default_device() -> str:
@@ -126,7 +115,7 @@ class TokenDistillation:
 
         t = time.perf_counter()
         new_start = len(self.tokenizer)
-        merger = PhraseMerger([tok.phrase_ids for tok in tokens], range(new_start, new_start + len(tokens)))
+        merger = PhraseMerger.for_tokens(tokens, new_start)
         examples = merge_snippets(merger, snippet_ids)
         rows = self._initial_rows(tokens, output_emb_policy, pre_init_strategy)
         distiller = TokenDistiller(

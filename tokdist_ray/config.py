@@ -2,7 +2,8 @@
 
 The first block of each class mirrors the reference project's API field for field
 (names, order, defaults), so code written against it runs unchanged; tokdist-ray's own
-options follow.
+options follow. Every setting is validated here, once, and this module imports neither
+torch nor transformers, so a config is checked before any heavy import or Ray start.
 """
 
 from __future__ import annotations
@@ -11,8 +12,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable, Sequence
 
+import pyarrow.fs
+
+from tokdist_ray.errors import ConfigError
+
 LOSS_METHODS = ("MSE-on-hiddens", "MSE-on-logits", "KL-on-logits", "CE", "CE-auto-weighted")
 LR_SCHEDULES = ("constant", "linear")
+PRE_INIT_STRATEGIES = ("fvt", "adapti-vocab")
+STRATEGIES = ("auto", "ddp", "deepspeed")
+ZERO_STAGES = (1, 2, 3)
 
 
 class OutputEmbeddingInit(str, Enum):
@@ -21,6 +29,21 @@ class OutputEmbeddingInit(str, Enum):
     ZERO = "zero"
     SUBTOKEN_MEAN = "subtoken_mean"
     TRAIN_WITH_CE = "train_with_ce"
+
+
+def output_emb_policy(value: OutputEmbeddingInit | str) -> OutputEmbeddingInit:
+    try:
+        return OutputEmbeddingInit(value)
+    except ValueError:
+        raise ConfigError(
+            f"output_emb_policy must be one of {[p.value for p in OutputEmbeddingInit]}, got {value!r}"
+        ) from None
+
+
+def pre_init_strategy(value: str) -> str:
+    if value not in PRE_INIT_STRATEGIES:
+        raise ConfigError(f"pre_init_strategy must be one of {list(PRE_INIT_STRATEGIES)}, got {value!r}")
+    return value
 
 
 @dataclass
@@ -43,22 +66,22 @@ class DistillationConfig:
         self.loss_methods = tuple(self.loss_methods)
         unknown = [m for m in self.loss_methods if m not in LOSS_METHODS]
         if unknown or not self.loss_methods:
-            raise ValueError(f"unknown loss method(s) {unknown or '(none given)'}; choose from {LOSS_METHODS}")
+            raise ConfigError(f"unknown loss method(s) {unknown or '(none given)'}; choose from {LOSS_METHODS}")
         if "CE-auto-weighted" in self.loss_methods and not set(self.loss_methods) & {
             "MSE-on-hiddens",
             "MSE-on-logits",
             "KL-on-logits",
         }:
-            raise ValueError("CE-auto-weighted scales CE to another loss: combine it with MSE-on-hiddens, MSE-on-logits or KL-on-logits")
+            raise ConfigError("CE-auto-weighted scales CE to another loss: combine it with MSE-on-hiddens, MSE-on-logits or KL-on-logits")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
+            raise ConfigError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 GENERATION_BACKENDS = ("auto", "vllm", "transformers")
@@ -91,21 +114,21 @@ class GeneratedDataSource:
 
     def __post_init__(self) -> None:
         if self.backend not in GENERATION_BACKENDS:
-            raise ValueError(f"backend {self.backend!r} is not one of {GENERATION_BACKENDS}")
+            raise ConfigError(f"backend {self.backend!r} is not one of {GENERATION_BACKENDS}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive (plain sampling is 1.0), got {self.temperature}")
+            raise ConfigError(f"temperature must be positive (plain sampling is 1.0), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("batch_size", "concurrency", "tensor_parallel_size"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("top_k", "min_new_tokens", "refill_rounds"):
             if int(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.num_cpus_per_actor <= 0:
-            raise ValueError(f"num_cpus_per_actor must be positive, got {self.num_cpus_per_actor}")
+            raise ConfigError(f"num_cpus_per_actor must be positive, got {self.num_cpus_per_actor}")
 
 
 @dataclass
@@ -133,3 +156,62 @@ class FileDataSource:
     paths: str | list[str] = field(default_factory=list)
     text_column: str = "text"
     max_docs: int | None = None
+
+
+@dataclass
+class DistributedConfig:
+    """How a distillation run is spread over Ray Train workers.
+
+    The global batch is `DistillationConfig.batch_size` (per worker) x `num_workers`.
+    `strategy="auto"` picks DDP when the frozen model fits a worker's memory and
+    DeepSpeed ZeRO-3 otherwise. `zero_stage` applies to `strategy="deepspeed"` only
+    (default 3). Checkpoints go to `storage_path` (local path or URI such as
+    s3://bucket/dir; default: `<out_dir>.checkpoints` next to the output) under
+    `run_name`; `resume=True` continues that run from its latest checkpoint.
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    strategy: str = "auto"
+    zero_stage: int | None = None
+    checkpoint_every: int = 100  # steps; 0: only at the end
+    storage_path: str | None = None
+    storage_filesystem: pyarrow.fs.FileSystem | None = None
+    run_name: str = "distill"
+    resume: bool = False
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint; -1: unlimited
+    keep_checkpoints: int = 2
+    cpus_per_worker: float = 1.0
+    worker_memory_gb: float | None = None  # for "auto"; probed on a worker when None
+    deepspeed_config: dict | None = None  # merged over the generated DeepSpeed config
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> ConfigError:
+            return ConfigError(f"DistributedConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise bad("num_workers", "an int >= 1")
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"one of {STRATEGIES}")
+        if self.zero_stage is not None and self.zero_stage not in ZERO_STAGES:
+            raise bad("zero_stage", f"one of {ZERO_STAGES} or None")
+        if self.zero_stage is not None and self.strategy != "deepspeed":
+            raise ConfigError(
+                f"DistributedConfig.zero_stage={self.zero_stage} applies only to strategy='deepspeed', "
+                f"not strategy={self.strategy!r}; leave it None"
+            )
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise bad("checkpoint_every", "an int >= 0 (0: checkpoint only at the end)")
+        if not isinstance(self.max_failures, int) or self.max_failures < -1:
+            raise bad("max_failures", "an int >= -1 (-1: unlimited restarts)")
+        if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
+            raise bad("keep_checkpoints", "an int >= 1")
+        if not self.run_name or "/" in self.run_name:
+            raise bad("run_name", "a non-empty name without '/'")
+        if self.cpus_per_worker <= 0:
+            raise bad("cpus_per_worker", "> 0")
+        if self.worker_memory_gb is not None and self.worker_memory_gb <= 0:
+            raise bad("worker_memory_gb", "> 0 or None")
+        if self.storage_filesystem is not None and self.storage_path is None:
+            raise ConfigError("DistributedConfig.storage_filesystem needs storage_path (a path on that filesystem)")
+

@@ -38,6 +38,7 @@ import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from tokdist_ray.config import GeneratedDataSource
+from tokdist_ray.errors import BackendUnavailableError
 from tokdist_ray.vocab.models import load_model, load_tokenizer, resolve_model_path
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA, MiningStats, bos_prefix
 from tokdist_ray.vocab.tokens import NewToken
@@ -48,9 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("tokdist_ray")
 GPU_EXTRA_HINT = "pip install 'tokdist-ray[gpu]' (vLLM and ray[llm]) on the GPU nodes"
 
-
-class BackendUnavailableError(RuntimeError):
-    """The generation backend that was asked for cannot run here."""
 
 
 @dataclass

@@ -87,7 +87,7 @@ def mine_snippets(
 ) -> tuple[list[dict], MiningStats]:
     """Collect up to `snippets_per_token` distinct snippets per token, in corpus order,
     stopping as soon as every token has its quota."""
-    merger = PhraseMerger([t.phrase_ids for t in tokens], list(range(len(tokens))))
+    merger = PhraseMerger.for_tokens(tokens)
     prefix = bos_prefix(tokenizer)
     stats = MiningStats(counts={t.text: 0 for t in tokens})
     seen: set[tuple[int, ...]] = set()

@@ -37,7 +37,7 @@ def evaluate_export(config, tokens: Sequence[NewToken], distilled: dict, out_dir
     snippets, _ = mine_snippets(texts, tokenizer, tokens, config.snippets.snippet_len, config.eval.snippets_per_token)
     if not snippets:
         raise ValueError("none of the new tokens occurs in eval.heldout_paths; point it at held-out text that uses them")
-    merger = PhraseMerger([t.phrase_ids for t in tokens], range(new_start, new_start + len(tokens)))
+    merger = PhraseMerger.for_tokens(tokens, new_start)
     examples = merge_snippets(merger, [s["input_ids"] for s in snippets])
     methods = {"token_distillation": rows, **baseline_rows(model, tokens, new_start)}
     results = drift(model, new_start, methods, examples, [s["token"] for s in snippets],

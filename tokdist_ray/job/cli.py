@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelNotFoundError as e:
         print(f"tokdist-ray: model error: {e}", file=sys.stderr)
         return 2
-    from tokdist_ray.api import console_logging
+    from tokdist_ray.console import console_logging
     from tokdist_ray.job.pipeline import run_job
 
     console_logging()

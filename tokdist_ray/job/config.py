@@ -22,13 +22,15 @@ from typing import Any
 
 import yaml
 
-from tokdist_ray.config import DistillationConfig, GeneratedDataSource, OutputEmbeddingInit
-from tokdist_ray.training.rows import PRE_INIT_STRATEGIES
-from tokdist_ray.training.ray_trainer import DistributedConfig
-
-
-class ConfigError(ValueError):
-    """A config key, type or value that cannot work; the message says which and why."""
+from tokdist_ray.config import (
+    DistillationConfig,
+    DistributedConfig,
+    GeneratedDataSource,
+    OutputEmbeddingInit,
+    output_emb_policy,
+    pre_init_strategy,
+)
+from tokdist_ray.errors import ConfigError
 
 
 @dataclass
@@ -112,8 +114,8 @@ class JobConfig:
             raise ConfigError("data.dataset_path is required for data.source: hf (e.g. HuggingFaceFW/fineweb-2)")
         if self.tokens.from_corpus and self.data.source == "generated":
             raise ConfigError("tokens.from_corpus needs a corpus; set data.source to files or hf")
-        _one_of("output.emb_policy", self.output.emb_policy, [e.value for e in OutputEmbeddingInit])
-        _one_of("output.pre_init_strategy", self.output.pre_init_strategy, PRE_INIT_STRATEGIES)
+        output_emb_policy(self.output.emb_policy)
+        pre_init_strategy(self.output.pre_init_strategy)
         for key in ("snippet_len", "snippets_per_token", "min_snippets_per_token"):
             if getattr(self.snippets, key) < 1:
                 raise ConfigError(f"snippets.{key} must be at least 1, got {getattr(self.snippets, key)}")

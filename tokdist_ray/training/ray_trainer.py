@@ -48,7 +48,7 @@ from tokdist_ray.training.checkpoint import (
     write_progress,
     write_rows,
 )
-from tokdist_ray.config import DistillationConfig, OutputEmbeddingInit
+from tokdist_ray.config import DistillationConfig, DistributedConfig, OutputEmbeddingInit
 from tokdist_ray.training.step import TokenDistiller, bf16_supported
 from tokdist_ray.vocab.export import expand_model, expand_tokenizer, save_expanded
 from tokdist_ray.training.rows import PRE_INIT_STRATEGIES, initial_rows
@@ -60,72 +60,12 @@ from tokdist_ray.vocab.tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")
 
-STRATEGIES = ("auto", "ddp", "deepspeed")
-ZERO_STAGES = (1, 2, 3)
 MANIFEST = "tokdist_run.json"
 # Test-only fault injection: "step:rank:marker" makes that rank exit after that step,
 # once (the marker file records that it happened).
 CRASH_ENV = "TOKDIST_RAY_CRASH_AT"
 # DDP keeps the whole frozen model on each worker; the rest is left for activations.
 MODEL_SHARE_OF_WORKER_MEMORY = 0.75
-
-
-@dataclass
-class DistributedConfig:
-    """How a distillation run is spread over Ray Train workers.
-
-    The global batch is `DistillationConfig.batch_size` (per worker) x `num_workers`.
-    `strategy="auto"` picks DDP when the frozen model fits a worker's memory and
-    DeepSpeed ZeRO-3 otherwise. `zero_stage` applies to `strategy="deepspeed"` only
-    (default 3). Checkpoints go to `storage_path` (local path or URI such as
-    s3://bucket/dir; default: `<out_dir>.checkpoints` next to the output) under
-    `run_name`; `resume=True` continues that run from its latest checkpoint.
-    """
-
-    num_workers: int = 1
-    use_gpu: bool = False
-    strategy: str = "auto"
-    zero_stage: int | None = None
-    checkpoint_every: int = 100  # steps; 0: only at the end
-    storage_path: str | None = None
-    storage_filesystem: pyarrow.fs.FileSystem | None = None
-    run_name: str = "distill"
-    resume: bool = False
-    max_failures: int = 0  # worker-group restarts from the latest checkpoint; -1: unlimited
-    keep_checkpoints: int = 2
-    cpus_per_worker: float = 1.0
-    worker_memory_gb: float | None = None  # for "auto"; probed on a worker when None
-    deepspeed_config: dict | None = None  # merged over the generated DeepSpeed config
-
-    def __post_init__(self) -> None:
-        def bad(name: str, allowed: str) -> ValueError:
-            return ValueError(f"DistributedConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
-
-        if not isinstance(self.num_workers, int) or self.num_workers < 1:
-            raise bad("num_workers", "an int >= 1")
-        if self.strategy not in STRATEGIES:
-            raise bad("strategy", f"one of {STRATEGIES}")
-        if self.zero_stage is not None and self.zero_stage not in ZERO_STAGES:
-            raise bad("zero_stage", f"one of {ZERO_STAGES} or None")
-        if self.zero_stage is not None and self.strategy != "deepspeed":
-            raise ValueError(
-                f"DistributedConfig.zero_stage={self.zero_stage} applies only to strategy='deepspeed', "
-                f"not strategy={self.strategy!r}; leave it None"
-            )
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise bad("checkpoint_every", "an int >= 0 (0: checkpoint only at the end)")
-        if not isinstance(self.max_failures, int) or self.max_failures < -1:
-            raise bad("max_failures", "an int >= -1 (-1: unlimited restarts)")
-        if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
-            raise bad("keep_checkpoints", "an int >= 1")
-        if not self.run_name or "/" in self.run_name:
-            raise bad("run_name", "a non-empty name without '/'")
-        if self.cpus_per_worker <= 0:
-            raise bad("cpus_per_worker", "> 0")
-        if self.worker_memory_gb is not None and self.worker_memory_gb <= 0:
-            raise bad("worker_memory_gb", "> 0 or None")
-        if self.storage_filesystem is not None and self.storage_path is None:
-            raise ValueError("DistributedConfig.storage_filesystem needs storage_path (a path on that filesystem)")
 
 
 @dataclass
@@ -377,7 +317,7 @@ def train_worker(config: dict) -> None:
     natural_steps = cfg.epochs * schedule.batches_per_epoch
     tokenizer = load_tokenizer(plan.model_path)
     new_start = len(tokenizer)
-    merger = PhraseMerger([t.phrase_ids for t in plan.tokens], range(new_start, new_start + len(plan.tokens)))
+    merger = PhraseMerger.for_tokens(plan.tokens, new_start)
     parallel = _parallel_distiller(plan, new_start, steps, world, device)
 
     progress, rows = _restore(parallel, rank)  # rows: None until a checkpoint holds them

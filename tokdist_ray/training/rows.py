@@ -11,11 +11,10 @@ from typing import Literal, Sequence
 
 import torch
 
-from tokdist_ray.config import OutputEmbeddingInit
+from tokdist_ray.config import PRE_INIT_STRATEGIES, OutputEmbeddingInit
 from tokdist_ray.training.step import NewRows
 
 PreInitStrategy = Literal["fvt", "adapti-vocab"]
-PRE_INIT_STRATEGIES = ("fvt", "adapti-vocab")
 _CHUNK = 2048
 
 

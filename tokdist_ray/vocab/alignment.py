@@ -39,6 +39,11 @@ class PhraseMerger:
                 node = node.setdefault(int(token_id), {})
             node[_END] = int(new_id)
 
+    @classmethod
+    def for_tokens(cls, tokens, first_id: int = 0) -> "PhraseMerger":
+        """A merger of each NewToken's phrase into ids first_id, first_id + 1, ... in order."""
+        return cls([t.phrase_ids for t in tokens], range(first_id, first_id + len(tokens)))
+
     def longest_match(self, ids: Sequence[int], start: int) -> tuple[int, int] | None:
         """(new_id, length) of the longest phrase starting at `start`, or None."""
         node, best = self._trie, None

@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 
+from tokdist_ray.errors import ModelNotFoundError
+
 BUNDLED_SMOLLM2 = "bundled:smollm2"
 _HOW_TO_NAME = "pass a local HF model directory, a .gguf file, a hub id like org/name, or bundled:smollm2"
 # Hub repo ids: `name` or `org/name`, word characters, '-' and '.', no '--' or '..' (the hub's own rules).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 
-
-class ModelNotFoundError(ValueError):
-    """The named model is not a local path, a GGUF, a reachable hub id, or a bundled model."""
 
 
 def cache_root() -> Path:

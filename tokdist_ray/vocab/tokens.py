@@ -16,6 +16,8 @@ from typing import Iterable, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from tokdist_ray.errors import NoNewTokensError
+
 GPT_BPE_SPACE = "Ġ"  # byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM)
 SENTENCEPIECE_SPACE = "▁"  # SentencePiece (Llama 2, Mistral, Gemma)
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
@@ -28,9 +30,6 @@ BYTE_TOKEN = "byte_token"
 PARTIAL_UTF8 = "partial_utf8"
 IN_VOCABULARY = "already_in_vocabulary"
 
-
-class NoNewTokensError(ValueError):
-    """Every candidate was filtered out, or none was given."""
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import TINY_VOCAB_SIZE, UNSEEN_WORDS
+from tests.conftest import TINY_VOCAB_SIZE, UNSEEN_WORDS
 from tokdist_ray.vocab import models
-from tokdist_ray.vocab.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model_path
+from tokdist_ray.errors import ModelNotFoundError
+from tokdist_ray.vocab.models import load_model, load_tokenizer, resolve_model_path
 
 
 def test_suite_runs_offline():

@@ -9,7 +9,7 @@ from tokdist_ray.training.batching import collate
 from tokdist_ray.config import LOSS_METHODS, DistillationConfig
 from tokdist_ray.training.local import make_optimizer, train_local
 
-from helpers import tiny_setup
+from tests.helpers import tiny_setup
 
 
 def _manual_hidden_mse(distiller, batch, layer):

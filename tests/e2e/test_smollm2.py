@@ -11,7 +11,6 @@ from tokdist_ray.eval.drift import baseline_rows, drift
 from tokdist_ray.data.snippets import mine_snippets
 from tokdist_ray.vocab.tokens import frequent_fragmented_words, select_new_tokens
 
-pytestmark = pytest.mark.slow
 
 
 def _read(paths):
@@ -46,7 +45,7 @@ def test_distilled_rows_beat_the_subtoken_mean_on_heldout_text(smollm2_dir, docs
 
     tokens = select_new_tokens(td.tokenizer, heldout_words).tokens
     rows, _ = mine_snippets(_read(docs_corpus_split.heldout), td.tokenizer, tokens, 32, 6)
-    merger = PhraseMerger([t.phrase_ids for t in tokens], range(new_start, new_start + len(tokens)))
+    merger = PhraseMerger.for_tokens(tokens, new_start)
     examples = merge_snippets(merger, [r["input_ids"] for r in rows])
     methods = {"token_distillation": model.get_input_embeddings().weight[new_start:].detach(),
                **baseline_rows(model, tokens, new_start)}

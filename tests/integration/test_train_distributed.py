@@ -32,7 +32,7 @@ from tokdist_ray.training.ray_trainer import (
     pick_strategy,
 )
 
-from helpers import WORDS
+from tests.helpers import WORDS
 
 WORKERS = 2
 # per-worker batch 2 x 2 workers: 13 snippets make batches of 4, 4, 4, 1 (rank 1 idles in the last)
@@ -90,7 +90,7 @@ def train_single_process(setup, training: DistillationConfig):
     model_dir, tokens, snippets_dir = setup
     model = load_model(model_dir)
     new_start = len(AutoTokenizer.from_pretrained(model_dir))
-    merger = PhraseMerger([t.phrase_ids for t in tokens], range(new_start, new_start + len(tokens)))
+    merger = PhraseMerger.for_tokens(tokens, new_start)
     examples = merge_snippets(merger, read_snippets(str(snippets_dir), [t.text for t in tokens]).ids)
     rows = initial_rows(model, [t.phrase_ids for t in tokens], POLICY, "fvt")
     distiller = TokenDistiller(model, rows, new_start, target_layer=training.target_layer, mixed_precision=False)

@@ -15,10 +15,9 @@ from tokdist_ray import (
     OutputEmbeddingInit,
     TokenDistillation,
 )
-from tokdist_ray.vocab.models import ModelNotFoundError
-from tokdist_ray.vocab.tokens import NoNewTokensError
+from tokdist_ray.errors import ModelNotFoundError, NoNewTokensError
 
-from helpers import SENTENCES, WORDS
+from tests.helpers import SENTENCES, WORDS
 
 FAST = DistillationConfig(epochs=1, batch_size=4, log_every=1000)
 

@@ -33,7 +33,7 @@ from tokdist_ray.vocab.models import load_model, load_tokenizer
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix
 from tokdist_ray.vocab.tokens import NewToken, select_new_tokens
 
-from helpers import SENTENCES, WORDS
+from tests.helpers import SENTENCES, WORDS
 
 SNIPPET_LEN = 10
 PER_TOKEN = 3

@@ -27,7 +27,7 @@ from tokdist_ray.vocab.models import load_tokenizer
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix, mine_snippets, window_around
 from tokdist_ray.vocab.tokens import NewToken, select_new_tokens
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # Phrases across pre-tokens, one overlapping the next (" is not" / " not None").
 MULTI_WORD = [" is not", " not None", " for example", "::\n\n"]
 EVERYTHING = 10**6  # a quota no token reaches: mine every distinct window
@@ -63,7 +63,7 @@ def whole_document_ids(smol_tokenizer, doc_texts) -> list[list[int]]:
 
 
 def whole_document_windows(ids_per_doc, tokens, snippet_len):
-    merger = PhraseMerger([t.phrase_ids for t in tokens], range(len(tokens)))
+    merger = PhraseMerger.for_tokens(tokens)
     return [
         (doc, index, *window_around(ids, start, length, snippet_len))
         for doc, ids in enumerate(ids_per_doc)

@@ -1,0 +1,37 @@
+"""The few things several stages ask of the Ray cluster."""
+
+from __future__ import annotations
+
+import sys
+
+
+def ray_is_running() -> bool:
+    """Whether this process is connected to Ray (without importing it)."""
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def connect() -> None:
+    """Join the running cluster (`ray job submit`, RAY_ADDRESS) or start a local instance."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, configure_logging=True, logging_level="WARNING")
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def dataset_tables(dataset) -> list:
+    """A Ray Dataset's blocks as pyarrow tables, in order."""
+    import ray
+
+    return [ray.get(ref) for ref in dataset.to_arrow_refs()]
