@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tokdist_ray.errors import RunConflictError
 from tokdist_ray.vocab.alignment import PhraseMerger
 from tokdist_ray.training.batching import merge_snippets
 from tokdist_ray.config import DistillationConfig, OutputEmbeddingInit
@@ -188,7 +189,7 @@ def test_ddp_resumes_a_stopped_job_and_equals_single_process(ray_session, setup,
     monkeypatch.delenv(CRASH_ENV)
     assert not (tmp_path / "out" / "report.json").exists()
 
-    with pytest.raises(FileExistsError, match="resume=True"):
+    with pytest.raises(RunConflictError, match="a stopped run already exists.*resume=True"):
         run(setup, tmp_path / "out", **ddp)
     result = run(setup, tmp_path / "out", resume=True, **ddp)
     report = result.report["distributed"]
@@ -197,9 +198,9 @@ def test_ddp_resumes_a_stopped_job_and_equals_single_process(ray_session, setup,
     assert_old_rows_unchanged(result, setup[0])
 
     zero2 = dict(strategy="deepspeed", zero_stage=2, storage_path=storage, resume=True)
-    with pytest.raises(ValueError, match=r"settings differ from the stopped run: \['strategy', 'zero_stage'\]"):
+    with pytest.raises(RunConflictError, match=r"settings differ from it: \[.strategy., .zero_stage.\]"):
         run(setup, tmp_path / "out", **zero2)
-    with pytest.raises(FileNotFoundError, match="no run to resume"):
+    with pytest.raises(RunConflictError, match="no run to resume"):
         run(setup, tmp_path / "out", **{**zero2, "storage_path": str(tmp_path / "empty")})
 
 

@@ -164,7 +164,8 @@ def snippet_counts(path: Path) -> dict[str, int]:
 def _distill_stage(config: JobConfig, tokens: list[NewToken], snippets_path: str, run_dir: Path) -> dict:
     import dataclasses
 
-    from tokdist_ray.training.ray_trainer import MANIFEST, distill_distributed
+    from tokdist_ray.training.ray_trainer import distill_distributed
+    from tokdist_ray.training.run_manifest import MANIFEST
 
     counts = snippet_counts(Path(snippets_path))
     keep = [t for t in tokens if counts.get(t.text, 0) >= config.snippets.min_snippets_per_token]

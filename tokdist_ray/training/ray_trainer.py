@@ -55,12 +55,12 @@ from tokdist_ray.training.rows import PRE_INIT_STRATEGIES, initial_rows
 from tokdist_ray.training.local import eta_seconds, make_optimizer, total_steps
 from tokdist_ray.vocab.models import load_model, load_tokenizer, resolve_model_path
 from tokdist_ray.training.strategies import DataParallel, DeepSpeedZero, deepspeed_config
-from tokdist_ray.training.snippet_schedule import SnippetSchedule, read_snippets, storage_location
+from tokdist_ray.training.run_manifest import RunDirectory, manifest
+from tokdist_ray.training.snippet_schedule import SnippetSchedule, read_snippets
 from tokdist_ray.vocab.tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")
 
-MANIFEST = "tokdist_run.json"
 # Test-only fault injection: "step:rank:marker" makes that rank exit after that step,
 # once (the marker file records that it happened).
 CRASH_ENV = "TOKDIST_RAY_CRASH_AT"
@@ -138,7 +138,8 @@ def distill_distributed(
         len(plan.tokens), plan.num_workers, plan.strategy,
         f" ZeRO-{plan.zero_stage}" if plan.zero_stage else "", plan.global_training.batch_size,
     )
-    _claim_run(plan, dist)
+    run = RunDirectory(plan.storage, dist.run_name, dist.storage_filesystem)
+    run.claim(manifest(plan), dist.resume)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"plan": plan},
@@ -159,6 +160,7 @@ def distill_distributed(
     out = Path(plan.out_dir)
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    run.mark_finished(str(out))
     return DistributedResult(out, out / ROWS, out / "report.json", checkpoint, report)
 
 
@@ -255,46 +257,6 @@ def _model_dtype(plan: WorkerPlan, gpu_runs_bf16: bool) -> torch.dtype:
     if plan.use_gpu and plan.training.mixed_precision and gpu_runs_bf16:
         return torch.bfloat16
     return torch.float32
-
-
-# ---------------------------------------------------------------------------- run manifest
-def _manifest(plan: WorkerPlan) -> dict:
-    """What must not change between a run and its resumption."""
-    training = {k: v for k, v in vars(plan.training).items() if k not in ("log_every", "time_budget_s")}
-    return json.loads(json.dumps({
-        "model": plan.model_name,
-        "snippets": plan.snippets_path,
-        "tokens": [[t.text, list(t.phrase_ids)] for t in plan.tokens],
-        "training": training,
-        "num_workers": plan.num_workers,
-        "strategy": plan.strategy,
-        "zero_stage": plan.zero_stage,
-        "output_emb_policy": plan.output_emb_policy.value,
-        "pre_init_strategy": plan.pre_init_strategy,
-    }, default=list))
-
-
-def _claim_run(plan: WorkerPlan, dist: DistributedConfig) -> None:
-    """Refuse to mix runs: a new run needs a free name, a resumed one the same settings."""
-    fs, root = storage_location(plan.storage, dist.storage_filesystem)
-    path = f"{root}/{dist.run_name}/{MANIFEST}"
-    exists = fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-    manifest = _manifest(plan)
-    where = f"{plan.storage}/{dist.run_name}"
-    if dist.resume:
-        if not exists:
-            raise FileNotFoundError(f"resume=True but there is no run to resume at {where}; check storage_path and run_name")
-        with fs.open_input_stream(path) as f:
-            saved = json.loads(f.read().decode("utf-8"))
-        changed = sorted(k for k in manifest if saved.get(k) != manifest[k])
-        if changed:
-            raise ValueError(f"cannot resume {where}: these settings differ from the stopped run: {changed}")
-        return
-    if exists:
-        raise FileExistsError(f"a run already exists at {where}; pass resume=True to continue it or choose another run_name")
-    fs.create_dir(f"{root}/{dist.run_name}", recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(manifest, indent=2).encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------- worker

@@ -16,11 +16,12 @@ import math
 from collections import Counter
 from functools import lru_cache
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import pyarrow.fs
 import pyarrow.parquet as pq
+
+from tokdist_ray.storage import location
 
 from tokdist_ray.training.local import epoch_order
 
@@ -31,16 +32,6 @@ class SnippetSet:
 
     ids: list[list[int]]
     counts: dict[str, int] = field(default_factory=dict)
-
-
-def storage_location(path: str, filesystem: pyarrow.fs.FileSystem | None = None) -> tuple[pyarrow.fs.FileSystem, str]:
-    """(filesystem, path on it) for a local path, a URI (s3://, gs://, file://...), or a
-    path on a given pyarrow filesystem."""
-    if filesystem is not None:
-        return filesystem, path
-    if "://" not in path:
-        return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
-    return pyarrow.fs.FileSystem.from_uri(path)
 
 
 def parquet_files(fs: pyarrow.fs.FileSystem, root: str) -> list[str]:
@@ -58,7 +49,7 @@ def parquet_files(fs: pyarrow.fs.FileSystem, root: str) -> list[str]:
 
 def read_snippets(path: str, token_texts: Sequence[str], filesystem: pyarrow.fs.FileSystem | None = None) -> SnippetSet:
     """The snippets of the given new tokens (rows of other tokens are left out)."""
-    fs, root = storage_location(path, filesystem)
+    fs, root = location(path, filesystem)
     wanted = set(token_texts)
     ids: list[list[int]] = []
     counts: Counter = Counter()
