@@ -30,11 +30,12 @@ from transformers import AutoTokenizer
 
 from tokdist_ray.config import DistillationConfig
 from tokdist_ray.training.step import NewRows, TokenDistiller
-from tokdist_ray.training.local import make_optimizer
+from tokdist_ray.training.schedule import make_optimizer
 from tokdist_ray.vocab.models import load_model, resolve_model_path
 from tokdist_ray.data.snippets import mine_snippets, snippets_to_table
 from tokdist_ray.vocab.tokens import frequent_fragmented_words, select_new_tokens
-from tokdist_ray.training.ray_trainer import DistributedConfig, distill_distributed
+from tokdist_ray.config import DistributedConfig
+from tokdist_ray.training.ray_trainer import distill_distributed
 
 DOCS = "/usr/share/doc/python3.11/html/_sources/**/*.txt"
 REPO = Path(__file__).resolve().parents[1]

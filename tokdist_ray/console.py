@@ -10,7 +10,6 @@ terminal.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -61,7 +60,4 @@ def quiet_third_party(log_dir: str | Path | None = None) -> None:
 
 def worker_env() -> dict[str, str]:
     """Environment for Ray workers that keeps their consoles as quiet as the driver's."""
-    return {
-        "PYTHONWARNINGS": ",".join(f"ignore::{kind}" for kind in ("DeprecationWarning", "FutureWarning")),
-        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", ""),
-    }
+    return {"PYTHONWARNINGS": ",".join(f"ignore::{kind}" for kind in ("DeprecationWarning", "FutureWarning"))}

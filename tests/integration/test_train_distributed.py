@@ -1,6 +1,6 @@
 """Distributed distillation on Ray Train (CPU, gloo, 2 workers, tiny models).
 
-Every distributed run is compared with `loop.train_local` on the same global batches:
+Every distributed run is compared with `training.local.train_local` on the same global batches:
 new rows and the per-step loss curve must match within fp32 round-off.
 """
 
@@ -22,16 +22,11 @@ from tokdist_ray.training.step import TokenDistiller
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.local import train_local
 from tokdist_ray.vocab.models import load_model
-from tokdist_ray.training.snippet_schedule import SnippetSchedule, read_snippets
+from tokdist_ray.training.snippet_files import read_snippets
 from tokdist_ray.data.snippets import mine_snippets, snippets_to_table
 from tokdist_ray.vocab.tokens import select_new_tokens
-from tokdist_ray.training.ray_trainer import (
-    CRASH_ENV,
-    DistributedConfig,
-    distill_distributed,
-    model_bytes,
-    pick_strategy,
-)
+from tokdist_ray.config import DistributedConfig
+from tokdist_ray.training.ray_trainer import distill_distributed
 
 from tests.helpers import WORDS
 
@@ -99,12 +94,37 @@ def train_single_process(setup, training: DistillationConfig):
     return {"input": rows.input.detach().clone(), "output": rows.output.clone()}, history
 
 
-def run(setup, out: Path, training: DistillationConfig = TRAINING, **dist) -> object:
+def run(setup, out: Path, training: DistillationConfig = TRAINING, after_step=None, **dist) -> object:
     model_dir, tokens, snippets_dir = setup
     return distill_distributed(
         str(model_dir), str(snippets_dir), tokens, out, training=training,
-        dist=DistributedConfig(num_workers=WORKERS, **dist), output_emb_policy=POLICY,
+        dist=DistributedConfig(num_workers=WORKERS, **dist), output_emb_policy=POLICY, after_step=after_step,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class CrashOnce:
+    """An `after_step` hook: that rank exits after that step, once (the marker file records it)."""
+
+    step: int
+    rank: int
+    marker: str
+
+    def __call__(self, step: int, rank: int) -> None:
+        import os
+
+        import ray.train
+
+        if (step, rank) != (self.step, self.rank):
+            return
+        try:
+            open(self.marker, "x").close()
+        except FileExistsError:
+            return
+        # die only once Ray has committed the reported checkpoints, so the test knows
+        # which one the restart must continue from
+        ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED)
+        os._exit(1)
 
 
 def assert_matches_reference(result, reference) -> None:
@@ -164,11 +184,11 @@ def test_zero2_equals_single_process(ray_session, setup, reference, tmp_path, mo
     assert_old_rows_unchanged(result, setup[0])
 
 
-def test_zero3_replaces_a_dead_worker_and_equals_single_process(ray_session, setup, reference, tmp_path, monkeypatch):
-    monkeypatch.setenv(CRASH_ENV, f"5:1:{tmp_path / 'crashed'}")  # rank 1 exits after step 5
+def test_zero3_replaces_a_dead_worker_and_equals_single_process(ray_session, setup, reference, tmp_path):
+    crash = CrashOnce(5, 1, str(tmp_path / "crashed"))  # rank 1 exits after step 5
     # an inner target layer: the student then runs a truncated view of the sharded decoder
     training = dataclasses.replace(TRAINING, target_layer=1)
-    result = run(setup, tmp_path / "out", training, checkpoint_every=3, max_failures=1, **ZERO3)
+    result = run(setup, tmp_path / "out", training, crash, checkpoint_every=3, max_failures=1, **ZERO3)
     assert (tmp_path / "crashed").exists()
     report = result.report["distributed"]
     assert (report["strategy"], report["zero_stage"], report["resumed_from_steps"]) == ("deepspeed", 3, [3])
@@ -178,15 +198,13 @@ def test_zero3_replaces_a_dead_worker_and_equals_single_process(ray_session, set
     assert_old_rows_unchanged(result, setup[0])
 
 
-def test_ddp_resumes_a_stopped_job_and_equals_single_process(ray_session, setup, reference, tmp_path, monkeypatch):
+def test_ddp_resumes_a_stopped_job_and_equals_single_process(ray_session, setup, reference, tmp_path):
     from ray.train import TrainingFailedError
 
     storage = f"file://{tmp_path / 'ckpt'}"  # a URI, as for object storage
     ddp = dict(strategy="ddp", checkpoint_every=3, storage_path=storage)
-    monkeypatch.setenv(CRASH_ENV, f"5:0:{tmp_path / 'crashed'}")
     with pytest.raises(TrainingFailedError):
-        run(setup, tmp_path / "out", **ddp)
-    monkeypatch.delenv(CRASH_ENV)
+        run(setup, tmp_path / "out", after_step=CrashOnce(5, 0, str(tmp_path / "crashed")), **ddp)
     assert not (tmp_path / "out" / "report.json").exists()
 
     with pytest.raises(RunConflictError, match="a stopped run already exists.*resume=True"):
@@ -204,40 +222,6 @@ def test_ddp_resumes_a_stopped_job_and_equals_single_process(ray_session, setup,
         run(setup, tmp_path / "out", **{**zero2, "storage_path": str(tmp_path / "empty")})
 
 
-# --------------------------------------------------------------------- pieces, no Ray
-
-
-def test_every_snippet_is_trained_once_per_epoch_in_the_single_process_batches():
-    from tokdist_ray.training.local import epoch_order
-
-    schedule = SnippetSchedule(n_snippets=13, global_batch=4, seed=3)
-    for epoch in range(2):
-        steps = range(epoch * 4, epoch * 4 + 4)
-        globals_ = [schedule.global_indices(s) for s in steps]
-        order = epoch_order(13, 3, epoch)
-        assert globals_ == [order[i : i + 4] for i in range(0, 13, 4)]
-        for step, batch in zip(steps, globals_):
-            assert sum((schedule.rank_indices(step, r, 2) for r in range(2)), []) == batch
-    assert schedule.rank_indices(3, 1, 2) == []  # the short last batch: one snippet, rank 0 has it
-
-
-@pytest.mark.parametrize(
-    "kwargs,message",
-    [
-        (dict(strategy="fsdp"), r"strategy must be one of \('auto', 'ddp', 'deepspeed'\), got 'fsdp'"),
-        (dict(strategy="ddp", zero_stage=3), "zero_stage=3 applies only to strategy='deepspeed'"),
-        (dict(strategy="deepspeed", zero_stage=4), r"zero_stage must be one of \(1, 2, 3\)"),
-        (dict(num_workers=0), "num_workers must be an int >= 1"),
-        (dict(checkpoint_every=-1), "checkpoint_every must be an int >= 0"),
-        (dict(max_failures=-2), "max_failures must be an int >= -1"),
-        (dict(run_name="a/b"), "run_name must be a non-empty name without '/'"),
-    ],
-)
-def test_config_errors_name_the_field_and_the_allowed_values(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        DistributedConfig(**kwargs)
-
-
 def test_bad_arguments_fail_before_any_worker_starts(setup, tmp_path):
     model_dir, tokens, snippets_dir = setup
     with pytest.raises(ValueError, match="output_emb_policy must be one of"):
@@ -246,11 +230,3 @@ def test_bad_arguments_fail_before_any_worker_starts(setup, tmp_path):
         distill_distributed(str(model_dir), str(snippets_dir), tokens, tmp_path, pre_init_strategy="mean")
     with pytest.raises(ValueError, match="non-empty list of NewToken"):
         distill_distributed(str(model_dir), str(snippets_dir), [], tmp_path)
-
-
-def test_auto_picks_ddp_when_the_model_fits_and_zero3_when_it_does_not(tiny_model_dir):
-    size = model_bytes(str(tiny_model_dir(tied=False)), torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(tied=False))
-    assert size == 4 * sum(p.numel() for p in model.parameters())
-    assert pick_strategy(size, worker_bytes=10 * size) == ("ddp", None)
-    assert pick_strategy(size, worker_bytes=size) == ("deepspeed", 3)

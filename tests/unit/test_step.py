@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from tokdist_ray.training import step as distill
 from tokdist_ray.training.batching import collate
 from tokdist_ray.config import LOSS_METHODS, DistillationConfig
-from tokdist_ray.training.local import make_optimizer, train_local
+from tokdist_ray.training.local import train_local
+from tokdist_ray.training.schedule import make_optimizer
 
 from tests.helpers import tiny_setup
 

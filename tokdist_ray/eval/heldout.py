@@ -16,7 +16,8 @@ from tokdist_ray.training.batching import merge_snippets
 from tokdist_ray.config import FileDataSource
 from tokdist_ray.data.corpus import documents
 from tokdist_ray.eval.drift import baseline_rows, compression, drift, markdown_table, relative_to
-from tokdist_ray.vocab.export import expand_tokenizer, write_report
+from tokdist_ray.report import write_report
+from tokdist_ray.vocab.export import expand_tokenizer
 from tokdist_ray.vocab.models import load_model, load_tokenizer
 from tokdist_ray.data.snippets import mine_snippets
 from tokdist_ray.vocab.tokens import NewToken

@@ -19,7 +19,7 @@ from typing import Callable
 import pyarrow.parquet as pq
 
 from tokdist_ray.config import FileDataSource, HFDataSource
-from tokdist_ray.vocab.export import write_report
+from tokdist_ray.report import write_report
 from tokdist_ray.job.config import JobConfig, config_dict
 from tokdist_ray.vocab.models import load_tokenizer
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA

@@ -4,9 +4,9 @@
       progress.json                     the files every worker wrote into it)
       new_rows.safetensors              the whole new rows, fp32 (rank 0)
       rng_rank{r}.pt                    RNG states of rank r
-      optimizer/                        the strategy's own optimizer state (parallel.py)
+      optimizer/                        the strategy's own optimizer state (strategies.py)
 
-The data position is the step: the snippet schedule (shards.py) maps it to the exact
+The data position is the step: the snippet schedule (schedule.py) maps it to the exact
 snippets that come next.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tokdist_ray.training.local import TrainingHistory
+from tokdist_ray.training.progress import TrainingHistory
 
 PROGRESS = "progress.json"
 ROWS = "new_rows.safetensors"
@@ -83,7 +83,7 @@ def restore_rng(directory: Path, rank: int) -> None:
     path = directory / f"rng_rank{rank}.pt"
     if not path.is_file():
         return
-    state = torch.load(path, weights_only=False)  # written by this module; holds Python's RNG tuple
+    state = torch.load(path, weights_only=True)  # never unpickle objects from storage
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():

@@ -1,7 +1,8 @@
-"""Data-parallel wrappers around a TokenDistiller: DDP, or DeepSpeed ZeRO stage 1-3.
+"""Data-parallel wrappers around a TokenDistiller (DDP, or DeepSpeed ZeRO stage 1-3), and
+how `strategy="auto"` picks one.
 
 Both average the new rows' gradients over workers, step the optimizer and schedule from
-`loop.make_optimizer`, hand back the whole fp32 new rows, and save/load their optimizer
+`schedule.make_optimizer`, hand back the whole fp32 new rows, and save/load their optimizer
 state into a checkpoint directory. Only the new rows train, so gradients, optimizer
 state and all-reduce traffic are O(n_new x d) in every strategy; ZeRO-3 additionally
 shards the frozen model's weights over the workers.
@@ -10,11 +11,15 @@ shards the frozen model's weights over the workers.
 from __future__ import annotations
 
 import copy
+import inspect
+import logging
 from pathlib import Path
 
 import torch
 
 from tokdist_ray.training.step import TokenDistiller, truncated_decoder
+
+log = logging.getLogger("tokdist_ray")
 
 
 class DataParallel:
@@ -32,7 +37,7 @@ class DataParallel:
             n for n, p in distiller.named_parameters() if not p.requires_grad
         ] + [n for n, _ in distiller.named_buffers()]
         self.module = DistributedDataParallel(
-            distiller, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            distiller, device_ids=[device.index] if device.type == "cuda" else None, **_no_buffer_sync(DistributedDataParallel)
         )
 
     def __call__(self, batch: dict) -> dict:
@@ -62,6 +67,13 @@ class DataParallel:
         state = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
+
+
+def _no_buffer_sync(ddp) -> dict:
+    """The frozen model's buffers never change: no per-step sync (the keyword was renamed in torch 2.13)."""
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 class DeepSpeedZero:
@@ -119,7 +131,7 @@ def deepspeed_config(stage: int, micro_batch: int, world: int, bf16: bool, overr
         "train_batch_size": micro_batch * world,
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,  # torch AdamW from loop.make_optimizer
+        "zero_allow_untested_optimizer": True,  # torch AdamW from schedule.make_optimizer
         "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told; the engine's loop never clips
         "steps_per_print": 1 << 30,
     }
@@ -147,3 +159,58 @@ def _rebuild_target_view(distiller: TokenDistiller) -> None:
     copy it again so it carries ZeRO-3's per-module attributes."""
     decoder = distiller._decoder[0]
     distiller._target_decoder = [truncated_decoder(decoder, distiller.target)]
+
+
+# ---------------------------------------------------------------------------- choosing one
+# DDP keeps the whole frozen model on each worker; the rest is left for activations.
+MODEL_SHARE_OF_WORKER_MEMORY = 0.75
+
+
+def model_dtype(use_gpu: bool, mixed_precision: bool, gpu_runs_bf16: bool) -> torch.dtype:
+    """bf16 weights on GPUs that run bf16 under mixed precision; fp32 elsewhere (CPU
+    autocast still computes in bf16 where the CPU supports it)."""
+    return torch.bfloat16 if use_gpu and mixed_precision and gpu_runs_bf16 else torch.float32
+
+
+def choose_strategy(dist, model_path: str, mixed_precision: bool) -> tuple[str, int | None]:
+    """(strategy, ZeRO stage) to run; "auto" compares the frozen model with a worker's memory."""
+    if dist.strategy == "ddp":
+        return "ddp", None
+    if dist.strategy == "deepspeed":
+        return "deepspeed", dist.zero_stage or 3
+    need = model_bytes(model_path, model_dtype(dist.use_gpu, mixed_precision, gpu_runs_bf16=True))
+    have = int(dist.worker_memory_gb * 2**30) if dist.worker_memory_gb else probe_worker_memory(dist)
+    choice = pick_strategy(need, have)
+    log.info("strategy auto: model %.2f GB, worker memory %.2f GB -> %s", need / 2**30, have / 2**30, choice[0])
+    return choice
+
+
+def pick_strategy(model_bytes: int, worker_bytes: int) -> tuple[str, int | None]:
+    if model_bytes <= MODEL_SHARE_OF_WORKER_MEMORY * worker_bytes:
+        return "ddp", None
+    return "deepspeed", 3
+
+
+def model_bytes(model_path: str, dtype: torch.dtype) -> int:
+    """Parameter count x dtype size, counted on the meta device (nothing is loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
+def probe_worker_memory(dist) -> int:
+    """A GPU's memory, or on CPU a node's memory shared by the workers (all on one node, at worst)."""
+    import os
+
+    import ray
+
+    @ray.remote(num_cpus=0, num_gpus=1 if dist.use_gpu else 0)
+    def device_memory() -> int:
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    memory = ray.get(device_memory.remote())
+    return memory if dist.use_gpu else memory // dist.num_workers

@@ -8,13 +8,13 @@ have no spare (padding) rows there. Rows below len(tokenizer) are copied bit for
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tokenizers import AddedToken
 
+from tokdist_ray.report import write_report
 from tokdist_ray.vocab.tokens import NewToken
 
 
@@ -59,7 +59,3 @@ def save_expanded(model, tokenizer, out_path: str | Path, report: dict | None = 
     if report is not None:
         write_report(out / "report.json", report)
     return out
-
-
-def write_report(path: str | Path, report: dict) -> None:
-    Path(path).write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
