@@ -23,7 +23,8 @@ from tokdist_ray.report import write_report
 from tokdist_ray.job.config import JobConfig, config_dict
 from tokdist_ray.vocab.models import load_tokenizer
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA
-from tokdist_ray.vocab.tokens import NewToken, TokenSelection, frequent_fragmented_words, select_new_tokens, tokens_from_spec
+from tokdist_ray.vocab.selection import frequent_fragmented_words
+from tokdist_ray.vocab.tokens import NewToken, TokenSelection, select_new_tokens, tokens_from_spec
 
 log = logging.getLogger("tokdist_ray")
 STAGES = ("tokens", "snippets", "distill", "evaluate")
