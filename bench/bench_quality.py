@@ -25,7 +25,8 @@ from tokdist_ray.training.batching import merge_snippets
 from tokdist_ray.eval.drift import baseline_rows, drift, relative_to
 from tokdist_ray.vocab.models import resolve_model_path
 from tokdist_ray.data.snippets import mine_snippets
-from tokdist_ray.vocab.tokens import frequent_fragmented_words, select_new_tokens
+from tokdist_ray.vocab.selection import frequent_fragmented_words
+from tokdist_ray.vocab.tokens import select_new_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import DOCS_SOURCES, split_corpus  # noqa: E402  (one definition of the split)

@@ -33,7 +33,8 @@ from tokdist_ray.training.step import NewRows, TokenDistiller
 from tokdist_ray.training.schedule import make_optimizer
 from tokdist_ray.vocab.models import load_model, resolve_model_path
 from tokdist_ray.data.snippets import mine_snippets, snippets_to_table
-from tokdist_ray.vocab.tokens import frequent_fragmented_words, select_new_tokens
+from tokdist_ray.vocab.selection import frequent_fragmented_words
+from tokdist_ray.vocab.tokens import select_new_tokens
 from tokdist_ray.config import DistributedConfig
 from tokdist_ray.training.ray_trainer import distill_distributed
 

@@ -21,6 +21,8 @@ from tokdist_ray.config import (
     GeneratedDataSource,
     HFDataSource,
     OutputEmbeddingInit,
+    output_emb_policy as checked_policy,
+    pre_init_strategy as checked_strategy,
 )
 from tokdist_ray.data.corpus import documents
 from tokdist_ray.training.step import NewRows, TokenDistiller, bf16_supported
@@ -30,11 +32,11 @@ from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.local import train_local
 from tokdist_ray.data.mining import mine_corpus, ray_is_running
 from tokdist_ray.vocab.models import cache_root, load_model, load_tokenizer
-from tokdist_ray.data.snippets import MiningStats, mine_snippets
-from tokdist_ray.vocab.tokens import NewToken, select_new_tokens
+from tokdist_ray.data.snippets import mine_snippets
+from tokdist_ray.report import expansion_report
+from tokdist_ray.vocab.tokens import NewToken, keep_tokens_with_snippets, select_new_tokens
 
 log = logging.getLogger("tokdist_ray")
-TOO_FEW_SNIPPETS = "too_few_snippets"
 
 
 def default_device() -> str:
@@ -94,7 +96,7 @@ class TokenDistillation:
         """
         if save and out_path is None:
             raise ValueError("out_path must be given when save=True")
-        output_emb_policy = OutputEmbeddingInit(output_emb_policy)
+        output_emb_policy, pre_init_strategy = checked_policy(output_emb_policy), checked_strategy(pre_init_strategy)
         if getattr(self, "_expanded", False):  # a previous run grew self.model: start clean
             self.model = self._load_model()
         timings: dict[str, float] = {}
@@ -108,15 +110,16 @@ class TokenDistillation:
         snippets, stats = self._collect_snippets(selection.tokens, data, snippet_len, snippets_per_token, top_up_with_generation)
         timings["snippets"] = time.perf_counter() - t
 
-        tokens, skipped = self._drop_short_tokens(selection.tokens, stats, min_snippets_per_token)
+        tokens, skipped = keep_tokens_with_snippets(selection.tokens, stats.counts, min_snippets_per_token)
+        for entry in skipped:
+            log.warning("skipping %r: %d snippets, fewer than min_snippets_per_token=%d", entry["token"], entry["snippets"], min_snippets_per_token)
         skipped = selection.skipped + skipped
         keep = {tok.text: i for i, tok in enumerate(tokens)}
         snippet_ids = [s["input_ids"] for s in snippets if s["token"] in keep]
 
         t = time.perf_counter()
         new_start = len(self.tokenizer)
-        merger = PhraseMerger.for_tokens(tokens, new_start)
-        examples = merge_snippets(merger, snippet_ids)
+        examples = merge_snippets(PhraseMerger.for_tokens(tokens, new_start), snippet_ids)
         rows = self._initial_rows(tokens, output_emb_policy, pre_init_strategy)
         distiller = TokenDistiller(
             self.model, rows, new_start, training.loss_methods, training.target_layer, training.mixed_precision
@@ -130,25 +133,19 @@ class TokenDistillation:
 
         t = time.perf_counter()
         tokenizer = expand_tokenizer(self.tokenizer, tokens)
-        output = rows.output if rows.output is not None else None
-        model = expand_model(self.model, new_start, rows.input.detach(), None if output is None else output.detach())
+        model = expand_model(self.model, new_start, rows.input.detach(), None if rows.output is None else rows.output.detach())
         self._expanded = True
-        self.last_report = {
-            "model": self.model_path,
-            "tokens_added": [
-                {"token": tok.text, "id": new_start + i, "phrase_ids": list(tok.phrase_ids), "snippets": stats.counts.get(tok.text, 0)}
-                for i, tok in enumerate(tokens)
-            ],
-            "tokens_skipped": skipped,
-            "snippets": {"source": type(data).__name__, **stats.as_dict(snippets_per_token)},
-            "training": history.as_dict(),
-            "settings": {
+        self.last_report = expansion_report(
+            self.model_path, tokens, new_start, stats.counts, history,
+            settings={
                 "snippet_len": snippet_len, "snippets_per_token": snippets_per_token,
                 "output_emb_policy": output_emb_policy.value, "pre_init_strategy": pre_init_strategy,
-                "training": {k: v for k, v in vars(training).items()},
+                "training": dict(vars(training)),
             },
-            "timings_s": timings,
-        }
+            tokens_skipped=skipped,
+            snippets={"source": type(data).__name__, **stats.as_dict(snippets_per_token)},
+            timings_s=timings,
+        )
         if save:
             save_expanded(model, tokenizer, out_path, self.last_report)
             timings["export"] = time.perf_counter() - t
@@ -185,23 +182,6 @@ class TokenDistillation:
             result = mine_corpus(data, self.tokenizer, tokens, snippet_len, snippets_per_token, str(cache_root() / "mining"))
             return result.rows(), result.stats
         return mine_snippets(documents(data), self.tokenizer, tokens, snippet_len, snippets_per_token)
-
-    @staticmethod
-    def _drop_short_tokens(tokens: list[NewToken], stats: MiningStats, minimum: int):
-        kept, skipped = [], []
-        for tok in tokens:
-            n = stats.counts.get(tok.text, 0)
-            if n < minimum:
-                skipped.append({"token": tok.text, "reason": TOO_FEW_SNIPPETS, "snippets": n})
-                log.warning("skipping %r: %d snippets, fewer than min_snippets_per_token=%d", tok.text, n, minimum)
-            else:
-                kept.append(tok)
-        if not kept:
-            raise ValueError(
-                f"none of the {len(tokens)} new tokens has {minimum} snippet(s) in the data; use a larger or "
-                "more in-domain corpus, raise max_docs, set top_up_with_generation=True, or use GeneratedDataSource()"
-            )
-        return kept, skipped
 
     def _initial_rows(self, tokens: list[NewToken], policy: OutputEmbeddingInit, strategy: str) -> NewRows:
         head = self.model.get_output_embeddings()

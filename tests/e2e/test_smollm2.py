@@ -9,7 +9,8 @@ from tokdist_ray.vocab.alignment import PhraseMerger
 from tokdist_ray.training.batching import merge_snippets
 from tokdist_ray.eval.drift import baseline_rows, drift
 from tokdist_ray.data.snippets import mine_snippets
-from tokdist_ray.vocab.tokens import frequent_fragmented_words, select_new_tokens
+from tokdist_ray.vocab.selection import frequent_fragmented_words
+from tokdist_ray.vocab.tokens import select_new_tokens
 
 
 

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from tokdist_ray.errors import NoNewTokensError
+from tokdist_ray.errors import NoNewTokensError, TooFewSnippetsError
 
 GPT_BPE_SPACE = "Ġ"  # byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM)
 SENTENCEPIECE_SPACE = "▁"  # SentencePiece (Llama 2, Mistral, Gemma)
@@ -29,6 +29,7 @@ SPECIAL = "special_token"
 BYTE_TOKEN = "byte_token"
 PARTIAL_UTF8 = "partial_utf8"
 IN_VOCABULARY = "already_in_vocabulary"
+TOO_FEW_SNIPPETS = "too_few_snippets"
 
 
 
@@ -176,22 +177,20 @@ def tokens_from_spec(spec: str | Sequence[str] | PreTrainedTokenizerBase) -> lis
     return split_token_string(spec)
 
 
-_WORD = re.compile(r" ?[^\W\d_]{3,}")
-
-
-def frequent_fragmented_words(
-    tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], top_n: int, min_pieces: int = 3, min_count: int = 1
-) -> list[tuple[str, int]]:
-    """Candidate new tokens chosen from a corpus: words (with their leading space) that the
-    tokenizer splits into at least `min_pieces` ids, ranked by the ids they would save
-    (count x (pieces - 1)). Returns [(word, count)]."""
-    counts = Counter(m.group(0) for text in texts for m in _WORD.finditer(text))
-    scored = []
-    for word, count in counts.items():
-        if count < min_count:
-            continue
-        pieces = len(phrase_ids(tokenizer, word))
-        if pieces >= min_pieces:
-            scored.append((count * (pieces - 1), word, count))
-    scored.sort(key=lambda s: (-s[0], s[1]))
-    return [(word, count) for _, word, count in scored[:top_n]]
+def keep_tokens_with_snippets(
+    tokens: Sequence[NewToken], snippet_counts: dict[str, int], minimum: int
+) -> tuple[list[NewToken], list[dict]]:
+    """(tokens with at least `minimum` snippets, skipped entries for the others). Raises
+    TooFewSnippetsError when none is left."""
+    kept = [t for t in tokens if snippet_counts.get(t.text, 0) >= minimum]
+    skipped = [
+        {"token": t.text, "reason": TOO_FEW_SNIPPETS, "snippets": snippet_counts.get(t.text, 0)}
+        for t in tokens if snippet_counts.get(t.text, 0) < minimum
+    ]
+    if not kept:
+        raise TooFewSnippetsError(
+            f"none of the {len(tokens)} new tokens has {minimum} snippet(s) in the data; use a larger or more "
+            "in-domain corpus, raise max_docs, or fill the shortfall with generated snippets "
+            "(top_up_with_generation=True in the API, data.top_up_with_generation: true in a job)"
+        )
+    return kept, skipped
