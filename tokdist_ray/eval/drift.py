@@ -69,7 +69,7 @@ def drift(
         def aligned(x):
             return x.gather(1, batch["teacher_index"][..., None].expand(-1, -1, x.size(-1)))
 
-        t_final, t_logp = aligned(t_final), None
+        t_final = aligned(t_final)
         t_logp = torch.log_softmax(anyone.original_logits(t_final).float(), -1)
         t_target = aligned(t_target) if need_target else t_final
         for name, d in distillers.items():

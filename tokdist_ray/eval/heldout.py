@@ -1,9 +1,8 @@
 """The evaluate stage: held-out drift of an expanded model next to the baselines, written
-as eval.json, eval.md and PNG plots."""
+as eval.json, eval.md and PNG plots (plots.py)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -15,11 +14,13 @@ from tokdist_ray.vocab.alignment import PhraseMerger
 from tokdist_ray.training.batching import merge_snippets
 from tokdist_ray.config import FileDataSource
 from tokdist_ray.data.corpus import documents
+from tokdist_ray.eval.plots import write_plots
 from tokdist_ray.eval.drift import baseline_rows, compression, drift, markdown_table, relative_to
 from tokdist_ray.report import write_report
 from tokdist_ray.vocab.export import expand_tokenizer
 from tokdist_ray.vocab.models import load_model, load_tokenizer
 from tokdist_ray.data.snippets import mine_snippets
+from tokdist_ray.errors import TooFewSnippetsError
 from tokdist_ray.vocab.tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")
@@ -37,7 +38,7 @@ def evaluate_export(config, tokens: Sequence[NewToken], distilled: dict, out_dir
     texts = [t for t in documents(FileDataSource(paths=list(config.eval.heldout_paths))) if isinstance(t, str)]
     snippets, _ = mine_snippets(texts, tokenizer, tokens, config.snippets.snippet_len, config.eval.snippets_per_token)
     if not snippets:
-        raise ValueError("none of the new tokens occurs in eval.heldout_paths; point it at held-out text that uses them")
+        raise TooFewSnippetsError("none of the new tokens occurs in eval.heldout_paths; point it at held-out text that uses them")
     merger = PhraseMerger.for_tokens(tokens, new_start)
     examples = merge_snippets(merger, [s["input_ids"] for s in snippets])
     methods = {"token_distillation": rows, **baseline_rows(model, tokens, new_start)}
@@ -62,41 +63,3 @@ def evaluate_export(config, tokens: Sequence[NewToken], distilled: dict, out_dir
     plots = write_plots(results, Path(distilled["report_path"]), out_dir)
     return {"eval_path": str(out_dir / "eval.json"), "table": table, "plots": plots,
             "relative_to_fvt": report["relative_to_fvt"]["token_distillation"]}
-
-
-def write_plots(results: dict, training_report: Path, out_dir: Path) -> list[str]:
-    """Per-token hidden-state drift per method, and the training loss curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    names = list(results)
-    tokens = sorted(results[names[0]]["per_token"])
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(tokens) * len(names) / 2), 4))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        values = [results[name]["per_token"][t]["hidden_mse"] for t in tokens]
-        ax.bar([x + i * width for x in range(len(tokens))], values, width, label=name)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tokens))], [repr(t) for t in tokens], rotation=60, ha="right")
-    ax.set_ylabel("held-out last-layer hidden MSE")
-    ax.set_title("Drift from the original model per new token (lower is better)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "drift_per_token.png", dpi=100)
-    plt.close(fig)
-    written.append(str(out_dir / "drift_per_token.png"))
-
-    curve = json.loads(training_report.read_text(encoding="utf-8")).get("training", {}).get("loss_curve", [])
-    if curve:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker="o")
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.set_title("Token Distillation loss")
-        fig.tight_layout()
-        fig.savefig(out_dir / "loss_curve.png", dpi=100)
-        plt.close(fig)
-        written.append(str(out_dir / "loss_curve.png"))
-    return written

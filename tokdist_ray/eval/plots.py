@@ -1,0 +1,45 @@
+"""The evaluate stage's PNG plots: per-token drift per method, and the training loss curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokdist_ray.report import read_report
+
+
+def write_plots(results: dict, training_report: Path, out_dir: Path) -> list[str]:
+    """Per-token hidden-state drift per method, and the training loss curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    names = list(results)
+    tokens = sorted(results[names[0]]["per_token"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(tokens) * len(names) / 2), 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [results[name]["per_token"][t]["hidden_mse"] for t in tokens]
+        ax.bar([x + i * width for x in range(len(tokens))], values, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tokens))], [repr(t) for t in tokens], rotation=60, ha="right")
+    ax.set_ylabel("held-out last-layer hidden MSE")
+    ax.set_title("Drift from the original model per new token (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "drift_per_token.png", dpi=100)
+    plt.close(fig)
+    written.append(str(out_dir / "drift_per_token.png"))
+
+    curve = read_report(training_report).get("training", {}).get("loss_curve", [])
+    if curve:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker="o")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_title("Token Distillation loss")
+        fig.tight_layout()
+        fig.savefig(out_dir / "loss_curve.png", dpi=100)
+        plt.close(fig)
+        written.append(str(out_dir / "loss_curve.png"))
+    return written
