@@ -1,31 +1,31 @@
 """What a user sees on the terminal: our progress lines, and little else.
 
-`console_logging()` gives the `tokdist_ray` logger one stderr handler. `quiet_third_party()`
-sends third-party notices that carry nothing for the user (Ray's actor-constructor
-notices, DeepSpeed's accelerator line, known deprecation warnings of libraries we call)
-to `run_dir/logs/third_party.log` instead of the terminal; errors still reach the
-terminal.
+`console_logging()` gives the `tokdist_ray` logger one stderr handler (the API calls it).
+`quiet_console()` (the CLI and the job call it before Ray starts) keeps third-party notices
+that carry nothing for the user off the terminal: Ray's start-up and Ray Data's execution
+notices (they stay in Ray's session logs), Ray Train's worker-group notices, model-loading
+progress bars in non-interactive runs, and known deprecation warnings raised inside the
+libraries we call. Errors still reach the terminal.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
 log = logging.getLogger("tokdist_ray")
 
-# Loggers whose INFO/WARNING lines are noise on a user's terminal; they go to the log file.
-NOISY_LOGGERS = ("DeepSpeed", "deepspeed", "ray", "ray.data", "ray.train", "ray.tune", "torch.distributed", "datasets")
-# Warnings raised inside libraries, about their own internals.
-NOISY_WARNINGS = (
-    r".*broadcast_buffers.*",
-    r".*torch\.distributed\.reduce_op.*",
+# Warnings raised inside libraries about their own internals, not about anything a user set.
+LIBRARY_WARNINGS = (
+    r".*`use_push_based_shuffle` is deprecated.*",
+    r".*`use_polars` is deprecated.*",
+    r".*`use_arrow_tensor_v2` is deprecated.*",
     r".*pkg_resources is deprecated.*",
-    r".*TRANSFORMERS_CACHE.*",
-    r".*`resume_download` is deprecated.*",
 )
+RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 
 
 def console_logging() -> None:
@@ -39,25 +39,24 @@ def console_logging() -> None:
         log.propagate = False
 
 
-def quiet_third_party(log_dir: str | Path | None = None) -> None:
-    """Route third-party INFO/WARNING lines to `log_dir/third_party.log` (or drop them
-    below WARNING when there is no run directory) and filter known library warnings.
-    Also exported to Ray workers through the environment (see worker_env)."""
-    for pattern in NOISY_WARNINGS:
+def interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def quiet_console() -> None:
+    """Call before Ray and transformers are imported (their logging reads the environment once)."""
+    console_logging()
+    for pattern in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    handler: logging.Handler | None = None
-    if log_dir is not None:
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(Path(log_dir) / "third_party.log", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    for name in NOISY_LOGGERS:
-        logger = logging.getLogger(name)
-        for old in [h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]:
-            old.setLevel(logging.ERROR)
-        if handler is not None:
-            logger.addHandler(handler)
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
+    os.environ.update(worker_env())
 
 
 def worker_env() -> dict[str, str]:
-    """Environment for Ray workers that keeps their consoles as quiet as the driver's."""
-    return {"PYTHONWARNINGS": ",".join(f"ignore::{kind}" for kind in ("DeprecationWarning", "FutureWarning"))}
+    """Environment for Ray workers (and this process) that keeps consoles quiet: no
+    library deprecation warnings, and no download or weight-loading progress bars when
+    nobody watches a terminal."""
+    env = {"PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
+    if not interactive():
+        env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    return env

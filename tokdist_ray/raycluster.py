@@ -12,10 +12,12 @@ def ray_is_running() -> bool:
 
 def connect() -> None:
     """Join the running cluster (`ray job submit`, RAY_ADDRESS) or start a local instance."""
+    import logging
+
     import ray
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    if not ray.is_initialized():  # Ray's INFO start-up lines stay in its session logs
+        ray.init(logging_level=logging.WARNING)
 
 
 def cluster_cpus() -> int:

@@ -102,6 +102,7 @@ def distill_distributed(
     (custom monitoring; fault injection in tests). Uses the running Ray instance, or
     starts a local one.
     """
+    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -132,6 +133,7 @@ def distill_distributed(
             failure_config=FailureConfig(max_failures=dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=dist.keep_checkpoints),
             worker_runtime_env={"env_vars": {**worker_env(), **({} if dist.use_gpu else {"DS_ACCELERATOR": "cpu"})}},
+            **_quiet_train_logs(ray.train),
         ),
     )
     result = trainer.fit()
@@ -139,6 +141,12 @@ def distill_distributed(
     run.mark_finished(str(out))
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return DistributedResult(out, out / ROWS, out / "report.json", checkpoint, read_report(out / "report.json"))
+
+
+def _quiet_train_logs(train) -> dict:
+    """Ray Train's worker-group notices off the console (Ray >= 2.60; they stay in its logs)."""
+    config = getattr(train, "LoggingConfig", None)
+    return {"logging_config": config(log_level="WARNING")} if config is not None else {}
 
 
 def _plan(model_path, snippets_path, tokens, out_dir, training, dist, output_emb_policy, pre_init_strategy,
