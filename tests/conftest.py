@@ -229,6 +229,17 @@ def docs_corpus_split(docs_corpus, tmp_path_factory) -> CorpusSplit:
 
 
 @pytest.fixture(scope="session")
+def job_corpus_dir(tmp_path_factory) -> Path:
+    """A few small .txt documents that use the test WORDS, for tiny jobs."""
+    from tests.helpers import SENTENCES
+
+    d = tmp_path_factory.mktemp("job-corpus")
+    for i, s in enumerate(SENTENCES * 2):
+        (d / f"doc{i}.txt").write_text(f"Part {i}. {s} The end of part {i}.", encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the session. `address="local"` always starts a fresh one, so a
     stale /tmp/ray/ray_current_cluster or a RAY_ADDRESS in the environment cannot hijack tests."""

@@ -33,3 +33,13 @@ def tiny_setup(model_dir, losses=("MSE-on-hiddens",), target_layer=-1, train_out
     else:
         rows = NewRows(inputs, pre_init_rows(model.get_output_embeddings().weight, phrases), train_output)
     return TokenDistiller(model, rows, new_start, losses, target_layer, mixed_precision=False), examples, tok
+
+
+def tiny_job_args(model_dir, corpus_dir, run_dir) -> list[str]:
+    """Command-line options of a small job on a tiny model: the two WORDS, 4 snippets each."""
+    return [
+        "--model", str(model_dir), "--run_dir", str(run_dir), "--tokens.list", ",".join(WORDS),
+        "--data.paths", str(corpus_dir), "--snippets.snippet_len", "24", "--snippets.snippets_per_token", "4",
+        "--training.batch_size", "4", "--distributed.checkpoint_every", "0", "--eval.heldout_paths", str(corpus_dir),
+        "--eval.snippets_per_token", "2",
+    ]

@@ -28,11 +28,23 @@ LIBRARY_WARNINGS = (
 RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (notebooks and test runners swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def console_logging() -> None:
     """Progress lines on stderr, once, unless the application gave our logger a handler.
     (Not conditional on the root logger: Ray and others configure it on import.)"""
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[tokdist] %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

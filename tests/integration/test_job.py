@@ -15,56 +15,20 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokdist_ray.job.cli import main as cli_main
-from tokdist_ray.errors import ConfigError
 from tokdist_ray.job.config import load_config, parse_overrides
 
-from tests.helpers import SENTENCES, WORDS
+from tests.helpers import WORDS, tiny_job_args
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def tiny_job_args(model_dir, corpus_dir, run_dir):
-    return [
-        "--model", str(model_dir), "--run_dir", str(run_dir), "--tokens.list", ",".join(WORDS),
-        "--data.paths", str(corpus_dir), "--snippets.snippet_len", "24", "--snippets.snippets_per_token", "4",
-        "--training.batch_size", "4", "--distributed.checkpoint_every", "0", "--eval.heldout_paths", str(corpus_dir),
-        "--eval.snippets_per_token", "2",
-    ]
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("job-corpus")
-    for i, s in enumerate(SENTENCES * 2):
-        (d / f"doc{i}.txt").write_text(f"Part {i}. {s} The end of part {i}.", encoding="utf-8")
-    return d
-
-
-def test_config_errors_name_the_key_and_the_fix(tiny_model_dir, corpus_dir, tmp_path, capsys):
-    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
-        load_config(None, parse_overrides(["--training.learnig_rate", "1e-4", "--tokens.list", " a"]))
-    with pytest.raises(ConfigError, match="training.epochs: expected an integer, got 'two'"):
-        load_config(None, parse_overrides(["--training.epochs", "two", "--tokens.list", " a"]))
-    with pytest.raises(ConfigError, match="exactly one of"):
-        load_config(None, {})
-    config = load_config(None, parse_overrides(["--model_path", "m", "--new_tokens", " Krankenwagen, Schmetterling",
-                                                "--dataset_path", "HuggingFaceFW/fineweb-2", "--epochs", "3"]))
-    assert (config.model, config.tokens.list, config.data.source, config.training.epochs) == (
-        "m", [" Krankenwagen", " Schmetterling"], "hf", 3)
-    missing = tiny_job_args(tmp_path / "no-such-model", corpus_dir, tmp_path / "run")
-    assert cli_main(["run", *missing]) == 2
-    assert "no-such-model" in capsys.readouterr().err
-
-
-def test_job_stages_are_reused_and_a_lost_stage_reruns(ray_session, tiny_model_dir, corpus_dir, tmp_path):
+def test_job_stages_are_reused_and_a_lost_stage_reruns(ray_session, tiny_model_dir, job_corpus_dir, tmp_path):
     from tokdist_ray.job.pipeline import run_job
 
     model_dir = tiny_model_dir(tied=False)
-    config = load_config(None, parse_overrides(tiny_job_args(model_dir, corpus_dir, tmp_path / "run")))
+    config = load_config(None, parse_overrides(tiny_job_args(model_dir, job_corpus_dir, tmp_path / "run")))
     first = run_job(config)
     assert first["stages_reused"] == []
     assert (tmp_path / "run" / "eval" / "eval.md").is_file()
@@ -78,6 +42,17 @@ def test_job_stages_are_reused_and_a_lost_stage_reruns(ray_session, tiny_model_d
     assert third["stages_reused"] == ["tokens", "snippets", "evaluate"]
     report = json.loads((tmp_path / "run" / "model" / "report.json").read_text())
     assert report["distributed"]["resumed_from_steps"], "the rerun should resume from the final checkpoint"
+
+    # a finished run with a new setting is a new run: no error, fresh checkpoints, new rows
+    rows_before = (tmp_path / "run" / "model" / "new_rows.safetensors").read_bytes()
+    changed = load_config(None, parse_overrides(
+        tiny_job_args(model_dir, job_corpus_dir, tmp_path / "run") + ["--training.learning_rate", "5e-3"]))
+    fourth = run_job(changed)
+    assert fourth["stages_reused"] == ["tokens", "snippets"]
+    report = json.loads((tmp_path / "run" / "model" / "report.json").read_text())
+    assert report["settings"]["training"]["learning_rate"] == 5e-3 and report["distributed"]["resumed_from_steps"] == []
+    assert (tmp_path / "run" / "model" / "new_rows.safetensors").read_bytes() != rows_before
+    assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 2, "the first run's checkpoints stay"
 
 
 def _free_port():
@@ -137,11 +112,11 @@ def _submit(command, env):
     return done
 
 
-def test_ray_job_submit_produces_a_loadable_model(ray_head, tiny_model_dir, corpus_dir, tmp_path):
+def test_ray_job_submit_produces_a_loadable_model(ray_head, tiny_model_dir, job_corpus_dir, tmp_path):
     address, env = ray_head
     model_dir = tiny_model_dir(tied=True)
     run_dir = tmp_path / "run"
-    args = tiny_job_args(model_dir, corpus_dir, run_dir)
+    args = tiny_job_args(model_dir, job_corpus_dir, run_dir)
     submit = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", address,
               "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git"]}),
               "--", sys.executable, "jobs/expand_vocab.py", *args]

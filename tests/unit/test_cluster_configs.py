@@ -20,7 +20,12 @@ def test_cluster_yamls_pass_rays_validation(name):
         validate_config(prepare_config(config))
 
 
-def test_rayjob_manifest_keeps_the_dashboard_private():
+def test_rayjob_submits_from_inside_the_head_pod_and_keeps_the_dashboard_private():
     job = yaml.safe_load((REPO / "cluster" / "rayjob.yaml").read_text())
     assert job["kind"] == "RayJob" and "expand_vocab.py" in job["spec"]["entrypoint"]
-    assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    # a dashboard on 127.0.0.1 is reachable only from the head pod itself: the default
+    # K8sJobMode submitter pod (calling the head service) could never submit the job
+    assert job["spec"]["submissionMode"] == "SidecarMode"
+    assert head["template"]["spec"]["restartPolicy"] == "Never"

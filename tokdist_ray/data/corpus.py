@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tokdist_ray.config import FileDataSource, HFDataSource
+from tokdist_ray.errors import CorpusNotFoundError
 
 log = logging.getLogger("tokdist_ray")
 
@@ -30,7 +31,7 @@ def expand_paths(paths: str | list[str]) -> list[str]:
         else:
             found += sorted(glob.glob(pattern, recursive=True))
     if not found:
-        raise FileNotFoundError(f"no corpus files match {paths!r}; check the path or glob")
+        raise CorpusNotFoundError(f"no corpus files match {paths!r}; check the path or glob")
     return found
 
 

@@ -29,7 +29,7 @@ COMPRESSION_SAMPLE_BYTES = 5_000_000  # tokens-per-byte needs no more text than 
 
 def evaluate_export(config, tokens: Sequence[NewToken], distilled: dict, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    skipped = set(distilled.get("too_few_snippets", {}))
+    skipped = {entry["token"] for entry in distilled["tokens_skipped"]}
     tokens = [t for t in tokens if t.text not in skipped]
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     model = load_model(config.model, dtype=torch.float32, trust_remote_code=config.trust_remote_code)

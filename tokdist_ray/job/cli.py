@@ -11,7 +11,9 @@ import dataclasses
 import sys
 import typing
 
-from tokdist_ray.job.config import REFERENCE_FLAGS, ConfigError, JobConfig, load_config, parse_overrides
+from tokdist_ray.console import quiet_console
+from tokdist_ray.errors import ConfigError, CorpusNotFoundError, TokdistError
+from tokdist_ray.job.config import REFERENCE_FLAGS, JobConfig, load_config, parse_overrides
 
 COMMANDS = {
     "run": ("tokens", "snippets", "distill", "evaluate"),
@@ -61,32 +63,48 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a user mistake prints `tokdist-ray: error: ...` and returns 2, never a traceback."""
     args, rest = parser().parse_known_args(argv)
+    quiet_console()  # before Ray and transformers are imported: their logging reads the environment once
     try:
-        overrides = parse_overrides(rest)
-        if args.command == "generate":
-            overrides["data.source"] = "generated"
-        config = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"tokdist-ray: config error: {e}", file=sys.stderr)
+        return _run(args.command, args.config, rest)
+    except TokdistError as e:
+        print(f"tokdist-ray: error: {e}", file=sys.stderr)
         return 2
-    if args.command == "eval" and not config.eval.heldout_paths:
-        print("tokdist-ray: config error: eval needs eval.heldout_paths (held-out text files)", file=sys.stderr)
-        return 2
-    from tokdist_ray.vocab.models import ModelNotFoundError, resolve_model_path
 
-    try:  # fail before starting Ray; GGUF and bundled models materialise here once
-        resolve_model_path(config.model)
-    except ModelNotFoundError as e:
-        print(f"tokdist-ray: model error: {e}", file=sys.stderr)
-        return 2
-    from tokdist_ray.console import console_logging
+
+def _run(command: str, config_path: str | None, rest: list[str]) -> int:
+    overrides = parse_overrides(rest)
+    if command == "generate":
+        overrides["data.source"] = "generated"
+    config = load_config(config_path, overrides)
+    if command == "eval" and not config.eval.heldout_paths:
+        raise ConfigError("eval needs eval.heldout_paths (held-out text files)")
+    check_corpus_paths(config)
+    from tokdist_ray.vocab.models import resolve_model_path
+
+    resolve_model_path(config.model)  # before Ray starts; GGUF and bundled models materialise here once
     from tokdist_ray.job.pipeline import run_job
 
-    console_logging()
-    report = run_job(config, COMMANDS[args.command])
+    report = run_job(config, COMMANDS[command])
     print(f"done in {report['wall_seconds']:.1f}s; stages {report['stage_seconds']}; outputs under {config.run_dir}")
     return 0
+
+
+def check_corpus_paths(config: JobConfig) -> None:
+    """Local corpus and held-out paths must match files before any work starts (URIs are
+    checked where they are read)."""
+    from tokdist_ray.data.corpus import expand_paths
+    from tokdist_ray.storage import is_uri
+
+    named = {"data.paths": config.data.paths if config.data.source == "files" else [],
+             "eval.heldout_paths": config.eval.heldout_paths}
+    for key, paths in named.items():
+        for path in (p for p in paths if not is_uri(p)):
+            try:
+                expand_paths([path])
+            except CorpusNotFoundError as e:
+                raise CorpusNotFoundError(f"{key}: {e}") from None
 
 
 if __name__ == "__main__":

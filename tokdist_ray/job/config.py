@@ -255,7 +255,12 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     if path:
         if not Path(path).is_file():
             raise ConfigError(f"config file {path} does not exist")
-        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        try:
+            tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     overrides = dict(overrides or {})
     if "data.dataset_path" in overrides and "data.source" not in overrides:
         overrides["data.source"] = "hf"  # the reference's --dataset_path means a HF dataset

@@ -19,20 +19,24 @@ from typing import Callable
 import pyarrow.parquet as pq
 
 from tokdist_ray.config import FileDataSource, HFDataSource
+from tokdist_ray.errors import TokdistError
+from tokdist_ray.fingerprint import fingerprint
+from tokdist_ray.job.lock import RunDirLock
+from tokdist_ray.raycluster import connect, dataset_tables
 from tokdist_ray.report import write_report
 from tokdist_ray.job.config import JobConfig, config_dict
 from tokdist_ray.vocab.models import load_tokenizer
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA
 from tokdist_ray.vocab.selection import frequent_fragmented_words
-from tokdist_ray.vocab.tokens import NewToken, TokenSelection, select_new_tokens, tokens_from_spec
+from tokdist_ray.vocab.tokens import NewToken, TokenSelection, keep_tokens_with_snippets, select_new_tokens, tokens_from_spec
 
 log = logging.getLogger("tokdist_ray")
 STAGES = ("tokens", "snippets", "distill", "evaluate")
 
 
 # ------------------------------------------------------------------ stage bookkeeping
-def fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _key(*parts) -> str:
+    return fingerprint(parts)
 
 
 class StageLedger:
@@ -139,7 +143,7 @@ def _snippets_stage(config: JobConfig, tokenizer, tokens: list[NewToken], run_di
             config.model, todo, config.snippets.snippet_len, {t.text: shortfall[t.text] for t in todo},
             config.generation, token_indices=[index[t.text] for t in todo], tokenizer=tokenizer,
         )
-        tables.append(pa.concat_tables(ray_tables(dataset)))
+        tables.append(pa.concat_tables(dataset_tables(dataset)))
         report["generation"] = stats.as_dict(quota) | {"top_up": source is not None}
     out = run_dir / "snippets"
     out.mkdir(parents=True, exist_ok=True)
@@ -151,43 +155,38 @@ def _snippets_stage(config: JobConfig, tokenizer, tokens: list[NewToken], run_di
     return {"snippets_path": str(out), "report": report}
 
 
-def ray_tables(dataset) -> list:
-    import ray
-
-    return [ray.get(ref) for ref in dataset.to_arrow_refs()]
-
-
 def snippet_counts(path: Path) -> dict[str, int]:
     table = pq.read_table(str(path / "snippets.parquet"), columns=["token"])
     return dict(Counter(table.column("token").to_pylist()))
 
 
-def _distill_stage(config: JobConfig, tokens: list[NewToken], snippets_path: str, run_dir: Path) -> dict:
+def _distill_stage(config: JobConfig, tokens: list[NewToken], snippets_path: str, run_dir: Path, key: str) -> dict:
+    """Distill on Ray Train. Checkpoints live under `<run_name>-<key>`, the key being this
+    stage's fingerprint: a stopped run with the same settings resumes, and a run with
+    new settings starts its own folder, leaving earlier runs as they were."""
     import dataclasses
 
     from tokdist_ray.training.ray_trainer import distill_distributed
-    from tokdist_ray.training.run_manifest import MANIFEST
+    from tokdist_ray.training.run_manifest import RunDirectory
 
-    counts = snippet_counts(Path(snippets_path))
-    keep = [t for t in tokens if counts.get(t.text, 0) >= config.snippets.min_snippets_per_token]
-    short = {t.text: counts.get(t.text, 0) for t in tokens if t not in keep}
-    if short:
-        log.warning("skipping %d tokens with fewer than %d snippets: %s", len(short),
-                    config.snippets.min_snippets_per_token, dict(list(short.items())[:10]))
-    if not keep:
-        raise ValueError("no token has enough snippets to distill; add corpus data or set data.top_up_with_generation: true")
+    keep, skipped = keep_tokens_with_snippets(tokens, snippet_counts(Path(snippets_path)),
+                                              config.snippets.min_snippets_per_token)
+    if skipped:
+        log.warning("skipping %d tokens with fewer than %d snippets: %s", len(skipped),
+                    config.snippets.min_snippets_per_token, {s["token"]: s["snippets"] for s in skipped[:10]})
     dist = config.distributed
     storage = dist.storage_path or str((run_dir / "checkpoints").resolve())
-    resume = (Path(storage) / dist.run_name / MANIFEST).is_file() if "://" not in storage else dist.resume
-    if resume:
-        log.info("resuming the stopped distillation from its checkpoints in %s", storage)
-    dist = dataclasses.replace(dist, storage_path=storage, resume=resume)
+    run_name = f"{dist.run_name}-{key[:8]}"
+    state = RunDirectory(storage, run_name).state
+    log.info("distillation checkpoints: %s/%s (%s)", storage, run_name,
+             {"new": "a new run", "stopped": "resuming the stopped run", "finished": "the run finished; re-exporting it"}[state])
+    dist = dataclasses.replace(dist, storage_path=storage, run_name=run_name, resume=state != "new")
     result = distill_distributed(
         config.model, snippets_path, keep, config.model_dir, config.training, dist,
         config.output.emb_policy, config.output.pre_init_strategy,
     )
     return {"model_dir": str(result.out_dir), "rows_path": str(result.rows_path),
-            "report_path": str(result.report_path), "too_few_snippets": short}
+            "report_path": str(result.report_path), "tokens_skipped": skipped}
 
 
 def _evaluate_stage(config: JobConfig, tokens: list[NewToken], distilled: dict, run_dir: Path) -> dict:
@@ -198,35 +197,37 @@ def _evaluate_stage(config: JobConfig, tokens: list[NewToken], distilled: dict, 
 
 # ------------------------------------------------------------------ the job
 def run_job(config: JobConfig, stages: tuple[str, ...] = STAGES) -> dict:
-    """Run (or continue) the job; returns the job report, also written to run_dir/job.json."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()  # a local instance, or the cluster when submitted with `ray job submit`
+    """Run (or continue) the job; returns the job report, also written to run_dir/job.json.
+    One job at a time per run_dir: a second one is refused while the first runs."""
     run_dir = Path(config.run_dir).expanduser().resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunDirLock(run_dir):
+        return _run_stages(config, stages, run_dir)
+
+
+def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> dict:
     ledger = StageLedger(run_dir)
     settings = config_dict(config)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     start = time.perf_counter()
 
-    key = fingerprint(settings["model"], settings["tokens"], settings["data"] if config.tokens.from_corpus else None)
+    key = _key(settings["model"], settings["tokens"], settings["data"] if config.tokens.from_corpus else None)
     picked = ledger.run("tokens", key, lambda: _tokens_stage(config, tokenizer, run_dir))
     tokens = load_tokens(picked["tokens_path"])
     outputs = {"tokens": picked}
+    connect()  # after the tokens stage, which needs no Ray: a bad token list fails at once
 
     if "snippets" in stages or "distill" in stages:
-        key = fingerprint(key, settings["data"], settings["snippets"], settings["generation"])
+        key = _key(key, settings["data"], settings["snippets"], settings["generation"])
         outputs["snippets"] = ledger.run("snippets", key, lambda: _snippets_stage(config, tokenizer, tokens, run_dir))
     if "distill" in stages:
-        key = fingerprint(key, settings["training"], settings["output"], settings["out_path"],
+        key = _key(key, settings["training"], settings["output"], settings["out_path"],
                           {k: v for k, v in settings["distributed"].items() if k not in ("resume", "max_failures")})
         snippets_path = outputs["snippets"]["snippets_path"]
-        outputs["distill"] = ledger.run("distill", key, lambda: _distill_stage(config, tokens, snippets_path, run_dir))
+        outputs["distill"] = ledger.run("distill", key, lambda: _distill_stage(config, tokens, snippets_path, run_dir, key))
     if "evaluate" in stages and config.eval.heldout_paths:
         distilled = outputs.get("distill") or _finished(ledger, "distill")
         rows = Path(distilled["rows_path"]).read_bytes()  # a re-distilled model is evaluated anew
-        key = fingerprint(key, settings["eval"], distilled, hashlib.sha256(rows).hexdigest())
+        key = _key(key, settings["eval"], distilled, hashlib.sha256(rows).hexdigest())
         outputs["evaluate"] = ledger.run("evaluate", key, lambda: _evaluate_stage(config, tokens, distilled, run_dir))
 
     report = {
@@ -241,10 +242,7 @@ def run_job(config: JobConfig, stages: tuple[str, ...] = STAGES) -> dict:
     if "distill" in outputs:  # the model's report.json gets the stage breakdown too
         model_report = Path(outputs["distill"]["report_path"])
         merged = json.loads(model_report.read_text(encoding="utf-8")) | {
-            "tokens_skipped": picked["skipped"] + [
-                {"token": t, "reason": "too_few_snippets", "snippets": n}
-                for t, n in outputs["distill"]["too_few_snippets"].items()
-            ],
+            "tokens_skipped": picked["skipped"] + outputs["distill"]["tokens_skipped"],
             "snippets": outputs["snippets"]["report"],
             "job": {k: report[k] for k in ("stage_seconds", "stages_reused")},
         }
@@ -256,5 +254,5 @@ def run_job(config: JobConfig, stages: tuple[str, ...] = STAGES) -> dict:
 def _finished(ledger: StageLedger, stage: str) -> dict:
     records = sorted(ledger.dir.glob(f"{stage}.json"))
     if not records:
-        raise RuntimeError(f"stage {stage} has not run yet in {ledger.dir.parent}; run it first (tokdist-ray {stage})")
+        raise TokdistError(f"stage {stage} has not run yet in {ledger.dir.parent}; run it first (tokdist-ray {stage})")
     return json.loads(records[0].read_text(encoding="utf-8"))["outputs"]

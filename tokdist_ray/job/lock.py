@@ -1,0 +1,51 @@
+"""One job per run directory: an OS advisory lock held for the job's life.
+
+`fcntl.flock` is released by the kernel when the holding process dies, so a killed job
+never leaves a stale lock behind; the lock file only records who holds it, for the
+message a second job gets.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from tokdist_ray.errors import RunConflictError
+
+LOCK_FILE = ".tokdist.lock"
+
+
+class RunDirLock:
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.path = run_dir / LOCK_FILE
+        self._file = None
+
+    def __enter__(self) -> "RunDirLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise RunConflictError(
+                f"run_dir {self.run_dir} is in use by another job ({holder}); wait for it to finish, "
+                "or give this job its own run_dir (--run_dir ...)"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
