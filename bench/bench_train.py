@@ -32,7 +32,8 @@ from tokdist_ray.config import DistillationConfig
 from tokdist_ray.training.step import NewRows, TokenDistiller
 from tokdist_ray.training.schedule import make_optimizer
 from tokdist_ray.vocab.models import load_model, resolve_model_path
-from tokdist_ray.data.snippets import mine_snippets, snippets_to_table
+from tokdist_ray.data.local_mining import mine_snippets
+from tokdist_ray.data.snippets import snippets_to_table
 from tokdist_ray.vocab.selection import frequent_fragmented_words
 from tokdist_ray.vocab.tokens import select_new_tokens
 from tokdist_ray.config import DistributedConfig

@@ -32,7 +32,7 @@ from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.local import train_local
 from tokdist_ray.data.mining import mine_corpus, ray_is_running
 from tokdist_ray.vocab.models import cache_root, load_model, load_tokenizer
-from tokdist_ray.data.snippets import mine_snippets
+from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.report import expansion_report
 from tokdist_ray.vocab.tokens import NewToken, keep_tokens_with_snippets, select_new_tokens
 
@@ -159,7 +159,9 @@ class TokenDistillation:
         if not isinstance(data, (HFDataSource, FileDataSource)):
             raise TypeError(f"data must be GeneratedDataSource, HFDataSource or FileDataSource, not {type(data).__name__}")
         snippets, stats = self._mine(tokens, data, snippet_len, snippets_per_token)
-        log.info("mined %d snippets from %d documents (%d bad rows skipped)", len(snippets), stats.documents, stats.bad_rows)
+        log.info("mined %d snippets: %s", len(snippets), stats.summary())
+        if not top_up and (note := stats.shortfall_note(snippets_per_token)):
+            log.warning(note)
         short = {t: snippets_per_token - c for t, c in stats.counts.items() if c < snippets_per_token}
         if short and top_up:
             index = {tok.text: i for i, tok in enumerate(tokens)}

@@ -20,11 +20,13 @@ import pytest
 from tokdist_ray.vocab.alignment import PhraseMerger
 from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.data.corpus import documents
-from tokdist_ray.data.ray_corpus import corpus_parts, file_kind, read_part, resolve_files, text_blocks
+from tokdist_ray.data.files import file_kind, resolve_files
+from tokdist_ray.data.ray_corpus import corpus_parts, read_part, text_blocks
 from tokdist_ray.data.matching import Cuts, PhraseScanner
 from tokdist_ray.data.mining import TALLY, QuotaLedger, SnippetMiner, TokenizerSpec, cache_key, corpus_spec, mine_corpus, mining_dataset, reads_fused
 from tokdist_ray.vocab.models import load_tokenizer
-from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix, mine_snippets, window_around
+from tokdist_ray.data.local_mining import mine_snippets
+from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix, window_around
 from tokdist_ray.vocab.tokens import NewToken, select_new_tokens
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -226,7 +228,7 @@ BAD_JSON_LINES = ['{"text": null}', '{"text": 5}', '{"other": "x"}', '{"text": "
 
 @pytest.fixture(scope="module")
 def mixed_corpus(tmp_path_factory, doc_texts):
-    """40 docs as text files, JSONL and parquet, plus 8 bad rows; and the good texts."""
+    """40 docs as text files, JSONL and parquet, plus 9 bad rows; and the good texts."""
     root = tmp_path_factory.mktemp("mixed-corpus")
     texts = doc_texts[:40]
     for i, text in enumerate(texts[:20]):
@@ -235,6 +237,7 @@ def mixed_corpus(tmp_path_factory, doc_texts):
     (root / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     pq.write_table(pa.table({"text": texts[30:] + [None]}), root / "docs.parquet")
     (root / "empty.txt").write_text("")
+    (root / "blob.bin").write_bytes(b"\x7fELF\x02\x01\x00\x00" + bytes(range(256)))  # binary: skipped, counted
     return root, texts
 
 
@@ -252,10 +255,12 @@ def test_ray_mining_equals_the_in_process_miner_counts_bad_rows_and_is_cached(
     source = FileDataSource(f"file://{root}/*")  # a glob through a pyarrow filesystem
     result = mine_corpus(source, smol_tokenizer, doc_tokens, 24, EVERYTHING, out_dir=str(tmp_path))
 
-    reference, _ = mine_snippets(documents(FileDataSource(str(root))), smol_tokenizer, doc_tokens, 24, EVERYTHING)
+    reference, in_process = mine_snippets(documents(FileDataSource(str(root))), smol_tokenizer, doc_tokens, 24, EVERYTHING)
     assert snippet_sets(result.rows()) == snippet_sets(reference)
     assert result.stats.documents == len(texts)
-    assert result.stats.bad_rows == len(BAD_JSON_LINES) + 2  # the parquet null and the empty file
+    assert result.stats.bad_rows == len(BAD_JSON_LINES) + 3  # the parquet null, the empty file, the binary one
+    expected = {"missing_text": 3, "not_a_string": 1, "invalid_json": 1, "empty": 3, "binary_file": 1}
+    assert result.stats.bad_reasons == in_process.bad_reasons == expected
     assert result.stats.bytes == sum(len(t.encode()) for t in texts)
     assert result.shortfall == {t.text: EVERYTHING - result.stats.counts[t.text] for t in doc_tokens}
     report = result.report()

@@ -23,7 +23,8 @@ from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.local import train_local
 from tokdist_ray.vocab.models import load_model
 from tokdist_ray.training.snippet_files import read_snippets
-from tokdist_ray.data.snippets import mine_snippets, snippets_to_table
+from tokdist_ray.data.local_mining import mine_snippets
+from tokdist_ray.data.snippets import snippets_to_table
 from tokdist_ray.vocab.tokens import select_new_tokens
 from tokdist_ray.config import DistributedConfig
 from tokdist_ray.training.ray_trainer import distill_distributed

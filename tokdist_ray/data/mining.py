@@ -31,6 +31,7 @@ tokens and the settings; a rerun with the same key reads them back.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import json
 import logging
 import marshal
@@ -46,7 +47,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tokdist_ray.config import FileDataSource, HFDataSource
-from tokdist_ray.data.ray_corpus import MINER_CPUS, PART, TEXT, CorpusFiles, corpus_dataset, resolve_files
+from tokdist_ray.data.files import EMPTY, CorpusFiles, resolve_files
+from tokdist_ray.data.ray_corpus import BAD, MINER_CPUS, PART, TEXT, corpus_dataset
 from tokdist_ray.data.matching import PhraseScanner
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA, MiningStats, snippet_row
 
@@ -66,6 +68,7 @@ MINED_SCHEMA = pa.schema(
         ("phrase_start", pa.int32()),
         ("documents", pa.int64()),  # tally row only, as the rest
         ("bad_rows", pa.int64()),
+        ("bad_reasons", pa.string()),  # JSON {reason: rows}
         ("bytes", pa.int64()),
         ("tokenised_chars", pa.int64()),
         ("cpu_seconds", pa.float64()),
@@ -181,6 +184,13 @@ class BoardReader:
         return self._board is not None
 
 
+def _bad_reasons(batch: pa.Table) -> dict[str, int]:
+    """Rows without text by reason, and whitespace-only texts as "empty"."""
+    reasons = Counter(r for r in batch[BAD].to_pylist() if r is not None)
+    empty = sum(1 for t in batch[TEXT].to_pylist() if t is not None and not t.strip())
+    return dict(reasons + Counter({EMPTY: empty}))
+
+
 @dataclass
 class _Passed:
     """What one miner passed on for one token: hashes of its distinct windows (a hash
@@ -209,13 +219,13 @@ class SnippetMiner:
     def __call__(self, batch: pa.Table) -> pa.Table:
         cpu, chars_before = time.process_time(), self._scanner.tokenised_chars
         texts, parts = batch[TEXT].to_pylist(), batch[PART].to_pylist()
-        good = [(text, part) for text, part in zip(texts, parts) if isinstance(text, str) and text.strip()]
+        good = [(text, part) for text, part in zip(texts, parts) if text is not None and text.strip()]
         docs = [text for text, _ in good]
         hits = self._scanner.scan(docs, self._open(min(parts, default=0)))
         rows = self._first_distinct(hits, [part for _, part in good])
         tally = {
             "token_index": TALLY, "input_ids": [], "phrase_start": -1, "documents": len(docs),
-            "bad_rows": batch.num_rows - len(docs), "bytes": sum(len(d.encode("utf-8")) for d in docs),
+            "bad_rows": batch.num_rows - len(docs), "bad_reasons": json.dumps(_bad_reasons(batch)), "bytes": sum(len(d.encode("utf-8")) for d in docs),
             "tokenised_chars": self._scanner.tokenised_chars - chars_before,
             "cpu_seconds": time.process_time() - cpu, "node": self._node,
         }
@@ -360,8 +370,8 @@ def default_workers() -> int:
 def _progress(stats: MiningStats, ledger: QuotaLedger, started: float) -> None:
     seconds = time.perf_counter() - started
     log.info(
-        "mining: %d documents, %.1f MB (%.1f MB/s), %d/%d tokens at quota",
-        stats.documents, stats.bytes / 1e6, stats.bytes / 1e6 / max(seconds, 1e-9),
+        "mining: %s, %.1f MB (%.1f MB/s), %d/%d tokens at quota",
+        stats.summary(), stats.bytes / 1e6, stats.bytes / 1e6 / max(seconds, 1e-9),
         len(ledger.tokens) - ledger.open, len(ledger.tokens),
     )
 
@@ -395,7 +405,8 @@ def _consume(stream, ledger: QuotaLedger, board: _BoardWriter, work: MinerWork) 
         tally = pc.equal(block["token_index"], TALLY)
         for row in block.filter(tally).to_pylist():
             stats.documents += row["documents"]
-            stats.bad_rows += row["bad_rows"]
+            for reason, count in json.loads(row["bad_reasons"]).items():
+                stats.add_bad(reason, count)
             stats.bytes += row["bytes"]
             work.add(row)
         mined = block.filter(pc.invert(tally)).select(["token_index", "input_ids", "phrase_start"]).to_pydict()
@@ -474,7 +485,8 @@ def _cached(out: str, quota: int) -> MiningResult | None:
     with fs.open_input_stream(f"{root}/report.json") as f:
         report = json.loads(f.read())
     stats = MiningStats(
-        documents=report["documents"], bad_rows=report["bad_rows"], bytes=report["bytes"],
+        documents=report["documents"], bad_rows=report["bad_rows"], bad_reasons=report.get("bad_rows_by_reason", {}),
+        bytes=report["bytes"],
         seconds=report["seconds"], counts=report["snippets_per_token"],
     )
     work = MinerWork(report["workers"], report["nodes"], report["tokenised_chars"], report["miner_cpu_seconds"],
@@ -519,6 +531,6 @@ def mine_corpus(
     report = {**result.report(), "bytes": stats.bytes, "tokenised_chars": work.tokenised_chars, "settings": settings}
     _write(out, ledger.table(), report)
     _progress(stats, ledger, time.perf_counter() - stats.seconds)
-    if result.shortfall:
-        log.info("mining: %d of %d tokens short of %d snippets", len(result.shortfall), len(tokens), snippets_per_token)
+    if note := stats.shortfall_note(snippets_per_token):
+        log.warning("mining: %s", note)
     return result

@@ -1,18 +1,9 @@
-"""The corpus as a Ray Dataset of documents: a column `text`, holding a document's text
-or None where the row has none (missing, not a string, not JSON), which the miner counts
-as a bad row and skips, as it does empty texts; and a column `part`, the place of the
-document's read task in the read order, which tells a miner where a row stands in the
-stream.
-
-Files (FileDataSource): local paths, directories, globs, or URIs of any pyarrow
-filesystem (s3://, gs://, hdfs://, file://; globs there match fnmatch-style under the
-part of the path before the first wildcard). Compressed files (.gz, .bz2, .zst, ...) are
-opened transparently; the suffix before the compression one says what a file holds:
-    .parquet       the text column
-    .jsonl/.json   one JSON object per line, its text column
-    anything else  the whole file is one document (UTF-8, bad bytes replaced)
-Hugging Face datasets (HFDataSource): streamed, one read task per shard of the
-IterableDataset, `map_to_text_fn` applied in the read task.
+"""The corpus as a Ray Dataset of documents, read with the one reader (files.py): a
+column `text` (null where a row has no text), a column `bad` (why not: a files.BadRow
+reason), which the miners count and skip, as they do empty texts; and a column `part`,
+the place of the document's read task in the read order, which tells a miner where a
+row stands in the stream. Hugging Face datasets (HFDataSource) are streamed, one read
+task per shard of the IterableDataset, `map_to_text_fn` applied in the read task.
 
 Order: files (or HF shards) in an order shuffled by the seed, rows in file order, so
 what is read first is not biased toward the corpus's own order; `max_docs` keeps the
@@ -33,42 +24,39 @@ BLOCK_BYTES. Two ways to run them:
 
 from __future__ import annotations
 
-import fnmatch
-import glob
-import io
-import json
 import logging
-import os
 import random
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from tokdist_ray.config import FileDataSource, HFDataSource
-from tokdist_ray.data.corpus import expand_paths
+from tokdist_ray.data.files import (
+    BadRow,
+    CorpusFiles,
+    compressed,
+    file_kind,
+    file_values,
+    line_range_values,
+    parquet_batches,
+    resolve_files,
+    row_text,
+)
 
 log = logging.getLogger("tokdist_ray")
 
 TEXT = "text"
+BAD = "bad"  # why a row has no text (files.BadRow reasons), null for good rows
 PART = "part"
 BLOCK_BYTES = 2 << 20  # small blocks, so that work spreads over the miners as it streams
 PART_BYTES = 2 << 20  # a part read inside a miner: small, to balance miners and stop early
 TASK_BYTES = 64 << 20  # a read task of its own (remote files): fewer, larger tasks
 MINER_CPUS = 1  # the miners' num_cpus; local reads ask the same, which lets Ray Data fuse them
-COMPRESSION_SUFFIXES = {".gz", ".bz2", ".zst", ".lz4", ".br"}
-
-
-@dataclass(frozen=True)
-class CorpusFiles:
-    filesystem: pafs.FileSystem
-    paths: list[str]  # sorted
-    sizes: list[int]
-    mtimes: list[float | None]
 
 
 @dataclass(frozen=True)
@@ -82,137 +70,46 @@ class Piece:
     byte_range: tuple[int, int] | None = None
 
 
-def _compressed(path: str) -> bool:
-    return Path(path).suffix.lower() in COMPRESSION_SUFFIXES
-
-
-def file_kind(path: str) -> str:
-    suffixes = [s.lower() for s in Path(path).suffixes]
-    if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
-        suffixes.pop()
-    suffix = suffixes[-1] if suffixes else ""
-    return {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}.get(suffix, "text")
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def _remote_matches(pattern: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
-    filesystem, path = pafs.FileSystem.from_uri(pattern)
-    if not glob.has_magic(path):
-        info = filesystem.get_file_info(path)
-        if info.type == pafs.FileType.Directory:
-            infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-            return filesystem, [i for i in infos if i.type == pafs.FileType.File]
-        return filesystem, [info] if info.type == pafs.FileType.File else []
-    magic = min(i for i, c in enumerate(path) if c in "*?[")
-    base = path[:magic].rsplit("/", 1)[0] or "/"
-    infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-    return filesystem, [i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
-
-
-def resolve_files(paths: str | list[str]) -> CorpusFiles:
-    """The files a FileDataSource names, with sizes and modification times (for the
-    cache key). All patterns must be local paths or URIs of one filesystem."""
-    patterns = [paths] if isinstance(paths, str) else list(paths)
-    if not any(_is_uri(p) for p in patterns):
-        filesystem = pafs.LocalFileSystem()
-        infos = filesystem.get_file_info(sorted({os.path.abspath(p) for p in expand_paths(patterns)}))
-    elif not all(_is_uri(p) for p in patterns):
-        raise ValueError(f"mix of local paths and URIs in {patterns!r}; use file:// URIs for local files")
-    else:
-        filesystem, infos = None, []
-        for pattern in patterns:
-            fs, matched = _remote_matches(pattern)
-            if filesystem is not None and fs.type_name != filesystem.type_name:
-                raise ValueError(f"corpus paths span filesystems {filesystem.type_name} and {fs.type_name}; use one")
-            filesystem, infos = fs, infos + matched
-        if not infos:
-            raise FileNotFoundError(f"no corpus files match {paths!r}; check the URI or glob")
-        infos = sorted({i.path: i for i in infos}.values(), key=lambda i: i.path)
-    mtimes = [i.mtime.timestamp() if i.mtime is not None else None for i in infos]
-    return CorpusFiles(filesystem, [i.path for i in infos], [i.size for i in infos], mtimes)
-
-
 # ---------------------------------------------------------------------- reading
-def _text_value(row: Any, column: str) -> str | None:
-    value = row.get(column) if isinstance(row, dict) else None
-    return value if isinstance(value, str) else None
-
-
-def _json_line_value(line: str, column: str) -> str | None:
-    try:
-        return _text_value(json.loads(line), column)
-    except ValueError:
-        return None
-
-
 def _parquet_blocks(filesystem: pafs.FileSystem, path: str, column: str, row_groups=None) -> Iterator[pa.Table]:
-    """The text column (of `row_groups`, or all) in blocks of about BLOCK_BYTES, kept in
-    Arrow (no Python strings)."""
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(filesystem.open_input_file(path))
-    if column not in parquet.schema_arrow.names:
-        raise ValueError(f"{path} has no column {column!r} (columns: {parquet.schema_arrow.names}); set text_column")
-    batches, size = [], 0
-    for batch in parquet.iter_batches(columns=[column], batch_size=64, row_groups=row_groups):
-        values = batch.column(0)
-        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-            values = pa.nulls(len(values), pa.large_string())  # not text: every row is bad
-        batches.append(values.cast(pa.large_string()))
+    """The text column in blocks of about BLOCK_BYTES, kept in Arrow (no Python strings)."""
+    texts, reasons, size = [], [], 0
+    for values, null_reason in parquet_batches(filesystem, path, column, row_groups):
+        texts.append(values)
+        reasons.append(pc.if_else(pc.is_null(values), null_reason, pa.scalar(None, pa.string())))
         size += values.nbytes
         if size >= BLOCK_BYTES:
-            yield pa.table({TEXT: pa.concat_arrays(batches)})
-            batches, size = [], 0
-    if batches:
-        yield pa.table({TEXT: pa.concat_arrays(batches)})
+            yield pa.table({TEXT: pa.concat_arrays(texts), BAD: pa.concat_arrays(reasons)})
+            texts, reasons, size = [], [], 0
+    if texts:
+        yield pa.table({TEXT: pa.concat_arrays(texts), BAD: pa.concat_arrays(reasons)})
 
 
-def _file_values(filesystem: pafs.FileSystem, path: str, column: str) -> Iterator[str | None]:
-    """The text values of a JSONL or plain text file, in file order."""
-    with filesystem.open_input_stream(path, compression="detect") as stream:
-        if file_kind(path) == "text":
-            yield stream.read().decode("utf-8", errors="replace")
-            return
-        for line in io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
-            if line.strip():
-                yield _json_line_value(line, column)
-
-
-def _line_range_values(filesystem: pafs.FileSystem, path: str, start: int, end: int, column: str) -> Iterator[str | None]:
-    """The text values of the JSONL lines that start in [start, end)."""
-    with io.BufferedReader(filesystem.open_input_file(path)) as stream:
-        if start > 0:
-            stream.seek(start - 1)
-            stream.readline()  # the line holding byte start - 1 is the previous slice's
-        while stream.tell() < end:
-            line = stream.readline()
-            if not line:
-                break
-            if line.strip():
-                yield _json_line_value(line.decode("utf-8", errors="replace"), column)
-
-
-def _piece_values(filesystem: pafs.FileSystem, piece: Piece, column: str) -> Iterator[str | None]:
+def _piece_values(filesystem: pafs.FileSystem, piece: Piece, column: str) -> Iterator[str | BadRow]:
     if piece.byte_range is not None:
-        return _line_range_values(filesystem, piece.path, *piece.byte_range, column)
-    return _file_values(filesystem, piece.path, column)
+        return line_range_values(filesystem, piece.path, *piece.byte_range, column)
+    return file_values(filesystem, piece.path, column)
 
 
-def text_blocks(values: Iterable[str | None], max_bytes: int = BLOCK_BYTES) -> Iterator[pa.Table]:
-    """Tables of one `text` column, each up to about max_bytes of text."""
-    block: list[str | None] = []
+def text_blocks(values: Iterable[str | BadRow], max_bytes: int = BLOCK_BYTES) -> Iterator[pa.Table]:
+    """Tables of a `text` column (null for bad rows) and a `bad` column (their reason),
+    each up to about max_bytes of text."""
+    texts: list[str | None] = []
     size = 0
     for value in values:
-        block.append(value)
-        size += len(value) if value else 0
+        texts.append(value)
+        size += len(value) if isinstance(value, str) else 0
         if size >= max_bytes:
-            yield pa.table({TEXT: pa.array(block, pa.large_string())})
-            block, size = [], 0
-    if block:
-        yield pa.table({TEXT: pa.array(block, pa.large_string())})
+            yield _text_table(texts)
+            texts, size = [], 0
+    if texts:
+        yield _text_table(texts)
+
+
+def _text_table(values: list[str | BadRow]) -> pa.Table:
+    bad = [v.reason if isinstance(v, BadRow) else None for v in values]
+    text = [None if isinstance(v, BadRow) else v for v in values]
+    return pa.table({TEXT: pa.array(text, pa.large_string()), BAD: pa.array(bad, pa.string())})
 
 
 def _read_tasks(read_fns: list[tuple[Any, list[str], int | None]], per_task_row_limit):
@@ -267,7 +164,7 @@ def _slices(filesystem: pafs.FileSystem, path: str, size: int, part_bytes: int) 
     """A large parquet or uncompressed JSONL file in slices of about part_bytes; any
     other file whole."""
     kind = file_kind(path)
-    if size <= part_bytes or _compressed(path) or kind == "text":
+    if size <= part_bytes or compressed(path) or kind == "text":
         return [Piece(path, size)]
     if kind == "jsonl":
         return [Piece(path, min(part_bytes, size - a), byte_range=(a, min(a + part_bytes, size)))
@@ -333,11 +230,11 @@ def open_hf_stream(source: HFDataSource):
     return datasets.load_dataset(source.dataset_path, **kwargs)
 
 
-def _hf_shard_values(source: HFDataSource, num_shards: int, index: int) -> Iterator[str | None]:
+def _hf_shard_values(source: HFDataSource, num_shards: int, index: int) -> Iterator[str | BadRow]:
     for row in open_hf_stream(source).shard(num_shards=num_shards, index=index):
         if source.map_to_text_fn is not None:
             row = source.map_to_text_fn(row)
-        yield row if isinstance(row, str) else _text_value(row, source.text_column)
+        yield row_text(row, source.text_column)
 
 
 def _read_hf_shard(source: HFDataSource, num_shards: int, index: int) -> Iterator[pa.Table]:

@@ -19,7 +19,7 @@ from tokdist_ray.eval.drift import baseline_rows, compression, drift, markdown_t
 from tokdist_ray.report import write_report
 from tokdist_ray.vocab.export import expand_tokenizer
 from tokdist_ray.vocab.models import load_model, load_tokenizer
-from tokdist_ray.data.snippets import mine_snippets
+from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.errors import TooFewSnippetsError
 from tokdist_ray.vocab.tokens import NewToken
 

@@ -94,7 +94,7 @@ def _run(command: str, config_path: str | None, rest: list[str]) -> int:
 def check_corpus_paths(config: JobConfig) -> None:
     """Local corpus and held-out paths must match files before any work starts (URIs are
     checked where they are read)."""
-    from tokdist_ray.data.corpus import expand_paths
+    from tokdist_ray.data.files import expand_paths
     from tokdist_ray.storage import is_uri
 
     named = {"data.paths": config.data.paths if config.data.source == "files" else [],
