@@ -142,7 +142,7 @@ def test_a_miner_drops_a_token_it_filled_itself_but_only_for_later_parts(smol_to
 
     def mined(part: int, words: str) -> Counter:
         docs = [f"Note {part}.{i}: {words} and {i * 7} more." for i in range(3)]  # distinct windows
-        table = miner(pa.table({"text": docs, "part": [part] * len(docs)}))
+        table = miner(pa.table({"text": docs, "bad": [None] * len(docs), "part": [part] * len(docs)}))
         return Counter(i for i in table.column("token_index").to_pylist() if i != TALLY)
 
     assert mined(5, "the tokenizers") == {0: 2}  # two distinct windows: full after part 5
@@ -374,7 +374,7 @@ def test_two_node_cluster_mines_on_both_nodes(smollm2_dir, docs_corpus, doc_text
 def test_the_api_mines_on_ray_when_ray_is_running(ray_session, tiny_model_dir, tmp_path, monkeypatch):
     from tokdist_ray import DistillationConfig, TokenDistillation, api
 
-    from helpers import SENTENCES, WORDS
+    from tests.helpers import SENTENCES, WORDS
 
     monkeypatch.setenv("TOKDIST_RAY_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus"
