@@ -30,7 +30,8 @@ from tokdist_ray.vocab.export import expand_model, expand_tokenizer, save_expand
 from tokdist_ray.data.generation import generate_snippets
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.local import train_local
-from tokdist_ray.data.mining import mine_corpus, ray_is_running
+from tokdist_ray.data.mining import mine_corpus
+from tokdist_ray.raycluster import ray_is_running
 from tokdist_ray.vocab.models import cache_root, load_model, load_tokenizer
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.report import expansion_report

@@ -23,7 +23,9 @@ from tokdist_ray.data.corpus import documents
 from tokdist_ray.data.files import file_kind, resolve_files
 from tokdist_ray.data.ray_corpus import corpus_parts, read_part, text_blocks
 from tokdist_ray.data.matching import Cuts, PhraseScanner
-from tokdist_ray.data.mining import TALLY, QuotaLedger, SnippetMiner, TokenizerSpec, cache_key, corpus_spec, mine_corpus, mining_dataset, reads_fused
+from tokdist_ray.data.miner import TALLY, SnippetMiner, TokenizerSpec
+from tokdist_ray.data.mining import QuotaLedger, mine_corpus, mining_dataset, reads_fused
+from tokdist_ray.data.mining_cache import cache_key, corpus_spec
 from tokdist_ray.vocab.models import load_tokenizer
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix, window_around
