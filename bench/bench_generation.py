@@ -53,7 +53,8 @@ import ray
 import torch
 
 from tokdist_ray.config import GeneratedDataSource
-from tokdist_ray.data.generation import generate_snippet_dataset, generate_snippets
+from tokdist_ray.data.generation.local import generate_snippets
+from tokdist_ray.data.generation.ray_backend import generate_snippet_dataset
 from tokdist_ray.vocab.models import load_model, load_tokenizer, resolve_model_path
 from tokdist_ray.vocab.tokens import select_new_tokens
 

@@ -27,7 +27,7 @@ from tokdist_ray.config import (
 from tokdist_ray.data.corpus import documents
 from tokdist_ray.training.step import NewRows, TokenDistiller, bf16_supported
 from tokdist_ray.vocab.export import expand_model, expand_tokenizer, save_expanded
-from tokdist_ray.data.generation import generate_snippets
+from tokdist_ray.data.generation.local import generate_snippets
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.local import train_local
 from tokdist_ray.data.mining import mine_corpus

@@ -11,24 +11,21 @@ from transformers import AutoTokenizer
 
 from tokdist_ray import FileDataSource, GeneratedDataSource, TokenDistillation
 from tokdist_ray import api
-from tokdist_ray.data import generation, vllm_generation
+from tokdist_ray.data.generation import ray_backend as generation
+from tokdist_ray.data.generation import vllm_backend as vllm_generation
 from tokdist_ray.config import DistillationConfig
-from tokdist_ray.data.generation import (
-    BackendUnavailableError,
-    SampleStreams,
+from tokdist_ray.data.generation.local import generate_snippets
+from tokdist_ray.data.generation.ray_backend import generate_snippet_dataset, request_blocks, resolve_backend
+from tokdist_ray.data.generation.requests import (
     cut_at_eos,
-    draw,
-    generate_snippet_dataset,
-    generate_snippets,
     plan_requests,
-    request_blocks,
-    resolve_backend,
     sample_seed,
     snippet_from_sample,
     snippet_table,
     stop_ids,
-    warp_logits,
 )
+from tokdist_ray.data.generation.sampling import SampleStreams, draw, warp_logits
+from tokdist_ray.errors import BackendUnavailableError
 from tokdist_ray.vocab.models import load_model, load_tokenizer
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix
 from tokdist_ray.vocab.tokens import NewToken, select_new_tokens

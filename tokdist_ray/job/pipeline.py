@@ -122,7 +122,7 @@ def _snippets_stage(config: JobConfig, tokenizer, tokens: list[NewToken], run_di
     """Mine and/or generate, then write one snippet table that training reads."""
     import pyarrow as pa
 
-    from tokdist_ray.data.generation import generate_snippet_dataset
+    from tokdist_ray.data.generation.ray_backend import generate_snippet_dataset
 
     tables, report = [], {}
     source = corpus_source(config)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 from typing import NamedTuple, Sequence
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokdist_ray.config import LOSS_METHODS
+from tokdist_ray.vocab.models import cache_argument
 
 _LOGIT_LOSSES = {"MSE-on-logits", "KL-on-logits"}
 
@@ -90,11 +90,9 @@ def _cpu_has_native_bf16() -> bool:
     return bool((check and check()) or (amx and amx()))
 
 
-def _cache_of(output, wanted: bool) -> object:
-    if not wanted:
-        return None  # reading the old name, even to find None, warns in transformers 5.x
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
+def _cache_of(output, name: str, wanted: bool) -> object:
+    # reading the old name when not wanted, even to find None, warns in transformers 5.x
+    return getattr(output, name) if wanted else None
 
 
 class TokenDistiller(nn.Module):
@@ -135,8 +133,7 @@ class TokenDistiller(nn.Module):
         self._target_decoder = [truncated_decoder(decoder, self.target)]
         self.tied = rows.output is None
         self.reuse_prefix = True  # off only to check that reuse changes nothing
-        # transformers renamed `past_key_values` to `cache` during 5.x
-        self._cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        self._cache_arg = cache_argument(decoder)
 
     # ------------------------------------------------------------------ pieces
     def embed_student(self, ids: torch.Tensor) -> torch.Tensor:
@@ -152,12 +149,12 @@ class TokenDistiller(nn.Module):
         if not need_final:
             out = self._target_decoder[0](**inputs, **kwargs)
             states = out.last_hidden_state
-            return RunStates(states, states if self.target == self.n_layers else None, _cache_of(out, keep_cache))
+            return RunStates(states, states if self.target == self.n_layers else None, _cache_of(out, self._cache_arg, keep_cache))
         want_inner = need_target and self.target != self.n_layers
         out = self._decoder[0](**inputs, **kwargs, output_hidden_states=want_inner)
         final = out.last_hidden_state
         target = (out.hidden_states[self.target] if want_inner else final) if need_target else None
-        return RunStates(target, final, _cache_of(out, keep_cache))
+        return RunStates(target, final, _cache_of(out, self._cache_arg, keep_cache))
 
     def student_states(self, student_ids, mask, teacher: RunStates | None, split: int, need_target, need_final) -> RunStates:
         """Student states for the whole batch. With a teacher cache and split > 0, only

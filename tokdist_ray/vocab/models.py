@@ -168,3 +168,11 @@ def load_model(
     model.to(device).eval()
     model.requires_grad_(False)
     return model
+
+
+def cache_argument(model) -> str:
+    """The name of a model's KV-cache argument and output: transformers 5.24 renamed
+    `past_key_values` to `cache`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

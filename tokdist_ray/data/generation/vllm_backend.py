@@ -18,7 +18,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from tokdist_ray.config import GeneratedDataSource
-from tokdist_ray.data.generation import GPU_EXTRA_HINT, cut_at_eos, snippet_table
+from tokdist_ray.data.generation.requests import GPU_EXTRA_HINT, cut_at_eos, snippet_table
 from tokdist_ray.errors import BackendUnavailableError
 
 if TYPE_CHECKING:

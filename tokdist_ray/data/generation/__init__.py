@@ -1,0 +1,25 @@
+"""Generated snippets: the model writes contexts that start with each new token's phrase.
+
+One request is one sample: the prompt `[BOS] + phrase ids` (no BOS where the tokenizer has
+none), up to `snippet_len` new ids, cut at the first EOS. Samples with fewer than
+`min_new_tokens` new ids are dropped and counted; up to `refill_rounds` further rounds
+replace them with fresh samples, so a token normally ends with exactly the count asked.
+
+Determinism: each sample has its own seed, derived from (seed, token text, sample index),
+and its own random stream, drawn by the exponential race (as vLLM draws). So a sample does
+not depend on which other tokens run, on batch size or order, or on the number of actors:
+the logits of one prompt differ between batch shapes only by rounding, which flips a draw
+only where two ids tie within rounding (not seen in the tests). The same inputs on the
+same hardware give bit-identical snippets. vLLM gets the same per-sample seeds and is
+reproducible for one vLLM version and GPU type (set VLLM_BATCH_INVARIANT=1 on Hopper and
+newer to remove its batch dependence too); its snippets differ from the CPU backend's,
+whose kernels differ.
+
+Modules:
+  requests      requests, rounds and stats, shared by every backend
+  sampling      the CPU sampling loop
+  local         generate_snippets(model, tokenizer, ...): in-process, on the model the API holds
+  ray_backend   generate_snippet_dataset(model_path, ...): a Ray Data stage, transformers on
+                a CPU actor pool, or vLLM via ray.data.llm (vllm_backend)
+"""
+

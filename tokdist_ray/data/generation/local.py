@@ -1,0 +1,75 @@
+"""In-process generation on the model the API holds."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Sequence
+
+from tokdist_ray.config import GeneratedDataSource
+from tokdist_ray.data.generation.requests import (
+    GenerationStats,
+    fitted,
+    generate_in_rounds,
+    snippet_from_sample,
+    stop_ids,
+    wanted_counts,
+)
+from tokdist_ray.data.generation.sampling import batches, padding_id, sample_continuations
+from tokdist_ray.data.snippets import bos_prefix
+from tokdist_ray.vocab.tokens import NewToken
+
+if TYPE_CHECKING:
+    import ray.data
+
+
+def generate_snippets(
+    model,
+    tokenizer,
+    tokens: Sequence[NewToken],
+    snippet_len: int = 50,
+    snippets_per_token: int | dict[str, int] = 100,
+    source: GeneratedDataSource | None = None,
+    token_indices: Sequence[int] | None = None,
+) -> tuple[list[dict], GenerationStats]:
+    """Snippet rows (SNIPPET_SCHEMA, source="generated") written by `model`, in-process.
+
+    `snippets_per_token` may be a dict token -> count (a top-up of a shortfall).
+    `token_indices` gives each token's index in the run (defaults to its position).
+    `backend="vllm"` hands the work to the Ray Data stage, for the model's own directory;
+    "auto" and "transformers" sample here, on the model as it is (device, dtype).
+    """
+    source = fitted(source, snippet_len)
+    if source.backend == "vllm":
+        from tokdist_ray.data.generation.ray_backend import generate_snippet_dataset
+
+        return _collected(generate_snippet_dataset(
+            model.name_or_path, tokens, snippet_len, snippets_per_token, source, token_indices, tokenizer))
+    start = time.perf_counter()
+    stop = stop_ids(tokenizer, getattr(model, "generation_config", None))
+    pad = padding_id(tokenizer, stop)
+
+    def run_round(requests: list[dict]) -> tuple[list[dict], Counter]:
+        rows = []
+        for batch in batches(requests, source.batch_size):
+            continuations = sample_continuations(model, batch, source, snippet_len, stop, pad)
+            samples = ({**r, "continuation": c} for r, c in zip(batch, continuations))
+            rows += [row for s in samples if (row := snippet_from_sample(s, source.min_new_tokens)) is not None]
+        return rows, Counter(r["token"] for r in rows)
+
+    indices = list(token_indices) if token_indices is not None else list(range(len(tokens)))
+    results, stats = generate_in_rounds(
+        tokens, wanted_counts(tokens, snippets_per_token), source, bos_prefix(tokenizer), indices, run_round)
+    rows = sorted((row for rows in results for row in rows), key=lambda r: r["token_index"])
+    stats.backend, stats.seconds = "transformers-in-process", time.perf_counter() - start
+    return rows, stats
+
+
+def _collected(result: tuple["ray.data.Dataset", GenerationStats]) -> tuple[list[dict], GenerationStats]:
+    dataset, stats = result
+    rows = sorted(dataset.take_all(), key=lambda r: r["token_index"])
+    for row in rows:
+        row["input_ids"] = [int(i) for i in row["input_ids"]]
+    return rows, stats
+
+

@@ -1,0 +1,145 @@
+"""Generation requests and rounds, shared by every backend: one request per sample with
+its own seed, samples cut at EOS, too-short samples dropped and replaced in later rounds."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Sequence
+
+import pyarrow as pa
+
+from tokdist_ray.config import GeneratedDataSource
+from tokdist_ray.data.snippets import SNIPPET_SCHEMA, MiningStats
+from tokdist_ray.vocab.tokens import NewToken
+
+log = logging.getLogger("tokdist_ray")
+GPU_EXTRA_HINT = "pip install 'tokdist-ray[gpu]' (vLLM and ray[llm]) on the GPU nodes"
+
+
+
+@dataclass
+class GenerationStats(MiningStats):
+    samples: int = 0  # samples drawn, kept or not
+    dropped_short: int = 0  # cut at EOS before min_new_tokens
+    backend: str = ""
+
+    def as_dict(self, quota: int) -> dict:
+        return {
+            **super().as_dict(quota),
+            "backend": self.backend,
+            "samples_generated": self.samples,
+            "dropped_short_samples": self.dropped_short,
+        }
+
+
+def sample_seed(seed: int, token: str, sample_index: int) -> int:
+    """A stable 63-bit seed per sample (valid for torch and vLLM, and for an arrow int64)."""
+    digest = hashlib.blake2b(f"{seed}\x00{token}\x00{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def stop_ids(tokenizer, generation_config=None) -> list[int]:
+    """EOS ids of the tokenizer and of the model's generation config (chat models list several)."""
+    ids = set() if tokenizer.eos_token_id is None else {tokenizer.eos_token_id}
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    return sorted(ids)
+
+
+def cut_at_eos(ids: Iterable[int], stop: Sequence[int]) -> list[int]:
+    ids = [int(i) for i in ids]
+    ends = [ids.index(s) for s in stop if s in ids]
+    return ids[: min(ends)] if ends else ids
+
+
+def plan_requests(
+    tokens: Sequence[NewToken],
+    missing: dict[str, int],
+    first_sample: dict[str, int],
+    prefix: list[int],
+    seed: int,
+    token_indices: Sequence[int],
+) -> list[dict]:
+    """One request per sample still missing, sorted by prompt length so that batches need
+    little padding."""
+    requests = [
+        {
+            "token": token.text,
+            "token_index": index,
+            "sample_index": k,
+            "seed": sample_seed(seed, token.text, k),
+            "prompt_ids": prefix + list(token.phrase_ids),
+            "phrase_start": len(prefix),
+        }
+        for token, index in zip(tokens, token_indices)
+        for k in range(first_sample[token.text], first_sample[token.text] + missing.get(token.text, 0))
+    ]
+    return sorted(requests, key=lambda r: (len(r["prompt_ids"]), r["token_index"], r["sample_index"]))
+
+
+def snippet_from_sample(sample: dict, min_new_tokens: int) -> dict | None:
+    """A snippet row (SNIPPET_SCHEMA) from a request plus its `continuation`, or None if too short."""
+    if len(sample["continuation"]) < min_new_tokens:
+        return None
+    return {
+        "token": sample["token"],
+        "token_index": sample["token_index"],
+        "input_ids": [int(i) for i in sample["prompt_ids"]] + list(sample["continuation"]),
+        "phrase_start": sample["phrase_start"],
+        "source": "generated",
+    }
+
+
+def snippet_table(samples: Iterable[dict], min_new_tokens: int) -> pa.Table:
+    rows = [row for s in samples if (row := snippet_from_sample(s, min_new_tokens)) is not None]
+    return pa.Table.from_pylist(rows, schema=SNIPPET_SCHEMA)
+
+
+def wanted_counts(tokens: Sequence[NewToken], snippets_per_token: int | dict[str, int]) -> dict[str, int]:
+    if isinstance(snippets_per_token, dict):
+        return {t.text: int(snippets_per_token.get(t.text, 0)) for t in tokens}
+    return {t.text: int(snippets_per_token) for t in tokens}
+
+
+def generate_in_rounds(
+    tokens: Sequence[NewToken],
+    wanted: dict[str, int],
+    source: GeneratedDataSource,
+    prefix: list[int],
+    token_indices: Sequence[int],
+    run_round: Callable[[list[dict]], tuple[object, Counter]],
+) -> tuple[list, GenerationStats]:
+    """Ask for every missing sample, then again for those dropped as too short.
+    `run_round(requests) -> (result, kept per token)`; returns the rounds' results."""
+    stats = GenerationStats(counts={t.text: 0 for t in tokens})
+    next_sample = {t.text: 0 for t in tokens}
+    results = []
+    for round_no in range(1 + source.refill_rounds):
+        missing = {t: n - stats.counts[t] for t, n in wanted.items() if stats.counts[t] < n}
+        if not missing:
+            break
+        requests = plan_requests(tokens, missing, next_sample, prefix, source.seed, token_indices)
+        start = time.perf_counter()
+        result, kept = run_round(requests)
+        results.append(result)
+        stats.samples += len(requests)
+        for text, n in kept.items():
+            stats.counts[text] += n
+        for text, n in missing.items():
+            next_sample[text] += n
+        log.info("generation round %d: %d samples, %d kept (%.1f s)",
+                 round_no, len(requests), sum(kept.values()), time.perf_counter() - start)
+    stats.dropped_short = stats.samples - sum(stats.counts.values())
+    return results, stats
+
+
+def fitted(source: GeneratedDataSource | None, snippet_len: int) -> GeneratedDataSource:
+    """The source with min_new_tokens capped at snippet_len, the most a sample can hold."""
+    source = source or GeneratedDataSource()
+    return replace(source, min_new_tokens=min(source.min_new_tokens, snippet_len))
+
+
