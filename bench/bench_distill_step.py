@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.config import DistillationConfig
+from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.training.batching import collate, merge_snippets
-from tokdist_ray.training.step import NewRows, TokenDistiller, bf16_supported
 from tokdist_ray.training.rows import pre_init_rows
 from tokdist_ray.training.schedule import make_optimizer
-from tokdist_ray.config import DistillationConfig
+from tokdist_ray.training.step import NewRows, TokenDistiller, bf16_supported
+from tokdist_ray.vocab.alignment import PhraseMerger
 from tokdist_ray.vocab.models import load_model, resolve_model_path
-from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.vocab.selection import frequent_fragmented_words
 from tokdist_ray.vocab.tokens import select_new_tokens
 

@@ -47,8 +47,8 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokdist_ray.config import FileDataSource  # noqa: E402
-from tokdist_ray.vocab.models import cache_root, load_tokenizer  # noqa: E402
 from tokdist_ray.data.snippets import bos_prefix, window_around  # noqa: E402
+from tokdist_ray.vocab.models import cache_root, load_tokenizer  # noqa: E402
 from tokdist_ray.vocab.tokens import NewToken, phrase_ids  # noqa: E402
 
 DOC_ROOT = Path("/usr/share/doc")

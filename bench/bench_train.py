@@ -28,16 +28,15 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoTokenizer
 
-from tokdist_ray.config import DistillationConfig
-from tokdist_ray.training.step import NewRows, TokenDistiller
-from tokdist_ray.training.schedule import make_optimizer
-from tokdist_ray.vocab.models import load_model, resolve_model_path
+from tokdist_ray.config import DistillationConfig, DistributedConfig
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.snippets import snippets_to_table
+from tokdist_ray.training.ray_trainer import distill_distributed
+from tokdist_ray.training.schedule import make_optimizer
+from tokdist_ray.training.step import NewRows, TokenDistiller
+from tokdist_ray.vocab.models import load_model, resolve_model_path
 from tokdist_ray.vocab.selection import frequent_fragmented_words
 from tokdist_ray.vocab.tokens import select_new_tokens
-from tokdist_ray.config import DistributedConfig
-from tokdist_ray.training.ray_trainer import distill_distributed
 
 DOCS = "/usr/share/doc/python3.11/html/_sources/**/*.txt"
 REPO = Path(__file__).resolve().parents[1]
@@ -156,7 +155,7 @@ def memory_rows(model_dir: str) -> list[tuple]:
 # ---------------------------------------------------------------------------- report
 def print_tables(runs: list[dict], memory: list[tuple]) -> None:
     base = runs[0]["snippets_per_s"]
-    print(f"\nThroughput on SmolLM2-135M (CPU workers, 1 CPU each, bf16 autocast where supported)")
+    print("\nThroughput on SmolLM2-135M (CPU workers, 1 CPU each, bf16 autocast where supported)")
     print(f"{'run':<14}{'workers':>8}{'global batch':>14}{'snippets/s':>12}{'tokens/s':>10}{'vs ddp-1':>10}{'wall s':>8}")
     for r in runs:
         print(f"{r['run']:<14}{r['workers']:>8}{r['global_batch']:>14}{r['snippets_per_s']:>12.2f}"

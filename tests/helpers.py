@@ -2,10 +2,10 @@
 
 from transformers import AutoTokenizer
 
-from tokdist_ray.vocab.alignment import PhraseMerger
 from tokdist_ray.training.batching import merge_snippets
-from tokdist_ray.training.step import NewRows, TokenDistiller
 from tokdist_ray.training.rows import pre_init_rows
+from tokdist_ray.training.step import NewRows, TokenDistiller
+from tokdist_ray.vocab.alignment import PhraseMerger
 from tokdist_ray.vocab.models import load_model
 from tokdist_ray.vocab.tokens import select_new_tokens
 

@@ -18,7 +18,13 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from tokdist_ray.api import TokenDistillation
-    from tokdist_ray.config import DistillationConfig, FileDataSource, GeneratedDataSource, HFDataSource, OutputEmbeddingInit
+    from tokdist_ray.config import (
+        DistillationConfig,
+        FileDataSource,
+        GeneratedDataSource,
+        HFDataSource,
+        OutputEmbeddingInit,
+    )
 
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"

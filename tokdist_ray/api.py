@@ -12,29 +12,33 @@ from typing import Literal, Sequence
 
 import torch
 
-from tokdist_ray.vocab.alignment import PhraseMerger
-from tokdist_ray.training.batching import merge_snippets
-from tokdist_ray.console import console_logging
 from tokdist_ray.config import (
     DistillationConfig,
     FileDataSource,
     GeneratedDataSource,
     HFDataSource,
     OutputEmbeddingInit,
+)
+from tokdist_ray.config import (
     output_emb_policy as checked_policy,
+)
+from tokdist_ray.config import (
     pre_init_strategy as checked_strategy,
 )
+from tokdist_ray.console import console_logging
 from tokdist_ray.data.corpus import documents
-from tokdist_ray.training.step import NewRows, TokenDistiller, bf16_supported
-from tokdist_ray.vocab.export import expand_model, expand_tokenizer, save_expanded
 from tokdist_ray.data.generation.local import generate_snippets
-from tokdist_ray.training.rows import initial_rows
-from tokdist_ray.training.local import train_local
+from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.mining import mine_corpus
 from tokdist_ray.raycluster import ray_is_running
-from tokdist_ray.vocab.models import cache_root, load_model, load_tokenizer
-from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.report import expansion_report
+from tokdist_ray.training.batching import merge_snippets
+from tokdist_ray.training.local import train_local
+from tokdist_ray.training.rows import initial_rows
+from tokdist_ray.training.step import NewRows, TokenDistiller, bf16_supported
+from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.vocab.export import expand_model, expand_tokenizer, save_expanded
+from tokdist_ray.vocab.models import cache_root, load_model, load_tokenizer
 from tokdist_ray.vocab.tokens import NewToken, keep_tokens_with_snippets, select_new_tokens
 
 log = logging.getLogger("tokdist_ray")
@@ -184,7 +188,8 @@ class TokenDistillation:
         if ray_is_running() and self.tokenizer.is_fast:
             result = mine_corpus(data, self.tokenizer, tokens, snippet_len, snippets_per_token, str(cache_root() / "mining"))
             return result.rows(), result.stats
-        return mine_snippets(documents(data), self.tokenizer, tokens, snippet_len, snippets_per_token)
+        batch = data.tokenization_batch_size if isinstance(data, HFDataSource) else 256
+        return mine_snippets(documents(data), self.tokenizer, tokens, snippet_len, snippets_per_token, batch)
 
     def _initial_rows(self, tokens: list[NewToken], policy: OutputEmbeddingInit, strategy: str) -> NewRows:
         head = self.model.get_output_embeddings()

@@ -40,6 +40,18 @@ def output_emb_policy(value: OutputEmbeddingInit | str) -> OutputEmbeddingInit:
         ) from None
 
 
+def loss_methods(value: Sequence[str]) -> tuple[str, ...]:
+    methods = tuple(value)
+    unknown = [m for m in methods if m not in LOSS_METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"unknown loss method(s) {unknown or '(none given)'}; choose from {LOSS_METHODS}")
+    if "CE-auto-weighted" in methods and not set(methods) & {"MSE-on-hiddens", "MSE-on-logits", "KL-on-logits"}:
+        raise ConfigError(
+            "CE-auto-weighted scales CE to another loss: combine it with MSE-on-hiddens, MSE-on-logits or KL-on-logits"
+        )
+    return methods
+
+
 def pre_init_strategy(value: str) -> str:
     if value not in PRE_INIT_STRATEGIES:
         raise ConfigError(f"pre_init_strategy must be one of {list(PRE_INIT_STRATEGIES)}, got {value!r}")
@@ -63,16 +75,7 @@ class DistillationConfig:
     log_every: int = 10  # steps between progress lines
 
     def __post_init__(self) -> None:
-        self.loss_methods = tuple(self.loss_methods)
-        unknown = [m for m in self.loss_methods if m not in LOSS_METHODS]
-        if unknown or not self.loss_methods:
-            raise ConfigError(f"unknown loss method(s) {unknown or '(none given)'}; choose from {LOSS_METHODS}")
-        if "CE-auto-weighted" in self.loss_methods and not set(self.loss_methods) & {
-            "MSE-on-hiddens",
-            "MSE-on-logits",
-            "KL-on-logits",
-        }:
-            raise ConfigError("CE-auto-weighted scales CE to another loss: combine it with MSE-on-hiddens, MSE-on-logits or KL-on-logits")
+        self.loss_methods = loss_methods(self.loss_methods)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
         for name in ("epochs", "batch_size"):
@@ -138,7 +141,7 @@ class HFDataSource:
     dataset_path: str
     name: str | None = None
     split: str = "train"
-    tokenization_batch_size: int = 16_000
+    tokenization_batch_size: int = 16_000  # documents per tokenizer call of the in-process miner
     max_docs: int | None = 1_000_000
     revision: str | None = None
     trust_remote_code: bool = False

@@ -5,13 +5,12 @@ import torch
 from transformers import AutoTokenizer
 
 from tokdist_ray import DistillationConfig, FileDataSource, TokenDistillation
-from tokdist_ray.vocab.alignment import PhraseMerger
-from tokdist_ray.training.batching import merge_snippets
-from tokdist_ray.eval.drift import baseline_rows, drift
 from tokdist_ray.data.local_mining import mine_snippets
+from tokdist_ray.eval.drift import baseline_rows, drift
+from tokdist_ray.training.batching import merge_snippets
+from tokdist_ray.vocab.alignment import PhraseMerger
 from tokdist_ray.vocab.selection import frequent_fragmented_words
 from tokdist_ray.vocab.tokens import select_new_tokens
-
 
 
 def _read(paths):

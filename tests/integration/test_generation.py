@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tokdist_ray import FileDataSource, GeneratedDataSource, TokenDistillation
-from tokdist_ray import api
+from tests.helpers import SENTENCES, WORDS
+from tokdist_ray import FileDataSource, GeneratedDataSource, TokenDistillation, api
+from tokdist_ray.config import DistillationConfig
 from tokdist_ray.data.generation import ray_backend as generation
 from tokdist_ray.data.generation import vllm_backend as vllm_generation
-from tokdist_ray.config import DistillationConfig
 from tokdist_ray.data.generation.local import generate_snippets
 from tokdist_ray.data.generation.ray_backend import generate_snippet_dataset, request_blocks, resolve_backend
 from tokdist_ray.data.generation.requests import (
@@ -25,12 +25,10 @@ from tokdist_ray.data.generation.requests import (
     stop_ids,
 )
 from tokdist_ray.data.generation.sampling import SampleStreams, draw, warp_logits
+from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix
 from tokdist_ray.errors import BackendUnavailableError
 from tokdist_ray.vocab.models import load_model, load_tokenizer
-from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix
 from tokdist_ray.vocab.tokens import NewToken, select_new_tokens
-
-from tests.helpers import SENTENCES, WORDS
 
 SNIPPET_LEN = 10
 PER_TOKEN = 3

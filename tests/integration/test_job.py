@@ -17,9 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokdist_ray.job.config import load_config, parse_overrides
-
 from tests.helpers import WORDS, tiny_job_args
+from tokdist_ray.job.config import load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 

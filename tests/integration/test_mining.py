@@ -17,18 +17,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tokdist_ray.vocab.alignment import PhraseMerger
 from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.data.corpus import documents
 from tokdist_ray.data.files import file_kind, resolve_files
-from tokdist_ray.data.ray_corpus import corpus_parts, read_part, text_blocks
+from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.matching import Cuts, PhraseScanner
 from tokdist_ray.data.miner import TALLY, SnippetMiner, TokenizerSpec
 from tokdist_ray.data.mining import QuotaLedger, mine_corpus, mining_dataset, reads_fused
 from tokdist_ray.data.mining_cache import cache_key, corpus_spec
-from tokdist_ray.vocab.models import load_tokenizer
-from tokdist_ray.data.local_mining import mine_snippets
+from tokdist_ray.data.ray_corpus import corpus_parts, read_part, text_blocks
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix, window_around
+from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.vocab.models import load_tokenizer
 from tokdist_ray.vocab.tokens import NewToken, select_new_tokens
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -374,9 +374,8 @@ def test_two_node_cluster_mines_on_both_nodes(smollm2_dir, docs_corpus, doc_text
 
 
 def test_the_api_mines_on_ray_when_ray_is_running(ray_session, tiny_model_dir, tmp_path, monkeypatch):
-    from tokdist_ray import DistillationConfig, TokenDistillation, api
-
     from tests.helpers import SENTENCES, WORDS
+    from tokdist_ray import DistillationConfig, TokenDistillation, api
 
     monkeypatch.setenv("TOKDIST_RAY_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus"

@@ -14,22 +14,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokdist_ray.errors import RunConflictError
-from tokdist_ray.vocab.alignment import PhraseMerger
-from tokdist_ray.training.batching import merge_snippets
-from tokdist_ray.config import DistillationConfig, OutputEmbeddingInit
-from tokdist_ray.training.step import TokenDistiller
-from tokdist_ray.training.rows import initial_rows
-from tokdist_ray.training.local import train_local
-from tokdist_ray.vocab.models import load_model
-from tokdist_ray.training.snippet_files import read_snippets
+from tests.helpers import WORDS
+from tokdist_ray.config import DistillationConfig, DistributedConfig, OutputEmbeddingInit
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.snippets import snippets_to_table
-from tokdist_ray.vocab.tokens import select_new_tokens
-from tokdist_ray.config import DistributedConfig
+from tokdist_ray.errors import RunConflictError
+from tokdist_ray.training.batching import merge_snippets
+from tokdist_ray.training.local import train_local
 from tokdist_ray.training.ray_trainer import distill_distributed
-
-from tests.helpers import WORDS
+from tokdist_ray.training.rows import initial_rows
+from tokdist_ray.training.snippet_files import read_snippets
+from tokdist_ray.training.step import TokenDistiller
+from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.vocab.models import load_model
+from tokdist_ray.vocab.tokens import select_new_tokens
 
 WORKERS = 2
 # per-worker batch 2 x 2 workers: 13 snippets make batches of 4, 4, 4, 1 (rank 1 idles in the last)

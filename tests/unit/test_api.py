@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.helpers import SENTENCES, WORDS
 from tokdist_ray import (
     DistillationConfig,
     FileDataSource,
@@ -16,8 +17,6 @@ from tokdist_ray import (
     TokenDistillation,
 )
 from tokdist_ray.errors import ModelNotFoundError, NoNewTokensError
-
-from tests.helpers import SENTENCES, WORDS
 
 FAST = DistillationConfig(epochs=1, batch_size=4, log_every=1000)
 

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
+from tests.helpers import tiny_job_args
 from tokdist_ray.errors import ConfigError
 from tokdist_ray.job.cli import main as cli_main
 from tokdist_ray.job.config import load_config, parse_overrides
 from tokdist_ray.job.lock import RunDirLock
-from tests.helpers import tiny_job_args
 
 
 def run_cli(args, capsys) -> tuple[int, str]:

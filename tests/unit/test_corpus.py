@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.helpers import SENTENCES, WORDS
 from tokdist_ray.config import FileDataSource
 from tokdist_ray.data.corpus import documents
 from tokdist_ray.data.files import BINARY_FILE, BadRow, resolve_files
@@ -13,7 +14,6 @@ from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.ray_corpus import Piece, read_part
 from tokdist_ray.errors import CorpusNotFoundError
 from tokdist_ray.vocab.tokens import select_new_tokens
-from tests.helpers import SENTENCES, WORDS
 
 ROWS = [{"text": s} for s in SENTENCES]
 

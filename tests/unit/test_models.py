@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import TINY_VOCAB_SIZE, UNSEEN_WORDS
-from tokdist_ray.vocab import models
 from tokdist_ray.errors import ModelNotFoundError
+from tokdist_ray.vocab import models
 from tokdist_ray.vocab.models import load_model, load_tokenizer, resolve_model_path
 
 

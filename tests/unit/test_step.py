@@ -4,13 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import tiny_setup
+from tokdist_ray.config import LOSS_METHODS, DistillationConfig
 from tokdist_ray.training import step as distill
 from tokdist_ray.training.batching import collate
-from tokdist_ray.config import LOSS_METHODS, DistillationConfig
 from tokdist_ray.training.local import train_local
 from tokdist_ray.training.schedule import make_optimizer
-
-from tests.helpers import tiny_setup
 
 
 def _manual_hidden_mse(distiller, batch, layer):

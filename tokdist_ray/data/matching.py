@@ -34,8 +34,8 @@ from typing import Iterable, Sequence
 
 import ahocorasick
 
-from tokdist_ray.vocab.alignment import PhraseMerger
 from tokdist_ray.data.snippets import window_around
+from tokdist_ray.vocab.alignment import PhraseMerger
 
 # Prose, code, markup, digits, odd whitespace and non-Latin script: every cut in it must
 # split the probe's ids exactly where whole-text tokenisation does.

@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 
 from tokdist_ray.training.batching import collate
-from tokdist_ray.training.step import NewRows, TokenDistiller
 from tokdist_ray.training.rows import pre_init_rows
+from tokdist_ray.training.step import NewRows, TokenDistiller
 from tokdist_ray.vocab.tokens import NewToken
 
 METRICS = ("hidden_mse", "target_mse", "kl")

@@ -10,17 +10,17 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file
 
-from tokdist_ray.vocab.alignment import PhraseMerger
-from tokdist_ray.training.batching import merge_snippets
 from tokdist_ray.config import FileDataSource
 from tokdist_ray.data.corpus import documents
-from tokdist_ray.eval.plots import write_plots
-from tokdist_ray.eval.drift import baseline_rows, compression, drift, markdown_table, relative_to
-from tokdist_ray.report import write_report
-from tokdist_ray.vocab.export import expand_tokenizer
-from tokdist_ray.vocab.models import load_model, load_tokenizer
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.errors import TooFewSnippetsError
+from tokdist_ray.eval.drift import baseline_rows, compression, drift, markdown_table, relative_to
+from tokdist_ray.eval.plots import write_plots
+from tokdist_ray.report import write_report
+from tokdist_ray.training.batching import merge_snippets
+from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.vocab.export import expand_tokenizer
+from tokdist_ray.vocab.models import load_model, load_tokenizer
 from tokdist_ray.vocab.tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")

@@ -9,26 +9,32 @@ so a failed job resubmitted continues where it stopped.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
 import pyarrow.parquet as pq
 
 from tokdist_ray.config import FileDataSource, HFDataSource
+from tokdist_ray.data.snippets import SNIPPET_SCHEMA
 from tokdist_ray.errors import TokdistError
 from tokdist_ray.fingerprint import fingerprint
+from tokdist_ray.job.config import JobConfig, config_dict
 from tokdist_ray.job.lock import RunDirLock
 from tokdist_ray.raycluster import connect, dataset_tables
 from tokdist_ray.report import write_report
-from tokdist_ray.job.config import JobConfig, config_dict
 from tokdist_ray.vocab.models import load_tokenizer
-from tokdist_ray.data.snippets import SNIPPET_SCHEMA
 from tokdist_ray.vocab.selection import frequent_fragmented_words
-from tokdist_ray.vocab.tokens import NewToken, TokenSelection, keep_tokens_with_snippets, select_new_tokens, tokens_from_spec
+from tokdist_ray.vocab.tokens import (
+    NewToken,
+    TokenSelection,
+    keep_tokens_with_snippets,
+    select_new_tokens,
+    tokens_from_spec,
+)
 
 log = logging.getLogger("tokdist_ray")
 STAGES = ("tokens", "snippets", "distill", "evaluate")

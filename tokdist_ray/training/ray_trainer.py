@@ -26,7 +26,11 @@ from tokdist_ray.config import (
     DistillationConfig,
     DistributedConfig,
     OutputEmbeddingInit,
+)
+from tokdist_ray.config import (
     output_emb_policy as checked_policy,
+)
+from tokdist_ray.config import (
     pre_init_strategy as checked_strategy,
 )
 from tokdist_ray.console import worker_env

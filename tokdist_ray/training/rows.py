@@ -11,7 +11,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from tokdist_ray.config import PRE_INIT_STRATEGIES, OutputEmbeddingInit
+from tokdist_ray.config import OutputEmbeddingInit, pre_init_strategy
 from tokdist_ray.training.step import NewRows
 
 PreInitStrategy = Literal["fvt", "adapti-vocab"]
@@ -22,15 +22,13 @@ def _weights(lengths: torch.Tensor, width: int, strategy: str, side: str) -> tor
     """[n, width] weights per subtoken slot, zero on padding, rows summing to one."""
     slot = torch.arange(1, width + 1, dtype=torch.float64)
     valid = slot[None, :] <= lengths[:, None]
-    if strategy == "fvt":
+    if pre_init_strategy(strategy) == "fvt":
         w = valid.double()
-    elif strategy == "adapti-vocab":
+    else:  # adapti-vocab
         sign = 2.0 if side == "input" else -2.0
         # subtract the largest exponent per row so long phrases cannot overflow
         logits = (sign * slot)[None, :].expand(len(lengths), -1).masked_fill(~valid, float("-inf"))
         w = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
-    else:
-        raise ValueError(f"unknown pre_init_strategy {strategy!r}; choose one of {PRE_INIT_STRATEGIES}")
     return w / w.sum(dim=1, keepdim=True)
 
 

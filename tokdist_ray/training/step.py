@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokdist_ray.config import LOSS_METHODS
+from tokdist_ray.config import loss_methods as checked_losses
 from tokdist_ray.vocab.models import cache_argument
 
 _LOGIT_LOSSES = {"MSE-on-logits", "KL-on-logits"}
@@ -113,9 +113,7 @@ class TokenDistiller(nn.Module):
         mixed_precision: bool = True,
     ):
         super().__init__()
-        unknown = set(loss_methods) - set(LOSS_METHODS)
-        if unknown:
-            raise ValueError(f"unknown loss methods {sorted(unknown)}; choose from {LOSS_METHODS}")
+        loss_methods = checked_losses(loss_methods)
         self.model = model
         self.rows = rows
         self.new_start = new_start
