@@ -51,6 +51,14 @@ def console_logging() -> None:
         log.propagate = False
 
 
+def quiet_worker() -> None:
+    """In a Ray worker process: our lines through our own handler, other libraries' INFO
+    lines off (Ray Train logs each checkpoint report at INFO on a logger named after its
+    source file, which no level setting of Ray's reaches)."""
+    console_logging()
+    logging.getLogger().setLevel(logging.WARNING)
+
+
 def interactive() -> bool:
     return sys.stderr.isatty()
 

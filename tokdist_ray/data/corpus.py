@@ -8,19 +8,33 @@ counts and skips those (see local_mining.mine_snippets), so a bad row never stop
 from __future__ import annotations
 
 import logging
+import os
 from typing import Iterator
 
+import pyarrow.fs as pafs
+
 from tokdist_ray.config import FileDataSource, HFDataSource
-from tokdist_ray.data.files import BadRow, resolve_files, row_text, texts_of_file
+from tokdist_ray.data.files import BadRow, expand_paths, resolve_files, row_text, texts_of_file
+from tokdist_ray.storage import is_uri
 
 log = logging.getLogger("tokdist_ray")
 
 
+def _files_in_order(paths: str | list[str]) -> tuple[pafs.FileSystem, list[str]]:
+    """Local files in the order the paths name them (each directory or glob sorted);
+    URIs through resolve_files."""
+    patterns = [paths] if isinstance(paths, str) else list(paths)
+    if any(is_uri(p) for p in patterns):
+        files = resolve_files(patterns)
+        return files.filesystem, files.paths
+    return pafs.LocalFileSystem(), [os.path.abspath(p) for p in expand_paths(patterns)]
+
+
 def file_documents(source: FileDataSource) -> Iterator[str | BadRow]:
-    files = resolve_files(source.paths)
+    filesystem, paths = _files_in_order(source.paths)
     n = 0
-    for path in files.paths:
-        for text in texts_of_file(files.filesystem, path, source.text_column):
+    for path in paths:
+        for text in texts_of_file(filesystem, path, source.text_column):
             if source.max_docs is not None and n >= source.max_docs:
                 return
             n += 1

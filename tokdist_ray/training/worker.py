@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
+from tokdist_ray.console import quiet_worker
 from tokdist_ray.errors import TooFewSnippetsError
 from tokdist_ray.report import expansion_report
 from tokdist_ray.training.batching import collate, merge_snippets
@@ -49,6 +50,7 @@ log = logging.getLogger("tokdist_ray")
 def train_worker(config: dict) -> None:
     import ray.train
 
+    quiet_worker()
     plan = config["plan"]  # ray_trainer.WorkerPlan
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
