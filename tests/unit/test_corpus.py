@@ -59,3 +59,10 @@ def test_binary_files_are_skipped_and_counted(tiny_tokenizer_dir, tmp_path):
 def test_a_missing_corpus_path_names_itself(tmp_path):
     with pytest.raises(CorpusNotFoundError, match="no corpus files match .*nowhere"):
         list(documents(FileDataSource(str(tmp_path / "nowhere" / "*.jsonl"))))
+
+
+def test_files_are_read_in_the_order_the_paths_name_them(tmp_path):
+    write_jsonl(tmp_path / "b.jsonl", ROWS[:1])
+    write_jsonl(tmp_path / "a.jsonl", ROWS[1:2])
+    source = FileDataSource([str(tmp_path / "b.jsonl"), str(tmp_path / "a.jsonl")])
+    assert list(documents(source)) == SENTENCES[:2]
