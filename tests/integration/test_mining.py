@@ -19,13 +19,13 @@ import pytest
 
 from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.data.corpus import documents
+from tokdist_ray.data.corpus_parts import corpus_parts, read_part, text_blocks
 from tokdist_ray.data.files import file_kind, resolve_files
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.matching import Cuts, PhraseScanner
 from tokdist_ray.data.miner import TALLY, SnippetMiner, TokenizerSpec
 from tokdist_ray.data.mining import QuotaLedger, mine_corpus, mining_dataset, reads_fused
 from tokdist_ray.data.mining_cache import cache_key, corpus_spec
-from tokdist_ray.data.ray_corpus import corpus_parts, read_part, text_blocks
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix, window_around
 from tokdist_ray.vocab.alignment import PhraseMerger
 from tokdist_ray.vocab.models import load_tokenizer

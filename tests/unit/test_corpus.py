@@ -9,9 +9,9 @@ import pytest
 from tests.helpers import SENTENCES, WORDS
 from tokdist_ray.config import FileDataSource
 from tokdist_ray.data.corpus import documents
+from tokdist_ray.data.corpus_parts import Piece, read_part
 from tokdist_ray.data.files import BINARY_FILE, BadRow, resolve_files
 from tokdist_ray.data.local_mining import mine_snippets
-from tokdist_ray.data.ray_corpus import Piece, read_part
 from tokdist_ray.errors import CorpusNotFoundError
 from tokdist_ray.vocab.tokens import select_new_tokens
 

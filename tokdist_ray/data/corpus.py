@@ -7,17 +7,16 @@ counts and skips those (see local_mining.mine_snippets), so a bad row never stop
 
 from __future__ import annotations
 
-import logging
 import os
+from itertools import chain, islice
 from typing import Iterator
 
 import pyarrow.fs as pafs
 
 from tokdist_ray.config import FileDataSource, HFDataSource
-from tokdist_ray.data.files import BadRow, expand_paths, resolve_files, row_text, texts_of_file
+from tokdist_ray.data.files import BadRow, expand_paths, resolve_files, texts_of_file
+from tokdist_ray.data.hf_stream import open_stream, stream_values
 from tokdist_ray.storage import is_uri
-
-log = logging.getLogger("tokdist_ray")
 
 
 def _files_in_order(paths: str | list[str]) -> tuple[pafs.FileSystem, list[str]]:
@@ -32,30 +31,12 @@ def _files_in_order(paths: str | list[str]) -> tuple[pafs.FileSystem, list[str]]
 
 def file_documents(source: FileDataSource) -> Iterator[str | BadRow]:
     filesystem, paths = _files_in_order(source.paths)
-    n = 0
-    for path in paths:
-        for text in texts_of_file(filesystem, path, source.text_column):
-            if source.max_docs is not None and n >= source.max_docs:
-                return
-            n += 1
-            yield text
+    rows = chain.from_iterable(texts_of_file(filesystem, path, source.text_column) for path in paths)
+    yield from islice(rows, source.max_docs)
 
 
 def hf_documents(source: HFDataSource) -> Iterator[str | BadRow]:
-    import datasets
-
-    kwargs = {"name": source.name, "split": source.split, "streaming": True, "revision": source.revision}
-    if source.data_files is not None:
-        kwargs["data_files"] = source.data_files
-    if source.trust_remote_code:
-        log.warning("trust_remote_code is ignored: datasets no longer runs dataset scripts")
-    stream = datasets.load_dataset(source.dataset_path, **kwargs)
-    for n, row in enumerate(stream):
-        if source.max_docs is not None and n >= source.max_docs:
-            return
-        if source.map_to_text_fn is not None:
-            row = source.map_to_text_fn(row)
-        yield row_text(row, source.text_column)
+    yield from islice(stream_values(open_stream(source, warn=True), source), source.max_docs)
 
 
 def documents(source: FileDataSource | HFDataSource) -> Iterator[str | BadRow]:

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from tokdist_ray.data.corpus_parts import BAD, TEXT
 from tokdist_ray.data.files import EMPTY
 from tokdist_ray.data.matching import PhraseScanner
-from tokdist_ray.data.ray_corpus import BAD, PART, TEXT
+from tokdist_ray.data.ray_corpus import PART
 from tokdist_ray.fingerprint import fingerprint
 
 TALLY = -1  # token_index of a miner's per-batch tally row
