@@ -163,10 +163,8 @@ class TokenDistillation:
             return generate_snippets(self.model, self.tokenizer, tokens, snippet_len, snippets_per_token, data)
         if not isinstance(data, (HFDataSource, FileDataSource)):
             raise TypeError(f"data must be GeneratedDataSource, HFDataSource or FileDataSource, not {type(data).__name__}")
-        snippets, stats = self._mine(tokens, data, snippet_len, snippets_per_token)
+        snippets, stats = self._mine(tokens, data, snippet_len, snippets_per_token, bool(top_up))
         log.info("mined %d snippets: %s", len(snippets), stats.summary())
-        if not top_up and (note := stats.shortfall_note(snippets_per_token)):
-            log.warning(note)
         short = {t: snippets_per_token - c for t, c in stats.counts.items() if c < snippets_per_token}
         if short and top_up:
             index = {tok.text: i for i, tok in enumerate(tokens)}
@@ -182,14 +180,17 @@ class TokenDistillation:
             stats.topped_up = extra_stats.counts
         return snippets, stats
 
-    def _mine(self, tokens, data, snippet_len, snippets_per_token):
+    def _mine(self, tokens, data, snippet_len, snippets_per_token, top_up: bool):
         """On the running Ray cluster if there is one (results cached under the tokdist_ray
         cache dir); in process otherwise, as starting Ray costs more than a small run."""
         if ray_is_running() and self.tokenizer.is_fast:
-            result = mine_corpus(data, self.tokenizer, tokens, snippet_len, snippets_per_token, str(cache_root() / "mining"))
+            result = mine_corpus(data, self.tokenizer, tokens, snippet_len, snippets_per_token,
+                                 str(cache_root() / "mining"), top_up=top_up)  # logs any shortfall
             return result.rows(), result.stats
         batch = data.tokenization_batch_size if isinstance(data, HFDataSource) else 256
-        return mine_snippets(documents(data), self.tokenizer, tokens, snippet_len, snippets_per_token, batch)
+        rows, stats = mine_snippets(documents(data), self.tokenizer, tokens, snippet_len, snippets_per_token, batch)
+        stats.log_shortfall(snippets_per_token, top_up)
+        return rows, stats
 
     def _initial_rows(self, tokens: list[NewToken], policy: OutputEmbeddingInit, strategy: str) -> NewRows:
         head = self.model.get_output_embeddings()

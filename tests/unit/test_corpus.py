@@ -66,3 +66,17 @@ def test_files_are_read_in_the_order_the_paths_name_them(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", ROWS[1:2])
     source = FileDataSource([str(tmp_path / "b.jsonl"), str(tmp_path / "a.jsonl")])
     assert list(documents(source)) == SENTENCES[:2]
+
+
+def test_tokens_from_corpus_read_bytes_that_are_not_utf8(tiny_tokenizer_dir, tmp_path):
+    """The job's tokens.from_corpus goes through the same reader (it crashed on a Latin-1 byte)."""
+    from transformers import AutoTokenizer
+
+    from tokdist_ray.job.config import DataConfig, JobConfig, TokensConfig
+    from tokdist_ray.job.pipeline import select_tokens
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "A Krankenwagen at the caf\xe9, a Krankenwagen at the station."}\n')
+    config = JobConfig(tokens=TokensConfig(from_corpus=1), data=DataConfig(paths=[str(path)])).validate()
+    selection = select_tokens(config, AutoTokenizer.from_pretrained(tiny_tokenizer_dir()))
+    assert [t.text for t in selection.tokens] == [" Krankenwagen"]

@@ -56,7 +56,8 @@ if TYPE_CHECKING:  # mining actors import this module: keep transformers out of 
 log = logging.getLogger("tokdist_ray")
 
 PROGRESS_EVERY_S = 10.0
-# ---------------------------------------------------------------------- the driver
+
+
 @dataclass
 class QuotaLedger:
     """The driver's side: each token's first `quota` distinct snippets in stream order."""
@@ -269,11 +270,13 @@ def mine_corpus(
     out_dir: str = "mining",
     seed: int = 0,
     num_workers: int | None = None,
+    top_up: bool = False,
 ) -> MiningResult:
     """Mine up to `snippets_per_token` distinct snippets per token from `source` on the
     running Ray cluster (a local one is started if none is), written to
     `out_dir/mining-<key>/snippets/` in SNIPPET_SCHEMA. `tokenizer` is a fast HF
-    tokenizer or a model path/id. `num_workers` defaults to the cluster's CPUs."""
+    tokenizer or a model path/id. `num_workers` defaults to the cluster's CPUs. `top_up`:
+    generated snippets will fill tokens left short (only changes what the log says)."""
     if not tokens:
         raise ValueError("no tokens to mine snippets for")
     spec = TokenizerSpec.of(tokenizer)
@@ -282,7 +285,8 @@ def mine_corpus(
     out = f"{out_dir.rstrip('/')}/mining-{cache_key(corpus_spec(source, files), spec, tokens, settings)}"
     cached = _cached(out, snippets_per_token)
     if cached is not None:
-        log.info("mining: reusing %s", out)
+        log.info("mining: reusing %s (%s)", out, cached.stats.summary())
+        cached.stats.log_shortfall(snippets_per_token, top_up)
         return cached
 
     connect()
@@ -294,6 +298,5 @@ def mine_corpus(
     report = {**result.report(), "bytes": stats.bytes, "tokenised_chars": work.tokenised_chars, "settings": settings}
     write_cache(out, ledger.table(), report)
     _progress(stats, ledger, time.perf_counter() - stats.seconds)
-    if note := stats.shortfall_note(snippets_per_token):
-        log.warning("mining: %s", note)
+    stats.log_shortfall(snippets_per_token, top_up)
     return result

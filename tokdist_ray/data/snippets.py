@@ -8,6 +8,7 @@ borrows context from the other side instead of being dropped.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -15,6 +16,8 @@ import pyarrow as pa
 
 if TYPE_CHECKING:  # keeps transformers out of processes that only need windows (mining actors)
     from tokdist_ray.vocab.tokens import NewToken
+
+log = logging.getLogger("tokdist_ray")
 
 SNIPPET_SCHEMA = pa.schema(
     [
@@ -64,15 +67,23 @@ class MiningStats:
         reasons = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in sorted(self.bad_reasons.items()))
         return f"{self.documents} documents, {self.bad_rows} bad rows skipped" + (f" ({reasons})" if reasons else "")
 
-    def shortfall_note(self, quota: int) -> str | None:
-        """For the console: the tokens left short of `quota`, and how to fill them."""
+    def shortfall_note(self, quota: int, top_up: bool = False) -> str | None:
+        """For the console: the tokens left short of `quota` (the first few), and how to
+        fill them, or that they will be (`top_up`)."""
         short = {t: c for t, c in self.counts.items() if c < quota}
         if not short:
             return None
         first = ", ".join(f"{t!r} {c}" for t, c in list(short.items())[:5])
-        return (f"{len(short)} of {len(self.counts)} tokens short of {quota} snippets ({first}"
-                f"{', ...' if len(short) > 5 else ''}); generated snippets can fill them: "
-                "data.top_up_with_generation: true in a job, top_up_with_generation=True in the API")
+        note = f"{len(short)} of {len(self.counts)} tokens short of {quota} snippets ({first}{', ...' if len(short) > 5 else ''})"
+        if top_up:
+            return f"{note}; topping them up with generated snippets"
+        return (f"{note}; generated snippets can fill them: data.top_up_with_generation: true in a job, "
+                "top_up_with_generation=True in the API")
+
+    def log_shortfall(self, quota: int, top_up: bool = False) -> None:
+        """The shortfall note as a warning, or as news when a top-up follows."""
+        if note := self.shortfall_note(quota, top_up):
+            log.log(logging.INFO if top_up else logging.WARNING, "mining: %s", note)
 
     def as_dict(self, quota: int) -> dict:
         short = {t: c for t, c in self.counts.items() if c < quota}

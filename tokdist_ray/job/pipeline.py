@@ -138,7 +138,7 @@ def _snippets_stage(config: JobConfig, tokenizer, tokens: list[NewToken], run_di
         from tokdist_ray.data.mining import mine_corpus
 
         mined = mine_corpus(source, tokenizer, tokens, config.snippets.snippet_len, quota, str(run_dir / "mining"),
-                            config.snippets.seed, config.data.num_workers)
+                            config.snippets.seed, config.data.num_workers, top_up=config.data.top_up_with_generation)
         report["mining"] = mined.report()
         tables.append(pq.read_table(mined.snippets_path))
         shortfall = mined.shortfall if config.data.top_up_with_generation else {}
