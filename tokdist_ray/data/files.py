@@ -117,7 +117,6 @@ def resolve_files(paths: str | list[str]) -> CorpusFiles:
     return CorpusFiles(filesystem, [i.path for i in infos], [i.size for i in infos], mtimes)
 
 
-# ---------------------------------------------------------------------- reading
 def row_text(row: Any, column: str) -> str | BadRow:
     """A row's text: a str, or BadRow saying why not (a plain string row is its own text)."""
     if isinstance(row, str):
@@ -139,8 +138,8 @@ def file_values(filesystem: pafs.FileSystem, path: str, column: str) -> Iterator
     """The texts of a JSONL or plain text file, in file order."""
     with filesystem.open_input_stream(path, compression="detect") as stream:
         if file_kind(path) == "text":
-            data = stream.read()
-            yield BadRow(BINARY_FILE) if b"\x00" in data[:BINARY_SNIFF_BYTES] else data.decode("utf-8", errors="replace")
+            head = stream.read(BINARY_SNIFF_BYTES)  # a binary file is not read further
+            yield BadRow(BINARY_FILE) if b"\x00" in head else (head + stream.read()).decode("utf-8", errors="replace")
             return
         for line in io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
             if line.strip():

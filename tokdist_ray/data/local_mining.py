@@ -68,8 +68,8 @@ def mine_snippets(
             pending = []
             if time.perf_counter() - last_log > 10:
                 last_log = time.perf_counter()
-                log.info("mining: %d documents, %.1f MB, %d/%d tokens at quota",
-                         stats.documents, stats.bytes / 1e6, len(tokens) - open_tokens, len(tokens))
+                log.info("mining: %s, %.1f MB, %d/%d tokens at quota",
+                         stats.summary(), stats.bytes / 1e6, len(tokens) - open_tokens, len(tokens))
             if open_tokens == 0:
                 break
     if pending and open_tokens:
