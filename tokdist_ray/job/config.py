@@ -67,11 +67,23 @@ class SnippetsConfig:
     min_snippets_per_token: int = 1  # tokens with fewer are skipped and reported
     seed: int = 42
 
+    def __post_init__(self) -> None:
+        _at_least_one(self, "snippet_len", "snippets_per_token", "min_snippets_per_token")
+        if self.min_snippets_per_token > self.snippets_per_token:
+            raise ConfigError(
+                f"min_snippets_per_token ({self.min_snippets_per_token}) is more than snippets_per_token "
+                f"({self.snippets_per_token}), so every token would be skipped; lower it or raise snippets_per_token"
+            )
+
 
 @dataclass
 class OutputConfig:
     emb_policy: str = OutputEmbeddingInit.TRAIN_WITH_CE.value  # untied models' new output rows
     pre_init_strategy: str = "fvt"
+
+    def __post_init__(self) -> None:  # the API's own checks, so both accept the same values
+        output_emb_policy(self.emb_policy)
+        pre_init_strategy(self.pre_init_strategy)
 
 
 @dataclass
@@ -79,6 +91,9 @@ class EvalConfig:
     heldout_paths: typing.List[str] = field(default_factory=list)  # empty: no evaluation stage
     snippets_per_token: int = 20
     batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, "snippets_per_token", "batch_size")
 
 
 @dataclass
@@ -101,6 +116,8 @@ class JobConfig:
         return Path(self.out_path) if self.out_path else Path(self.run_dir) / "model"
 
     def validate(self) -> "JobConfig":
+        """Rules across options; each section's own values are checked where it is declared
+        (its `__post_init__`, or the API dataclass it reuses)."""
         given = [k for k in ("list", "file", "target_tokenizer", "from_corpus") if getattr(self.tokens, k)]
         if len(given) != 1:
             raise ConfigError(
@@ -114,17 +131,18 @@ class JobConfig:
             raise ConfigError("data.dataset_path is required for data.source: hf (e.g. HuggingFaceFW/fineweb-2)")
         if self.tokens.from_corpus and self.data.source == "generated":
             raise ConfigError("tokens.from_corpus needs a corpus; set data.source to files or hf")
-        output_emb_policy(self.output.emb_policy)
-        pre_init_strategy(self.output.pre_init_strategy)
-        for key in ("snippet_len", "snippets_per_token", "min_snippets_per_token"):
-            if getattr(self.snippets, key) < 1:
-                raise ConfigError(f"snippets.{key} must be at least 1, got {getattr(self.snippets, key)}")
         return self
 
 
 def _one_of(key: str, value: Any, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _at_least_one(section, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(section, name)}")
 
 
 # ------------------------------------------------------------------ building from dicts
@@ -193,10 +211,8 @@ def build(cls, values: dict | None, prefix: str = ""):
         kwargs[key] = _coerce(full, value, hints[key])
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+    except (TypeError, ValueError) as e:  # a section's own check: name the section too
+        raise ConfigError(f"{prefix}: {e}" if prefix else str(e)) from None
 
 
 # ------------------------------------------------------------------ YAML + overrides

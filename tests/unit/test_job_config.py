@@ -1,0 +1,54 @@
+"""The job's config: unknown keys, wrong types and bad values fail at parse time with the
+key and the fix; parsing imports neither torch nor transformers."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tokdist_ray.errors import ConfigError
+from tokdist_ray.job.config import load_config, parse_overrides
+
+
+def parse(*args: str):
+    return load_config(None, parse_overrides([*args, "--tokens.list", " a", "--data.paths", "docs"]))
+
+
+def test_config_errors_name_the_key_and_the_fix():
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        parse("--training.learnig_rate", "1e-4")
+    with pytest.raises(ConfigError, match="training.epochs: expected an integer, got 'two'"):
+        parse("--training.epochs", "two")
+    with pytest.raises(ConfigError, match="exactly one of"):
+        load_config(None, {})
+    config = load_config(None, parse_overrides(["--model_path", "m", "--new_tokens", " Krankenwagen, Schmetterling",
+                                                "--dataset_path", "HuggingFaceFW/fineweb-2", "--epochs", "3"]))
+    assert (config.model, config.tokens.list, config.data.source, config.training.epochs) == (
+        "m", [" Krankenwagen", " Schmetterling"], "hf", 3)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("training.learning_rate", "-1", "training: learning_rate must be positive"),
+    ("training.loss_methods", "MSE", "training: unknown loss method(s) ['MSE']"),
+    ("distributed.num_workers", "0", "distributed: DistributedConfig.num_workers must be an int >= 1"),
+    ("output.emb_policy", "random", "output: output_emb_policy must be one of"),
+    ("output.pre_init_strategy", "mean", "output: pre_init_strategy must be one of"),
+    ("snippets.snippet_len", "0", "snippets: snippet_len must be at least 1, got 0"),
+    ("eval.batch_size", "0", "eval: batch_size must be at least 1, got 0"),
+    ("snippets.min_snippets_per_token", "101", "snippets: min_snippets_per_token (101) is more than snippets_per_token"),
+])
+def test_a_bad_value_names_its_section_and_key(option, value, message):
+    with pytest.raises(ConfigError) as caught:
+        parse(f"--{option}", value)
+    assert str(caught.value).startswith(message)
+
+
+def test_parsing_a_config_imports_neither_torch_nor_transformers(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("tokens:\n  list: [' Krankenwagen']\ndata:\n  paths: [docs]\n", encoding="utf-8")
+    code = (
+        "import sys; from tokdist_ray.job.config import load_config; "
+        f"load_config({str(config)!r}, {{'training.learning_rate': '1e-3'}}); "
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
