@@ -20,12 +20,18 @@ def test_cluster_yamls_pass_rays_validation(name):
         validate_config(prepare_config(config))
 
 
-def test_rayjob_submits_from_inside_the_head_pod_and_keeps_the_dashboard_private():
+def test_rayjob_can_be_submitted_and_watched_and_keeps_the_dashboard_private():
     job = yaml.safe_load((REPO / "cluster" / "rayjob.yaml").read_text())
     assert job["kind"] == "RayJob" and "expand_vocab.py" in job["spec"]["entrypoint"]
-    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]
-    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
-    # a dashboard on 127.0.0.1 is reachable only from the head pod itself: the default
-    # K8sJobMode submitter pod (calling the head service) could never submit the job
+    cluster = job["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    # the submitter runs in the head pod (no separate pod that must reach the dashboard) ...
     assert job["spec"]["submissionMode"] == "SidecarMode"
     assert head["template"]["spec"]["restartPolicy"] == "Never"
+    # ... but the operator polls the job's status through the head service in every mode,
+    # so the dashboard must listen on the pod's address, not on 127.0.0.1
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    # private all the same: a cluster-internal service, no ingress, and Ray's token auth
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress", False)
+    assert cluster["authOptions"]["mode"] == "token"
+    assert tuple(int(p) for p in cluster["rayVersion"].split(".")[:2]) >= (2, 52), "token auth needs Ray >= 2.52"
