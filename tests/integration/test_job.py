@@ -54,6 +54,15 @@ def test_job_stages_are_reused_and_a_lost_stage_reruns(ray_session, tiny_model_d
     assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 2, "the first run's checkpoints stay"
 
 
+def test_too_few_snippets_is_one_line_not_a_traceback(ray_session, tiny_model_dir, job_corpus_dir, tmp_path, capsys):
+    from tokdist_ray.job.cli import main
+
+    args = tiny_job_args(tiny_model_dir(), job_corpus_dir, tmp_path / "run")
+    code = main(["run", *args, "--data.max_docs", "2", "--snippets.min_snippets_per_token", "4"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith("tokdist-ray: error: none of the 2 new tokens has 4 snippet(s)")
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -81,6 +81,7 @@ def _run(command: str, config_path: str | None, rest: list[str]) -> int:
     if command == "eval" and not config.eval.heldout_paths:
         raise ConfigError("eval needs eval.heldout_paths (held-out text files)")
     check_corpus_paths(config)
+    check_token_file(config)
     from tokdist_ray.vocab.models import resolve_model_path
 
     resolve_model_path(config.model)  # before Ray starts; GGUF and bundled models materialise here once
@@ -105,6 +106,19 @@ def check_corpus_paths(config: JobConfig) -> None:
                 expand_paths([path])
             except CorpusNotFoundError as e:
                 raise CorpusNotFoundError(f"{key}: {e}") from None
+
+
+def check_token_file(config: JobConfig) -> None:
+    """tokens.file must exist and hold tokens (a .json list of strings or lines of text)."""
+    if not config.tokens.file:
+        return
+    from tokdist_ray.vocab.tokens import read_token_file
+
+    try:
+        read_token_file(config.tokens.file)
+    except (OSError, ValueError) as e:  # missing, unreadable, not JSON, not UTF-8, not a list
+        problem = str(e) if config.tokens.file in str(e) else f"{config.tokens.file}: {e}"
+        raise ConfigError(f"tokens.file: {problem}") from None
 
 
 if __name__ == "__main__":

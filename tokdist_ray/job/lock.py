@@ -32,11 +32,11 @@ class RunDirLock:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "unknown"
+            holder = _describe(f.read())
             f.close()
             raise RunConflictError(
-                f"run_dir {self.run_dir} is in use by another job ({holder}); wait for it to finish, "
-                "or give this job its own run_dir (--run_dir ...)"
+                f"run_dir {self.run_dir} is in use by another job ({holder}); wait for that job to finish "
+                "(or stop it), or give this job its own run_dir (--run_dir ...)"
             ) from None
         f.seek(0)
         f.truncate()
@@ -49,3 +49,11 @@ class RunDirLock:
     def __exit__(self, *exc) -> None:
         fcntl.flock(self._file, fcntl.LOCK_UN)
         self._file.close()
+
+
+def _describe(record: str) -> str:
+    try:
+        holder = json.loads(record)
+        return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "pid unknown: it has not written its name yet"

@@ -166,10 +166,24 @@ def snippet_counts(path: Path) -> dict[str, int]:
     return dict(Counter(table.column("token").to_pylist()))
 
 
-def _distill_stage(config: JobConfig, tokens: list[NewToken], snippets_path: str, run_dir: Path, key: str) -> dict:
-    """Distill on Ray Train. Checkpoints live under `<run_name>-<key>`, the key being this
-    stage's fingerprint: a stopped run with the same settings resumes, and a run with
-    new settings starts its own folder, leaving earlier runs as they were."""
+def distill_keys(settings: dict, upstream: str) -> tuple[str, str]:
+    """(the distill stage's fingerprint, the digest its checkpoint run is named by).
+
+    The run digest covers what a resumed run must share (run_manifest checks it again),
+    so new settings get a run of their own. A new time_budget_s or out_path reruns the
+    stage on the same run (a longer budget trains on from the last checkpoint, a new
+    out_path exports there); log_every and checkpoint/restart options change nothing."""
+    training = {k: v for k, v in settings["training"].items() if k not in ("log_every", "time_budget_s")}
+    operational = ("resume", "max_failures", "checkpoint_every", "keep_checkpoints")
+    distributed = {k: v for k, v in settings["distributed"].items() if k not in operational}
+    run = _key(upstream, training, settings["output"], distributed)
+    return _key(run, settings["training"]["time_budget_s"], settings["out_path"]), run
+
+
+def _distill_stage(config: JobConfig, tokens: list[NewToken], snippets_path: str, run_dir: Path, run_key: str) -> dict:
+    """Distill on Ray Train. Checkpoints live under `<run_name>-<run_key>`: a stopped run
+    with the same settings resumes, and a run with new settings starts its own folder,
+    leaving earlier runs as they were."""
     import dataclasses
 
     from tokdist_ray.training.ray_trainer import distill_distributed
@@ -182,10 +196,13 @@ def _distill_stage(config: JobConfig, tokens: list[NewToken], snippets_path: str
                     config.snippets.min_snippets_per_token, {s["token"]: s["snippets"] for s in skipped[:10]})
     dist = config.distributed
     storage = dist.storage_path or str((run_dir / "checkpoints").resolve())
-    run_name = f"{dist.run_name}-{key[:8]}"
+    run_name = f"{dist.run_name}-{run_key[:8]}"
     state = RunDirectory(storage, run_name).state
-    log.info("distillation checkpoints: %s/%s (%s)", storage, run_name,
-             {"new": "a new run", "stopped": "resuming the stopped run", "finished": "the run finished; re-exporting it"}[state])
+    log.info("distillation checkpoints: %s/%s: %s", storage, run_name, {
+        "new": "a new run (no run with these settings yet)",
+        "stopped": "resuming the stopped run with these settings from its last checkpoint",
+        "finished": "the run with these settings finished; continuing from its last checkpoint, then exporting",
+    }[state])
     dist = dataclasses.replace(dist, storage_path=storage, run_name=run_name, resume=state != "new")
     result = distill_distributed(
         config.model, snippets_path, keep, config.model_dir, config.training, dist,
@@ -226,10 +243,9 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
         key = _key(key, settings["data"], settings["snippets"], settings["generation"])
         outputs["snippets"] = ledger.run("snippets", key, lambda: _snippets_stage(config, tokenizer, tokens, run_dir))
     if "distill" in stages:
-        key = _key(key, settings["training"], settings["output"], settings["out_path"],
-                          {k: v for k, v in settings["distributed"].items() if k not in ("resume", "max_failures")})
+        key, run_key = distill_keys(settings, key)
         snippets_path = outputs["snippets"]["snippets_path"]
-        outputs["distill"] = ledger.run("distill", key, lambda: _distill_stage(config, tokens, snippets_path, run_dir, key))
+        outputs["distill"] = ledger.run("distill", key, lambda: _distill_stage(config, tokens, snippets_path, run_dir, run_key))
     if "evaluate" in stages and config.eval.heldout_paths:
         distilled = outputs.get("distill") or _finished(ledger, "distill")
         rows = Path(distilled["rows_path"]).read_bytes()  # a re-distilled model is evaluated anew
