@@ -52,3 +52,21 @@ def test_parsing_a_config_imports_neither_torch_nor_transformers(tmp_path):
         "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("source, value", [("list", " Krankenwagen"), ("file", "tokens.txt"),
+                                           ("target_tokenizer", "some/tokenizer"), ("from_corpus", "50")])
+def test_a_token_source_on_the_command_line_replaces_the_files(tmp_path, source, value):
+    path = tmp_path / "job.yaml"
+    path.write_text("tokens:\n  from_corpus: 200\n  min_pieces: 4\ndata:\n  paths: [docs]\n", encoding="utf-8")
+    tokens = load_config(str(path), {f"tokens.{source}": value}).tokens
+    given = {k: getattr(tokens, k) for k in ("list", "file", "target_tokenizer", "from_corpus") if getattr(tokens, k)}
+    assert list(given) == [source] and tokens.min_pieces == 4
+
+
+@pytest.mark.parametrize("text", ["- model: m\n", "just a string\n", "tokens: [' a']\n"])
+def test_a_config_file_that_is_not_a_mapping_is_one_clear_error(tmp_path, text):
+    path = tmp_path / "job.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(path), {"tokens.list": " a"})

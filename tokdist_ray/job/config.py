@@ -32,6 +32,8 @@ from tokdist_ray.config import (
 )
 from tokdist_ray.errors import ConfigError
 
+TOKEN_SOURCES = ("list", "file", "target_tokenizer", "from_corpus")
+
 
 @dataclass
 class TokensConfig:
@@ -118,7 +120,7 @@ class JobConfig:
     def validate(self) -> "JobConfig":
         """Rules across options; each section's own values are checked where it is declared
         (its `__post_init__`, or the API dataclass it reuses)."""
-        given = [k for k in ("list", "file", "target_tokenizer", "from_corpus") if getattr(self.tokens, k)]
+        given = [k for k in TOKEN_SOURCES if getattr(self.tokens, k)]
         if len(given) != 1:
             raise ConfigError(
                 f"tokens: give exactly one of list, file, target_tokenizer, from_corpus (got {given or 'none'}), "
@@ -262,7 +264,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: {part!r} is not a section")
+            raise ConfigError(f"{dotted}: {part!r} must be a mapping of options, got {node!r}")
     node[leaf] = value
 
 
@@ -277,11 +279,13 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must be a mapping of sections (model:, tokens:, data:, ...), got {tree!r}")
     overrides = dict(overrides or {})
     if "data.dataset_path" in overrides and "data.source" not in overrides:
         overrides["data.source"] = "hf"  # the reference's --dataset_path means a HF dataset
-    if "tokens.list" in overrides:  # a list on the command line replaces the file's choice
-        tree.setdefault("tokens", {}).update({k: None for k in ("file", "target_tokenizer", "from_corpus")})
+    if any(f"tokens.{k}" in overrides for k in TOKEN_SOURCES):  # the command line's choice replaces the file's
+        overrides = {f"tokens.{k}": None for k in TOKEN_SOURCES} | overrides
     for key, value in overrides.items():
         _set_dotted(tree, key, value)
     return build(JobConfig, tree).validate()
