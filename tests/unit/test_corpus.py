@@ -30,6 +30,9 @@ def test_compressed_files_and_uris_read_like_plain_local_files(tmp_path):
     assert plain == SENTENCES
     assert list(documents(FileDataSource(str(tmp_path / "packed.jsonl.gz")))) == plain
     assert list(documents(FileDataSource(f"file://{tmp_path}/packed.jsonl.gz"))) == plain
+    files = resolve_files(f"file://{tmp_path}/packed.jsonl.gz")  # what a Ray read task reads
+    blocks = read_part(files.filesystem, [Piece(files.paths[0], files.sizes[0])], "text")
+    assert [t for b in blocks for t in b["text"].to_pylist()] == plain
 
 
 def test_bytes_that_are_not_utf8_are_replaced_on_both_paths(tmp_path):
