@@ -1,6 +1,7 @@
 """The job's command line: every user mistake is one clear line and exit code 2, before Ray
 starts, never a traceback; one job per run_dir."""
 
+import os
 import sys
 
 import pytest
@@ -74,7 +75,9 @@ def test_a_second_job_on_a_busy_run_dir_is_refused(tiny_model_dir, job_corpus_di
     run_dir = tmp_path / "run"
     with RunDirLock(run_dir):  # the first job, still running
         code, err = run_cli(tiny_job_args(tiny_model_dir(), job_corpus_dir, run_dir), capsys)
-    assert code == 2 and f"run_dir {run_dir} is in use by another job" in err and "pid" in err
+    assert code == 2 and f"run_dir {run_dir} is in use by another job (pid {os.getpid()} on " in err
+    assert "give this job its own run_dir" in err
     assert not (run_dir / "stages" / "tokens.json").exists(), "the refused job must not touch the run"
+    assert_ray_not_started()
     with RunDirLock(run_dir):  # released when the first job ends
         pass
