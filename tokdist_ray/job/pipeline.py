@@ -32,8 +32,8 @@ from tokdist_ray.vocab.tokens import (
     NewToken,
     TokenSelection,
     keep_tokens_with_snippets,
+    read_token_file,
     select_new_tokens,
-    tokens_from_spec,
 )
 
 log = logging.getLogger("tokdist_ray")
@@ -96,7 +96,7 @@ def select_tokens(config: JobConfig, tokenizer) -> TokenSelection:
     if spec.list is not None:
         candidates = spec.list
     elif spec.file:
-        candidates = tokens_from_spec(spec.file)
+        candidates = read_token_file(spec.file)
     elif spec.target_tokenizer:
         candidates = load_tokenizer(spec.target_tokenizer, trust_remote_code=config.trust_remote_code)
     else:
