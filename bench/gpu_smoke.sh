@@ -34,10 +34,10 @@ import time
 import ray
 
 from tokdist_ray.config import GeneratedDataSource
-from tokdist_ray.generation import generate_snippet_dataset
-from tokdist_ray.models import load_tokenizer, resolve_model_path
-from tokdist_ray.snippets import bos_prefix
-from tokdist_ray.tokens import select_new_tokens
+from tokdist_ray.data.generation.ray_backend import generate_snippet_dataset
+from tokdist_ray.vocab.models import load_tokenizer, resolve_model_path
+from tokdist_ray.data.snippets import bos_prefix
+from tokdist_ray.vocab.tokens import select_new_tokens
 
 WORDS = [" Krankenwagen", " Schmetterling", " Donaudampfschiff", " Quetzalcoatl", " Eichhörnchen",
          " Streichholzschachtel", " Zugspitze", " Rindfleisch", " Kindergarten", " Fahrvergnügen"]
