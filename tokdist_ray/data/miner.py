@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tokdist_ray.data.corpus_parts import BAD, TEXT
 from tokdist_ray.data.files import EMPTY
@@ -109,11 +109,11 @@ class BoardReader:
         return self._board is not None
 
 
-def _bad_reasons(batch: pa.Table) -> dict[str, int]:
-    """Rows without text by reason, and whitespace-only texts as "empty"."""
-    reasons = Counter(r for r in batch[BAD].to_pylist() if r is not None)
-    empty = sum(1 for t in batch[TEXT].to_pylist() if t is not None and not t.strip())
-    return dict(reasons + Counter({EMPTY: empty}))
+def _bad_reasons(bad: pa.ChunkedArray, empty: int) -> dict[str, int]:
+    """Rows without text by reason (counted in Arrow: the column is mostly null), and the
+    whitespace-only texts as "empty"."""
+    reasons = {item["values"]: item["counts"] for item in pc.value_counts(bad.drop_null()).to_pylist()}
+    return {**reasons, EMPTY: empty} if empty else reasons
 
 
 @dataclass
@@ -146,11 +146,13 @@ class SnippetMiner:
         texts, parts = batch[TEXT].to_pylist(), batch[PART].to_pylist()
         good = [(text, part) for text, part in zip(texts, parts) if text is not None and text.strip()]
         docs = [text for text, _ in good]
+        empty = len(texts) - batch[TEXT].null_count - len(docs)
         hits = self._scanner.scan(docs, self._open(min(parts, default=0)))
         rows = self._first_distinct(hits, [part for _, part in good])
         tally = {
             "token_index": TALLY, "input_ids": [], "phrase_start": -1, "documents": len(docs),
-            "bad_rows": batch.num_rows - len(docs), "bad_reasons": json.dumps(_bad_reasons(batch)), "bytes": sum(len(d.encode("utf-8")) for d in docs),
+            "bad_rows": batch.num_rows - len(docs), "bad_reasons": json.dumps(_bad_reasons(batch[BAD], empty)),
+            "bytes": sum(len(d.encode("utf-8")) for d in docs),
             "tokenised_chars": self._scanner.tokenised_chars - chars_before,
             "cpu_seconds": time.process_time() - cpu, "node": self._node,
         }
