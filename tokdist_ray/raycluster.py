@@ -26,12 +26,6 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def cluster_has_gpus() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
-
-
 def dataset_tables(dataset) -> list:
     """A Ray Dataset's blocks as pyarrow tables, in order."""
     import ray
