@@ -1,0 +1,233 @@
+"""Bits per byte and compression of held-out text, each model read through its own tokenizer.
+
+Bits per byte (total -log2 likelihood of the text over its UTF-8 bytes) compares models
+whose tokenizers differ, because the denominator is the text, not the tokens. The held-out
+chunks are therefore cut by documents and bytes, never by tokens: a token budget would hand
+the expanded tokenizer, which needs fewer tokens, more text.
+
+Data flow: score the original once with `token_log_probs` and reuse those scores for every
+method (`summarise`, `compare_to_original`); score each expanded model on the same chunks.
+
+An expanded model pays for the probability mass it puts on new tokens wherever they do not
+occur: with identical tokenisation its bits per byte is above the original's unless the
+new tokens' logits are -inf there.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, bisect_right
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from tokdist_ray.errors import ConfigError
+
+
+@dataclass
+class ChunkScore:
+    text: str
+    ids: list[int]  # the chunk's token ids, without the start token
+    offsets: list[tuple[int, int]]  # character span of each id in `text`
+    bits: list[float]  # -log2 p(id | start token and every id before it)
+
+
+def _split_document(doc: str, limit: int) -> Iterator[str]:
+    """Contiguous pieces of at most `limit` UTF-8 bytes whose concatenation is `doc`."""
+    data = doc.encode("utf-8")
+    start = 0
+    while len(data) - start > limit:
+        end = start + limit
+        cut = data.rfind(b"\n", start, end) + 1  # after the last line break that fits
+        if cut <= start:
+            # before a space or tab: byte-level BPE attaches it to the word that follows
+            cut = max(data.rfind(b" ", start + 1, end + 1), data.rfind(b"\t", start + 1, end + 1))
+        if cut <= start:
+            cut = end
+            while data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: back off to the character start
+                cut -= 1
+        yield data[start:cut].decode("utf-8")
+        start = cut
+    if start < len(data):
+        yield data[start:].decode("utf-8")
+
+
+def heldout_chunks(texts: Iterable[str], chunk_bytes: int = 2000, max_bytes: int | None = None) -> list[str]:
+    """Each document split at line breaks, else before whitespace, else between characters,
+    into pieces of at most `chunk_bytes` bytes; the pieces of a document concatenate back to
+    it. With `max_bytes`, the longest prefix of the chunks holding at most that many bytes
+    (documents after it are not read)."""
+    if chunk_bytes < 4:
+        raise ConfigError(f"chunk_bytes must be at least 4 (one UTF-8 character), got {chunk_bytes}")
+    chunks, total = [], 0
+    for doc in texts:
+        for piece in _split_document(doc, chunk_bytes):
+            size = len(piece.encode("utf-8"))
+            if max_bytes is not None and total + size > max_bytes:
+                return chunks
+            chunks.append(piece)
+            total += size
+    return chunks
+
+
+def _start_token(tokenizer) -> int:
+    # A fixed first token conditions the first real token, as at training time; tokenizers
+    # without a BOS (Qwen) start documents after an EOS.
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ConfigError("the tokenizer has neither a BOS nor an EOS token to start each held-out chunk with")
+    return start
+
+
+@torch.no_grad()
+def token_log_probs(model, tokenizer, chunks: Sequence[str], batch_size: int = 8) -> list[ChunkScore]:
+    """Teacher-forced bits of every token of every chunk, after a start token."""
+    if not tokenizer.is_fast:
+        raise ConfigError("bits per byte needs a fast tokenizer (token offsets)")
+    chunks = list(chunks)
+    start = _start_token(tokenizer)
+    enc = tokenizer(chunks, add_special_tokens=False, return_offsets_mapping=True)
+    ids = [[start, *x] for x in enc["input_ids"]]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(map(len, ids), default=0)
+    if limit and longest > limit:
+        raise ConfigError(
+            f"a held-out chunk is {longest} tokens long with its start token, more than the model's "
+            f"max_position_embeddings ({limit}); lower chunk_bytes"
+        )
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    bits: list[list[float]] = [[] for _ in chunks]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths per batch: little padding
+    for lo in range(0, len(order), batch_size):
+        batch = order[lo : lo + batch_size]
+        input_ids = torch.full((len(batch), max(len(ids[i]) for i in batch)), pad)
+        mask = torch.zeros_like(input_ids)
+        for row, i in enumerate(batch):
+            input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+            mask[row, : len(ids[i])] = 1
+        input_ids, mask = input_ids.to(model.device), mask.to(model.device)
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        nats = torch.logsumexp(logits, -1) - logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        nats = (nats / math.log(2)).cpu()
+        for row, i in enumerate(batch):
+            bits[i] = nats[row, : len(ids[i]) - 1].tolist()
+    return [
+        ChunkScore(text, list(x), [tuple(o) for o in offsets], b)
+        for text, x, offsets, b in zip(chunks, enc["input_ids"], enc["offset_mapping"], bits)
+    ]
+
+
+def summarise(scores: Sequence[ChunkScore], new_start: int | None = None) -> dict:
+    """Bits and tokens per byte; with `new_start`, the bits split between new ids and the others."""
+    n_bytes = sum(len(s.text.encode("utf-8")) for s in scores)
+    if not n_bytes:
+        raise ConfigError("no held-out text to compute bits per byte on")
+    n_tokens = sum(len(s.ids) for s in scores)
+    words = sum(len(s.text.split()) for s in scores)
+    total = sum(b for s in scores for b in s.bits)
+    out = {
+        "chunks": len(scores),
+        "bytes": n_bytes,
+        "words": words,
+        "tokens": n_tokens,
+        "bits": total,
+        "bits_per_byte": total / n_bytes,
+        "tokens_per_byte": n_tokens / n_bytes,
+        "tokens_per_word": n_tokens / words if words else float("nan"),
+    }
+    if new_start is not None:
+        per_new: dict[int, list[float]] = defaultdict(list)
+        other = 0.0
+        for s in scores:
+            for i, b in zip(s.ids, s.bits):
+                if i >= new_start:
+                    per_new[i].append(b)
+                else:
+                    other += b
+        n_new = sum(len(v) for v in per_new.values())
+        out |= {
+            "new_tokens": n_new,
+            "new_token_share": n_new / n_tokens if n_tokens else 0.0,
+            "bits_per_byte_new": sum(map(sum, per_new.values())) / n_bytes,
+            "bits_per_byte_other": other / n_bytes,
+            "per_new_token": {
+                i: {"occurrences": len(v), "mean_bits": sum(v) / len(v)} for i, v in sorted(per_new.items())
+            },
+        }
+    return out
+
+
+def bits_per_byte(model, tokenizer, chunks: Sequence[str], new_start: int | None = None, batch_size: int = 8) -> dict:
+    return summarise(token_log_probs(model, tokenizer, chunks, batch_size), new_start)
+
+
+def compare_to_original(
+    original: Sequence[ChunkScore], expanded: Sequence[ChunkScore], new_start: int, top_k: int = 20
+) -> list[dict]:
+    """The new tokens that cost the most bits against the original, worst first.
+
+    For each occurrence of a new id, the bits the expanded model spent on it and the bits the
+    original spent on the original tokens covering the same characters. Where boundaries do
+    not coincide (added tokens firing inside a word, byte pieces of one character) both sides
+    are widened to the smallest span that both tokenisations cover whole.
+    """
+    per_token: dict[int, dict] = {}
+    for o, x in zip(original, expanded, strict=True):
+        if o.text != x.text:
+            raise ValueError("original and expanded scores must be computed on the same chunks")
+        o_ends, o_starts = [e for _, e in o.offsets], [s for s, _ in o.offsets]
+        x_ends, x_starts = [e for _, e in x.offsets], [s for s, _ in x.offsets]
+        for j, token_id in enumerate(x.ids):
+            if token_id < new_start:
+                continue
+            lo, hi = x.offsets[j]
+            surface = x.text[lo:hi]
+            while True:
+                oa, ob = bisect_right(o_ends, lo), bisect_left(o_starts, hi)
+                xa, xb = bisect_right(x_ends, lo), bisect_left(x_starts, hi)
+                spans = o.offsets[oa:ob] + x.offsets[xa:xb]
+                wider = min(s for s, _ in spans), max(e for _, e in spans)
+                if wider == (lo, hi):
+                    break
+                lo, hi = wider
+            acc = per_token.setdefault(
+                token_id, {"token": surface, "occurrences": 0, "bits_expanded": 0.0, "bits_original": 0.0}
+            )
+            acc["occurrences"] += 1
+            acc["bits_expanded"] += sum(x.bits[xa:xb])
+            acc["bits_original"] += sum(o.bits[oa:ob])
+    rows = []
+    for token_id, acc in per_token.items():
+        n = acc["occurrences"]
+        rows.append({
+            "token_id": token_id,
+            "token": acc["token"],
+            "occurrences": n,
+            "mean_bits_expanded": acc["bits_expanded"] / n,
+            "mean_bits_original": acc["bits_original"] / n,
+            "difference": (acc["bits_expanded"] - acc["bits_original"]) / n,
+            "total_extra_bits": acc["bits_expanded"] - acc["bits_original"],
+        })
+    rows.sort(key=lambda r: (-r["total_extra_bits"], r["token_id"]))
+    return rows[:top_k]
+
+
+def markdown_table(results: dict[str, dict], original: str = "original") -> str:
+    """One row per method (summaries from `summarise`), the original first."""
+    base = results[original]["bits_per_byte"]
+    lines = [
+        "| method | tokens/byte | bits/byte | Δ bits/byte | Δ bits/byte (%) | bits/byte on new tokens | bits/byte on other tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in [original, *(n for n in results if n != original)]:
+        r = results[name]
+        delta = r["bits_per_byte"] - base
+        split = [f"{r[k]:.4f}" if k in r else "–" for k in ("bits_per_byte_new", "bits_per_byte_other")]
+        lines.append(
+            f"| {name} | {r['tokens_per_byte']:.4f} | {r['bits_per_byte']:.4f} | {delta:+.4f} | "
+            f"{100 * delta / base:+.2f}% | {split[0]} | {split[1]} |"
+        )
+    return "\n".join(lines)
