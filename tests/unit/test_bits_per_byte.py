@@ -82,7 +82,7 @@ def test_new_tokens_absent_from_the_text_change_nothing_but_the_mass_they_take(t
     tok, expansion, expanded = _expanded(model_dir)
     new_start = expansion.new_start
     for chunk in chunks:  # the precondition: the text never uses a new id
-        assert expansion.tokenizer.encode(chunk, add_special_tokens=False) == tok.encode(chunk, add_special_tokens=False)
+        assert expansion.tokenizer(chunk)["input_ids"] == tok(chunk)["input_ids"]
     original = bits_per_byte(load_model(model_dir), tok, chunks)
 
     # With real rows the new ids take probability mass at every position: the text costs more.
@@ -146,7 +146,8 @@ def test_new_bits_split_and_per_token_comparison_match_a_hand_computation(tiny_m
     scores = token_log_probs(expanded, expansion.tokenizer, chunks, batch_size=1)
 
     summary = summarise(scores, new_start)
-    assert summary["bits_per_byte_new"] + summary["bits_per_byte_other"] == pytest.approx(summary["bits_per_byte"], rel=1e-12)
+    split = summary["bits_per_byte_new"] + summary["bits_per_byte_other"]
+    assert split == pytest.approx(summary["bits_per_byte"], rel=1e-12)
     assert summary["new_tokens"] == sum(i >= new_start for s in scores for i in s.ids) >= 3
     assert summary["bits_per_byte_new"] * summary["bytes"] == pytest.approx(
         sum(v["occurrences"] * v["mean_bits"] for v in summary["per_new_token"].values()), rel=1e-12)
@@ -157,7 +158,8 @@ def test_new_bits_split_and_per_token_comparison_match_a_hand_computation(tiny_m
     expanded_bits, original_bits = [], []
     for o, x in zip(original, scores):
         expanded_bits += [b for i, b in zip(x.ids, x.bits) if i == word_id]
-        original_bits += [sum(o.bits[p : p + len(pieces)]) for p in range(len(o.ids)) if o.ids[p : p + len(pieces)] == pieces]
+        starts = [p for p in range(len(o.ids)) if o.ids[p : p + len(pieces)] == pieces]
+        original_bits += [sum(o.bits[p : p + len(pieces)]) for p in starts]
     assert len(expanded_bits) == len(original_bits) == 2
     row = next(r for r in compare_to_original(original, scores, new_start) if r["token_id"] == word_id)
     assert row["token"] == " Krankenwagen" and row["occurrences"] == 2
@@ -174,7 +176,8 @@ def test_the_comparison_widens_spans_whose_boundaries_differ_and_ranks_by_extra_
     expanded = [ChunkScore(text, [10, 5, 11], [(0, 3), (3, 6), (6, 8)], [5.0, 0.5, 4.5])]
     rows = compare_to_original(original, expanded, new_start=10)
     assert [r["token_id"] for r in rows] == [11, 10]
-    assert rows[1] | {"token": "abc", "mean_bits_expanded": 5.5, "mean_bits_original": 6.0, "difference": -0.5} == rows[1]
+    expected = {"token": "abc", "mean_bits_expanded": 5.5, "mean_bits_original": 6.0, "difference": -0.5}
+    assert rows[1] | expected == rows[1]
     assert rows[0]["mean_bits_original"] == 4.0 and rows[0]["total_extra_bits"] == 0.5
     assert compare_to_original(original, expanded, new_start=10, top_k=1) == rows[:1]
     with pytest.raises(ValueError):

@@ -219,7 +219,8 @@ def markdown_table(results: dict[str, dict], original: str = "original") -> str:
     """One row per method (summaries from `summarise`), the original first."""
     base = results[original]["bits_per_byte"]
     lines = [
-        "| method | tokens/byte | bits/byte | Δ bits/byte | Δ bits/byte (%) | bits/byte on new tokens | bits/byte on other tokens |",
+        "| method | tokens/byte | bits/byte | Δ bits/byte | Δ bits/byte (%) "
+        "| bits/byte on new tokens | bits/byte on other tokens |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name in [original, *(n for n in results if n != original)]:
