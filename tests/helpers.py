@@ -2,12 +2,12 @@
 
 from transformers import AutoTokenizer
 
-from tokdist_ray.training.batching import merge_snippets
+from tokdist_ray.training.batching import align_snippets
 from tokdist_ray.training.rows import pre_init_rows
 from tokdist_ray.training.step import NewRows, TokenDistiller
-from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.vocab.alignment import PieceAligner
+from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.models import load_model
-from tokdist_ray.vocab.tokens import select_new_tokens
 
 WORDS = [" Krankenwagen", " Schmetterling"]
 SENTENCES = [
@@ -19,13 +19,14 @@ SENTENCES = [
 
 
 def tiny_setup(model_dir, losses=("MSE-on-hiddens",), target_layer=-1, train_output=True):
-    """(distiller, examples, tokenizer) for the two WORDS on SENTENCES."""
+    """(distiller, examples, tokenizer) for the two WORDS (and any intermediate merges
+    they need) on SENTENCES."""
     model = load_model(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    tokens = select_new_tokens(tok, WORDS).tokens
-    new_start = len(tok)
-    merger = PhraseMerger.for_tokens(tokens, new_start)
-    examples = merge_snippets(merger, [tok(s)["input_ids"] for s in SENTENCES])
+    expansion = expand_with_merges(tok, WORDS)
+    tokens, new_start = expansion.tokens, expansion.new_start
+    examples = align_snippets(PieceAligner.for_tokens(tokens, new_start),
+                              [expansion.tokenizer(s)["input_ids"] for s in SENTENCES])
     phrases = [t.phrase_ids for t in tokens]
     inputs = pre_init_rows(model.get_input_embeddings().weight, phrases)
     if model.config.tie_word_embeddings:

@@ -11,6 +11,7 @@ import time
 from typing import Literal, Sequence
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from tokdist_ray.config import (
     DistillationConfig,
@@ -32,14 +33,16 @@ from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.mining import mine_corpus
 from tokdist_ray.raycluster import ray_is_running
 from tokdist_ray.report import expansion_report
-from tokdist_ray.training.batching import merge_snippets
+from tokdist_ray.training.batching import align_snippets
 from tokdist_ray.training.local import train_local
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.step import NewRows, TokenDistiller, bf16_supported
-from tokdist_ray.vocab.alignment import PhraseMerger
-from tokdist_ray.vocab.export import expand_model, expand_tokenizer, save_expanded
+from tokdist_ray.vocab.alignment import PieceAligner
+from tokdist_ray.vocab.expansion_files import expansion_summary
+from tokdist_ray.vocab.export import expand_model, save_expanded
+from tokdist_ray.vocab.merges import ADDED_TOKENS, MERGES, SKIP, MergeExpansion, expand_with_merges
 from tokdist_ray.vocab.models import cache_root, load_model, load_tokenizer
-from tokdist_ray.vocab.tokens import NewToken, keep_tokens_with_snippets, select_new_tokens
+from tokdist_ray.vocab.tokens import NewToken, not_distilled_note, tokens_to_distill
 
 log = logging.getLogger("tokdist_ray")
 
@@ -90,14 +93,20 @@ class TokenDistillation:
         *,
         min_snippets_per_token: int = 1,
         top_up_with_generation: bool | GeneratedDataSource = False,
+        tokenizer_mode: Literal["merges", "added_tokens"] = MERGES,
     ):
-        """Select tokens, collect snippets, distill, and return (model, tokenizer).
+        """Select tokens, expand the tokenizer, collect snippets, distill, and return
+        (model, tokenizer).
 
         `new_tokens` is a list of strings or a target tokenizer (all of its tokens the
-        model lacks). Tokens with fewer than `min_snippets_per_token` snippets are
-        skipped and reported, after an optional top-up with generated snippets
-        (`top_up_with_generation`: True for default sampling, or a GeneratedDataSource
-        whose settings the top-up uses).
+        model lacks). `tokenizer_mode`: "merges" (default) splices each new token into a
+        BPE tokenizer as a vocabulary entry plus merges, so it is emitted exactly where
+        BPE would build it; "added_tokens" is the reference's behaviour (Hugging Face
+        added tokens, matched in raw text), and the fallback for tokenizers that are not
+        BPE. Tokens with fewer than `min_snippets_per_token` snippets, after an optional
+        top-up with generated snippets (`top_up_with_generation`: True for default
+        sampling, or a GeneratedDataSource whose settings the top-up uses), are not
+        distilled and keep their pre-initialised rows; the report lists them.
         """
         if save and out_path is None:
             raise ValueError("out_path must be given when save=True")
@@ -107,24 +116,26 @@ class TokenDistillation:
         timings: dict[str, float] = {}
         t = time.perf_counter()
 
-        selection = select_new_tokens(self.tokenizer, new_tokens)
-        log.info("%d new tokens, %d candidates skipped %s", len(selection.tokens), len(selection.skipped), selection.skip_counts())
+        # a target tokenizer's tokens that merges cannot produce enter as added tokens
+        from_target = isinstance(new_tokens, PreTrainedTokenizerBase)
+        expansion = expand_with_merges(self.tokenizer, new_tokens, tokenizer_mode, ADDED_TOKENS if from_target else SKIP)
+        log.info("%d new tokens (%s, %d intermediate), %d candidates skipped", expansion.n_requested,
+                 expansion.mode, len(expansion.intermediates), len(expansion.skipped))
         timings["select_tokens"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        snippets, stats = self._collect_snippets(selection.tokens, data, snippet_len, snippets_per_token, top_up_with_generation)
+        snippets, stats = self._collect_snippets(expansion, data, snippet_len, snippets_per_token, top_up_with_generation)
         timings["snippets"] = time.perf_counter() - t
 
-        tokens, skipped = keep_tokens_with_snippets(selection.tokens, stats.counts, min_snippets_per_token)
-        for entry in skipped:
-            log.warning("skipping %r: %d snippets, fewer than min_snippets_per_token=%d", entry["token"], entry["snippets"], min_snippets_per_token)
-        skipped = selection.skipped + skipped
-        keep = {tok.text: i for i, tok in enumerate(tokens)}
+        distilled, not_distilled = tokens_to_distill(expansion.tokens, stats.counts, min_snippets_per_token)
+        if not_distilled:
+            log.warning(not_distilled_note(not_distilled, min_snippets_per_token, pre_init_strategy))
+        keep = {tok.text for tok in distilled}
         snippet_ids = [s["input_ids"] for s in snippets if s["token"] in keep]
 
         t = time.perf_counter()
-        new_start = len(self.tokenizer)
-        examples = merge_snippets(PhraseMerger.for_tokens(tokens, new_start), snippet_ids)
+        tokens, new_start = expansion.tokens, expansion.new_start
+        examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), snippet_ids)
         rows = self._initial_rows(tokens, output_emb_policy, pre_init_strategy)
         distiller = TokenDistiller(
             self.model, rows, new_start, training.loss_methods, training.target_layer, training.mixed_precision
@@ -137,7 +148,7 @@ class TokenDistillation:
         timings["distill"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        tokenizer = expand_tokenizer(self.tokenizer, tokens)
+        tokenizer = expansion.tokenizer
         model = expand_model(self.model, new_start, rows.input.detach(), None if rows.output is None else rows.output.detach())
         self._expanded = True
         self.last_report = expansion_report(
@@ -147,7 +158,9 @@ class TokenDistillation:
                 "output_emb_policy": output_emb_policy.value, "pre_init_strategy": pre_init_strategy,
                 "training": dict(vars(training)),
             },
-            tokens_skipped=skipped,
+            tokenizer=expansion_summary(expansion),
+            tokens_skipped=expansion.skipped,
+            tokens_not_distilled=not_distilled,
             snippets={"source": type(data).__name__, **stats.as_dict(snippets_per_token)},
             timings_s=timings,
         )
@@ -158,12 +171,13 @@ class TokenDistillation:
         return model, tokenizer
 
     # ------------------------------------------------------------------ stages
-    def _collect_snippets(self, tokens, data, snippet_len, snippets_per_token, top_up):
+    def _collect_snippets(self, expansion: MergeExpansion, data, snippet_len, snippets_per_token, top_up):
+        tokens = expansion.tokens
         if isinstance(data, GeneratedDataSource):
-            return generate_snippets(self.model, self.tokenizer, tokens, snippet_len, snippets_per_token, data)
+            return generate_snippets(self.model, expansion, tokens, snippet_len, snippets_per_token, data)
         if not isinstance(data, (HFDataSource, FileDataSource)):
             raise TypeError(f"data must be GeneratedDataSource, HFDataSource or FileDataSource, not {type(data).__name__}")
-        snippets, stats = self._mine(tokens, data, snippet_len, snippets_per_token, bool(top_up))
+        snippets, stats = self._mine(expansion, data, snippet_len, snippets_per_token, bool(top_up))
         log.info("mined %d snippets: %s", len(snippets), stats.summary())
         short = {t: snippets_per_token - c for t, c in stats.counts.items() if c < snippets_per_token}
         if short and top_up:
@@ -171,7 +185,7 @@ class TokenDistillation:
             todo = [tok for tok in tokens if tok.text in short]
             settings = top_up if isinstance(top_up, GeneratedDataSource) else GeneratedDataSource()
             extra, extra_stats = generate_snippets(
-                self.model, self.tokenizer, todo, snippet_len, short, settings,
+                self.model, expansion, todo, snippet_len, short, settings,
                 token_indices=[index[tok.text] for tok in todo],
             )
             snippets += extra
@@ -180,15 +194,15 @@ class TokenDistillation:
             stats.topped_up = extra_stats.counts
         return snippets, stats
 
-    def _mine(self, tokens, data, snippet_len, snippets_per_token, top_up: bool):
+    def _mine(self, expansion: MergeExpansion, data, snippet_len, snippets_per_token, top_up: bool):
         """On the running Ray cluster if there is one (results cached under the tokdist_ray
         cache dir); in process otherwise, as starting Ray costs more than a small run."""
         if ray_is_running() and self.tokenizer.is_fast:
-            result = mine_corpus(data, self.tokenizer, tokens, snippet_len, snippets_per_token,
+            result = mine_corpus(data, expansion, snippet_len, snippets_per_token,
                                  str(cache_root() / "mining"), top_up=top_up)  # logs any shortfall
             return result.rows(), result.stats
         batch = data.tokenization_batch_size if isinstance(data, HFDataSource) else 256
-        rows, stats = mine_snippets(documents(data), self.tokenizer, tokens, snippet_len, snippets_per_token, batch)
+        rows, stats = mine_snippets(documents(data), expansion, snippet_len, snippets_per_token, batch)
         stats.log_shortfall(snippets_per_token, top_up)
         return rows, stats
 

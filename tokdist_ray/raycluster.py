@@ -25,9 +25,3 @@ def cluster_cpus() -> int:
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
-
-def dataset_tables(dataset) -> list:
-    """A Ray Dataset's blocks as pyarrow tables, in order."""
-    import ray
-
-    return [ray.get(ref) for ref in dataset.to_arrow_refs()]

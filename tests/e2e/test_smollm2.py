@@ -7,10 +7,10 @@ from transformers import AutoTokenizer
 from tokdist_ray import DistillationConfig, FileDataSource, TokenDistillation
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.eval.drift import baseline_rows, drift
-from tokdist_ray.training.batching import merge_snippets
-from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.training.batching import align_snippets
+from tokdist_ray.vocab.alignment import PieceAligner
+from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.selection import frequent_fragmented_words
-from tokdist_ray.vocab.tokens import select_new_tokens
 
 
 def _read(paths):
@@ -43,10 +43,11 @@ def test_distilled_rows_beat_the_subtoken_mean_on_heldout_text(smollm2_dir, docs
     for i, word in enumerate(heldout_words):
         assert tokenizer(word, add_special_tokens=False)["input_ids"] == [new_start + i]
 
-    tokens = select_new_tokens(td.tokenizer, heldout_words).tokens
-    rows, _ = mine_snippets(_read(docs_corpus_split.heldout), td.tokenizer, tokens, 32, 6)
-    merger = PhraseMerger.for_tokens(tokens, new_start)
-    examples = merge_snippets(merger, [r["input_ids"] for r in rows])
+    expansion = expand_with_merges(td.tokenizer, heldout_words)  # the same tokenizer the run built
+    assert expansion.tokenizer.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+    tokens = expansion.tokens
+    rows, _ = mine_snippets(_read(docs_corpus_split.heldout), expansion, 32, 6)
+    examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), [r["input_ids"] for r in rows])
     methods = {"token_distillation": model.get_input_embeddings().weight[new_start:].detach(),
                **baseline_rows(model, tokens, new_start)}
     results = drift(model, new_start, methods, examples, [r["token"] for r in rows], batch_size=8)

@@ -15,9 +15,12 @@ from tokdist_ray.config import DistillationConfig
 from tokdist_ray.data.generation import ray_backend as generation
 from tokdist_ray.data.generation import vllm_backend as vllm_generation
 from tokdist_ray.data.generation.local import generate_snippets
-from tokdist_ray.data.generation.ray_backend import generate_snippet_dataset, request_blocks, resolve_backend
+from tokdist_ray.data.generation.ray_backend import generate_snippet_table, request_blocks, resolve_backend
 from tokdist_ray.data.generation.requests import (
+    SAMPLE_SCHEMA,
+    GenerationStats,
     cut_at_eos,
+    expanded_snippets,
     plan_requests,
     sample_seed,
     snippet_from_sample,
@@ -27,8 +30,9 @@ from tokdist_ray.data.generation.requests import (
 from tokdist_ray.data.generation.sampling import SampleStreams, draw, warp_logits
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix
 from tokdist_ray.errors import BackendUnavailableError
+from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.models import load_model, load_tokenizer
-from tokdist_ray.vocab.tokens import NewToken, select_new_tokens
+from tokdist_ray.vocab.tokens import NewToken
 
 SNIPPET_LEN = 10
 PER_TOKEN = 3
@@ -36,15 +40,20 @@ PER_TOKEN = 3
 
 @pytest.fixture(scope="module")
 def smol(smollm2_dir):
-    """(model, tokenizer, new tokens) for SmolLM2 and the two test words."""
-    tokenizer = load_tokenizer(str(smollm2_dir))
-    return load_model(str(smollm2_dir)), tokenizer, select_new_tokens(tokenizer, WORDS).tokens
+    """(model, expansion, the two test words' tokens) for SmolLM2."""
+    expansion = expand_with_merges(load_tokenizer(str(smollm2_dir)), WORDS)
+    return load_model(str(smollm2_dir)), expansion, expansion.requested
 
 
 @pytest.fixture(scope="module")
 def smol_snippets(smol):
-    model, tokenizer, tokens = smol
-    return generate_snippets(model, tokenizer, tokens, SNIPPET_LEN, PER_TOKEN, GeneratedDataSource(min_new_tokens=2))
+    model, expansion, tokens = smol
+    return generate_snippets(model, expansion, tokens, SNIPPET_LEN, PER_TOKEN, GeneratedDataSource(min_new_tokens=2))
+
+
+def tiny_expansion(model_dir):
+    expansion = expand_with_merges(AutoTokenizer.from_pretrained(model_dir), WORDS)
+    return expansion, expansion.requested
 
 
 def force_eos_at(model, step: int, eos: int):
@@ -107,7 +116,29 @@ def test_short_samples_are_dropped_and_rows_fit_the_snippet_schema():
     row = snippet_from_sample({**request, "continuation": [5, 6, 7]}, min_new_tokens=3)
     assert row == {"token": " x", "token_index": 3, "input_ids": [1, 9, 8, 5, 6, 7], "phrase_start": 1, "source": "generated"}
     table = snippet_table([{**request, "continuation": [5, 6, 7]}, {**request, "continuation": []}], 3)
+    assert table.schema.equals(SAMPLE_SCHEMA) and table.num_rows == 1
+
+
+def test_samples_become_the_expanded_tokenizers_snippets(tiny_tokenizer_dir):
+    """A sample's text is encoded by the expanded tokenizer; one where the model glued
+    letters on to the word (` sequence` + `s`: BPE splits ` sequences` otherwise) is
+    dropped and counted."""
+    expansion = expand_with_merges(AutoTokenizer.from_pretrained(tiny_tokenizer_dir()), [" sequence"])
+    tokenizer, token = expansion.tokenizer, expansion.tokens[0]
+
+    def sample(continuation):
+        ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        return {"token": token.text, "token_index": 0, "input_ids": [1, *token.phrase_ids, *ids],
+                "phrase_start": 1, "source": "generated"}
+
+    stats = GenerationStats(counts={token.text: 2})
+    table = expanded_snippets([sample(" of the river and the garden."), sample("s drove past.")], expansion, 6, stats)
     assert table.schema.equals(SNIPPET_SCHEMA) and table.num_rows == 1
+    row = table.to_pylist()[0]
+    expected = tokenizer(" sequence of the river and the garden.", add_special_tokens=False)["input_ids"][:6]
+    assert row["input_ids"] == [1, *expected] and expected[0] == expansion.new_start
+    assert row["token_position"] == 1
+    assert stats.dropped_not_emitted == 1 and stats.counts == {token.text: 1}
 
 
 def test_draws_follow_the_distribution_and_repeat_per_seed():
@@ -155,10 +186,9 @@ def test_auto_picks_vllm_only_with_gpus(monkeypatch):
 def test_in_process_vllm_request_fails_clearly_without_vllm(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(generation, "vllm_installed", lambda: False)
     model_dir = tiny_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokens = select_new_tokens(tokenizer, WORDS).tokens
+    expansion, tokens = tiny_expansion(model_dir)
     with pytest.raises(BackendUnavailableError, match="vLLM"):
-        generate_snippets(load_model(model_dir), tokenizer, tokens, 8, 2, GeneratedDataSource(backend="vllm"))
+        generate_snippets(load_model(model_dir), expansion, tokens, 8, 2, GeneratedDataSource(backend="vllm"))
 
 
 # --- vLLM requests and outputs (no vLLM needed) ---------------------------------------------
@@ -215,81 +245,80 @@ def test_vllm_stage_wiring_with_a_fake_engine(tiny_model_dir, ray_session, monke
     monkeypatch.setattr(generation, "vllm_installed", lambda: True)
     monkeypatch.setattr(ray.data.llm, "build_processor", fake_engine_processor)
     model_dir = tiny_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokens = select_new_tokens(tokenizer, WORDS).tokens
-    dataset, stats = generate_snippet_dataset(str(model_dir), tokens, 6, 4, GeneratedDataSource(backend="vllm", min_new_tokens=1))
-    rows = dataset.take_all()
-    assert stats.backend == "vllm" and stats.counts == {w: 4 for w in WORDS}
+    expansion, tokens = tiny_expansion(model_dir)
+    table, stats = generate_snippet_table(str(model_dir), expansion, tokens, 6, 4,
+                                          GeneratedDataSource(backend="vllm", min_new_tokens=1))
+    rows = table.to_pylist()
     # per token, sample 2 of round 0 came back empty and sample 4 of round 1 replaced it
-    assert stats.samples == 2 * 5 and stats.dropped_short == 2
+    assert stats.backend == "vllm" and stats.samples == 2 * 5 and stats.dropped_short == 2
+    assert sum(stats.counts.values()) == len(rows) == 2 * 4 - stats.dropped_not_emitted
     for row in rows:
-        phrase = next(t.phrase_ids for t in tokens if t.text == row["token"])
-        assert list(row["input_ids"][: 1 + len(phrase)]) == bos_prefix(tokenizer) + list(phrase)
-        assert len(row["input_ids"]) == 1 + len(phrase) + 6
+        index = row["token_index"]
+        assert row["input_ids"][:2] == bos_prefix(expansion.tokenizer) + [expansion.new_start + index]
 
 
 # --- the CPU backend on SmolLM2 -------------------------------------------------------------
 
 
-def test_snippets_start_with_bos_then_the_phrase(smol, smol_snippets):
-    _, tokenizer, tokens = smol
+def test_snippets_start_with_bos_then_the_new_token_as_the_tokenizer_encodes_them(smol, smol_snippets):
+    _, expansion, tokens = smol
+    tokenizer = expansion.tokenizer
     rows, stats = smol_snippets
     assert tokenizer.bos_token_id is not None and bos_prefix(tokenizer) == [tokenizer.bos_token_id]
     for row in rows:
-        phrase = list(next(t.phrase_ids for t in tokens if t.text == row["token"]))
-        assert row["input_ids"][: 1 + len(phrase)] == [tokenizer.bos_token_id] + phrase
-        assert row["phrase_start"] == 1 and row["source"] == "generated"
-        assert 1 + len(phrase) + 2 <= len(row["input_ids"]) <= 1 + len(phrase) + SNIPPET_LEN
+        assert row["input_ids"][:2] == [tokenizer.bos_token_id, expansion.new_start + row["token_index"]]
+        assert row["token_position"] == 1 and row["source"] == "generated"
+        assert 3 <= len(row["input_ids"]) <= 1 + SNIPPET_LEN
         assert tokenizer.eos_token_id not in row["input_ids"]
-    assert stats.counts == {w: PER_TOKEN for w in WORDS} and len(rows) == 2 * PER_TOKEN
+        text = tokenizer.decode(row["input_ids"][1:])
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == row["input_ids"][1:]
+    assert sum(stats.counts.values()) + stats.dropped_not_emitted == len(rows) + stats.dropped_not_emitted == 2 * PER_TOKEN
 
 
 def test_no_bos_where_the_tokenizer_has_none(tiny_model_dir):
     model_dir = tiny_model_dir(bos=False)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokens = select_new_tokens(tokenizer, WORDS).tokens
-    rows, _ = generate_snippets(load_model(model_dir), tokenizer, tokens, 6, 2, GeneratedDataSource(min_new_tokens=0))
+    expansion, tokens = tiny_expansion(model_dir)
+    rows, _ = generate_snippets(load_model(model_dir), expansion, tokens, 6, 2, GeneratedDataSource(min_new_tokens=0))
+    assert rows
     for row in rows:
-        phrase = list(next(t.phrase_ids for t in tokens if t.text == row["token"]))
-        assert row["input_ids"][: len(phrase)] == phrase and row["phrase_start"] == 0
+        assert row["input_ids"][0] == expansion.new_start + row["token_index"] and row["token_position"] == 0
 
 
 def test_seeds_give_identical_output_whatever_the_batching(smol, smol_snippets):
-    model, tokenizer, tokens = smol
+    model, expansion, tokens = smol
     rows, _ = smol_snippets
     # batches of 2 mix the two tokens' prompt lengths differently than the one batch of 6
-    in_pairs, _ = generate_snippets(model, tokenizer, tokens, SNIPPET_LEN, PER_TOKEN,
+    in_pairs, _ = generate_snippets(model, expansion, tokens, SNIPPET_LEN, PER_TOKEN,
                                     GeneratedDataSource(min_new_tokens=2, batch_size=2))
     assert in_pairs == rows
-    other_seed, _ = generate_snippets(model, tokenizer, tokens, SNIPPET_LEN, PER_TOKEN,
+    other_seed, _ = generate_snippets(model, expansion, tokens, SNIPPET_LEN, PER_TOKEN,
                                       GeneratedDataSource(min_new_tokens=2, seed=7))
     assert [r["input_ids"] for r in other_seed] != [r["input_ids"] for r in rows]
 
 
 def test_samples_are_cut_at_eos_and_short_ones_counted(smol):
-    model, tokenizer, tokens = smol
-    eos = tokenizer.eos_token_id
+    model, expansion, tokens = smol
+    eos = expansion.tokenizer.eos_token_id
     handle = force_eos_at(model, step=5, eos=eos)
     try:
-        kept, kept_stats = generate_snippets(model, tokenizer, tokens, SNIPPET_LEN, 2, GeneratedDataSource(min_new_tokens=4))
-        dropped, dropped_stats = generate_snippets(model, tokenizer, tokens, SNIPPET_LEN, 2,
+        kept, kept_stats = generate_snippets(model, expansion, tokens, SNIPPET_LEN, 2, GeneratedDataSource(min_new_tokens=4))
+        dropped, dropped_stats = generate_snippets(model, expansion, tokens, SNIPPET_LEN, 2,
                                                    GeneratedDataSource(min_new_tokens=5, refill_rounds=1))
     finally:
         handle.remove()
-    phrase_len = {t.text: len(t.phrase_ids) for t in tokens}
-    assert [len(r["input_ids"]) - 1 - phrase_len[r["token"]] for r in kept] == [4] * 4
+    # [BOS] + the new token + what 4 sampled ids spell under the expanded tokenizer (at most 4 ids)
+    assert kept and all(3 <= len(r["input_ids"]) <= 1 + 1 + 4 for r in kept)
     assert all(eos not in r["input_ids"] for r in kept) and kept_stats.dropped_short == 0
     assert dropped == [] and dropped_stats.counts == {w: 0 for w in WORDS}
     assert dropped_stats.samples == dropped_stats.dropped_short == 2 * 2 * 2  # tokens x samples x rounds
 
 
 def test_top_up_generates_exactly_the_shortfall(smol):
-    model, tokenizer, tokens = smol
+    model, expansion, tokens = smol
     shortfall = {WORDS[0]: 2, WORDS[1]: 1}
-    rows, stats = generate_snippets(model, tokenizer, tokens, 8, shortfall, GeneratedDataSource(min_new_tokens=2),
-                                    token_indices=[5, 9])
-    assert stats.counts == shortfall
-    assert sorted((r["token"], r["token_index"]) for r in rows) == [(WORDS[0], 5)] * 2 + [(WORDS[1], 9)]
+    rows, stats = generate_snippets(model, expansion, tokens, 8, shortfall, GeneratedDataSource(min_new_tokens=2))
+    assert stats.counts == shortfall and stats.dropped_not_emitted == 0
+    assert sorted((r["token"], r["token_index"]) for r in rows) == [(WORDS[0], 0)] * 2 + [(WORDS[1], 1)]
 
 
 @pytest.mark.parametrize("top_up", [True, GeneratedDataSource(seed=7, temperature=0.7)], ids=["default", "settings"])
@@ -309,18 +338,19 @@ def test_api_tops_up_short_tokens_and_reports_it(tiny_model_dir, tmp_path, monke
            training=DistillationConfig(batch_size=4, log_every=1000))
     assert sources == [GeneratedDataSource() if top_up is True else top_up]
     report = td.last_report
-    assert report["snippets"]["topped_up_by_generation"] == {w: 2 for w in WORDS}
-    assert [t["snippets"] for t in report["tokens_added"]] == [3, 3]
+    topped_up = report["snippets"]["topped_up_by_generation"]  # intermediates (` Kranken`) are topped up too
+    assert {w: topped_up[w] for w in WORDS} == {w: 2 for w in WORDS}
+    assert [t["snippets"] for t in report["tokens_added"][:2]] == [3, 3]
 
 
 def test_ray_actor_pool_matches_in_process_and_writes_snippet_parquet(smol, smol_snippets, smollm2_dir, ray_session, tmp_path):
-    _, tokenizer, tokens = smol
-    rows, _ = smol_snippets
+    _, expansion, tokens = smol
+    rows, in_process = smol_snippets
     source = GeneratedDataSource(min_new_tokens=2, batch_size=2, concurrency=2, backend="transformers")
-    dataset, stats = generate_snippet_dataset(str(smollm2_dir), tokens, SNIPPET_LEN, PER_TOKEN, source, tokenizer=tokenizer)
-    assert stats.backend == "transformers" and stats.counts == {w: PER_TOKEN for w in WORDS}
-    dataset.write_parquet(str(tmp_path / "snippets"))
-    table = pq.read_table(tmp_path / "snippets")
+    table, stats = generate_snippet_table(str(smollm2_dir), expansion, tokens, SNIPPET_LEN, PER_TOKEN, source)
+    assert stats.backend == "transformers" and stats.counts == in_process.counts
+    pq.write_table(table, tmp_path / "snippets.parquet")
+    table = pq.read_table(tmp_path / "snippets.parquet")
     assert table.schema.remove_metadata().equals(SNIPPET_SCHEMA)
     key = lambda r: (r["token_index"], r["input_ids"])  # noqa: E731
     assert sorted(table.to_pylist(), key=key) == sorted(rows, key=key)

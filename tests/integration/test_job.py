@@ -3,6 +3,7 @@ and the cluster YAMLs."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,7 +31,11 @@ def test_job_stages_are_reused_and_a_lost_stage_reruns(ray_session, tiny_model_d
     config = load_config(None, parse_overrides(tiny_job_args(model_dir, job_corpus_dir, tmp_path / "run")))
     first = run_job(config)
     assert first["stages_reused"] == []
-    assert (tmp_path / "run" / "eval" / "eval.md").is_file()
+    eval_md = (tmp_path / "run" / "eval" / "eval.md").read_text()
+    assert "bits/byte" in eval_md and "hidden MSE" in eval_md
+    bits = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())["bits_per_byte"]["methods"]
+    assert set(bits) == {"original", "token_distillation", "fvt", "adapti-vocab", "mean_embedding"}
+    assert bits["token_distillation"]["tokens_per_byte"] < bits["original"]["tokens_per_byte"]
     assert all((tmp_path / "run" / "eval" / p).stat().st_size > 0 for p in ("drift_per_token.png", "loss_curve.png"))
     again = run_job(config)
     assert again["stages_reused"] == ["tokens", "snippets", "distill", "evaluate"]
@@ -60,7 +65,7 @@ def test_too_few_snippets_is_one_line_not_a_traceback(ray_session, tiny_model_di
     args = tiny_job_args(tiny_model_dir(), job_corpus_dir, tmp_path / "run")
     code = main(["run", *args, "--data.max_docs", "2", "--snippets.min_snippets_per_token", "4"])
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 2 and line.startswith("tokdist-ray: error: none of the 2 new tokens has 4 snippet(s)")
+    assert code == 2 and re.match(r"tokdist-ray: error: none of the \d+ new tokens has 4 snippet\(s\)", line), line
 
 
 def _free_port():
@@ -139,7 +144,8 @@ def test_ray_job_submit_produces_a_loadable_model(ray_head, tiny_model_dir, job_
         assert tok(word, add_special_tokens=False)["input_ids"] == [n_old + i]
     assert torch.equal(model.get_input_embeddings().weight[:n_old], original.get_input_embeddings().weight[:n_old])
     report = json.loads((run_dir / "model" / "report.json").read_text())
-    assert [t["token"] for t in report["tokens_added"]] == WORDS and report["job"]["stage_seconds"]
+    assert [t["token"] for t in report["tokens_added"][: len(WORDS)]] == WORDS and report["job"]["stage_seconds"]
+    assert report["tokenizer"]["mode"] == "merges" and len(tok) == n_old + len(report["tokens_added"])
 
     resubmitted = _submit(submit, env)
     assert resubmitted.returncode == 0, resubmitted.stderr[-3000:]

@@ -19,15 +19,15 @@ from tokdist_ray.config import DistillationConfig, DistributedConfig, OutputEmbe
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.snippets import snippets_to_table
 from tokdist_ray.errors import RunConflictError
-from tokdist_ray.training.batching import merge_snippets
+from tokdist_ray.training.batching import align_snippets
 from tokdist_ray.training.local import train_local
 from tokdist_ray.training.ray_trainer import distill_distributed
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.snippet_files import read_snippets
 from tokdist_ray.training.step import TokenDistiller
-from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.vocab.alignment import PieceAligner
+from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.models import load_model
-from tokdist_ray.vocab.tokens import select_new_tokens
 
 WORKERS = 2
 # per-worker batch 2 x 2 workers: 13 snippets make batches of 4, 4, 4, 1 (rank 1 idles in the last)
@@ -54,17 +54,17 @@ ROWS_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
-    """(model_dir, tokens, snippets_dir): an untied tiny model, 2 new tokens, 13 snippets in 2 files."""
+    """(model_dir, expansion, snippets_dir): an untied tiny model, 2 new words (and the
+    intermediates their merges need), 13 snippets in 2 files."""
     model_dir = tiny_model_dir(tied=False, bos=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokens = select_new_tokens(tokenizer, WORDS).tokens
-    rows, _ = mine_snippets(DOCUMENTS, tokenizer, tokens, snippet_len=16, snippets_per_token=7)
+    expansion = expand_with_merges(AutoTokenizer.from_pretrained(model_dir), WORDS)
+    rows, _ = mine_snippets(DOCUMENTS, expansion, snippet_len=16, snippets_per_token=7)
     rows = rows[:13]
     assert len(rows) == 13
     snippets_dir = tmp_path_factory.mktemp("snippets")
     pq.write_table(snippets_to_table(rows[:6]), snippets_dir / "part-0.parquet")
     pq.write_table(snippets_to_table(rows[6:]), snippets_dir / "part-1.parquet")
-    return model_dir, tokens, snippets_dir
+    return model_dir, expansion, snippets_dir
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +82,11 @@ def reference(setup):
 
 
 def train_single_process(setup, training: DistillationConfig):
-    model_dir, tokens, snippets_dir = setup
+    model_dir, expansion, snippets_dir = setup
     model = load_model(model_dir)
-    new_start = len(AutoTokenizer.from_pretrained(model_dir))
-    merger = PhraseMerger.for_tokens(tokens, new_start)
-    examples = merge_snippets(merger, read_snippets(str(snippets_dir), [t.text for t in tokens]).ids)
+    tokens, new_start = expansion.tokens, expansion.new_start
+    examples = align_snippets(PieceAligner.for_tokens(tokens, new_start),
+                              read_snippets(str(snippets_dir), [t.text for t in tokens]).ids)
     rows = initial_rows(model, [t.phrase_ids for t in tokens], POLICY, "fvt")
     distiller = TokenDistiller(model, rows, new_start, target_layer=training.target_layer, mixed_precision=False)
     history = train_local(distiller, examples, dataclasses.replace(training, batch_size=training.batch_size * WORKERS))
@@ -94,9 +94,9 @@ def train_single_process(setup, training: DistillationConfig):
 
 
 def run(setup, out: Path, training: DistillationConfig = TRAINING, after_step=None, **dist) -> object:
-    model_dir, tokens, snippets_dir = setup
+    model_dir, expansion, snippets_dir = setup
     return distill_distributed(
-        str(model_dir), str(snippets_dir), tokens, out, training=training,
+        str(model_dir), str(snippets_dir), expansion, out, training=training,
         dist=DistributedConfig(num_workers=WORKERS, **dist), output_emb_policy=POLICY, after_step=after_step,
     )
 
@@ -153,7 +153,7 @@ def assert_old_rows_unchanged(result, model_dir) -> None:
     original = AutoModelForCausalLM.from_pretrained(model_dir)
     expanded = AutoModelForCausalLM.from_pretrained(result.out_dir)
     n_old = original.get_input_embeddings().weight.shape[0]
-    assert expanded.get_input_embeddings().weight.shape[0] == n_old + 2
+    assert expanded.get_input_embeddings().weight.shape[0] == n_old + len(result.report["tokens_added"])
     assert torch.equal(expanded.get_input_embeddings().weight[:n_old], original.get_input_embeddings().weight)
     assert torch.equal(expanded.get_output_embeddings().weight[:n_old], original.get_output_embeddings().weight)
     tokenizer = AutoTokenizer.from_pretrained(result.out_dir)
@@ -173,9 +173,9 @@ ZERO3 = dict(
 
 def test_zero2_equals_single_process(ray_session, setup, reference, tmp_path, monkeypatch):
     # relative snippets path, as a job config gives it: workers run in Ray's own directory
-    model_dir, tokens, snippets_dir = setup
+    model_dir, expansion, snippets_dir = setup
     monkeypatch.chdir(snippets_dir.parent)
-    relative = (model_dir, tokens, Path(snippets_dir.name))
+    relative = (model_dir, expansion, Path(snippets_dir.name))
     result = run(relative, tmp_path / "out", strategy="deepspeed", zero_stage=2, checkpoint_every=3)
     report = result.report["distributed"]
     assert (report["strategy"], report["zero_stage"], report["global_batch"], report["resumed_from_steps"]) == ("deepspeed", 2, 4, [])
@@ -222,10 +222,12 @@ def test_ddp_resumes_a_stopped_job_and_equals_single_process(ray_session, setup,
 
 
 def test_bad_arguments_fail_before_any_worker_starts(setup, tmp_path):
-    model_dir, tokens, snippets_dir = setup
+    model_dir, expansion, snippets_dir = setup
     with pytest.raises(ValueError, match="output_emb_policy must be one of"):
-        distill_distributed(str(model_dir), str(snippets_dir), tokens, tmp_path, output_emb_policy="mean")
+        distill_distributed(str(model_dir), str(snippets_dir), expansion, tmp_path, output_emb_policy="mean")
     with pytest.raises(ValueError, match="pre_init_strategy must be one of"):
-        distill_distributed(str(model_dir), str(snippets_dir), tokens, tmp_path, pre_init_strategy="mean")
-    with pytest.raises(ValueError, match="non-empty list of NewToken"):
+        distill_distributed(str(model_dir), str(snippets_dir), expansion, tmp_path, pre_init_strategy="mean")
+    with pytest.raises(ValueError, match="MergeExpansion with new tokens"):
         distill_distributed(str(model_dir), str(snippets_dir), [], tmp_path)
+    with pytest.raises(ValueError, match="distilled tokens not in the expansion"):
+        distill_distributed(str(model_dir), str(snippets_dir), expansion, tmp_path, distilled=[" nowhere"])

@@ -1,72 +1,40 @@
-"""Phrase merging and the student->teacher position alignment."""
-
-import random
+"""The student->teacher alignment: new ids expanded into their pieces."""
 
 import pytest
+from transformers import AutoTokenizer
 
-from tokdist_ray.vocab.alignment import PhraseMerger
-
-
-def test_unmerged_tokens_align_to_themselves_and_phrases_to_their_last_subtoken():
-    merger = PhraseMerger([[5, 6, 7]], [100])
-    merged = merger.merge([1, 5, 6, 7, 2])
-    assert merged.student_ids == [1, 100, 2]
-    assert merged.teacher_positions == [0, 3, 4]
+from tests.helpers import SENTENCES, WORDS
+from tokdist_ray.vocab.alignment import PieceAligner
+from tokdist_ray.vocab.merges import expand_with_merges
 
 
-def test_longest_match_wins_over_a_prefix_phrase():
-    merger = PhraseMerger([[1, 2], [1, 2, 3]], [100, 101])
-    assert merger.merge([1, 2, 3, 4]).student_ids == [101, 4]
-    assert merger.merge([1, 2, 4]).student_ids == [100, 4]
+def test_new_ids_expand_to_their_pieces_and_align_to_the_last_one():
+    aligner = PieceAligner([[5, 6, 7], [8, 9]], new_start=100)
+    aligned = aligner.align([1, 100, 2, 101, 101])
+    assert aligned.student_ids == [1, 100, 2, 101, 101]
+    assert aligned.teacher_ids == [1, 5, 6, 7, 2, 8, 9, 8, 9]
+    assert aligned.teacher_positions == [0, 3, 4, 6, 8]
 
 
-def test_overlapping_phrases_merge_left_to_right():
-    merger = PhraseMerger([[1, 2], [2, 3]], [100, 101])
-    merged = merger.merge([1, 2, 3])
-    assert merged.student_ids == [100, 3]
-    assert merged.teacher_positions == [1, 2]
-    assert merger.merge([9, 2, 3]).student_ids == [9, 101]
+def test_snippets_without_new_ids_are_their_own_teacher():
+    aligned = PieceAligner([[5, 6]], new_start=100).align([3, 4, 5, 6])
+    assert aligned.teacher_ids == aligned.student_ids == [3, 4, 5, 6]
+    assert aligned.teacher_positions == [0, 1, 2, 3]
 
 
-def test_adjacent_and_repeated_occurrences_all_merge():
-    merger = PhraseMerger([[1, 2], [3, 4]], [100, 101])
-    merged = merger.merge([1, 2, 1, 2, 3, 4, 1])
-    assert merged.student_ids == [100, 100, 101, 1]
-    assert merged.teacher_positions == [1, 3, 5, 6]
-    assert merger.occurrences([1, 2, 1, 2, 3, 4, 1]) == [(0, 2, 100), (2, 2, 100), (4, 2, 101)]
+@pytest.mark.parametrize("pieces", [[[]], [[5, 100]]])
+def test_pieces_must_be_original_ids(pieces):
+    with pytest.raises(ValueError, match="pieces among the original ids"):
+        PieceAligner(pieces, new_start=100)
 
 
-def test_phrase_at_the_very_end_and_partial_phrase_at_the_end():
-    merger = PhraseMerger([[7, 8, 9]], [100])
-    assert merger.merge([1, 7, 8, 9]).teacher_positions == [0, 3]
-    assert merger.merge([1, 7, 8]).student_ids == [1, 7, 8]
-
-
-def test_thousands_of_phrases_match_a_brute_force_merge():
-    rng = random.Random(0)
-    phrases = sorted({tuple(rng.randrange(50) for _ in range(rng.randint(2, 4))) for _ in range(3000)})
-    new_ids = list(range(1000, 1000 + len(phrases)))
-    merger = PhraseMerger(phrases, new_ids)
-    lookup = dict(zip(phrases, new_ids))
-
-    def brute(ids):
-        out, i = [], 0
-        while i < len(ids):
-            for length in (4, 3, 2):
-                if tuple(ids[i : i + length]) in lookup:
-                    out.append(lookup[tuple(ids[i : i + length])])
-                    i += length
-                    break
-            else:
-                out.append(ids[i])
-                i += 1
-        return out
-
-    for _ in range(200):
-        ids = [rng.randrange(50) for _ in range(60)]
-        assert merger.merge(ids).student_ids == brute(ids)
-
-
-def test_single_id_phrases_are_rejected():
-    with pytest.raises(ValueError, match="at least two"):
-        PhraseMerger([[5]], [100])
+def test_teacher_ids_are_the_original_tokenizers_encoding(tiny_tokenizer_dir):
+    """With merges, the expanded encoding of any text, new ids expanded, is the original
+    encoding of that text: what the teacher reads is what the original model reads."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
+    expansion = expand_with_merges(tokenizer, WORDS)
+    aligner = PieceAligner.for_tokens(expansion.tokens, expansion.new_start)
+    for text in SENTENCES + [s.replace("Krankenwagen", "Krankenwagens") for s in SENTENCES]:
+        student = expansion.tokenizer(text)["input_ids"]
+        assert aligner.align(student).teacher_ids == tokenizer(text)["input_ids"]
+    assert any(i >= expansion.new_start for i in expansion.tokenizer(SENTENCES[0])["input_ids"])

@@ -48,15 +48,29 @@ def test_exported_model_loads_encodes_new_tokens_and_keeps_old_rows(tiny_model_d
         assert tok(word, add_special_tokens=False)["input_ids"] == [n_old + i]
     assert torch.equal(model.get_input_embeddings().weight[:n_old], original.get_input_embeddings().weight[:n_old])
     assert torch.equal(model.get_output_embeddings().weight[:n_old], original.get_output_embeddings().weight[:n_old])
-    new_rows = model.get_input_embeddings().weight[n_old:]
-    assert new_rows.shape[0] == len(WORDS) and torch.isfinite(new_rows).all() and new_rows.abs().sum() > 0
-    if not tied:  # trained with CE by default: not zero, not the input rows
-        assert model.get_output_embeddings().weight[n_old:].abs().sum() > 0
+    for text in SENTENCES + ["The Krankenwagens and Schmetterlinge."]:
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
 
     report = json.loads((out / "report.json").read_text())
-    assert [t["token"] for t in report["tokens_added"]] == WORDS
-    assert all(t["snippets"] == 5 for t in report["tokens_added"])
+    added = report["tokens_added"]  # the words, then the intermediates their merges need
+    assert report["tokenizer"]["mode"] == "merges" and report["tokenizer"]["requested_tokens"] == len(WORDS)
+    assert [t["token"] for t in added[: len(WORDS)]] == WORDS and [t["id"] for t in added] == list(range(n_old, len(tok)))
+    assert [t["token"] for t in added[len(WORDS) :]] == report["tokenizer"]["intermediate_tokens"]
+    assert all(t["snippets"] == 5 for t in added[: len(WORDS)])
+    new_rows = model.get_input_embeddings().weight[n_old:]
+    assert new_rows.shape[0] == len(added) and torch.isfinite(new_rows).all() and new_rows.abs().sum() > 0
+    if not tied:  # trained with CE by default: not zero, not the input rows
+        assert model.get_output_embeddings().weight[n_old:].abs().sum() > 0
     assert report["training"]["loss_curve"] and report["timings_s"]["distill"] > 0
+
+
+def test_added_tokens_mode_is_the_references_tokenizer(tiny_model_dir, corpus):
+    td = TokenDistillation(str(tiny_model_dir(tied=True)), device="cpu")
+    _, tok = td.run(WORDS, data=FileDataSource(str(corpus)), snippet_len=16, snippets_per_token=2, training=FAST,
+                    tokenizer_mode="added_tokens")
+    n_old = len(td.tokenizer)
+    assert td.last_report["tokenizer"]["mode"] == "added_tokens" and len(tok) == n_old + len(WORDS)
+    assert n_old in tok("The Krankenwagens left.", add_special_tokens=False)["input_ids"]  # fires inside longer words
 
 
 @pytest.mark.parametrize("policy", [OutputEmbeddingInit.ZERO, OutputEmbeddingInit.SUBTOKEN_MEAN])
@@ -123,6 +137,6 @@ def test_rows_without_text_are_counted_and_tokens_never_found_are_reported(tiny_
     td.run(WORDS + [" distillation"], data=FileDataSource(str(data)), snippet_len=12, snippets_per_token=2, training=FAST)
     report = td.last_report
     assert report["snippets"]["bad_rows"] == 4 and report["snippets"]["documents"] == 2
-    assert {"token": " distillation", "reason": "too_few_snippets", "snippets": 0} in report["tokens_skipped"]
-    with pytest.raises(ValueError, match="none of the 1 new tokens"):
+    assert {"token": " distillation", "reason": "too_few_snippets", "snippets": 0} in report["tokens_not_distilled"]
+    with pytest.raises(ValueError, match="none of the .* new tokens has 1 snippet"):
         td.run([" distillation"], data=FileDataSource(str(data)), training=FAST)

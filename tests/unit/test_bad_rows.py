@@ -17,7 +17,7 @@ from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.miner import TALLY, SnippetMiner, TokenizerSpec
 from tokdist_ray.data.ray_corpus import PART
 from tokdist_ray.data.snippets import MiningStats
-from tokdist_ray.vocab.tokens import select_new_tokens
+from tokdist_ray.vocab.merges import expand_with_merges
 
 BAD_LINES = [b'{"text": null}', b'{"other": "x"}', b'{"text": 5}', b'{"text": ""}', b'{"text": "  "}', b"not json"]
 EXPECTED = {"missing_text": 2, "not_a_string": 1, "empty": 2, "invalid_json": 1, "binary_file": 1}
@@ -37,15 +37,15 @@ def tokenizer(tiny_tokenizer_dir):
 
 
 def test_both_miners_count_bad_rows_by_reason(bad_corpus, tokenizer):
-    tokens = select_new_tokens(tokenizer, WORDS).tokens
-    _, stats = mine_snippets(documents(FileDataSource(str(bad_corpus))), tokenizer, tokens, 12, 100)
+    expansion = expand_with_merges(tokenizer, WORDS)
+    _, stats = mine_snippets(documents(FileDataSource(str(bad_corpus))), expansion, 12, 100)
     assert (stats.documents, stats.bad_rows, stats.bad_reasons) == (len(SENTENCES), 7, EXPECTED)
     assert stats.as_dict(100)["bad_rows_by_reason"] == EXPECTED
     assert "7 bad rows skipped (1 binary file, 2 empty, 1 invalid json, 2 missing text, 1 not a string)" in stats.summary()
 
     files = resolve_files(str(bad_corpus))  # the Ray read task's blocks, through the miners' UDF
     part = [Piece(path, size) for path, size in zip(files.paths, files.sizes)]
-    miner = SnippetMiner(TokenizerSpec.of(tokenizer), [t.text for t in tokens], [list(t.phrase_ids) for t in tokens], 12, 100)
+    miner = SnippetMiner(TokenizerSpec.of(expansion.tokenizer), [t.text for t in expansion.tokens], expansion.new_start, 12, 100)
     tallies = [row for block in read_part(files.filesystem, part, "text")
                for row in miner(block.append_column(PART, pa.array([0] * block.num_rows, pa.int64()))).to_pylist()
                if row["token_index"] == TALLY]

@@ -13,7 +13,7 @@ from tokdist_ray.data.corpus_parts import Piece, read_part
 from tokdist_ray.data.files import BINARY_FILE, BadRow, resolve_files
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.errors import CorpusNotFoundError
-from tokdist_ray.vocab.tokens import select_new_tokens
+from tokdist_ray.vocab.merges import expand_with_merges
 
 ROWS = [{"text": s} for s in SENTENCES]
 
@@ -53,8 +53,7 @@ def test_binary_files_are_skipped_and_counted(tiny_tokenizer_dir, tmp_path):
     docs = list(documents(FileDataSource(str(tmp_path))))
     assert docs == [" ".join(SENTENCES), BadRow(BINARY_FILE)]  # sorted paths: doc.txt, image.png
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
-    tokens = select_new_tokens(tokenizer, WORDS).tokens
-    rows, stats = mine_snippets(iter(docs), tokenizer, tokens, 16, 2)
+    rows, stats = mine_snippets(iter(docs), expand_with_merges(tokenizer, WORDS), 16, 2)
     assert rows and stats.documents == 1 and stats.bad_reasons == {BINARY_FILE: 1}
     assert "1 bad rows skipped (1 binary file)" in stats.summary()
 
@@ -76,10 +75,10 @@ def test_tokens_from_corpus_read_bytes_that_are_not_utf8(tiny_tokenizer_dir, tmp
     from transformers import AutoTokenizer
 
     from tokdist_ray.job.config import DataConfig, JobConfig, TokensConfig
-    from tokdist_ray.job.pipeline import select_tokens
+    from tokdist_ray.job.pipeline import candidate_tokens
 
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"text": "A Krankenwagen at the caf\xe9, a Krankenwagen at the station."}\n')
-    config = JobConfig(tokens=TokensConfig(from_corpus=1), data=DataConfig(paths=[str(path)])).validate()
-    selection = select_tokens(config, AutoTokenizer.from_pretrained(tiny_tokenizer_dir()))
-    assert [t.text for t in selection.tokens] == [" Krankenwagen"]
+    config = JobConfig(tokens=TokensConfig(from_corpus=1, selection="words"), data=DataConfig(paths=[str(path)])).validate()
+    words, counts = candidate_tokens(config, AutoTokenizer.from_pretrained(tiny_tokenizer_dir()))
+    assert words == [" Krankenwagen"] and counts == {" Krankenwagen": 2}

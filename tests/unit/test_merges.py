@@ -286,3 +286,28 @@ def test_merge_tree_reuses_known_entries_and_prefers_prefixes():
     assert first_merge(parts, costs({"bc"})) == 1  # (a(bc))d: one new entry, not two
     assert first_merge(parts, costs({"cd", "bcd"})) == 2  # a(b(cd)): no new entry
     assert first_merge(parts, costs({"abc", "ab", "cd"})) == 0
+
+
+@pytest.mark.parametrize("source,target", [("smollm2", "sentencepiece"), ("sentencepiece", "tiny")])
+def test_a_target_tokenizers_tokens_enter_by_merges_where_they_can_else_as_added_tokens(
+    source, target, tokenizers_by_name, heldout_text
+):
+    """Byte-level BPE and SentencePiece-style BPE, each the other's target: the target's
+    tokens the source lacks enter through merges where the source gives them a path,
+    otherwise as added tokens (which keeps ` New York`-like tokens the target has)."""
+    original, target_tokenizer = tokenizers_by_name[source], tokenizers_by_name[target]
+    expansion = expand_with_merges(original, target_tokenizer, unreachable=ADDED_TOKENS)
+    merged, added = expansion.tokens[: len(expansion.tokens) - len(expansion.added_tokens)], expansion.added_tokens
+    assert len(merged) > 20 and expansion.mode == "merges"
+    if source == "smollm2":  # ` line.`, `es,`: one token there, two pre-tokens here
+        assert len(added) > 10 and " line." in added
+    assert not {s["reason"] for s in expansion.skipped} & {SPANS_PRE_TOKENS, NOT_EMITTED, OUTSIDE_ALPHABET}
+    tokenizer = expansion.tokenizer
+    assert len(tokenizer) == expansion.new_start + len(expansion.tokens)
+    assert [t.text for t in expansion.tokens[len(merged) :]] == added
+    for i, token in enumerate(expansion.requested[:40]):
+        assert _ids(tokenizer, f"\n{token.text}")[-1] == expansion.new_start + i
+    text = heldout_text[:3000]
+    assert tokenizer.decode(_ids(tokenizer, text)) == text
+    skipping = expand_with_merges(original, target_tokenizer)
+    assert skipping.added_tokens == [] and len(skipping.tokens) == len(merged)

@@ -101,7 +101,8 @@ def test_optimizer_state_scales_with_new_tokens_not_vocabulary(tiny_model_dir):
     distiller(collate(examples))["loss"].backward()
     optimizer.step()
     shapes = {tuple(v.shape) for s in optimizer.state.values() for v in s.values() if v.dim()}
-    assert shapes == {tuple(distiller.rows.input.shape)} == {(2, 64)}
+    assert shapes == {tuple(distiller.rows.input.shape)}
+    assert distiller.rows.input.shape[1] == 64 and distiller.rows.input.shape[0] < 100  # new ids only
 
 
 def test_linear_schedule_warms_up_then_decays():

@@ -5,29 +5,28 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable
 
 from tokdist_ray.data.files import EMPTY, NOT_A_STRING, BadRow
 from tokdist_ray.data.snippets import MiningStats, bos_prefix, snippet_row, window_around
-from tokdist_ray.vocab.alignment import PhraseMerger
 
 if TYPE_CHECKING:
-    from tokdist_ray.vocab.tokens import NewToken
+    from tokdist_ray.vocab.merges import MergeExpansion
 
 log = logging.getLogger("tokdist_ray")
 
 
 def mine_snippets(
     documents: Iterable[Any],
-    tokenizer,
-    tokens: Sequence[NewToken],
+    expansion: MergeExpansion,
     snippet_len: int = 50,
     snippets_per_token: int = 100,
     batch_size: int = 256,
 ) -> tuple[list[dict], MiningStats]:
     """Collect up to `snippets_per_token` distinct snippets per token, in corpus order,
-    stopping as soon as every token has its quota."""
-    merger = PhraseMerger.for_tokens(tokens)
+    stopping as soon as every token has its quota. Snippets hold the expanded
+    tokenizer's ids."""
+    tokenizer, tokens, new_start = expansion.tokenizer, expansion.tokens, expansion.new_start
     prefix = bos_prefix(tokenizer)
     stats = MiningStats(counts={t.text: 0 for t in tokens})
     seen: set[tuple[int, ...]] = set()
@@ -38,11 +37,14 @@ def mine_snippets(
     def scan(texts: list[str]) -> None:
         nonlocal open_tokens
         for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            for pos, length, index in merger.occurrences(ids):
+            for pos, token_id in enumerate(ids):
+                if token_id < new_start:
+                    continue
+                index = token_id - new_start
                 token = tokens[index]
                 if stats.counts[token.text] >= snippets_per_token:
                     continue
-                window, offset = window_around(ids, pos, length, snippet_len)
+                window, offset = window_around(ids, pos, 1, snippet_len)
                 snippet = prefix + window
                 if tuple(snippet) in seen:
                     continue

@@ -1,10 +1,11 @@
-"""Find new phrases in documents: surface strings first, token ids to confirm.
+"""Find new tokens in documents: surface strings first, token ids to confirm.
 
 Tokenising the corpus is what mining costs, and most of a corpus holds none of the new
 words. So the raw text is searched for the tokens' surface strings with one Aho-Corasick
-automaton, and only a *region* around each candidate is tokenised. The match is then
-confirmed on token ids, with the same greedy longest-match rule the merge uses in
-training (PhraseMerger), so a snippet is exactly what whole-document tokenisation gives.
+automaton, and only a *region* around each candidate is tokenised, with the expanded
+tokenizer (new tokens merged as the exported tokenizer merges them). A candidate is an
+occurrence where the region's ids hold the token's new id: a surface match inside a
+longer word that BPE splits otherwise is not one.
 
 Why a region's ids are the document's ids: regions start and end at *cuts* (Cuts): a
 single space between two non-space characters, or a line break after a letter or digit.
@@ -12,18 +13,13 @@ Byte-level BPE pre-tokenisers (GPT-2, Llama 3, Qwen, SmolLM) never put such a ch
 into one pre-token with the character before it, and BPE merges stay inside pre-tokens,
 so the document's ids split at every cut. `Cuts.safe_for` keeps the rules that hold for
 the tokenizer at hand on a probe text, and `spells_texts` checks that an id occurrence
-is a surface occurrence; where either fails, PhraseScanner tokenises whole documents
+is a surface occurrence; where either fails, TokenScanner tokenises whole documents
 (still exact, only slower).
 
-A region yields an occurrence only where it cannot differ from the whole document:
-  - the greedy scan is in step with the scan from the document's start: it starts at a
-    position no phrase match can straddle (matches from before the region end before
-    position max_phrase_len - 1);
-  - the longest-match lookahead sees max_phrase_len ids, or the document's end;
-  - the window did not run into a region edge that lies inside the document (there the
-    document could have given more context, and window_around would have taken it).
-A candidate whose occurrence is not trusted gets a wider region on the next round. A
-region's margin starts at what a window needs, converted to characters with the
+A region yields an occurrence only where its window did not run into a region edge that
+lies inside the document (there the document could have given more context, and
+window_around would have taken it). Such a candidate gets a wider region on the next
+round. A region's margin starts at what a window needs, converted to characters with the
 running characters-per-id of this corpus, and doubles on each miss.
 """
 
@@ -35,7 +31,6 @@ from typing import Iterable, Sequence
 import ahocorasick
 
 from tokdist_ray.data.snippets import window_around
-from tokdist_ray.vocab.alignment import PhraseMerger
 
 # Prose, code, markup, digits, odd whitespace and non-Latin script: every cut in it must
 # split the probe's ids exactly where whole-text tokenisation does.
@@ -105,12 +100,12 @@ class Cuts:
         return best
 
 
-def spells_texts(tokenizer, texts: Sequence[str], phrases: Sequence[Sequence[int]]) -> bool:
-    """Whether every id occurrence of a phrase is a surface occurrence of its text: no
-    normalizer, and each phrase decodes to its token's text exactly."""
+def spells_texts(tokenizer, texts: Sequence[str], new_start: int) -> bool:
+    """Whether every occurrence of a new id is a surface occurrence of its text: no
+    normalizer, and each new id decodes to its token's text exactly."""
     if tokenizer.normalizer is not None:
         return False
-    return all(tokenizer.decode(list(p), skip_special_tokens=False) == t for t, p in zip(texts, phrases))
+    return all(tokenizer.decode([new_start + i], skip_special_tokens=False) == t for i, t in enumerate(texts))
 
 
 class SurfaceMatcher:
@@ -138,8 +133,8 @@ class Hit:
     doc: int
     char_start: int
     token_index: int
-    window: list[int]
-    phrase_start: int  # within window
+    window: list[int]  # expanded ids
+    token_position: int  # of the new id within window
 
 
 @dataclass
@@ -152,35 +147,22 @@ class _Region:
     margin: int = 0
 
 
-@dataclass
-class _Scan:
-    """What one region settles: positions [first, last] are exact; occurrences there by
-    start, and the starts whose windows ran into an inner region edge."""
+class TokenScanner:
+    """Occurrences of new tokens in documents, with their windows, as whole-document
+    tokenisation with the expanded tokenizer gives them.
 
-    first: int
-    last: int
-    occurrences: dict[int, tuple[int, list[int], int]] = field(default_factory=dict)
-    cramped: set[int] = field(default_factory=set)
-
-
-class PhraseScanner:
-    """Occurrences of new phrases in documents, with their windows, as whole-document
-    tokenisation and PhraseMerger's greedy longest match would find them.
-
-    `tokenizer` is a `tokenizers.Tokenizer`; token i has surface string `texts[i]` and
-    original ids `phrases[i]`. Built once per mining actor.
+    `tokenizer` is the expanded `tokenizers.Tokenizer`; token i has id new_start + i and
+    surface string `texts[i]`. Built once per mining actor.
     """
 
-    def __init__(self, tokenizer, texts: Sequence[str], phrases: Sequence[Sequence[int]], snippet_len: int):
+    def __init__(self, tokenizer, texts: Sequence[str], new_start: int, snippet_len: int):
         self._tokenizer = tokenizer
         self._texts = list(texts)
-        self._merger = PhraseMerger(phrases, range(len(phrases)))
-        self._phrase_starts = {int(p[0]) for p in phrases}
-        self._max_phrase = max(len(p) for p in phrases)
+        self._new_start = new_start
         self.snippet_len = snippet_len
         self._cuts = Cuts.safe_for(tokenizer)
         # Otherwise whole documents are tokenised: exact for any tokenizer, only slower.
-        self.regions = bool(self._cuts.chars) and spells_texts(tokenizer, texts, phrases)
+        self.regions = bool(self._cuts.chars) and spells_texts(tokenizer, texts, new_start)
         self._matcher: SurfaceMatcher | None = None
         self._matcher_open: frozenset[int] | None = None
         self.tokenised_chars = 0  # what the scanner paid for, for the report
@@ -207,9 +189,9 @@ class PhraseScanner:
         return self._matcher
 
     def _initial_margin(self) -> int:
-        """Characters likely to hold half a window plus a lookahead, with some slack."""
+        """Characters likely to hold half a window, with some slack."""
         chars_per_id = self.tokenised_chars / self._ids_seen if self._ids_seen else 4.0
-        return int(1.25 * chars_per_id * (self.snippet_len // 2 + self._max_phrase)) + 1
+        return int(1.25 * chars_per_id * (self.snippet_len // 2 + 1)) + 1
 
     def _candidate_regions(self, docs: Sequence[str], open_set: frozenset[int]) -> list[_Region]:
         matcher, margin = self._surface(open_set), self._initial_margin()
@@ -229,7 +211,7 @@ class PhraseScanner:
 
     # ------------------------------------------------------------------ confirmation
     def _resolve(self, docs, regions: list[_Region], open_set, hits: dict) -> list[_Region]:
-        """Tokenise the regions, keep their trusted occurrences; return regions to widen."""
+        """Tokenise the regions, keep their occurrences; return regions to widen."""
         pieces = [docs[r.doc][r.lo : r.hi] for r in regions]
         encodings = self._tokenizer.encode_batch(pieces, add_special_tokens=False)
         retry = []
@@ -237,59 +219,40 @@ class PhraseScanner:
             ids = encoding.ids
             self.tokenised_chars += len(piece)
             self._ids_seen += len(ids)
-            scan = self._trusted_occurrences(ids, region.lo == 0, region.hi == len(docs[region.doc]), open_set)
-            if scan is None or not self._candidates_settled(encoding, region, scan):
+            occurrences, cramped = self._occurrences(ids, region.lo == 0, region.hi == len(docs[region.doc]), open_set)
+            if cramped and self._candidate_cramped(encoding, region, cramped):
                 retry.append(self._widen(docs[region.doc], region))
                 continue
-            for start, (index, window, offset) in scan.occurrences.items():
+            for start, (index, window, offset) in occurrences.items():
                 key = (region.doc, region.lo + encoding.token_to_chars(start)[0])
                 hits.setdefault(key, Hit(region.doc, key[1], index, window, offset))
         return retry
 
-    def _trusted_occurrences(self, ids, at_doc_start: bool, at_doc_end: bool, open_set) -> _Scan | None:
-        """Open tokens' occurrences where the greedy scan is in step and the lookahead
-        whole; None if no part of the region is."""
-        n = len(ids)
-        scan = _Scan(0 if at_doc_start else self._in_step_from(ids, self._max_phrase - 1),
-                     n - 1 if at_doc_end else n - self._max_phrase)
-        if scan.first > scan.last and not (at_doc_start and at_doc_end):
-            return None
-        for start, length, index in self._merger.occurrences(ids[scan.first :]):
-            start += scan.first
-            if start > scan.last:
-                break
-            if index not in open_set:
+    def _occurrences(self, ids, at_doc_start: bool, at_doc_end: bool, open_set) -> tuple[dict, set[int]]:
+        """({position: (token index, window, offset)} of open tokens, the positions whose
+        window ran into an inner region edge)."""
+        n, found, cramped = len(ids), {}, set()
+        for start, token_id in enumerate(ids):
+            index = token_id - self._new_start
+            if index < 0 or index not in open_set:
                 continue
-            window, offset = window_around(ids, start, length, self.snippet_len)
-            before, after = offset, len(window) - offset - length
-            if (not at_doc_start and before == start) or (not at_doc_end and after == n - start - length):
-                scan.cramped.add(start)
+            window, offset = window_around(ids, start, 1, self.snippet_len)
+            before, after = offset, len(window) - offset - 1
+            if (not at_doc_start and before == start) or (not at_doc_end and after == n - start - 1):
+                cramped.add(start)
             else:
-                scan.occurrences[start] = (index, window, offset)
-        return scan
-
-    def _in_step_from(self, ids: list[int], earliest: int) -> int:
-        """First position >= earliest that no phrase match starting before it covers: the
-        greedy scan from the document start visits it, so from here both scans agree."""
-        reach = 0
-        for p, token_id in enumerate(ids):
-            if p >= earliest and reach <= p:
-                return p
-            if token_id in self._phrase_starts:
-                match = self._merger.longest_match(ids, p)
-                if match is not None:
-                    reach = max(reach, p + match[1])
-        return len(ids)
+                found[start] = (index, window, offset)
+        return found, cramped
 
     @staticmethod
-    def _candidates_settled(encoding, region: _Region, scan: _Scan) -> bool:
-        """Whether every candidate's first id lies where the scan is exact, and does not
-        start an occurrence whose window ran into an inner region edge."""
+    def _candidate_cramped(encoding, region: _Region, cramped: set[int]) -> bool:
+        """Whether a candidate's first id starts an occurrence whose window ran into an
+        inner region edge (occurrences the region was not cut for wait for their own)."""
         for start in region.starts:
             t = next(t for c in range(start - region.lo, region.hi - region.lo) if (t := encoding.char_to_token(c)) is not None)
-            if not scan.first <= t <= scan.last or t in scan.cramped:
-                return False
-        return True
+            if t in cramped:
+                return True
+        return False
 
     def _widen(self, text: str, region: _Region) -> _Region:
         margin = region.margin * 2

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from tokdist_ray.data.corpus_parts import BAD, TEXT
 from tokdist_ray.data.files import EMPTY
-from tokdist_ray.data.matching import PhraseScanner
+from tokdist_ray.data.matching import TokenScanner
 from tokdist_ray.data.ray_corpus import PART
 from tokdist_ray.fingerprint import fingerprint
 
@@ -27,7 +27,7 @@ MINED_SCHEMA = pa.schema(
     [
         ("token_index", pa.int32()),  # TALLY for the tally row
         ("input_ids", pa.list_(pa.int32())),
-        ("phrase_start", pa.int32()),
+        ("token_position", pa.int32()),
         ("documents", pa.int64()),  # tally row only, as the rest
         ("bad_rows", pa.int64()),
         ("bad_reasons", pa.string()),  # JSON {reason: rows}
@@ -128,11 +128,11 @@ class _Passed:
 class SnippetMiner:
     """Ray Data UDF: a batch of documents -> candidate snippets plus one tally row."""
 
-    def __init__(self, tokenizer: TokenizerSpec, texts, phrases, snippet_len: int, quota: int, board: str | None = None):
+    def __init__(self, tokenizer: TokenizerSpec, texts, new_start: int, snippet_len: int, quota: int, board: str | None = None):
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one CPU per miner
         import ray
 
-        self._scanner = PhraseScanner(tokenizer.load(), texts, phrases, snippet_len)
+        self._scanner = TokenScanner(tokenizer.load(), texts, new_start, snippet_len)
         self._bos = list(tokenizer.bos)
         self._quota = quota
         self._board = BoardReader(board)
@@ -150,7 +150,7 @@ class SnippetMiner:
         hits = self._scanner.scan(docs, self._open(min(parts, default=0)))
         rows = self._first_distinct(hits, [part for _, part in good])
         tally = {
-            "token_index": TALLY, "input_ids": [], "phrase_start": -1, "documents": len(docs),
+            "token_index": TALLY, "input_ids": [], "token_position": -1, "documents": len(docs),
             "bad_rows": batch.num_rows - len(docs), "bad_reasons": json.dumps(_bad_reasons(batch[BAD], empty)),
             "bytes": sum(len(d.encode("utf-8")) for d in docs),
             "tokenised_chars": self._scanner.tokenised_chars - chars_before,
@@ -173,7 +173,7 @@ class SnippetMiner:
             if len(windows) < self._quota and snippet not in windows:
                 windows.add(snippet)
                 rows.append({"token_index": hit.token_index, "input_ids": list(snippet),
-                             "phrase_start": len(self._bos) + hit.phrase_start})
+                             "token_position": len(self._bos) + hit.token_position})
                 self._note_passed(hit.token_index, snippet, doc_parts[hit.doc])
         return rows
 

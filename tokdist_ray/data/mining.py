@@ -1,12 +1,13 @@
 """Corpus -> snippets on Ray Data: `mine_corpus`.
 
-    result = mine_corpus(FileDataSource("s3://bucket/corpus/*.parquet"), "bundled:smollm2",
-                         tokens, snippet_len=50, snippets_per_token=100, out_dir="s3://bucket/mining")
+    expansion = expand_with_merges(load_tokenizer("bundled:smollm2"), [" Krankenwagen", ...])
+    result = mine_corpus(FileDataSource("s3://bucket/corpus/*.parquet"), expansion,
+                         snippet_len=50, snippets_per_token=100, out_dir="s3://bucket/mining")
     result.snippets_path     # parquet in SNIPPET_SCHEMA, read by training as is
     result.shortfall         # {token: snippets missing}, for a generation top-up
 
-Pipeline: read the corpus (corpus_dataset) -> SnippetMiner actors, one tokenizer and
-one PhraseScanner each, built once (`ActorPoolStrategy`, one CPU each, as many as the
+Pipeline: read the corpus (corpus_dataset) -> SnippetMiner actors, the expanded tokenizer
+and one TokenScanner each, built once (`ActorPoolStrategy`, one CPU each, as many as the
 cluster has CPUs; local files are read inside them) -> the driver takes each token's
 first `snippets_per_token` distinct windows in stream order and stops reading once
 every token has them.
@@ -51,6 +52,7 @@ from tokdist_ray.raycluster import cluster_cpus, connect
 from tokdist_ray.storage import location
 
 if TYPE_CHECKING:  # mining actors import this module: keep transformers out of them
+    from tokdist_ray.vocab.merges import MergeExpansion
     from tokdist_ray.vocab.tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")
@@ -73,13 +75,13 @@ class QuotaLedger:
         self.seen = [set() for _ in self.tokens]
         self.open = len(self.tokens) if self.quota > 0 else 0
 
-    def offer(self, index: int, ids: list[int], phrase_start: int) -> bool:
+    def offer(self, index: int, ids: list[int], token_position: int) -> bool:
         """Take the snippet if its token has room and it is new; True if that fills the token."""
         key = tuple(ids)
         if len(self.rows[index]) >= self.quota or key in self.seen[index]:
             return False
         self.seen[index].add(key)
-        self.rows[index].append(snippet_row(self.tokens[index], index, ids, phrase_start, "corpus"))
+        self.rows[index].append(snippet_row(self.tokens[index], index, ids, token_position, "corpus"))
         if len(self.rows[index]) == self.quota:
             self.open -= 1
             return True
@@ -186,7 +188,7 @@ def _consume(stream, ledger: QuotaLedger, board: _BoardWriter, work: MinerWork) 
                 stats.add_bad(reason, count)
             stats.bytes += row["bytes"]
             work.add(row)
-        mined = block.filter(pc.invert(tally)).select(["token_index", "input_ids", "phrase_start"]).to_pydict()
+        mined = block.filter(pc.invert(tally)).select(["token_index", "input_ids", "token_position"]).to_pydict()
         newly_full = [index for index, ids, start in zip(*mined.values()) if ledger.offer(index, ids, start)]
         if newly_full:
             board.mark_full(newly_full)
@@ -231,10 +233,10 @@ def mining_dataset(source, seed, files, miner_args: dict, workers: int):
     return dataset if reads_fused(dataset) else through_miners(False)
 
 
-def _mine_on_ray(source, spec, tokens, snippet_len, quota, seed, files, ledger, work: MinerWork) -> MiningStats:
+def _mine_on_ray(source, spec, expansion, snippet_len, quota, seed, files, ledger, work: MinerWork) -> MiningStats:
     board = _BoardWriter(f"tokdist-quota-board-{uuid.uuid4().hex}")
     miner_args = {
-        "tokenizer": spec, "texts": [t.text for t in tokens], "phrases": [list(t.phrase_ids) for t in tokens],
+        "tokenizer": spec, "texts": [t.text for t in expansion.tokens], "new_start": expansion.new_start,
         "snippet_len": snippet_len, "quota": quota, "board": board.name,
     }
     dataset = mining_dataset(source, seed, files, miner_args, work.workers)
@@ -263,8 +265,7 @@ def _cached(out: str, quota: int) -> MiningResult | None:
 
 def mine_corpus(
     source: FileDataSource | HFDataSource,
-    tokenizer,
-    tokens: Sequence[NewToken],
+    expansion: MergeExpansion,
     snippet_len: int = 50,
     snippets_per_token: int = 100,
     out_dir: str = "mining",
@@ -274,12 +275,13 @@ def mine_corpus(
 ) -> MiningResult:
     """Mine up to `snippets_per_token` distinct snippets per token from `source` on the
     running Ray cluster (a local one is started if none is), written to
-    `out_dir/mining-<key>/snippets/` in SNIPPET_SCHEMA. `tokenizer` is a fast HF
-    tokenizer or a model path/id. `num_workers` defaults to the cluster's CPUs. `top_up`:
+    `out_dir/mining-<key>/snippets/` in SNIPPET_SCHEMA, in the ids of the expanded
+    tokenizer (`expansion.tokenizer`, a fast HF tokenizer). `num_workers` defaults to the cluster's CPUs. `top_up`:
     generated snippets will fill tokens left short (only changes what the log says)."""
+    tokens = expansion.tokens
     if not tokens:
         raise ValueError("no tokens to mine snippets for")
-    spec = TokenizerSpec.of(tokenizer)
+    spec = TokenizerSpec.of(expansion.tokenizer)
     files = resolve_files(source.paths) if isinstance(source, FileDataSource) else None
     settings = {"snippet_len": snippet_len, "snippets_per_token": snippets_per_token, "seed": seed}
     out = f"{out_dir.rstrip('/')}/mining-{cache_key(corpus_spec(source, files), spec, tokens, settings)}"
@@ -292,7 +294,7 @@ def mine_corpus(
     connect()
     work = MinerWork(workers=num_workers or cluster_cpus())
     ledger = QuotaLedger(tokens, snippets_per_token)
-    stats = _mine_on_ray(source, spec, tokens, snippet_len, snippets_per_token, seed, files, ledger, work)
+    stats = _mine_on_ray(source, spec, expansion, snippet_len, snippets_per_token, seed, files, ledger, work)
     stats.counts = ledger.counts()
     result = MiningResult(f"{out}/snippets", stats, snippets_per_token, work)
     report = {**result.report(), "bytes": stats.bytes, "tokenised_chars": work.tokenised_chars, "settings": settings}

@@ -25,7 +25,7 @@ from tokdist_ray.storage import location
 if TYPE_CHECKING:
     from tokdist_ray.vocab.tokens import NewToken
 
-CACHE_VERSION = 1  # bump when the output for the same inputs changes
+CACHE_VERSION = 2  # 2: snippets in the expanded tokenizer's ids; bump when the output for the same inputs changes
 
 
 def _function_fingerprint(fn) -> str | None:

@@ -1,9 +1,10 @@
 """Snippets: the schema every source writes, windows around an occurrence, and the
 statistics of collecting them.
 
-A snippet is `[BOS] + window`, a window being up to `snippet_len` original ids around
-one occurrence of a new token's phrase. Near either end of a document the window
-borrows context from the other side instead of being dropped.
+A snippet is `[BOS] + window`, a window being up to `snippet_len` ids around one
+occurrence of a new token, in the ids of the expanded tokenizer: what the exported
+tokenizer gives the text, every new token in it merged. Near either end of a document
+the window borrows context from the other side instead of being dropped.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ SNIPPET_SCHEMA = pa.schema(
     [
         ("token", pa.string()),
         ("token_index", pa.int32()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("phrase_start", pa.int32()),  # index of the phrase's first id within input_ids
+        ("input_ids", pa.list_(pa.int32())),  # expanded ids (alignment.PieceAligner gives the teacher's)
+        ("token_position", pa.int32()),  # index of the new token's id within input_ids
         ("source", pa.string()),  # "corpus" | "generated"
     ]
 )
@@ -36,9 +37,9 @@ def bos_prefix(tokenizer) -> list[int]:
 
 
 def window_around(ids: Sequence[int], start: int, length: int, snippet_len: int) -> tuple[list[int], int]:
-    """Up to `snippet_len` ids holding ids[start:start+length], the phrase centred where
+    """Up to `snippet_len` ids holding ids[start:start+length], the occurrence centred where
     the document allows; context missing on one side is taken from the other.
-    Returns (window, phrase start within the window)."""
+    Returns (window, start of the occurrence within the window)."""
     free = max(0, snippet_len - length)
     after_avail = len(ids) - start - length
     before = min(start, free // 2)
@@ -99,8 +100,8 @@ class MiningStats:
         }
 
 
-def snippet_row(token: NewToken, index: int, ids: list[int], phrase_start: int, source: str) -> dict:
-    return {"token": token.text, "token_index": index, "input_ids": ids, "phrase_start": phrase_start, "source": source}
+def snippet_row(token: NewToken, index: int, ids: list[int], token_position: int, source: str) -> dict:
+    return {"token": token.text, "token_index": index, "input_ids": ids, "token_position": token_position, "source": source}
 
 
 def snippets_to_table(rows: list[dict]) -> pa.Table:

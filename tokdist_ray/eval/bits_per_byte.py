@@ -19,7 +19,7 @@ import math
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -162,6 +162,40 @@ def summarise(scores: Sequence[ChunkScore], new_start: int | None = None) -> dic
 
 def bits_per_byte(model, tokenizer, chunks: Sequence[str], new_start: int | None = None, batch_size: int = 8) -> dict:
     return summarise(token_log_probs(model, tokenizer, chunks, batch_size), new_start)
+
+
+def score_methods(
+    model, original_tokenizer, expanded_tokenizer, new_start: int,
+    methods: dict[str, tuple[torch.Tensor, torch.Tensor | None]], chunks: Sequence[str], batch_size: int = 8,
+    other_models: dict[str, Callable[[], tuple]] | None = None, log: Callable[[str, dict], None] | None = None,
+) -> dict:
+    """The original model on its own tokenisation, then the model expanded with each
+    method's (input rows, output rows or None) on the expanded tokenisation, then each of
+    `other_models` (name -> a loader of (model, tokenizer): a model another tool expanded
+    from the same original, new ids from new_start) on its own tokenisation, all on the
+    same chunks. Returns {"methods": {name: summary}, "costliest_new_tokens": {name: rows}}."""
+    import copy
+
+    from tokdist_ray.vocab.export import expand_model
+
+    original = token_log_probs(model, original_tokenizer, chunks, batch_size)
+    summaries, costliest = {"original": summarise(original)}, {}
+
+    def record(name: str, scores: list[ChunkScore]) -> None:
+        summaries[name] = summarise(scores, new_start)
+        costliest[name] = compare_to_original(original, scores, new_start)
+        if log is not None:
+            log(name, summaries[name])
+
+    expanded = copy.deepcopy(model)
+    for name, (input_rows, output_rows) in methods.items():
+        expand_model(expanded, new_start, input_rows, output_rows)
+        record(name, token_log_probs(expanded, expanded_tokenizer, chunks, batch_size))
+    del expanded
+    for name, load in (other_models or {}).items():
+        other, tokenizer = load()
+        record(name, token_log_probs(other, tokenizer, chunks, batch_size))
+    return {"methods": summaries, "costliest_new_tokens": costliest}
 
 
 def compare_to_original(

@@ -11,7 +11,7 @@ the first new token are identical by construction and would only dilute the aver
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -31,6 +31,20 @@ def baseline_rows(model, tokens: Sequence[NewToken], new_start: int) -> dict[str
         "fvt": pre_init_rows(table, phrases, "fvt"),
         "adapti-vocab": pre_init_rows(table, phrases, "adapti-vocab"),
         # the row resize_token_embeddings centres new rows on: the mean of all rows
+        "mean_embedding": table.float().mean(0).expand(len(phrases), -1).clone(),
+    }
+
+
+def baseline_output_rows(model, tokens: Sequence[NewToken], new_start: int) -> dict[str, torch.Tensor] | None:
+    """An untied model's output rows for the same heuristics (None for tied models)."""
+    head = model.get_output_embeddings()
+    if head is None or head.weight is model.get_input_embeddings().weight:
+        return None
+    table = head.weight[:new_start]
+    phrases = [t.phrase_ids for t in tokens]
+    return {
+        "fvt": pre_init_rows(table, phrases, "fvt", "output"),
+        "adapti-vocab": pre_init_rows(table, phrases, "adapti-vocab", "output"),
         "mean_embedding": table.float().mean(0).expand(len(phrases), -1).clone(),
     }
 
@@ -100,6 +114,21 @@ def drift(
         }
         for name, acc in sums.items()
     }
+
+
+COMPRESSION_SAMPLE_BYTES = 5_000_000  # tokens-per-byte needs no more text than this
+
+
+def leading_texts(texts: Iterable, max_bytes: int = COMPRESSION_SAMPLE_BYTES) -> list[str]:
+    """The first texts (strings only) holding about `max_bytes` of UTF-8."""
+    sample, size = [], 0
+    for text in texts:
+        if size >= max_bytes:
+            break
+        if isinstance(text, str):
+            sample.append(text)
+            size += len(text.encode("utf-8"))
+    return sample
 
 
 def compression(original_tokenizer, expanded_tokenizer, texts: Sequence[str]) -> dict[str, float]:

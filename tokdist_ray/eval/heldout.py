@@ -1,11 +1,12 @@
-"""The evaluate stage: held-out drift of an expanded model next to the baselines, written
-as eval.json, eval.md and PNG plots (plots.py)."""
+"""The evaluate stage, on held-out text: bits per byte and compression, each model on its
+own tokenizer (bits_per_byte.py), and drift at aligned positions (drift.py), for Token
+Distillation's rows next to the baselines'; written as eval.json, eval.md and PNG plots."""
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -14,52 +15,73 @@ from tokdist_ray.config import FileDataSource
 from tokdist_ray.data.corpus import documents
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.errors import TooFewSnippetsError
-from tokdist_ray.eval.drift import baseline_rows, compression, drift, markdown_table, relative_to
+from tokdist_ray.eval.bits_per_byte import heldout_chunks, score_methods
+from tokdist_ray.eval.bits_per_byte import markdown_table as bits_table
+from tokdist_ray.eval.drift import (
+    baseline_output_rows,
+    baseline_rows,
+    compression,
+    drift,
+    leading_texts,
+    markdown_table,
+    relative_to,
+)
 from tokdist_ray.eval.plots import write_plots
 from tokdist_ray.report import write_report
-from tokdist_ray.training.batching import merge_snippets
-from tokdist_ray.vocab.alignment import PhraseMerger
-from tokdist_ray.vocab.export import expand_tokenizer
+from tokdist_ray.training.batching import align_snippets
+from tokdist_ray.vocab.alignment import PieceAligner
+from tokdist_ray.vocab.merges import MergeExpansion
 from tokdist_ray.vocab.models import load_model, load_tokenizer
-from tokdist_ray.vocab.tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")
-COMPRESSION_SAMPLE_BYTES = 5_000_000  # tokens-per-byte needs no more text than this
 
 
-def evaluate_export(config, tokens: Sequence[NewToken], distilled: dict, out_dir: Path) -> dict:
+def _other_model(directory: str, trust_remote_code: bool):
+    return (load_model(directory, dtype=torch.float32, trust_remote_code=trust_remote_code),
+            load_tokenizer(directory, trust_remote_code=trust_remote_code))
+
+
+def evaluate_export(config, expansion: MergeExpansion, distilled: dict, out_dir: Path) -> dict:
+    """Held-out snippets mined with the expanded tokenizer, read by the original model
+    (teacher ids) and by the expanded one with each method's rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    skipped = {entry["token"] for entry in distilled["tokens_skipped"]}
-    tokens = [t for t in tokens if t.text not in skipped]
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     model = load_model(config.model, dtype=torch.float32, trust_remote_code=config.trust_remote_code)
-    new_start = len(tokenizer)
-    rows = load_file(distilled["rows_path"])["input"]
+    tokens, new_start = expansion.tokens, expansion.new_start
+    rows = load_file(distilled["rows_path"])  # "input" and, for untied models, "output" rows
     texts = [t for t in documents(FileDataSource(paths=list(config.eval.heldout_paths))) if isinstance(t, str)]
-    snippets, _ = mine_snippets(texts, tokenizer, tokens, config.snippets.snippet_len, config.eval.snippets_per_token)
+    snippets, _ = mine_snippets(texts, expansion, config.snippets.snippet_len, config.eval.snippets_per_token)
     if not snippets:
         raise TooFewSnippetsError("none of the new tokens occurs in eval.heldout_paths; point it at held-out text that uses them")
-    merger = PhraseMerger.for_tokens(tokens, new_start)
-    examples = merge_snippets(merger, [s["input_ids"] for s in snippets])
-    methods = {"token_distillation": rows, **baseline_rows(model, tokens, new_start)}
+    examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), [s["input_ids"] for s in snippets])
+    methods = {"token_distillation": rows["input"], **baseline_rows(model, tokens, new_start)}
     results = drift(model, new_start, methods, examples, [s["token"] for s in snippets],
                     config.training.target_layer, config.eval.batch_size)
-    sample, size = [], 0
-    for text in texts:
-        if size >= COMPRESSION_SAMPLE_BYTES:
-            break
-        sample.append(text)
-        size += len(text.encode("utf-8"))
+    original = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     report = {
         "heldout_snippets": len(examples),
         "methods": results,
         "relative_to_fvt": relative_to(results),
-        "compression": compression(tokenizer, expand_tokenizer(tokenizer, tokens), sample),
+        "compression": compression(original, expansion.tokenizer, leading_texts(texts)),
     }
+    sections = []
+    if config.eval.bits_per_byte_bytes:
+        outputs = baseline_output_rows(model, tokens, new_start) or {}
+        with_outputs = {name: (inputs, rows.get("output") if name == "token_distillation" else outputs.get(name))
+                        for name, inputs in methods.items()}
+        chunks = heldout_chunks(texts, config.eval.chunk_bytes, config.eval.bits_per_byte_bytes)
+        log.info("bits per byte: %d held-out chunks, %d bytes, %d methods", len(chunks),
+                 sum(len(c.encode("utf-8")) for c in chunks), len(with_outputs) + 1)
+        others = {Path(d).name: partial(_other_model, d, config.trust_remote_code) for d in config.eval.compare_models}
+        report["bits_per_byte"] = score_methods(
+            model, original, expansion.tokenizer, new_start, with_outputs, chunks, config.eval.batch_size, others,
+            log=lambda name, summary: log.info("  %s: %.4f bits/byte", name, summary["bits_per_byte"]))
+        sections.append("## Bits per byte on held-out text, each model on its own tokenizer\n\n"
+                        + bits_table(report["bits_per_byte"]["methods"]))
+    sections.append("## Drift from the original at aligned positions (lower is better)\n\n" + markdown_table(results))
     write_report(out_dir / "eval.json", report)
-    table = markdown_table(results)
-    (out_dir / "eval.md").write_text(table + "\n", encoding="utf-8")
-    log.info("held-out drift (lower is better):\n%s", table)
+    text = "\n\n".join(sections)
+    (out_dir / "eval.md").write_text(text + "\n", encoding="utf-8")
+    log.info("held-out evaluation:\n%s", text)
     plots = write_plots(results, Path(distilled["report_path"]), out_dir)
-    return {"eval_path": str(out_dir / "eval.json"), "table": table, "plots": plots,
+    return {"eval_path": str(out_dir / "eval.json"), "table": text, "plots": plots,
             "relative_to_fvt": report["relative_to_fvt"]["token_distillation"]}

@@ -33,6 +33,8 @@ from tokdist_ray.config import (
 from tokdist_ray.errors import ConfigError
 
 TOKEN_SOURCES = ("list", "file", "target_tokenizer", "from_corpus")
+SELECTIONS = ("bpe", "words")
+TOKENIZER_MODES = ("merges", "added_tokens")  # vocab.merges.MODES, without importing transformers
 
 
 @dataclass
@@ -42,8 +44,17 @@ class TokensConfig:
     list: typing.List[str] | None = None  # noqa: UP006 - `list` is a field name here
     file: str | None = None  # .txt (one per line, leading spaces kept) or .json list
     target_tokenizer: str | None = None  # every token of this tokenizer the model lacks
-    from_corpus: int | None = None  # the N words of the corpus the model fragments most
-    min_pieces: int = 3  # for from_corpus: only words split into at least this many ids
+    from_corpus: int | None = None  # N tokens chosen from the corpus (see selection)
+    selection: str = "bpe"  # from_corpus: "bpe" (the N next merges of continued BPE) or "words"
+    min_count: int = 2  # from_corpus: a chosen token occurs at least this often in the corpus
+    max_chars: int = 24  # from_corpus, selection bpe: longest token, in characters
+    min_pieces: int = 3  # from_corpus, selection words: only words split into at least this many ids
+    tokenizer_mode: str = "merges"  # "merges" (BPE merges, the default) or "added_tokens" (the reference's)
+
+    def __post_init__(self):
+        _one_of("tokens.selection", self.selection, SELECTIONS)
+        _one_of("tokens.tokenizer_mode", self.tokenizer_mode, TOKENIZER_MODES)
+        _at_least_one(self, "min_count", "max_chars", "min_pieces")
 
 
 @dataclass
@@ -91,11 +102,16 @@ class OutputConfig:
 @dataclass
 class EvalConfig:
     heldout_paths: typing.List[str] = field(default_factory=list)  # empty: no evaluation stage
-    snippets_per_token: int = 20
+    snippets_per_token: int = 20  # drift: held-out snippets per new token
     batch_size: int = 16
+    bits_per_byte_bytes: int = 100_000  # held-out text scored for bits per byte (0: skip); by bytes, never tokens
+    chunk_bytes: int = 2000  # bits per byte: the longest chunk (split at line breaks), each after a start token
+    # bits per byte: also score these model directories (any HF causal LM whose tokenizer
+    # extends the same original, e.g. made by another tool), on the same held-out chunks
+    compare_models: typing.List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _at_least_one(self, "snippets_per_token", "batch_size")
+        _at_least_one(self, "snippets_per_token", "batch_size", "chunk_bytes")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The job: select tokens -> mine and/or generate snippets -> distill -> export -> evaluate.
+"""The job: select tokens and expand the tokenizer -> mine and/or generate snippets ->
+distill -> export -> evaluate.
 
 Every stage writes under `run_dir` and records a fingerprint of its inputs in
 `run_dir/stages/<stage>.json` when it finishes. A rerun with the same inputs skips the
@@ -24,17 +25,13 @@ from tokdist_ray.errors import TokdistError
 from tokdist_ray.fingerprint import fingerprint
 from tokdist_ray.job.config import JobConfig, config_dict
 from tokdist_ray.job.lock import RunDirLock
-from tokdist_ray.raycluster import connect, dataset_tables
+from tokdist_ray.raycluster import connect
 from tokdist_ray.report import write_report
+from tokdist_ray.vocab.expansion_files import expansion_summary, load_expansion, save_expansion
+from tokdist_ray.vocab.merges import MergeExpansion, expand_with_merges
 from tokdist_ray.vocab.models import load_tokenizer
 from tokdist_ray.vocab.selection import frequent_fragmented_words
-from tokdist_ray.vocab.tokens import (
-    NewToken,
-    TokenSelection,
-    keep_tokens_with_snippets,
-    read_token_file,
-    select_new_tokens,
-)
+from tokdist_ray.vocab.tokens import not_distilled_note, read_token_file, tokens_to_distill
 
 log = logging.getLogger("tokdist_ray")
 STAGES = ("tokens", "snippets", "distill", "evaluate")
@@ -91,45 +88,72 @@ def corpus_source(config: JobConfig) -> FileDataSource | HFDataSource | None:
     return None
 
 
-def select_tokens(config: JobConfig, tokenizer) -> TokenSelection:
+def candidate_tokens(config: JobConfig, tokenizer) -> tuple[list[str] | object, dict[str, int]]:
+    """(the candidates, as strings or a target tokenizer; their corpus counts when chosen
+    from the corpus)."""
     spec = config.tokens
     if spec.list is not None:
-        candidates = spec.list
-    elif spec.file:
-        candidates = read_token_file(spec.file)
-    elif spec.target_tokenizer:
-        candidates = load_tokenizer(spec.target_tokenizer, trust_remote_code=config.trust_remote_code)
-    else:
-        from tokdist_ray.data.corpus import documents
+        return spec.list, {}
+    if spec.file:
+        return read_token_file(spec.file), {}
+    if spec.target_tokenizer:
+        return load_tokenizer(spec.target_tokenizer, trust_remote_code=config.trust_remote_code), {}
+    if spec.selection == "bpe":
+        from tokdist_ray.data.pre_token_counts import count_pre_tokens
+        from tokdist_ray.vocab.bpe_training import continue_bpe
 
-        texts = (t for t in documents(corpus_source(config)) if isinstance(t, str))
-        chosen = frequent_fragmented_words(tokenizer, texts, spec.from_corpus, min_pieces=spec.min_pieces)
-        candidates = [word for word, _ in chosen]
-    return select_new_tokens(tokenizer, candidates)
+        counts = count_pre_tokens(corpus_source(config), tokenizer, seed=config.snippets.seed,
+                                  num_workers=config.data.num_workers)
+        learned = continue_bpe(tokenizer, counts, spec.from_corpus, min_count=spec.min_count, max_chars=spec.max_chars)
+        return [t.text for t in learned], {t.text: t.count for t in learned}
+    from tokdist_ray.data.corpus import documents
+
+    texts = (t for t in documents(corpus_source(config)) if isinstance(t, str))
+    chosen = frequent_fragmented_words(tokenizer, texts, spec.from_corpus, min_pieces=spec.min_pieces,
+                                       min_count=spec.min_count)
+    return [word for word, _ in chosen], dict(chosen)
 
 
 def _tokens_stage(config: JobConfig, tokenizer, run_dir: Path) -> dict:
-    selection = select_tokens(config, tokenizer)
+    """Choose the tokens, expand the tokenizer, save it: every later stage uses it."""
+    candidates, counts = candidate_tokens(config, tokenizer)
+    expansion = expand_with_merges(tokenizer, candidates, config.tokens.tokenizer_mode,
+                                   unreachable="added_tokens" if config.tokens.target_tokenizer else "skip")
+    save_expansion(expansion, run_dir / "tokenizer")
     path = run_dir / "tokens.json"
+    summary = expansion_summary(expansion)
     write_report(path, {
-        "tokens": [{"token": t.text, "phrase_ids": list(t.phrase_ids)} for t in selection.tokens],
-        "skipped": selection.skipped,
+        **summary,
+        "tokens": [{"token": t.text, "id": expansion.new_start + i, "pieces": list(t.phrase_ids),
+                    **({"corpus_count": counts[t.text]} if t.text in counts else {})}
+                   for i, t in enumerate(expansion.tokens)],
+        "expected_compression": _expected_compression(config, tokenizer, expansion),
     })
-    log.info("%d new tokens (%d candidates skipped: %s)", len(selection.tokens), len(selection.skipped), selection.skip_counts())
-    return {"tokens_path": str(path), "count": len(selection.tokens), "skipped": selection.skipped}
+    log.info("%d new tokens (%s, %d intermediate, %d candidates skipped: %s)", expansion.n_requested,
+             expansion.mode, len(expansion.intermediates), len(expansion.skipped),
+             dict(Counter(s["reason"] for s in expansion.skipped)))
+    return {"tokenizer_path": str(run_dir / "tokenizer"), "tokens_path": str(path),
+            "count": len(expansion.tokens), "skipped": expansion.skipped, "mode": expansion.mode}
 
 
-def load_tokens(path: str | Path) -> list[NewToken]:
-    saved = json.loads(Path(path).read_text(encoding="utf-8"))
-    return [NewToken(t["token"], tuple(t["phrase_ids"])) for t in saved["tokens"]]
+def _expected_compression(config: JobConfig, tokenizer, expansion: MergeExpansion) -> dict | None:
+    """Tokens per byte before and after on the held-out text, when there is some."""
+    if not config.eval.heldout_paths:
+        return None
+    from tokdist_ray.data.corpus import documents
+    from tokdist_ray.eval.drift import compression, leading_texts
+
+    sample = leading_texts(documents(FileDataSource(paths=list(config.eval.heldout_paths))))
+    return compression(tokenizer, expansion.tokenizer, sample)
 
 
-def _snippets_stage(config: JobConfig, tokenizer, tokens: list[NewToken], run_dir: Path) -> dict:
+def _snippets_stage(config: JobConfig, expansion: MergeExpansion, run_dir: Path) -> dict:
     """Mine and/or generate, then write one snippet table that training reads."""
     import pyarrow as pa
 
-    from tokdist_ray.data.generation.ray_backend import generate_snippet_dataset
+    from tokdist_ray.data.generation.ray_backend import generate_snippet_table
 
+    tokens = expansion.tokens
     tables, report = [], {}
     source = corpus_source(config)
     quota = config.snippets.snippets_per_token
@@ -137,7 +161,7 @@ def _snippets_stage(config: JobConfig, tokenizer, tokens: list[NewToken], run_di
     if source is not None:
         from tokdist_ray.data.mining import mine_corpus
 
-        mined = mine_corpus(source, tokenizer, tokens, config.snippets.snippet_len, quota, str(run_dir / "mining"),
+        mined = mine_corpus(source, expansion, config.snippets.snippet_len, quota, str(run_dir / "mining"),
                             config.snippets.seed, config.data.num_workers, top_up=config.data.top_up_with_generation)
         report["mining"] = mined.report()
         tables.append(pq.read_table(mined.snippets_path))
@@ -145,11 +169,11 @@ def _snippets_stage(config: JobConfig, tokenizer, tokens: list[NewToken], run_di
     if shortfall:
         todo = [t for t in tokens if t.text in shortfall]
         index = {t.text: i for i, t in enumerate(tokens)}
-        dataset, stats = generate_snippet_dataset(
-            config.model, todo, config.snippets.snippet_len, {t.text: shortfall[t.text] for t in todo},
-            config.generation, token_indices=[index[t.text] for t in todo], tokenizer=tokenizer,
+        table, stats = generate_snippet_table(
+            config.model, expansion, todo, config.snippets.snippet_len, {t.text: shortfall[t.text] for t in todo},
+            config.generation, token_indices=[index[t.text] for t in todo],
         )
-        tables.append(pa.concat_tables(dataset_tables(dataset)))
+        tables.append(table)
         report["generation"] = stats.as_dict(quota) | {"top_up": source is not None}
     out = run_dir / "snippets"
     out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +204,7 @@ def distill_keys(settings: dict, upstream: str) -> tuple[str, str]:
     return _key(run, settings["training"]["time_budget_s"], settings["out_path"]), run
 
 
-def _distill_stage(config: JobConfig, tokens: list[NewToken], snippets_path: str, run_dir: Path, run_key: str) -> dict:
+def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets_path: str, run_dir: Path, run_key: str) -> dict:
     """Distill on Ray Train. Checkpoints live under `<run_name>-<run_key>`: a stopped run
     with the same settings resumes, and a run with new settings starts its own folder,
     leaving earlier runs as they were."""
@@ -189,11 +213,11 @@ def _distill_stage(config: JobConfig, tokens: list[NewToken], snippets_path: str
     from tokdist_ray.training.ray_trainer import distill_distributed
     from tokdist_ray.training.run_manifest import RunDirectory
 
-    keep, skipped = keep_tokens_with_snippets(tokens, snippet_counts(Path(snippets_path)),
-                                              config.snippets.min_snippets_per_token)
-    if skipped:
-        log.warning("skipping %d tokens with fewer than %d snippets: %s", len(skipped),
-                    config.snippets.min_snippets_per_token, {s["token"]: s["snippets"] for s in skipped[:10]})
+    distilled, not_distilled = tokens_to_distill(expansion.tokens, snippet_counts(Path(snippets_path)),
+                                                 config.snippets.min_snippets_per_token)
+    if not_distilled:
+        log.warning(not_distilled_note(not_distilled, config.snippets.min_snippets_per_token,
+                                       config.output.pre_init_strategy))
     dist = config.distributed
     storage = dist.storage_path or str((run_dir / "checkpoints").resolve())
     run_name = f"{dist.run_name}-{run_key[:8]}"
@@ -205,17 +229,17 @@ def _distill_stage(config: JobConfig, tokens: list[NewToken], snippets_path: str
     }[state])
     dist = dataclasses.replace(dist, storage_path=storage, run_name=run_name, resume=state != "new")
     result = distill_distributed(
-        config.model, snippets_path, keep, config.model_dir, config.training, dist,
-        config.output.emb_policy, config.output.pre_init_strategy,
+        config.model, snippets_path, expansion, config.model_dir, config.training, dist,
+        config.output.emb_policy, config.output.pre_init_strategy, distilled=[t.text for t in distilled],
     )
     return {"model_dir": str(result.out_dir), "rows_path": str(result.rows_path),
-            "report_path": str(result.report_path), "tokens_skipped": skipped}
+            "report_path": str(result.report_path), "tokens_not_distilled": not_distilled}
 
 
-def _evaluate_stage(config: JobConfig, tokens: list[NewToken], distilled: dict, run_dir: Path) -> dict:
+def _evaluate_stage(config: JobConfig, expansion: MergeExpansion, distilled: dict, run_dir: Path) -> dict:
     from tokdist_ray.eval.heldout import evaluate_export
 
-    return evaluate_export(config, tokens, distilled, run_dir / "eval")
+    return evaluate_export(config, expansion, distilled, run_dir / "eval")
 
 
 # ------------------------------------------------------------------ the job
@@ -235,22 +259,22 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
 
     key = _key(settings["model"], settings["tokens"], settings["data"] if config.tokens.from_corpus else None)
     picked = ledger.run("tokens", key, lambda: _tokens_stage(config, tokenizer, run_dir))
-    tokens = load_tokens(picked["tokens_path"])
+    expansion = load_expansion(picked["tokenizer_path"])
     outputs = {"tokens": picked}
     connect()  # after the tokens stage, which needs no Ray: a bad token list fails at once
 
     if "snippets" in stages or "distill" in stages:
         key = _key(key, settings["data"], settings["snippets"], settings["generation"])
-        outputs["snippets"] = ledger.run("snippets", key, lambda: _snippets_stage(config, tokenizer, tokens, run_dir))
+        outputs["snippets"] = ledger.run("snippets", key, lambda: _snippets_stage(config, expansion, run_dir))
     if "distill" in stages:
         key, run_key = distill_keys(settings, key)
         snippets_path = outputs["snippets"]["snippets_path"]
-        outputs["distill"] = ledger.run("distill", key, lambda: _distill_stage(config, tokens, snippets_path, run_dir, run_key))
+        outputs["distill"] = ledger.run("distill", key, lambda: _distill_stage(config, expansion, snippets_path, run_dir, run_key))
     if "evaluate" in stages and config.eval.heldout_paths:
         distilled = outputs.get("distill") or _finished(ledger, "distill")
         rows = Path(distilled["rows_path"]).read_bytes()  # a re-distilled model is evaluated anew
         key = _key(key, settings["eval"], distilled, hashlib.sha256(rows).hexdigest())
-        outputs["evaluate"] = ledger.run("evaluate", key, lambda: _evaluate_stage(config, tokens, distilled, run_dir))
+        outputs["evaluate"] = ledger.run("evaluate", key, lambda: _evaluate_stage(config, expansion, distilled, run_dir))
 
     report = {
         "run_dir": str(run_dir),
@@ -264,7 +288,8 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
     if "distill" in outputs:  # the model's report.json gets the stage breakdown too
         model_report = Path(outputs["distill"]["report_path"])
         merged = json.loads(model_report.read_text(encoding="utf-8")) | {
-            "tokens_skipped": picked["skipped"] + outputs["distill"]["tokens_skipped"],
+            "tokens_skipped": picked["skipped"],
+            "tokens_not_distilled": outputs["distill"]["tokens_not_distilled"],
             "snippets": outputs["snippets"]["report"],
             "job": {k: report[k] for k in ("stage_seconds", "stages_reused")},
         }

@@ -11,20 +11,19 @@ from typing import Sequence
 
 import torch
 
-from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.vocab.alignment import PieceAligner
 
 
-def merge_snippets(merger: PhraseMerger, snippets: Sequence[Sequence[int]]) -> list[dict]:
-    """One training example per snippet: original ids, merged ids, alignment."""
+def align_snippets(aligner: PieceAligner, snippets: Sequence[Sequence[int]]) -> list[dict]:
+    """One training example per snippet (expanded ids): student ids, teacher ids, alignment."""
     examples = []
     for ids in snippets:
-        ids = [int(i) for i in ids]
-        merged = merger.merge(ids)
+        aligned = aligner.align(ids)
         examples.append(
             {
-                "teacher_ids": ids,
-                "student_ids": merged.student_ids,
-                "teacher_index": merged.teacher_positions,
+                "teacher_ids": aligned.teacher_ids,
+                "student_ids": aligned.student_ids,
+                "teacher_index": aligned.teacher_positions,
             }
         )
     return examples

@@ -1,7 +1,8 @@
 """Distributed distillation on Ray Train: the driver.
 
+    expansion = expand_with_merges(load_tokenizer("bundled:smollm2"), [" Krankenwagen", ...])
     result = distill_distributed(
-        "bundled:smollm2", "snippets/", tokens, "out/",
+        "bundled:smollm2", "snippets/", expansion, "out/",
         training=DistillationConfig(batch_size=8),            # per worker
         dist=DistributedConfig(num_workers=4, use_gpu=True, strategy="auto", checkpoint_every=200),
     )
@@ -41,8 +42,8 @@ from tokdist_ray.training.checkpoint import ROWS
 from tokdist_ray.training.run_manifest import RunDirectory, manifest
 from tokdist_ray.training.strategies import choose_strategy
 from tokdist_ray.training.worker import train_worker
+from tokdist_ray.vocab.merges import MergeExpansion
 from tokdist_ray.vocab.models import resolve_model_path
-from tokdist_ray.vocab.tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")
 
@@ -64,7 +65,8 @@ class WorkerPlan:
     model_name: str  # as the user gave it, for the report
     snippets_path: str
     snippets_filesystem: pyarrow.fs.FileSystem | None
-    tokens: tuple[NewToken, ...]
+    expansion: MergeExpansion  # every new id gets a row; shipped by value, rank 0 exports its tokenizer
+    distilled: tuple[str, ...]  # the tokens whose snippets are trained on (the others keep their initial rows)
     out_dir: str
     training: DistillationConfig  # batch_size per worker
     num_workers: int
@@ -79,6 +81,10 @@ class WorkerPlan:
     after_step: Callable[[int, int], None] | None = None
 
     @property
+    def tokens(self):
+        return self.expansion.tokens
+
+    @property
     def global_training(self) -> DistillationConfig:
         """The config the single-process loop would run with: the global batch."""
         return dataclasses.replace(self.training, batch_size=self.training.batch_size * self.num_workers)
@@ -87,20 +93,23 @@ class WorkerPlan:
 def distill_distributed(
     model_path: str,
     snippets_path: str,
-    tokens: Sequence[NewToken],
+    expansion: MergeExpansion,
     out_dir: str | Path,
     training: DistillationConfig = DistillationConfig(),
     dist: DistributedConfig = DistributedConfig(),
     output_emb_policy: OutputEmbeddingInit | str = OutputEmbeddingInit.TRAIN_WITH_CE,
     pre_init_strategy: str = "fvt",
     *,
+    distilled: Sequence[str] | None = None,
     snippets_filesystem: pyarrow.fs.FileSystem | None = None,
     after_step: Callable[[int, int], None] | None = None,
 ) -> DistributedResult:
-    """Learn the new tokens' rows on `dist.num_workers` Ray Train workers from the
-    snippet parquet at `snippets_path` (data.snippets.SNIPPET_SCHEMA; rows of tokens not
-    in `tokens` are ignored), then export the expanded model to `out_dir` (a path rank 0
-    can write: local, or a shared filesystem on a cluster).
+    """Learn the rows of the new ids of `expansion` (vocab.merges.expand_with_merges) on
+    `dist.num_workers` Ray Train workers from the snippet parquet at `snippets_path`
+    (data.snippets.SNIPPET_SCHEMA, in the expanded tokenizer's ids), then export the
+    expanded model and tokenizer to `out_dir` (a path rank 0 can write: local, or a
+    shared filesystem on a cluster). Only the snippets of the `distilled` tokens (default:
+    all) are trained on; the others keep their pre-initialised rows.
 
     `after_step(step, rank)`, if given, runs on every worker after each optimizer step
     (custom monitoring; fault injection in tests). Uses the running Ray instance, or
@@ -110,8 +119,8 @@ def distill_distributed(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    plan = _plan(model_path, snippets_path, tokens, out_dir, training, dist, output_emb_policy, pre_init_strategy,
-                 snippets_filesystem, after_step)
+    plan = _plan(model_path, snippets_path, expansion, distilled, out_dir, training, dist, output_emb_policy,
+                 pre_init_strategy, snippets_filesystem, after_step)
     connect()
     strategy, zero_stage = choose_strategy(dist, plan.model_path, training.mixed_precision)
     plan = dataclasses.replace(plan, strategy=strategy, zero_stage=zero_stage)
@@ -153,16 +162,19 @@ def _quiet_train_logs(train) -> dict:
     return {"logging_config": config(log_level="WARNING")} if config is not None else {}
 
 
-def _plan(model_path, snippets_path, tokens, out_dir, training, dist, output_emb_policy, pre_init_strategy,
-          snippets_fs, after_step) -> WorkerPlan:
+def _plan(model_path, snippets_path, expansion, distilled, out_dir, training, dist, output_emb_policy,
+          pre_init_strategy, snippets_fs, after_step) -> WorkerPlan:
     """Validate the arguments up front, before any worker starts."""
     if not isinstance(training, DistillationConfig):
         raise TypeError(f"training must be a DistillationConfig, not {type(training).__name__}")
     if not isinstance(dist, DistributedConfig):
         raise TypeError(f"dist must be a DistributedConfig, not {type(dist).__name__}")
-    tokens = tuple(tokens)
-    if not tokens or not all(isinstance(t, NewToken) for t in tokens):
-        raise ValueError("tokens must be a non-empty list of NewToken (see vocab.tokens.select_new_tokens)")
+    if not isinstance(expansion, MergeExpansion) or not expansion.tokens:
+        raise ValueError("expansion must be a MergeExpansion with new tokens (see vocab.merges.expand_with_merges)")
+    texts = [t.text for t in expansion.tokens]
+    distilled = tuple(texts if distilled is None else distilled)
+    if not set(distilled) <= set(texts):
+        raise ValueError(f"distilled tokens not in the expansion: {sorted(set(distilled) - set(texts))[:5]}")
     out = Path(out_dir).expanduser().resolve()
     storage = dist.storage_path or str(out.parent / f"{out.name}.checkpoints")
     if dist.storage_filesystem is None:
@@ -172,7 +184,7 @@ def _plan(model_path, snippets_path, tokens, out_dir, training, dist, output_emb
         snippets_path = absolute(snippets_path)
     return WorkerPlan(
         model_path=resolve_model_path(model_path), model_name=model_path, snippets_path=snippets_path,
-        snippets_filesystem=snippets_fs, tokens=tokens, out_dir=str(out), training=training,
+        snippets_filesystem=snippets_fs, expansion=expansion, distilled=distilled, out_dir=str(out), training=training,
         num_workers=dist.num_workers, use_gpu=dist.use_gpu, strategy=dist.strategy, zero_stage=dist.zero_stage,
         deepspeed_overrides=dist.deepspeed_config, checkpoint_every=dist.checkpoint_every, storage=storage,
         output_emb_policy=checked_policy(output_emb_policy), pre_init_strategy=checked_strategy(pre_init_strategy),

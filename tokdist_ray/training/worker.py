@@ -21,7 +21,7 @@ import torch.distributed as torch_dist
 from tokdist_ray.console import quiet_worker
 from tokdist_ray.errors import TooFewSnippetsError
 from tokdist_ray.report import expansion_report
-from tokdist_ray.training.batching import collate, merge_snippets
+from tokdist_ray.training.batching import align_snippets, collate
 from tokdist_ray.training.checkpoint import (
     OPTIMIZER_DIR,
     ROWS,
@@ -40,9 +40,10 @@ from tokdist_ray.training.schedule import SnippetSchedule, make_optimizer
 from tokdist_ray.training.snippet_files import read_snippets
 from tokdist_ray.training.step import TokenDistiller, bf16_supported
 from tokdist_ray.training.strategies import DataParallel, DeepSpeedZero, deepspeed_config, model_dtype
-from tokdist_ray.vocab.alignment import PhraseMerger
-from tokdist_ray.vocab.export import expand_model, expand_tokenizer, save_expanded
-from tokdist_ray.vocab.models import load_model, load_tokenizer
+from tokdist_ray.vocab.alignment import PieceAligner
+from tokdist_ray.vocab.expansion_files import expansion_summary
+from tokdist_ray.vocab.export import expand_model, save_expanded
+from tokdist_ray.vocab.models import load_model
 
 log = logging.getLogger("tokdist_ray")
 
@@ -58,13 +59,13 @@ def train_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     device = _device(plan.use_gpu)
 
-    snippets = read_snippets(plan.snippets_path, [t.text for t in plan.tokens], plan.snippets_filesystem)
+    snippets = read_snippets(plan.snippets_path, plan.distilled, plan.snippets_filesystem)
     if not snippets.ids:
-        raise TooFewSnippetsError(f"no snippets of the {len(plan.tokens)} new tokens under {plan.snippets_path}")
+        raise TooFewSnippetsError(f"no snippets of the {len(plan.distilled)} new tokens under {plan.snippets_path}")
     schedule = SnippetSchedule(len(snippets.ids), cfg.batch_size, cfg.seed)
     steps = schedule.total_steps(cfg)
-    new_start = len(load_tokenizer(plan.model_path))
-    merger = PhraseMerger.for_tokens(plan.tokens, new_start)
+    new_start = plan.expansion.new_start
+    aligner = PieceAligner.for_tokens(plan.tokens, new_start)
     parallel = _parallel_distiller(plan, new_start, steps, world, device)
 
     progress, rows = _restore(parallel, rank)  # rows: None until a checkpoint holds them
@@ -78,7 +79,7 @@ def train_worker(config: dict) -> None:
         global_batch = schedule.global_indices(progress.step)
         # a rank without snippets in a short last batch still joins the gradient average,
         # with a zero-weighted loss on a borrowed snippet
-        examples = merge_snippets(merger, [snippets.ids[i] for i in (indices or global_batch[:1])])
+        examples = align_snippets(aligner, [snippets.ids[i] for i in (indices or global_batch[:1])])
         metrics = _train_step(parallel, collate(examples), world, has_snippets=bool(indices), device=device)
         history = progress.history
         progress.step = history.steps = progress.step + 1
@@ -180,14 +181,14 @@ def _restore(parallel, rank: int) -> tuple[Progress, dict[str, torch.Tensor] | N
 
 def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, counts: dict[str, int]) -> None:
     """Expand a fresh copy of the model (its old rows straight from disk) and save it."""
-    tokenizer = load_tokenizer(plan.model_path)
-    new_start = len(tokenizer)
+    new_start = plan.expansion.new_start
     model = load_model(plan.model_path, dtype="auto")
     expand_model(model, new_start, rows["input"], rows.get("output"))
     report = expansion_report(
         plan.model_name, plan.tokens, new_start, counts, progress.history,
         settings={"output_emb_policy": plan.output_emb_policy.value, "pre_init_strategy": plan.pre_init_strategy,
                   "training": dict(vars(plan.training))},
+        tokenizer=expansion_summary(plan.expansion),
         distributed={
             "strategy": plan.strategy,
             "zero_stage": plan.zero_stage,
@@ -198,6 +199,6 @@ def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, counts: dic
             "checkpoints": plan.storage,
         },
     )
-    out = save_expanded(model, expand_tokenizer(tokenizer, plan.tokens), plan.out_dir, report)
+    out = save_expanded(model, plan.expansion.tokenizer, plan.out_dir, report)
     write_rows(out / ROWS, rows)
     log.info("saved the expanded model to %s", out)

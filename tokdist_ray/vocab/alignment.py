@@ -1,9 +1,15 @@
-"""Merge new phrases in a snippet and line merged positions up with original ones.
+"""Line a snippet's expanded ids up with the original ids the teacher reads.
 
-The student sees the snippet with every occurrence of every new phrase replaced by its
-new id; the teacher sees the original ids. Student position j is compared with teacher
-position `teacher_positions[j]`: the last subtoken of a merged phrase (the first place
-where the teacher has seen the whole phrase), or the same token when it was not merged.
+A snippet holds the ids the *expanded* tokenizer gives its text (the student's input,
+exactly what the model will see at inference). The teacher reads every new id replaced
+by its pieces, the original ids it stands for. For a tokenizer built on merges this is
+the original tokenizer's own encoding of the text: every new merge ranks after every
+original one, so the expanded tokenisation is the original one with new merges applied
+on top, and each new token covers whole original tokens, its pieces.
+
+Student position j is compared with teacher position `teacher_positions[j]`: the last
+piece of a new token (the first place where the teacher has seen all of it), or the same
+token when it is an original one.
 """
 
 from __future__ import annotations
@@ -11,70 +17,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-_END = -1  # trie key marking "a phrase ends here"; token ids are never negative
-
 
 @dataclass(frozen=True)
-class MergedSnippet:
+class AlignedSnippet:
     student_ids: list[int]
+    teacher_ids: list[int]
     teacher_positions: list[int]
 
 
-class PhraseMerger:
-    """Greedy left-to-right, longest-match-first merging over a trie of token ids.
+class PieceAligner:
+    """Expands new ids (new_start, new_start + 1, ...) into their pieces."""
 
-    Lookup cost per position is one dict probe unless a phrase starts there, so merging
-    stays linear in the snippet length whatever the number of phrases.
-    """
-
-    def __init__(self, phrases: Sequence[Sequence[int]], new_ids: Sequence[int]):
-        if len(phrases) != len(new_ids):
-            raise ValueError("phrases and new_ids must have the same length")
-        self._trie: dict = {}
-        for phrase, new_id in zip(phrases, new_ids):
-            if len(phrase) < 2:
-                raise ValueError(f"a new phrase needs at least two original ids, got {list(phrase)}")
-            node = self._trie
-            for token_id in phrase:
-                node = node.setdefault(int(token_id), {})
-            node[_END] = int(new_id)
+    def __init__(self, pieces: Sequence[Sequence[int]], new_start: int):
+        for i, piece_ids in enumerate(pieces):
+            if not piece_ids or any(p >= new_start for p in piece_ids):
+                raise ValueError(f"new id {new_start + i} needs pieces among the original ids, got {list(piece_ids)}")
+        self.new_start = new_start
+        self._pieces = [list(map(int, p)) for p in pieces]
 
     @classmethod
-    def for_tokens(cls, tokens, first_id: int = 0) -> "PhraseMerger":
-        """A merger of each NewToken's phrase into ids first_id, first_id + 1, ... in order."""
-        return cls([t.phrase_ids for t in tokens], range(first_id, first_id + len(tokens)))
+    def for_tokens(cls, tokens, new_start: int) -> "PieceAligner":
+        """For NewTokens with ids new_start, new_start + 1, ... in order."""
+        return cls([t.phrase_ids for t in tokens], new_start)
 
-    def longest_match(self, ids: Sequence[int], start: int) -> tuple[int, int] | None:
-        """(new_id, length) of the longest phrase starting at `start`, or None."""
-        node, best = self._trie, None
-        for offset in range(start, len(ids)):
-            node = node.get(ids[offset])
-            if node is None:
-                break
-            if _END in node:
-                best = (node[_END], offset - start + 1)
-        return best
-
-    def occurrences(self, ids: Sequence[int]) -> list[tuple[int, int, int]]:
-        """(start, length, new_id) of every phrase the merge would replace."""
-        found, i, n, trie = [], 0, len(ids), self._trie
-        while i < n:
-            match = self.longest_match(ids, i) if ids[i] in trie else None
-            if match is None:
-                i += 1
+    def align(self, student_ids: Sequence[int]) -> AlignedSnippet:
+        teacher, positions = [], []
+        for token_id in map(int, student_ids):
+            if token_id >= self.new_start:
+                teacher.extend(self._pieces[token_id - self.new_start])
             else:
-                found.append((i, match[1], match[0]))
-                i += match[1]
-        return found
-
-    def merge(self, ids: Sequence[int]) -> MergedSnippet:
-        student, positions, i = [], [], 0
-        for start, length, new_id in self.occurrences(ids):
-            student.extend(ids[i:start])
-            positions.extend(range(i, start))
-            student.append(new_id)
-            positions.append(start + length - 1)
-            i = start + length
-        student.extend(ids[i:])
-        positions.extend(range(i, len(ids)))
-        return MergedSnippet(list(student), positions)
+                teacher.append(token_id)
+            positions.append(len(teacher) - 1)
+        return AlignedSnippet(list(map(int, student_ids)), teacher, positions)

@@ -22,7 +22,9 @@ Tokens that can never be emitted are skipped with a reason, as in
 `tokens.select_new_tokens`: already in the vocabulary, spanning a pre-token boundary
 (` New York` under byte-level BPE), needing characters outside the BPE alphabet (byte
 fallback or unknown pieces), or not emitted alone mid-text by the spliced tokenizer,
-which is checked for every kept token.
+which is checked for every kept token. With `unreachable="added_tokens"` (for tokens
+taken from a target tokenizer) those but the ones already in the vocabulary enter as
+Hugging Face added tokens instead, after the merged ones.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import logging
 import re
 import tempfile
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 from typing import Callable, Iterable
@@ -47,6 +49,7 @@ log = logging.getLogger("tokdist_ray")
 MERGES = "merges"
 ADDED_TOKENS = "added_tokens"
 MODES = (MERGES, ADDED_TOKENS)
+SKIP = "skip"
 
 # Skip reasons, as written into report.json (besides those of tokens.select_new_tokens).
 SPANS_PRE_TOKENS = "spans_pre_token_boundary"
@@ -70,6 +73,7 @@ class MergeExpansion:
     n_requested: int  # tokens[:n_requested] were asked for, the rest are intermediates
     merges: list[Pair]  # appended merges in rank order, as vocabulary strings
     skipped: list[dict]  # {"token": ..., "reason": ...} for every token left out
+    added_tokens: list[str] = field(default_factory=list)  # unreachable by merges, entered as added tokens (last ids)
 
     @property
     def requested(self) -> list[NewToken]:
@@ -77,21 +81,25 @@ class MergeExpansion:
 
     @property
     def intermediates(self) -> list[NewToken]:
-        return self.tokens[self.n_requested :]
+        return self.tokens[self.n_requested : len(self.tokens) - len(self.added_tokens)]
 
 
 def expand_with_merges(
-    tokenizer: PreTrainedTokenizerBase, new_tokens: Iterable[str], mode: str = MERGES
+    tokenizer: PreTrainedTokenizerBase, new_tokens: Iterable[str], mode: str = MERGES, unreachable: str = SKIP
 ) -> MergeExpansion:
-    """Expand `tokenizer` with `new_tokens` (surface strings, " Krankenwagen").
+    """Expand `tokenizer` with `new_tokens` (surface strings, " Krankenwagen", or a
+    target tokenizer: those of its tokens the model lacks).
 
     mode=MERGES splices vocabulary entries and merges into a BPE fast tokenizer;
     anything else falls back to ADDED_TOKENS with a warning. mode=ADDED_TOKENS is the
-    reference's behaviour. Raises NoNewTokensError when the filters of
+    reference's behaviour. `unreachable`: SKIP the tokens merges cannot produce, or give
+    them ADDED_TOKENS. Raises NoNewTokensError when the filters of
     `tokens.select_new_tokens` leave nothing.
     """
     if mode not in MODES:
         raise ValueError(f"tokenizer mode must be one of {MODES}, got {mode!r}")
+    if unreachable not in (SKIP, ADDED_TOKENS):
+        raise ValueError(f"unreachable must be {SKIP!r} or {ADDED_TOKENS!r}, got {unreachable!r}")
     selection = select_new_tokens(tokenizer, new_tokens)
     tokenizer_json = json.loads(tokenizer.backend_tokenizer.to_str()) if tokenizer.is_fast else None
     unsupported = _why_merges_cannot_work(tokenizer_json) if mode == MERGES else None
@@ -106,7 +114,7 @@ def expand_with_merges(
         expansion = _splice(tokenizer, model, tokens, skipped)
         missing = _not_emitted(expansion)
         if not missing:
-            return expansion
+            return _with_added_tokens(expansion, selection) if unreachable == ADDED_TOKENS else expansion
         skipped = skipped + [{"token": t, "reason": NOT_EMITTED} for t in missing]
         tokens = [t for t in tokens if t.text not in set(missing)]
 
@@ -129,6 +137,22 @@ def _expand_with_added_tokens(tokenizer: PreTrainedTokenizerBase, selection: Tok
     expanded = expand_tokenizer(tokenizer, selection.tokens)
     tokens = list(selection.tokens)
     return MergeExpansion(expanded, ADDED_TOKENS, len(tokenizer), tokens, len(tokens), [], selection.skipped)
+
+
+def _with_added_tokens(expansion: MergeExpansion, selection: TokenSelection) -> MergeExpansion:
+    """The tokens merges cannot produce entered as added tokens, after the merged ones."""
+    from tokdist_ray.vocab.export import expand_tokenizer
+
+    fallback = {s["token"] for s in expansion.skipped if s["reason"] in (SPANS_PRE_TOKENS, OUTSIDE_ALPHABET, NOT_EMITTED)}
+    tokens = [t for t in selection.tokens if t.text in fallback]
+    if not tokens:
+        return expansion
+    log.info("%d tokens merges cannot produce enter as added tokens", len(tokens))
+    return MergeExpansion(
+        expand_tokenizer(expansion.tokenizer, tokens), MERGES, expansion.new_start, expansion.tokens + tokens,
+        expansion.n_requested, expansion.merges, [s for s in expansion.skipped if s["token"] not in fallback],
+        [t.text for t in tokens],
+    )
 
 
 def _mergeable(

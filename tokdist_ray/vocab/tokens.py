@@ -177,10 +177,19 @@ def tokens_from_spec(spec: str | Sequence[str] | PreTrainedTokenizerBase) -> lis
     return split_token_string(spec)
 
 
-def keep_tokens_with_snippets(
+def not_distilled_note(entries: Sequence[dict], minimum: int, strategy: str) -> str:
+    """For the console: the tokens left undistilled (the first few), in one line."""
+    first = ", ".join(f"{e['token']!r} {e['snippets']}" for e in entries[:8])
+    return (f"{len(entries)} new tokens have fewer than {minimum} snippets and keep their {strategy} rows, "
+            f"not distilled ({first}{', ...' if len(entries) > 8 else ''})")
+
+
+def tokens_to_distill(
     tokens: Sequence[NewToken], snippet_counts: dict[str, int], minimum: int
 ) -> tuple[list[NewToken], list[dict]]:
-    """(tokens with at least `minimum` snippets, skipped entries for the others). Raises
+    """(tokens with at least `minimum` snippets, entries for the others). The others stay
+    in the tokenizer, which emits them, and keep their pre-initialised rows (they are
+    still trained where they occur in other tokens' snippets). Raises
     TooFewSnippetsError when none is left."""
     kept = [t for t in tokens if snippet_counts.get(t.text, 0) >= minimum]
     skipped = [

@@ -4,6 +4,9 @@ One request is one sample: the prompt `[BOS] + phrase ids` (no BOS where the tok
 none), up to `snippet_len` new ids, cut at the first EOS. Samples with fewer than
 `min_new_tokens` new ids are dropped and counted; up to `refill_rounds` further rounds
 replace them with fresh samples, so a token normally ends with exactly the count asked.
+A kept sample becomes a snippet as every snippet is made: its text encoded by the
+expanded tokenizer (requests.expanded_snippets); a sample where that tokenizer does not
+emit the token (the model went on with letters of the same word) is dropped and counted.
 
 Determinism: each sample has its own seed, derived from (seed, token text, sample index),
 and its own random stream, drawn by the exponential race (as vLLM draws). So a sample does
@@ -18,8 +21,8 @@ whose kernels differ.
 Modules:
   requests      requests, rounds and stats, shared by every backend
   sampling      the CPU sampling loop
-  local         generate_snippets(model, tokenizer, ...): in-process, on the model the API holds
-  ray_backend   generate_snippet_dataset(model_path, ...): a Ray Data stage, transformers on
+  local         generate_snippets(model, expansion, ...): in-process, on the model the API holds
+  ray_backend   generate_snippet_table(model_path, ...): a Ray Data stage, transformers on
                 a CPU actor pool, or vLLM via ray.data.llm (vllm_backend)
 """
 

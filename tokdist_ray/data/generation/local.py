@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from tokdist_ray.config import GeneratedDataSource
 from tokdist_ray.data.generation.requests import (
     GenerationStats,
+    expanded_snippets,
     fitted,
     generate_in_rounds,
     snippet_from_sample,
@@ -19,20 +20,18 @@ from tokdist_ray.data.generation.sampling import batches, padding_id, sample_con
 from tokdist_ray.data.snippets import bos_prefix
 from tokdist_ray.vocab.tokens import NewToken
 
-if TYPE_CHECKING:
-    import ray.data
-
 
 def generate_snippets(
     model,
-    tokenizer,
+    expansion,
     tokens: Sequence[NewToken],
     snippet_len: int = 50,
     snippets_per_token: int | dict[str, int] = 100,
     source: GeneratedDataSource | None = None,
     token_indices: Sequence[int] | None = None,
 ) -> tuple[list[dict], GenerationStats]:
-    """Snippet rows (SNIPPET_SCHEMA, source="generated") written by `model`, in-process.
+    """Snippet rows (SNIPPET_SCHEMA, source="generated") of `tokens` (some of
+    `expansion.tokens`) written by `model`, in-process, in the expanded tokenizer's ids.
 
     `snippets_per_token` may be a dict token -> count (a top-up of a shortfall).
     `token_indices` gives each token's index in the run (defaults to its position).
@@ -41,10 +40,12 @@ def generate_snippets(
     """
     source = fitted(source, snippet_len)
     if source.backend == "vllm":
-        from tokdist_ray.data.generation.ray_backend import generate_snippet_dataset
+        from tokdist_ray.data.generation.ray_backend import generate_snippet_table
 
-        return _collected(generate_snippet_dataset(
-            model.name_or_path, tokens, snippet_len, snippets_per_token, source, token_indices, tokenizer))
+        table, stats = generate_snippet_table(
+            model.name_or_path, expansion, tokens, snippet_len, snippets_per_token, source, token_indices)
+        return table.to_pylist(), stats
+    tokenizer = expansion.tokenizer
     start = time.perf_counter()
     stop = stop_ids(tokenizer, getattr(model, "generation_config", None))
     pad = padding_id(tokenizer, stop)
@@ -60,16 +61,7 @@ def generate_snippets(
     indices = list(token_indices) if token_indices is not None else list(range(len(tokens)))
     results, stats = generate_in_rounds(
         tokens, wanted_counts(tokens, snippets_per_token), source, bos_prefix(tokenizer), indices, run_round)
-    rows = sorted((row for rows in results for row in rows), key=lambda r: r["token_index"])
+    samples = sorted((row for rows in results for row in rows), key=lambda r: r["token_index"])
+    rows = expanded_snippets(samples, expansion, snippet_len, stats).to_pylist()
     stats.backend, stats.seconds = "transformers-in-process", time.perf_counter() - start
     return rows, stats
-
-
-def _collected(result: tuple["ray.data.Dataset", GenerationStats]) -> tuple[list[dict], GenerationStats]:
-    dataset, stats = result
-    rows = sorted(dataset.take_all(), key=lambda r: r["token_index"])
-    for row in rows:
-        row["input_ids"] = [int(i) for i in row["input_ids"]]
-    return rows, stats
-
-

@@ -16,6 +16,7 @@ from tokdist_ray.config import GeneratedDataSource
 from tokdist_ray.data.generation.requests import (
     GPU_EXTRA_HINT,
     GenerationStats,
+    expanded_snippets,
     fitted,
     generate_in_rounds,
     snippet_table,
@@ -23,7 +24,7 @@ from tokdist_ray.data.generation.requests import (
     wanted_counts,
 )
 from tokdist_ray.data.generation.sampling import padding_id, sample_continuations
-from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix
+from tokdist_ray.data.snippets import bos_prefix
 from tokdist_ray.errors import BackendUnavailableError
 from tokdist_ray.vocab.models import load_model, load_tokenizer, resolve_model_path
 from tokdist_ray.vocab.tokens import NewToken
@@ -110,18 +111,18 @@ def request_blocks(n_requests: int, source: GeneratedDataSource) -> int:
     return max(math.ceil(n_requests / source.batch_size), min(n_requests, source.concurrency))
 
 
-def generate_snippet_dataset(
+def generate_snippet_table(
     model_path: str,
+    expansion,
     tokens: Sequence[NewToken],
     snippet_len: int = 50,
     snippets_per_token: int | dict[str, int] = 100,
     source: GeneratedDataSource | None = None,
     token_indices: Sequence[int] | None = None,
-    tokenizer=None,
-) -> tuple["ray.data.Dataset", GenerationStats]:
-    """Generated snippets as a materialised Ray Dataset in SNIPPET_SCHEMA (write it with
-    `write_parquet`), plus per-token counts. Order is deterministic: by round, then by
-    prompt length, token and sample.
+) -> tuple[pa.Table, GenerationStats]:
+    """Generated snippets of `tokens` (some of `expansion.tokens`; `token_indices` are
+    their places there, by default 0, 1, ...) as a table in SNIPPET_SCHEMA, plus per-token
+    counts. Order is deterministic: by round, then by prompt length, token and sample.
 
     The backend follows `source.backend`: vLLM replicas (`concurrency` of them, each on
     `tensor_parallel_size` GPUs) through ray.data.llm, or a pool of `concurrency` CPU actors
@@ -133,7 +134,7 @@ def generate_snippet_dataset(
     backend = resolve_backend(source.backend)
     start = time.perf_counter()
     model_dir = resolve_model_path(model_path)
-    tokenizer = tokenizer or load_tokenizer(model_path)
+    tokenizer = expansion.tokenizer
     stop = stop_ids(tokenizer, model_generation_config(model_dir))
     if backend == "vllm":
         from tokdist_ray.data.generation.vllm_backend import vllm_stage
@@ -151,8 +152,7 @@ def generate_snippet_dataset(
     indices = list(token_indices) if token_indices is not None else list(range(len(tokens)))
     results, stats = generate_in_rounds(
         tokens, wanted_counts(tokens, snippets_per_token), source, bos_prefix(tokenizer), indices, run_round)
-    if not results:  # nothing was asked for
-        return ray.data.from_arrow(SNIPPET_SCHEMA.empty_table()), stats
-    dataset = results[0].union(*results[1:]) if len(results) > 1 else results[0]
+    samples = [row for dataset in results for row in dataset.take_all()]
+    table = expanded_snippets(samples, expansion, snippet_len, stats)
     stats.backend, stats.seconds = backend, time.perf_counter() - start
-    return dataset, stats
+    return table, stats

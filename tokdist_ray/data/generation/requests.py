@@ -13,18 +13,30 @@ from typing import Callable, Iterable, Sequence
 import pyarrow as pa
 
 from tokdist_ray.config import GeneratedDataSource
-from tokdist_ray.data.snippets import SNIPPET_SCHEMA, MiningStats
+from tokdist_ray.data.snippets import SNIPPET_SCHEMA, MiningStats, window_around
 from tokdist_ray.vocab.tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")
 GPU_EXTRA_HINT = "pip install 'tokdist-ray[gpu]' (vLLM and ray[llm]) on the GPU nodes"
 
+# A sample as the model wrote it, in original ids: [BOS] + phrase + continuation.
+# expanded_snippets turns samples into snippets (SNIPPET_SCHEMA).
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("token", pa.string()),
+        ("token_index", pa.int32()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("phrase_start", pa.int32()),
+        ("source", pa.string()),
+    ]
+)
 
 
 @dataclass
 class GenerationStats(MiningStats):
     samples: int = 0  # samples drawn, kept or not
     dropped_short: int = 0  # cut at EOS before min_new_tokens
+    dropped_not_emitted: int = 0  # the expanded tokenizer does not emit the token in the sample
     backend: str = ""
 
     def as_dict(self, quota: int) -> dict:
@@ -33,6 +45,7 @@ class GenerationStats(MiningStats):
             "backend": self.backend,
             "samples_generated": self.samples,
             "dropped_short_samples": self.dropped_short,
+            "dropped_samples_without_the_token": self.dropped_not_emitted,
         }
 
 
@@ -82,7 +95,7 @@ def plan_requests(
 
 
 def snippet_from_sample(sample: dict, min_new_tokens: int) -> dict | None:
-    """A snippet row (SNIPPET_SCHEMA) from a request plus its `continuation`, or None if too short."""
+    """A sample row (SAMPLE_SCHEMA) from a request plus its `continuation`, or None if too short."""
     if len(sample["continuation"]) < min_new_tokens:
         return None
     return {
@@ -96,7 +109,29 @@ def snippet_from_sample(sample: dict, min_new_tokens: int) -> dict | None:
 
 def snippet_table(samples: Iterable[dict], min_new_tokens: int) -> pa.Table:
     rows = [row for s in samples if (row := snippet_from_sample(s, min_new_tokens)) is not None]
-    return pa.Table.from_pylist(rows, schema=SNIPPET_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+
+
+def expanded_snippets(samples: Sequence[dict], expansion, snippet_len: int, stats: GenerationStats) -> pa.Table:
+    """Samples (SAMPLE_SCHEMA) as snippets (SNIPPET_SCHEMA): the sample's text encoded by
+    the expanded tokenizer, the rule every snippet follows. A sample in which that
+    tokenizer does not emit the token (the model glued more letters on to the word, and
+    BPE splits the longer word otherwise) is dropped and counted in `stats`."""
+    tokenizer, new_start = expansion.tokenizer, expansion.new_start
+    samples = [{**s, "input_ids": [int(i) for i in s["input_ids"]]} for s in samples]
+    texts = tokenizer.batch_decode([s["input_ids"][s["phrase_start"] :] for s in samples])
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    rows = []
+    for sample, ids in zip(samples, encoded):
+        new_id = new_start + sample["token_index"]
+        if new_id not in ids:
+            stats.dropped_not_emitted += 1
+            stats.counts[sample["token"]] -= 1
+            continue
+        prefix = list(sample["input_ids"][: sample["phrase_start"]])
+        window, offset = window_around(ids, ids.index(new_id), 1, snippet_len)
+        rows.append({**sample, "input_ids": prefix + window, "token_position": len(prefix) + offset})
+    return pa.Table.from_pylist([{k: r[k] for k in SNIPPET_SCHEMA.names} for r in rows], schema=SNIPPET_SCHEMA)
 
 
 def wanted_counts(tokens: Sequence[NewToken], snippets_per_token: int | dict[str, int]) -> dict[str, int]:

@@ -85,7 +85,7 @@ def processor_config(model_dir: str, source: GeneratedDataSource):
 def vllm_stage(
     model_dir: str, source: GeneratedDataSource, snippet_len: int, stop: Sequence[int]
 ) -> Callable[["ray.data.Dataset"], "ray.data.Dataset"]:
-    """requests -> snippet rows (SNIPPET_SCHEMA), too-short samples dropped."""
+    """requests -> sample rows (SAMPLE_SCHEMA), too-short samples dropped."""
     try:
         from ray.data.llm import build_processor
     except ImportError as e:
