@@ -12,12 +12,15 @@ counted as often as merging it would fire: "a a a" holds (a, a) once.
 
 A pair is passed over (never learned; the next best is taken) when its merged token is already
 in the vocabulary, is only digits or only whitespace, is longer than `max_chars` characters,
-holds byte-fallback or unknown pieces or part of a UTF-8 character, or when BPE would not build
-it from its own text: that text, tokenised mid-document and merged with the merges learned so
-far, must end as exactly this pair. A token failing that last rule would be emitted by the
-expanded tokenizer only where its text stands alone, not in the words it was counted in. With
-it, `expand_with_merges` plans exactly the learned merges (one per token, no intermediates), so
-the expanded tokenizer tokenises the corpus as this loop did and `count` is the number of ids
+holds byte-fallback or unknown pieces or part of a UTF-8 character, or is no pre-token of its
+own: its text, tokenised mid-document, must be one pre-token, the newline before it not joined
+in ("'r" from the byte-level pre-token "'re" is two: "'" and "r").
+
+BPE acts on a span of a pre-token as on the same text alone as long as no merge crosses the
+span's ends, and none ever crossed the ends of a pair that is merged. So a learned token's own
+text, tokenised and merged with the merges learned before it, ends as exactly its pair:
+`expand_with_merges` plans exactly the learned merges (one per token, no intermediates), the
+expanded tokenizer tokenises the corpus as this loop did, and `count` is the number of ids
 each new token saves there.
 
 No transformers here: the Ray counting tasks import this module.
@@ -34,15 +37,15 @@ from typing import Callable, Iterable, Mapping, TypeVar
 from tokenizers.models import BPE
 
 from tokdist_ray.errors import ConfigError
-from tokdist_ray.vocab.bpe_model import Pair, apply_merges
+from tokdist_ray.vocab.bpe_model import Pair
 
 T = TypeVar("T")
 
 PROGRESS_EVERY = 250  # merges between progress(i, n) calls
 
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
-# SentencePiece-style words: "▁" starts a word; a run of them stays whole but for the last.
-_SENTENCEPIECE_WORD = re.compile("▁?[^▁]+|▁+(?=▁[^▁])|▁+")
+# SentencePiece-style words: each "▁" starts one, as Metaspace(split=True) cuts them.
+_SENTENCEPIECE_WORD = re.compile("▁[^▁]*|[^▁]+")
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,6 @@ class _Vetting:
         self.context = backend.encode("\n", add_special_tokens=False).ids  # mid-document, as tokens.phrase_ids
         self.context_tokens = [backend.id_to_token(i) for i in self.context]
         self.prefix = self.decode(self.context_tokens)
-        self.ranks: dict[Pair, int] = {}  # the merges learned so far
 
     def surface(self, vocab_string: str) -> str:
         return self.decode(self.context_tokens + [vocab_string])[len(self.prefix):]
@@ -201,13 +203,8 @@ class _Vetting:
         encoding = self.backend.encode("\n" + text, add_special_tokens=False)
         n = len(self.context)
         if encoding.ids[:n] != self.context or len(set(encoding.word_ids[n:])) != 1:
-            return None  # the context joined the token, or it spans pre-tokens
-        if apply_merges(encoding.tokens[n:], self.ranks) != [left, right]:
-            return None  # BPE builds its text some other way
+            return None  # the newline joined the token, or it spans pre-tokens
         return text, tuple(encoding.ids[n:])
-
-    def learn(self, pair: Pair) -> None:
-        self.ranks[pair] = len(self.ranks)
 
 
 def _check_arguments(tokenizer, n: int, min_count: int, max_chars: int) -> None:
@@ -248,7 +245,6 @@ def continue_bpe(
     while len(learned) < n and (best := pairs.best(vetting.token)) is not None:
         pair, (text, pieces) = best
         learned.append(LearnedToken(text, pair[0] + pair[1], pairs.merge(pair), pieces, pair))
-        vetting.learn(pair)
         if progress is not None and len(learned) % PROGRESS_EVERY == 0:
             progress(len(learned), n)
     return learned
