@@ -189,5 +189,5 @@ def test_markdown_table_puts_the_original_first_with_changes_against_it():
     base = summarise([ChunkScore("ab cd", [1, 2, 3], [(0, 2), (2, 4), (4, 5)], [2.0, 2.0, 1.0])])
     table = markdown_table({"td": summarise([chunk], new_start=7), "original": base})
     rows = table.splitlines()
-    assert rows[2].startswith("| original | 0.6000 | 1.0000 | +0.0000 | +0.00% | – | – |")
-    assert rows[3] == "| td | 0.6000 | 0.8000 | -0.2000 | -20.00% | 0.4000 | 0.4000 |"
+    assert rows[2].startswith("| original | 0.6000 | 1.500 | – | 1.0000 | +0.0000 | +0.00% | – | – |")
+    assert rows[3] == "| td | 0.6000 | 1.500 | 66.7% | 0.8000 | -0.2000 | -20.00% | 0.4000 | 0.4000 |"

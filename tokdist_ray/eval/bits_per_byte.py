@@ -253,16 +253,17 @@ def markdown_table(results: dict[str, dict], original: str = "original") -> str:
     """One row per method (summaries from `summarise`), the original first."""
     base = results[original]["bits_per_byte"]
     lines = [
-        "| method | tokens/byte | bits/byte | Δ bits/byte | Δ bits/byte (%) "
+        "| method | tokens/byte | tokens/word | new-token share | bits/byte | Δ bits/byte | Δ bits/byte (%) "
         "| bits/byte on new tokens | bits/byte on other tokens |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in [original, *(n for n in results if n != original)]:
         r = results[name]
         delta = r["bits_per_byte"] - base
         split = [f"{r[k]:.4f}" if k in r else "–" for k in ("bits_per_byte_new", "bits_per_byte_other")]
+        share = f"{100 * r['new_token_share']:.1f}%" if "new_token_share" in r else "–"
         lines.append(
-            f"| {name} | {r['tokens_per_byte']:.4f} | {r['bits_per_byte']:.4f} | {delta:+.4f} | "
-            f"{100 * delta / base:+.2f}% | {split[0]} | {split[1]} |"
+            f"| {name} | {r['tokens_per_byte']:.4f} | {r['tokens_per_word']:.3f} | {share} | {r['bits_per_byte']:.4f} | "
+            f"{delta:+.4f} | {100 * delta / base:+.2f}% | {split[0]} | {split[1]} |"
         )
     return "\n".join(lines)

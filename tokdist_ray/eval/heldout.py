@@ -82,6 +82,7 @@ def evaluate_export(config, expansion: MergeExpansion, distilled: dict, out_dir:
     text = "\n\n".join(sections)
     (out_dir / "eval.md").write_text(text + "\n", encoding="utf-8")
     log.info("held-out evaluation:\n%s", text)
-    plots = write_plots(results, Path(distilled["report_path"]), out_dir)
+    plots = write_plots(results, Path(distilled["report_path"]), out_dir,
+                        report.get("bits_per_byte", {}).get("methods"))
     return {"eval_path": str(out_dir / "eval.json"), "table": text, "plots": plots,
             "relative_to_fvt": report["relative_to_fvt"]["token_distillation"]}

@@ -1,4 +1,5 @@
-"""The evaluate stage's PNG plots: per-token drift per method, and the training loss curve."""
+"""The evaluate stage's PNG plots: compression against bits per byte per method, per-token
+drift per method, and the training loss curve."""
 
 from __future__ import annotations
 
@@ -7,14 +8,27 @@ from pathlib import Path
 from tokdist_ray.report import read_report
 
 
-def write_plots(results: dict, training_report: Path, out_dir: Path) -> list[str]:
-    """Per-token hidden-state drift per method, and the training loss curve."""
+def write_plots(results: dict, training_report: Path, out_dir: Path, bits: dict | None = None) -> list[str]:
+    """Compression against bits per byte (`bits`: {method: bits_per_byte summary}),
+    per-token hidden-state drift per method, and the training loss curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
+    if bits:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, summary in bits.items():
+            ax.scatter(summary["tokens_per_byte"], summary["bits_per_byte"], label=name)
+        ax.set_xlabel("tokens per byte (lower: better compression)")
+        ax.set_ylabel("bits per byte (lower is better)")
+        ax.set_title("Held-out text, each model on its own tokenizer")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(out_dir / "compression_vs_bits.png", dpi=100)
+        plt.close(fig)
+        written.append(str(out_dir / "compression_vs_bits.png"))
     names = list(results)
     tokens = sorted(results[names[0]]["per_token"])
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(tokens) * len(names) / 2), 4))

@@ -102,9 +102,10 @@ def candidate_tokens(config: JobConfig, tokenizer) -> tuple[list[str] | object, 
         from tokdist_ray.data.pre_token_counts import count_pre_tokens
         from tokdist_ray.vocab.bpe_training import continue_bpe
 
-        counts = count_pre_tokens(corpus_source(config), tokenizer, seed=config.snippets.seed,
-                                  num_workers=config.data.num_workers)
-        learned = continue_bpe(tokenizer, counts, spec.from_corpus, min_count=spec.min_count, max_chars=spec.max_chars)
+        counts = count_pre_tokens(corpus_source(config), tokenizer, num_workers=config.data.num_workers)
+        log.info("continued BPE: %d distinct pre-tokens counted; learning %d merges", len(counts), spec.from_corpus)
+        learned = continue_bpe(tokenizer, counts, spec.from_corpus, min_count=spec.min_count, max_chars=spec.max_chars,
+                               progress=lambda i, n: log.info("continued BPE: %d/%d merges", i, n))
         return [t.text for t in learned], {t.text: t.count for t in learned}
     from tokdist_ray.data.corpus import documents
 
@@ -258,10 +259,12 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
     start = time.perf_counter()
 
     key = _key(settings["model"], settings["tokens"], settings["data"] if config.tokens.from_corpus else None)
+    if config.tokens.from_corpus:
+        connect()  # pre-token counts run on Ray Data
     picked = ledger.run("tokens", key, lambda: _tokens_stage(config, tokenizer, run_dir))
     expansion = load_expansion(picked["tokenizer_path"])
     outputs = {"tokens": picked}
-    connect()  # after the tokens stage, which needs no Ray: a bad token list fails at once
+    connect()  # after a token list is checked, which needs no Ray: a bad one fails at once
 
     if "snippets" in stages or "distill" in stages:
         key = _key(key, settings["data"], settings["snippets"], settings["generation"])
