@@ -86,9 +86,8 @@ def naive_continue_bpe(tokenizer, counts, n, min_count, max_chars):
     frequent one (ties: smallest pair) whose token is allowed, as (pair, count)."""
     backend = tokenizer.backend_tokenizer
     words = {w: [t.value for t in backend.model.tokenize(w)] for w in counts}
-    ranks: dict = {}
-
     context = len(tokenizer("\n", add_special_tokens=False)["input_ids"])
+    ranks: dict = {}
 
     def allowed(pair):
         text = tokenizer.convert_tokens_to_string(["a", pair[0] + pair[1]])[1:]  # "a": not at the start of text

@@ -1,6 +1,6 @@
 """Selection by continued BPE training: the N merges a BPE tokenizer would learn next on a corpus.
 
-    counts = pre_token_counts(tokenizer, texts)       # or data.pre_token_counts on Ray
+    counts = pre_token_counts(tokenizer, texts)  # on Ray Data: data.pre_token_counts.count_pre_tokens
     learned = continue_bpe(tokenizer, counts, n=5000)
     expand_with_merges(tokenizer, [t.text for t in learned])
 
@@ -17,11 +17,13 @@ own: its text, tokenised mid-document, must be one pre-token, the newline before
 in ("'r" from the byte-level pre-token "'re" is two: "'" and "r").
 
 BPE acts on a span of a pre-token as on the same text alone as long as no merge crosses the
-span's ends, and none ever crossed the ends of a pair that is merged. So a learned token's own
-text, tokenised and merged with the merges learned before it, ends as exactly its pair:
-`expand_with_merges` plans exactly the learned merges (one per token, no intermediates), the
-expanded tokenizer tokenises the corpus as this loop did, and `count` is the number of ids
-each new token saves there.
+span's ends, and none has crossed the ends of a pair that is merged (merges only join). So a
+learned token's own text, tokenised and merged with the merges learned before it, ends as
+exactly its pair: `expand_with_merges` plans exactly the learned merges (one per token, no
+intermediates), the expanded tokenizer tokenises the corpus as this loop did, and `count` is
+the number of ids each new token saves there. (One exception: where the newline is an
+ordinary character inside SentencePiece-style words, a later merge may join it to a token
+without "▁", which expand_with_merges, checking tokens after a newline, then refuses.)
 
 No transformers here: the Ray counting tasks import this module.
 """
@@ -208,9 +210,10 @@ class _Vetting:
 
 
 def _check_arguments(tokenizer, n: int, min_count: int, max_chars: int) -> None:
-    for name, value in (("n", n), ("min_count", min_count), ("max_chars", max_chars)):
+    for name, key, value in (("n", "from_corpus", n), ("min_count", "min_count", min_count),
+                             ("max_chars", "max_chars", max_chars)):
         if value < 1:
-            raise ConfigError(f"continued BPE training needs {name} >= 1, got {value}")
+            raise ConfigError(f"continued BPE training needs {name} >= 1 (`tokens.{key}` in a job), got {value}")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     model = backend.model if backend is not None else None
     if not isinstance(model, BPE):
