@@ -267,3 +267,12 @@ def markdown_table(results: dict[str, dict], original: str = "original") -> str:
             f"{delta:+.4f} | {100 * delta / base:+.2f}% | {split[0]} | {split[1]} |"
         )
     return "\n".join(lines)
+
+
+def costliest_table(rows: Sequence[dict]) -> str:
+    """compare_to_original's rows as markdown: bits per occurrence, expanded and original."""
+    lines = ["| token | occurrences | bits (expanded) | bits (original pieces) | extra bits in all |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {repr(r['token']).replace('|', chr(92) + '|')} | {r['occurrences']} | {r['mean_bits_expanded']:.2f} | {r['mean_bits_original']:.2f} | "
+              f"{r['total_extra_bits']:+.1f} |" for r in rows]
+    return "\n".join(lines)

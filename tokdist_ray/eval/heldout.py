@@ -15,7 +15,7 @@ from tokdist_ray.config import FileDataSource
 from tokdist_ray.data.corpus import documents
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.errors import TooFewSnippetsError
-from tokdist_ray.eval.bits_per_byte import heldout_chunks, score_methods
+from tokdist_ray.eval.bits_per_byte import costliest_table, heldout_chunks, score_methods
 from tokdist_ray.eval.bits_per_byte import markdown_table as bits_table
 from tokdist_ray.eval.drift import (
     baseline_output_rows,
@@ -77,6 +77,8 @@ def evaluate_export(config, expansion: MergeExpansion, distilled: dict, out_dir:
             log=lambda name, summary: log.info("  %s: %.4f bits/byte", name, summary["bits_per_byte"]))
         sections.append("## Bits per byte on held-out text, each model on its own tokenizer\n\n"
                         + bits_table(report["bits_per_byte"]["methods"]))
+        sections.append("## New tokens that cost Token Distillation the most bits against the original's pieces\n\n"
+                        + costliest_table(report["bits_per_byte"]["costliest_new_tokens"]["token_distillation"][:10]))
     sections.append("## Drift from the original at aligned positions (lower is better)\n\n" + markdown_table(results))
     write_report(out_dir / "eval.json", report)
     text = "\n\n".join(sections)
