@@ -8,10 +8,22 @@ into their concatenation, whichever family the tokenizer belongs to.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Callable
 
 Pair = tuple[str, str]
+BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")  # a byte-fallback piece of SentencePiece-style BPE
+
+
+def surface_text(backend) -> Callable[[list[str]], str]:
+    """Surface text of vocabulary strings as they appear mid-document (after a newline,
+    so that decoders which strip a leading space at the start of text keep it).
+    `backend` is a tokenizers.Tokenizer."""
+    decode = backend.decoder.decode if backend.decoder is not None else "".join
+    context = [backend.id_to_token(i) for i in backend.encode("\n", add_special_tokens=False).ids]
+    prefix = decode(context)
+    return lambda strings: decode(context + strings)[len(prefix) :]
 
 
 @dataclass

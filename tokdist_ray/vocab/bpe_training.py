@@ -39,13 +39,12 @@ from typing import Callable, Iterable, Mapping, TypeVar
 from tokenizers.models import BPE
 
 from tokdist_ray.errors import ConfigError
-from tokdist_ray.vocab.bpe_model import Pair
+from tokdist_ray.vocab.bpe_model import BYTE_PIECE, Pair, surface_text
 
 T = TypeVar("T")
 
 PROGRESS_EVERY = 250  # merges between progress(i, n) calls
 
-_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 # SentencePiece-style words: each "▁" starts one, as Metaspace(split=True) cuts them.
 _SENTENCEPIECE_WORD = re.compile("▁[^▁]*|[^▁]+")
 
@@ -185,19 +184,17 @@ class _Vetting:
         self.max_chars = max_chars
         self.vocab = set(backend.get_vocab(with_added_tokens=True))
         self.unk = backend.model.unk_token
-        self.decode = backend.decoder.decode if backend.decoder is not None else "".join
         self.context = backend.encode("\n", add_special_tokens=False).ids  # mid-document, as tokens.phrase_ids
-        self.context_tokens = [backend.id_to_token(i) for i in self.context]
-        self.prefix = self.decode(self.context_tokens)
+        self._surface = surface_text(backend)
 
     def surface(self, vocab_string: str) -> str:
-        return self.decode(self.context_tokens + [vocab_string])[len(self.prefix):]
+        return self._surface([vocab_string])
 
     def token(self, pair: Pair) -> tuple[str, tuple[int, ...]] | None:
         """(surface text, original ids) of the pair's token, or None if it may not be learned."""
         left, right = pair
         merged = left + right
-        if merged in self.vocab or any(p == self.unk or _BYTE_PIECE.match(p) for p in (left, right)):
+        if merged in self.vocab or any(p == self.unk or BYTE_PIECE.match(p) for p in (left, right)):
             return None
         text = self.surface(merged)
         if "\ufffd" in text or len(text) > self.max_chars or not text.strip() or text.strip().isdigit():

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from typing import Callable, Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from tokdist_ray.vocab.bpe_model import BpeModel, Pair, apply_merges, first_merge
+from tokdist_ray.vocab.bpe_model import BYTE_PIECE, BpeModel, Pair, apply_merges, first_merge, surface_text
 from tokdist_ray.vocab.tokens import IN_VOCABULARY, NewToken, TokenSelection, phrase_ids, select_new_tokens
 
 log = logging.getLogger("tokdist_ray")
@@ -56,7 +55,6 @@ SPANS_PRE_TOKENS = "spans_pre_token_boundary"
 OUTSIDE_ALPHABET = "characters_outside_bpe_alphabet"
 NOT_EMITTED = "not_emitted_after_splicing"
 
-_BYTE_PIECE = re.compile(r"^<0x[0-9A-F]{2}>$")
 # An intermediate that ends inside a UTF-8 character has no surface text of its own;
 # the planner takes any other path first.
 _PARTIAL_CHARACTER_COST = 1000
@@ -179,7 +177,7 @@ def _unmergeable_reason(parts: list[str], pre_token_ids: list[int | None], model
         return IN_VOCABULARY
     if len(set(pre_token_ids)) > 1:
         return SPANS_PRE_TOKENS
-    if any(p == settings.get("unk_token") or (settings.get("byte_fallback") and _BYTE_PIECE.match(p)) for p in parts):
+    if any(p == settings.get("unk_token") or (settings.get("byte_fallback") and BYTE_PIECE.match(p)) for p in parts):
         return OUTSIDE_ALPHABET
     return None
 
@@ -225,7 +223,7 @@ def _splice(
 ) -> MergeExpansion:
     """Plan the merges of `tokens` and build the expanded tokenizer."""
     backend = tokenizer.backend_tokenizer
-    surface = _surface_text(backend)
+    surface = surface_text(backend)
     strings = ["".join(backend.id_to_token(i) for i in t.phrase_ids) for t in tokens]
     planner = _MergePlanner(model, set(strings), surface)
     for token in tokens:
@@ -238,15 +236,6 @@ def _splice(
         raise RuntimeError("splicing merges moved the tokenizer's added tokens to other ids")
     new_tokens = tokens + [NewToken(surface([s]), planner.entries[s]) for s in intermediates]
     return MergeExpansion(expanded, MERGES, start, new_tokens, len(tokens), planner.merges, skipped)
-
-
-def _surface_text(backend) -> Callable[[list[str]], str]:
-    """Surface text of vocabulary strings as they appear mid-document (after a newline,
-    so that decoders which strip a leading space at the start of text keep it)."""
-    decode = backend.decoder.decode if backend.decoder is not None else "".join
-    context = [backend.id_to_token(i) for i in backend.encode("\n", add_special_tokens=False).ids]
-    prefix = decode(context)
-    return lambda strings: decode(context + strings)[len(prefix) :]
 
 
 def _tokenizer_from_json(tokenizer: PreTrainedTokenizerBase, tokenizer_json: str) -> PreTrainedTokenizerBase:
