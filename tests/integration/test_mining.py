@@ -26,7 +26,7 @@ from tokdist_ray.data.matching import Cuts, TokenScanner
 from tokdist_ray.data.miner import TALLY, SnippetMiner, TokenizerSpec
 from tokdist_ray.data.mining import QuotaLedger, mine_corpus, mining_dataset, reads_fused
 from tokdist_ray.data.mining_cache import cache_key, corpus_spec
-from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix, window_around
+from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix, settle, window_around
 from tokdist_ray.vocab.merges import ADDED_TOKENS, SPANS_PRE_TOKENS, MergeExpansion, expand_with_merges
 from tokdist_ray.vocab.models import load_tokenizer
 from tokdist_ray.vocab.tokens import NewToken, phrase_ids
@@ -71,13 +71,14 @@ def phrase_expansion(smol_tokenizer, doc_texts) -> MergeExpansion:
 
 
 def whole_document_windows(expansion, texts, snippet_len):
-    """Every new id in each document's whole expanded tokenisation, with its window."""
-    encodings = expansion.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    """Every new id in each document's whole expanded tokenisation, with its window,
+    trimmed where its text would not encode back to it."""
+    backend = expansion.tokenizer.backend_tokenizer
     return [
-        (doc, token_id - expansion.new_start, *window_around(e.ids, start, 1, snippet_len))
-        for doc, e in enumerate(encodings)
+        (doc, token_id - expansion.new_start, *settled)
+        for doc, e in enumerate(backend.encode_batch(texts, add_special_tokens=False))
         for start, token_id in enumerate(e.ids)
-        if token_id >= expansion.new_start
+        if token_id >= expansion.new_start and (settled := settle(backend, *window_around(e.ids, start, 1, snippet_len)))
     ]
 
 
@@ -95,6 +96,8 @@ def test_region_tokenisation_finds_the_windows_of_whole_document_tokenisation(do
     assert [(h.doc, h.token_index, h.window, h.token_position) for h in hits] == expected
     assert scanner.regions and scanner.tokenised_chars < 0.7 * sum(map(len, doc_texts))
     assert len({h.token_index for h in hits}) > 20
+    backend = doc_expansion.tokenizer.backend_tokenizer  # every window is what its own text encodes to
+    assert all(backend.encode(backend.decode(h.window), add_special_tokens=False).ids == h.window for h in hits)
 
 
 def test_added_tokens_across_pre_tokens_are_found_as_the_tokenizer_emits_them(doc_texts, phrase_expansion):

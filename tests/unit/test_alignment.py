@@ -38,3 +38,22 @@ def test_teacher_ids_are_the_original_tokenizers_encoding(tiny_tokenizer_dir):
         student = expansion.tokenizer(text)["input_ids"]
         assert aligner.align(student).teacher_ids == tokenizer(text)["input_ids"]
     assert any(i >= expansion.new_start for i in expansion.tokenizer(SENTENCES[0])["input_ids"])
+
+
+def test_windows_are_trimmed_until_their_text_encodes_back_to_them(tiny_tokenizer_dir):
+    """A window cut inside a whitespace run (or a UTF-8 character) is a slice of the
+    document's ids, but its own text encodes otherwise: settle trims that edge."""
+    from tokdist_ray.data.snippets import settle, window_around
+
+    backend = AutoTokenizer.from_pretrained(tiny_tokenizer_dir()).backend_tokenizer
+    ids = backend.encode("The river.\n\n\n   Then the garden é and more", add_special_tokens=False).ids
+    for start in range(len(ids)):
+        for length in (3, 6, 9):
+            window, offset = window_around(ids, start, 1, length)
+            settled = settle(backend, window, offset)
+            if settled is not None:
+                trimmed, at = settled
+                assert backend.encode(backend.decode(trimmed), add_special_tokens=False).ids == trimmed
+                assert trimmed[at] == ids[start] and trimmed == window[offset - at : offset - at + len(trimmed)]
+    broken = backend.encode("garden é", add_special_tokens=False).ids[:-1]  # a partial character at the end
+    assert settle(backend, broken, 0) is not None and settle(backend, broken, len(broken) - 1) is None

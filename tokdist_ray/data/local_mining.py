@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any, Iterable
 
 from tokdist_ray.data.files import EMPTY, NOT_A_STRING, BadRow
-from tokdist_ray.data.snippets import MiningStats, bos_prefix, snippet_row, window_around
+from tokdist_ray.data.snippets import MiningStats, bos_prefix, settle, snippet_row, window_around
 
 if TYPE_CHECKING:
     from tokdist_ray.vocab.merges import MergeExpansion
@@ -27,6 +27,7 @@ def mine_snippets(
     stopping as soon as every token has its quota. Snippets hold the expanded
     tokenizer's ids."""
     tokenizer, tokens, new_start = expansion.tokenizer, expansion.tokens, expansion.new_start
+    backend = tokenizer.backend_tokenizer
     prefix = bos_prefix(tokenizer)
     stats = MiningStats(counts={t.text: 0 for t in tokens})
     seen: set[tuple[int, ...]] = set()
@@ -44,7 +45,10 @@ def mine_snippets(
                 token = tokens[index]
                 if stats.counts[token.text] >= snippets_per_token:
                     continue
-                window, offset = window_around(ids, pos, 1, snippet_len)
+                settled = settle(backend, *window_around(ids, pos, 1, snippet_len))
+                if settled is None:
+                    continue
+                window, offset = settled
                 snippet = prefix + window
                 if tuple(snippet) in seen:
                     continue

@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 
 import ahocorasick
 
-from tokdist_ray.data.snippets import window_around
+from tokdist_ray.data.snippets import settle, window_around
 
 # Prose, code, markup, digits, odd whitespace and non-Latin script: every cut in it must
 # split the probe's ids exactly where whole-text tokenisation does.
@@ -240,8 +240,8 @@ class TokenScanner:
             before, after = offset, len(window) - offset - 1
             if (not at_doc_start and before == start) or (not at_doc_end and after == n - start - 1):
                 cramped.add(start)
-            else:
-                found[start] = (index, window, offset)
+            elif settled := settle(self._tokenizer, window, offset):
+                found[start] = (index, *settled)
         return found, cramped
 
     @staticmethod

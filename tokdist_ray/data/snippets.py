@@ -49,6 +49,30 @@ def window_around(ids: Sequence[int], start: int, length: int, snippet_len: int)
     return list(ids[lo : start + length + after]), before
 
 
+def settle(tokenizer, window: list[int], offset: int) -> tuple[list[int], int] | None:
+    """The window trimmed at its edges until its text encodes back to exactly its ids
+    (`tokenizer`: a tokenizers.Tokenizer), with the new token's offset in it; None if
+    the token would have to go. A cut can split a UTF-8 character or a whitespace run
+    that the pre-tokenizer splits otherwise without the text after it; a snippet's ids
+    are then still the document's, but not what its own text encodes to."""
+    lo, hi = 0, len(window)
+    while lo <= offset < hi:
+        ids = window[lo:hi]
+        again = tokenizer.encode(tokenizer.decode(ids, skip_special_tokens=False), add_special_tokens=False).ids
+        if again == ids:
+            return ids, offset - lo
+        # the edge whose ids agree for the shorter run is the broken one
+        if _common_run(again, ids) <= _common_run(again[::-1], ids[::-1]):
+            lo += 1
+        else:
+            hi -= 1
+    return None
+
+
+def _common_run(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 @dataclass
 class MiningStats:
     documents: int = 0

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 import pyarrow as pa
 
 from tokdist_ray.config import GeneratedDataSource
-from tokdist_ray.data.snippets import SNIPPET_SCHEMA, MiningStats, window_around
+from tokdist_ray.data.snippets import SNIPPET_SCHEMA, MiningStats, settle, window_around
 from tokdist_ray.vocab.tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")
@@ -124,12 +124,13 @@ def expanded_snippets(samples: Sequence[dict], expansion, snippet_len: int, stat
     rows = []
     for sample, ids in zip(samples, encoded):
         new_id = new_start + sample["token_index"]
-        if new_id not in ids:
+        settled = new_id in ids and settle(tokenizer.backend_tokenizer, *window_around(ids, ids.index(new_id), 1, snippet_len))
+        if not settled:
             stats.dropped_not_emitted += 1
             stats.counts[sample["token"]] -= 1
             continue
         prefix = list(sample["input_ids"][: sample["phrase_start"]])
-        window, offset = window_around(ids, ids.index(new_id), 1, snippet_len)
+        window, offset = settled
         rows.append({**sample, "input_ids": prefix + window, "token_position": len(prefix) + offset})
     return pa.Table.from_pylist([{k: r[k] for k in SNIPPET_SCHEMA.names} for r in rows], schema=SNIPPET_SCHEMA)
 
