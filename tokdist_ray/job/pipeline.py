@@ -28,7 +28,7 @@ from tokdist_ray.job.lock import RunDirLock
 from tokdist_ray.raycluster import connect
 from tokdist_ray.report import write_report
 from tokdist_ray.vocab.expansion_files import expansion_summary, load_expansion, save_expansion
-from tokdist_ray.vocab.merges import MergeExpansion, expand_with_merges
+from tokdist_ray.vocab.merges import ADDED_TOKENS, SKIP, MergeExpansion, expand_with_merges
 from tokdist_ray.vocab.models import load_tokenizer
 from tokdist_ray.vocab.selection import frequent_fragmented_words
 from tokdist_ray.vocab.tokens import not_distilled_note, read_token_file, tokens_to_distill
@@ -118,14 +118,16 @@ def candidate_tokens(config: JobConfig, tokenizer) -> tuple[list[str] | object, 
 def _tokens_stage(config: JobConfig, tokenizer, run_dir: Path) -> dict:
     """Choose the tokens, expand the tokenizer, save it: every later stage uses it."""
     candidates, counts = candidate_tokens(config, tokenizer)
+    # a target tokenizer's tokens that merges cannot produce enter as added tokens
     expansion = expand_with_merges(tokenizer, candidates, config.tokens.tokenizer_mode,
-                                   unreachable="added_tokens" if config.tokens.target_tokenizer else "skip")
+                                   unreachable=ADDED_TOKENS if config.tokens.target_tokenizer else SKIP)
     save_expansion(expansion, run_dir / "tokenizer")
     path = run_dir / "tokens.json"
     summary = expansion_summary(expansion)
     write_report(path, {
         **summary,
         "tokens": [{"token": t.text, "id": expansion.new_start + i, "pieces": list(t.phrase_ids),
+                    "pieces_text": [tokenizer.decode([p]) for p in t.phrase_ids],
                     **({"corpus_count": counts[t.text]} if t.text in counts else {})}
                    for i, t in enumerate(expansion.tokens)],
         "expected_compression": _expected_compression(config, tokenizer, expansion),
