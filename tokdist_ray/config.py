@@ -16,7 +16,10 @@ import pyarrow.fs
 
 from tokdist_ray.errors import ConfigError
 
-LOSS_METHODS = ("MSE-on-hiddens", "MSE-on-logits", "KL-on-logits", "CE", "CE-auto-weighted")
+# tokdist-ray's addition to the reference's losses: the student's next-token distribution
+# before each new token, against the teacher's with the phrase's probability moved onto it
+NEW_TOKEN_OUTPUT_LOSS = "KL-on-new-token-outputs"
+LOSS_METHODS = ("MSE-on-hiddens", "MSE-on-logits", "KL-on-logits", "CE", "CE-auto-weighted", NEW_TOKEN_OUTPUT_LOSS)
 LR_SCHEDULES = ("constant", "linear")
 PRE_INIT_STRATEGIES = ("fvt", "adapti-vocab")
 STRATEGIES = ("auto", "ddp", "deepspeed")
@@ -45,10 +48,9 @@ def loss_methods(value: Sequence[str]) -> tuple[str, ...]:
     unknown = [m for m in methods if m not in LOSS_METHODS]
     if unknown or not methods:
         raise ConfigError(f"unknown loss method(s) {unknown or '(none given)'}; choose from {LOSS_METHODS}")
-    if "CE-auto-weighted" in methods and not set(methods) & {"MSE-on-hiddens", "MSE-on-logits", "KL-on-logits"}:
-        raise ConfigError(
-            "CE-auto-weighted scales CE to another loss: combine it with MSE-on-hiddens, MSE-on-logits or KL-on-logits"
-        )
+    others = ("MSE-on-hiddens", "MSE-on-logits", "KL-on-logits", NEW_TOKEN_OUTPUT_LOSS)
+    if "CE-auto-weighted" in methods and not set(methods) & set(others):
+        raise ConfigError(f"CE-auto-weighted scales CE to another loss: combine it with one of {others}")
     return methods
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import tiny_setup
-from tokdist_ray.config import LOSS_METHODS, DistillationConfig
+from tokdist_ray.config import LOSS_METHODS, NEW_TOKEN_OUTPUT_LOSS, DistillationConfig
 from tokdist_ray.training import step as distill
 from tokdist_ray.training.batching import collate
 from tokdist_ray.training.local import train_local
@@ -134,7 +134,9 @@ def test_config_typos_are_named():
         DistillationConfig(loss_methods=["CE-auto-weighted"])
 
 
-@pytest.mark.parametrize("losses", [["MSE-on-hiddens"], ["KL-on-logits"], ["MSE-on-hiddens", "CE-auto-weighted"]])
+@pytest.mark.parametrize(
+    "losses", [["MSE-on-hiddens"], ["KL-on-logits"], ["MSE-on-hiddens", "CE-auto-weighted"], ["MSE-on-hiddens", NEW_TOKEN_OUTPUT_LOSS]]
+)
 @pytest.mark.parametrize("tied,target_layer", [(True, -1), (False, -1), (True, 1)])
 def test_reusing_the_teachers_prefix_changes_neither_loss_nor_gradient(tiny_model_dir, losses, tied, target_layer):
     distiller, examples, _ = tiny_setup(tiny_model_dir(tied=tied), losses=losses, target_layer=target_layer)

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokdist_ray.config import NEW_TOKEN_OUTPUT_LOSS
 from tokdist_ray.config import loss_methods as checked_losses
+from tokdist_ray.training.output_side import kl_to_targets, new_token_positions, teacher_targets
 from tokdist_ray.vocab.models import cache_argument
 
 _LOGIT_LOSSES = {"MSE-on-logits", "KL-on-logits"}
@@ -100,7 +102,10 @@ class TokenDistiller(nn.Module):
 
     Student: the merged ids, new ids (>= new_start) embedded from `rows.input`.
     Teacher: the original ids, run without grad. Both stop at the target layer unless a
-    loss needs logits; the LM head runs only for logit and CE losses.
+    loss needs logits; the LM head runs only for logit and CE losses, and for the
+    new-token output loss only at the positions before a new token.
+    An untied model's trainable output rows learn from their own CE, or, with the
+    new-token output loss, from the teacher instead.
     """
 
     def __init__(
@@ -197,16 +202,18 @@ class TokenDistiller(nn.Module):
         use_hiddens = "MSE-on-hiddens" in self.losses
         use_logits = bool(_LOGIT_LOSSES & set(self.losses))
         use_ce = bool(_CE_LOSSES & set(self.losses))
-        train_output = self.rows.trains_output
+        use_new_outputs = NEW_TOKEN_OUTPUT_LOSS in self.losses
+        train_output_with_ce = self.rows.trains_output and not use_new_outputs
 
         def aligned(teacher: torch.Tensor) -> torch.Tensor:
             picked = teacher.gather(1, index[..., None].expand(-1, -1, teacher.size(-1)))
             return picked[mask]
 
-        student_final = use_logits or use_ce or train_output
-        run_teacher = use_hiddens or use_logits
+        teacher_final = use_logits or use_new_outputs
+        student_final = teacher_final or use_ce or train_output_with_ce
+        run_teacher = use_hiddens or teacher_final
         # reuse the teacher's prefix only when both ran the same layers
-        reuse = self.reuse_prefix and run_teacher and (use_logits == student_final or self.target == self.n_layers)
+        reuse = self.reuse_prefix and run_teacher and (teacher_final == student_final or self.target == self.n_layers)
         split = self.shared_prefix(student_ids, mask) if reuse else 0
 
         parts: dict[str, torch.Tensor] = {}
@@ -215,7 +222,7 @@ class TokenDistiller(nn.Module):
             if run_teacher:
                 with torch.no_grad():
                     teacher = self.hidden_states(
-                        use_hiddens, use_logits, keep_cache=split > 0, input_ids=batch["teacher_ids"].to(device)
+                        use_hiddens, teacher_final, keep_cache=split > 0, input_ids=batch["teacher_ids"].to(device)
                     )
                 t_target, t_final = teacher.target, teacher.final
             s_target, s_final, _ = self.student_states(student_ids, mask, teacher, split, use_hiddens, student_final)
@@ -233,10 +240,16 @@ class TokenDistiller(nn.Module):
                     parts["KL-on-logits"] = F.kl_div(
                         F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), reduction="batchmean", log_target=True
                     )
+            if use_new_outputs:
+                at = new_token_positions(student_ids, mask, batch["teacher_ids"].to(device), index, self.new_start)
+                target_dists = teacher_targets(at, t_final, self.original_logits, len(self.rows.input))
+                out_rows = self.rows.input if self.tied else self.rows.output
+                s_logits = self.full_logits(s_final[at.batch, at.student], out_rows)
+                parts[NEW_TOKEN_OUTPUT_LOSS] = kl_to_targets(target_dists, s_logits)
             for value in parts.values():
                 loss = loss + value
 
-            if use_ce or train_output:
+            if use_ce or train_output_with_ce:
                 targets = student_ids[:, 1:][mask[:, 1:]]
                 positions = mask[:, 1:]
             if use_ce:
@@ -248,7 +261,7 @@ class TokenDistiller(nn.Module):
                     loss = loss + ce
                 if "CE-auto-weighted" in self.losses:
                     loss = loss + ce * (loss.detach() / ce.detach().clamp_min(1e-12))
-            if train_output:
+            if train_output_with_ce:
                 # gradient reaches only the output rows: hidden states are detached
                 hidden = s_final[:, :-1][positions].detach()
                 parts["CE-output-rows"] = F.cross_entropy(self.full_logits(hidden, self.rows.output), targets)

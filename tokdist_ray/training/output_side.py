@@ -1,0 +1,75 @@
+"""Output-side distillation: the student predicts a new token as the teacher predicted its pieces.
+
+At a student position j whose next token is a new id k, the teacher's probability of that
+continuation is the product of its probabilities of k's pieces, read at the aligned teacher
+positions teacher_index[j] .. teacher_index[j+1]-1. The target distribution at j is the
+teacher's next-token distribution at teacher_index[j] with that phrase probability moved
+from k's first piece to k; every other new id gets 0. The loss is KL(target || student).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+
+class NewTokenPositions(NamedTuple):
+    """Student positions followed by a new token, and the teacher positions that predict its pieces."""
+
+    batch: torch.Tensor  # [P] row in the batch
+    student: torch.Tensor  # [P] student position j
+    new_index: torch.Tensor  # [P] k - new_start
+    teacher: torch.Tensor  # [P, L] teacher positions predicting piece 1..L (padded by repeating the first)
+    pieces: torch.Tensor  # [P, L] the piece each of them predicts
+    valid: torch.Tensor  # [P, L] False past the phrase's length
+
+
+def new_token_positions(
+    student_ids: torch.Tensor, mask: torch.Tensor, teacher_ids: torch.Tensor, teacher_index: torch.Tensor, new_start: int
+) -> NewTokenPositions:
+    follows = mask[:, :-1] & mask[:, 1:] & (student_ids[:, 1:] >= new_start)
+    batch, student = follows.nonzero(as_tuple=True)
+    start = teacher_index[batch, student]
+    length = teacher_index[batch, student + 1] - start
+    offsets = torch.arange(int(length.max()) if len(length) else 1, device=student_ids.device)
+    valid = offsets[None, :] < length[:, None]
+    teacher = start[:, None] + offsets[None, :] * valid
+    pieces = teacher_ids[batch[:, None], teacher + 1]
+    return NewTokenPositions(batch, student, student_ids[batch, student + 1] - new_start, teacher, pieces, valid)
+
+
+def phrase_targets(
+    first_log_probs: torch.Tensor, phrase_log_prob: torch.Tensor, first_piece: torch.Tensor, new_index: torch.Tensor, n_new: int
+) -> torch.Tensor:
+    """[P, V + n_new] target distributions: the teacher's [P, V] next-token distribution
+    with each phrase's probability moved from its first piece to its new id."""
+    original = first_log_probs.exp()
+    phrase = phrase_log_prob.exp()
+    rows = torch.arange(len(original), device=original.device)
+    original[rows, first_piece] = (original[rows, first_piece] - phrase).clamp_min(0)
+    new = original.new_zeros(len(original), n_new)
+    new[rows, new_index] = phrase
+    return torch.cat([original, new], dim=-1)
+
+
+def kl_to_targets(targets: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(student_logits)) averaged over positions (0 when there are none)."""
+    log_student = student_logits.float().log_softmax(-1)
+    kl = (torch.xlogy(targets, targets) - targets * log_student).sum()
+    return kl / max(len(targets), 1)
+
+
+@torch.no_grad()
+def teacher_targets(
+    at: NewTokenPositions, teacher_final: torch.Tensor, original_logits: Callable[[torch.Tensor], torch.Tensor], n_new: int
+) -> torch.Tensor:
+    """Targets from the teacher's final states; the LM head runs only at the positions that
+    predict a piece, never over the whole [batch, seq, vocab]."""
+    log_probs = original_logits(teacher_final[at.batch[:, None].expand_as(at.teacher)[at.valid], at.teacher[at.valid]])
+    log_probs = log_probs.float().log_softmax(-1)
+    piece_log_probs = torch.zeros(at.valid.shape, device=log_probs.device)
+    piece_log_probs[at.valid] = log_probs.gather(1, at.pieces[at.valid][:, None]).squeeze(1)
+    # the first valid row of each position is its offset 0: rows come out in [P, L] order
+    firsts = at.valid.sum(1).cumsum(0) - at.valid.sum(1)
+    return phrase_targets(log_probs[firsts], piece_log_probs.sum(1), at.pieces[:, 0], at.new_index, n_new)
