@@ -54,6 +54,7 @@ def evaluate_export(config, expansion: MergeExpansion, distilled: dict, out_dir:
         raise TooFewSnippetsError("none of the new tokens occurs in eval.heldout_paths; point it at held-out text that uses them")
     examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), [s["input_ids"] for s in snippets])
     methods = {"token_distillation": rows["input"], **baseline_rows(model, tokens, new_start)}
+    log.info("drift: %d held-out snippets, %d methods", len(examples), len(methods))
     results = drift(model, new_start, methods, examples, [s["token"] for s in snippets],
                     config.training.target_layer, config.eval.batch_size)
     original = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
