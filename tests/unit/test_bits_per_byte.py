@@ -191,3 +191,32 @@ def test_markdown_table_puts_the_original_first_with_changes_against_it():
     rows = table.splitlines()
     assert rows[2].startswith("| original | 0.6000 | 1.500 | – | 1.0000 | +0.0000 | +0.00% | – | – |")
     assert rows[3] == "| td | 0.6000 | 1.500 | 66.7% | 0.8000 | -0.2000 | -20.00% | 0.4000 | 0.4000 |"
+
+
+def test_methods_and_another_tools_model_dir_are_scored_on_the_same_chunks(tiny_model_dir, tmp_path):
+    """score_methods: the original once, each method's rows in one expanded copy, and a
+    saved model directory (as another tool would hand it over) on its own tokenizer."""
+    from tokdist_ray.eval.bits_per_byte import score_methods
+    from tokdist_ray.vocab.export import save_expanded
+
+    model_dir = tiny_model_dir(tied=True)
+    model, tokenizer = load_model(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    expansion = expand_with_merges(tokenizer, WORDS)
+    n_new = len(expansion.tokens)
+    rows = {"a": torch.randn(n_new, model.config.hidden_size), "b": torch.zeros(n_new, model.config.hidden_size)}
+    chunks = heldout_chunks(PLAIN_DOCS + ["The Krankenwagen passed the Schmetterling twice."], chunk_bytes=120)
+    other = expand_model(load_model(model_dir), expansion.new_start, rows["a"])
+    save_expanded(other, expansion.tokenizer, tmp_path / "other")
+
+    def load_other():
+        return load_model(tmp_path / "other"), AutoTokenizer.from_pretrained(tmp_path / "other")
+
+    scored = score_methods(model, tokenizer, expansion.tokenizer, expansion.new_start,
+                           {name: (r, None) for name, r in rows.items()}, chunks, other_models={"other": load_other})
+    methods = scored["methods"]
+    assert list(methods) == ["original", "a", "b", "other"]
+    assert methods["original"]["bits_per_byte"] == pytest.approx(bits_per_byte(model, tokenizer, chunks)["bits_per_byte"])
+    assert methods["other"]["bits_per_byte"] == pytest.approx(methods["a"]["bits_per_byte"], rel=1e-5)
+    assert methods["a"]["bits_per_byte"] != pytest.approx(methods["b"]["bits_per_byte"])
+    assert methods["a"]["new_tokens"] > 0 and scored["costliest_new_tokens"]["a"]
+    assert torch.equal(model.get_input_embeddings().weight, load_model(model_dir).get_input_embeddings().weight)
