@@ -7,7 +7,7 @@ from tests.helpers import tiny_setup
 from tokdist_ray.config import NEW_TOKEN_OUTPUT_LOSS, DistillationConfig
 from tokdist_ray.training.batching import collate
 from tokdist_ray.training.local import train_local
-from tokdist_ray.training.output_side import kl_to_targets, new_token_positions, phrase_targets
+from tokdist_ray.training.output_side import new_token_positions, phrase_targets, summed_kl
 
 
 def _student_final_states(distiller, batch):
@@ -43,7 +43,7 @@ def _manual_loss(distiller, batch):
             target[ids[b, j + 1]] = phrase
             kls.append((target * (target.clamp_min(1e-30).log() - student[b, j])).sum())
     assert len(kls) >= 4  # every snippet holds a new token
-    return torch.stack(kls).mean()
+    return torch.stack(kls).sum() / mask.sum()
 
 
 def test_loss_is_zero_when_the_student_matches_the_adjusted_teacher():
@@ -58,8 +58,8 @@ def test_loss_is_zero_when_the_student_matches_the_adjusted_teacher():
     rows = torch.arange(3)
     torch.testing.assert_close(targets[rows, first_piece], first_log_probs.exp()[rows, first_piece] - phrase_log_prob.exp())
 
-    assert kl_to_targets(targets, targets.clamp_min(1e-30).log()).abs() < 1e-6
-    assert kl_to_targets(targets, torch.zeros_like(targets)) > 0.1
+    assert summed_kl(targets, targets.clamp_min(1e-30).log()).abs() < 1e-6
+    assert summed_kl(targets, torch.zeros_like(targets)) > 0.1
 
 
 def test_a_batch_without_new_tokens_gives_zero_loss_with_a_gradient():
@@ -67,7 +67,7 @@ def test_a_batch_without_new_tokens_gives_zero_loss_with_a_gradient():
                              torch.tensor([[0, 1, 2]]), new_start=10)
     assert len(at.batch) == 0
     logits = torch.zeros(0, 12, requires_grad=True)
-    loss = kl_to_targets(torch.zeros(0, 12), logits)
+    loss = summed_kl(torch.zeros(0, 12), logits)
     loss.backward()
     assert loss == 0
 

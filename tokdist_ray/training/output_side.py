@@ -4,7 +4,10 @@ At a student position j whose next token is a new id k, the teacher's probabilit
 continuation is the product of its probabilities of k's pieces, read at the aligned teacher
 positions teacher_index[j] .. teacher_index[j+1]-1. The target distribution at j is the
 teacher's next-token distribution at teacher_index[j] with that phrase probability moved
-from k's first piece to k; every other new id gets 0. The loss is KL(target || student).
+from k's first piece to k; every other new id gets 0. The loss is KL(target || student),
+summed here and averaged by the step over all student positions (those before an old
+token count 0), like the hidden-state MSE: this weighs the two per position, and the
+data-parallel step's weighting of ranks by their share of positions stays exact.
 """
 
 from __future__ import annotations
@@ -53,11 +56,10 @@ def phrase_targets(
     return torch.cat([original, new], dim=-1)
 
 
-def kl_to_targets(targets: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """KL(target || softmax(student_logits)) averaged over positions (0 when there are none)."""
+def summed_kl(targets: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(student_logits)) summed over positions (0 when there are none)."""
     log_student = student_logits.float().log_softmax(-1)
-    kl = (torch.xlogy(targets, targets) - targets * log_student).sum()
-    return kl / max(len(targets), 1)
+    return (torch.xlogy(targets, targets) - targets * log_student).sum()
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from torch import nn
 
 from tokdist_ray.config import NEW_TOKEN_OUTPUT_LOSS
 from tokdist_ray.config import loss_methods as checked_losses
-from tokdist_ray.training.output_side import kl_to_targets, new_token_positions, teacher_targets
+from tokdist_ray.training.output_side import new_token_positions, summed_kl, teacher_targets
 from tokdist_ray.vocab.models import cache_argument
 
 _LOGIT_LOSSES = {"MSE-on-logits", "KL-on-logits"}
@@ -245,7 +245,7 @@ class TokenDistiller(nn.Module):
                 target_dists = teacher_targets(at, t_final, self.original_logits, len(self.rows.input))
                 out_rows = self.rows.input if self.tied else self.rows.output
                 s_logits = self.full_logits(s_final[at.batch, at.student], out_rows)
-                parts[NEW_TOKEN_OUTPUT_LOSS] = kl_to_targets(target_dists, s_logits)
+                parts[NEW_TOKEN_OUTPUT_LOSS] = summed_kl(target_dists, s_logits) / mask.sum()
             for value in parts.values():
                 loss = loss + value
 
