@@ -138,7 +138,8 @@ class TokenDistillation:
         examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), snippet_ids)
         rows = self._initial_rows(tokens, output_emb_policy, pre_init_strategy)
         distiller = TokenDistiller(
-            self.model, rows, new_start, training.loss_methods, training.target_layer, training.mixed_precision
+            self.model, rows, new_start, training.loss_methods, training.target_layer, training.mixed_precision,
+            training.new_token_output_weight,
         ).to(self.device)
         log.info(
             "distilling %d tokens on %d snippets (%s, bf16 %s)", len(tokens), len(examples), self.device,

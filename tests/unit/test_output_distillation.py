@@ -122,3 +122,16 @@ def test_training_moves_the_new_rows_and_leaves_the_model_bit_identical(tiny_mod
     assert not torch.equal(rows_before, trained.detach())
     for name, weight in distiller.model.state_dict().items():
         assert torch.equal(weight, weights_before[name]), name
+
+
+def test_the_weight_scales_the_output_side_loss_against_the_hidden_state_loss(tiny_model_dir):
+    distiller, examples, _ = tiny_setup(tiny_model_dir(tied=True), losses=["MSE-on-hiddens", NEW_TOKEN_OUTPUT_LOSS])
+    batch = collate(examples)
+    out = distiller(batch)
+    distiller.new_token_output_weight = 0.4
+    weighted = distiller(batch)
+    assert out[NEW_TOKEN_OUTPUT_LOSS] > 0
+    torch.testing.assert_close(weighted["loss"], out["MSE-on-hiddens"] + 0.4 * out[NEW_TOKEN_OUTPUT_LOSS])
+    torch.testing.assert_close(out["loss"], out["MSE-on-hiddens"] + out[NEW_TOKEN_OUTPUT_LOSS])
+    with pytest.raises(ValueError, match="new_token_output_weight must be positive"):
+        DistillationConfig(new_token_output_weight=0)

@@ -116,6 +116,7 @@ class TokenDistiller(nn.Module):
         loss_methods: Sequence[str] = ("MSE-on-hiddens",),
         target_layer: int = -1,
         mixed_precision: bool = True,
+        new_token_output_weight: float = 1.0,
     ):
         super().__init__()
         loss_methods = checked_losses(loss_methods)
@@ -123,6 +124,7 @@ class TokenDistiller(nn.Module):
         self.rows = rows
         self.new_start = new_start
         self.losses = tuple(loss_methods)
+        self.new_token_output_weight = new_token_output_weight
         self.mixed_precision = mixed_precision
         decoder = model.get_decoder()
         self.n_layers = len(decoder.layers)
@@ -246,8 +248,8 @@ class TokenDistiller(nn.Module):
                 out_rows = self.rows.input if self.tied else self.rows.output
                 s_logits = self.full_logits(s_final[at.batch, at.student], out_rows)
                 parts[NEW_TOKEN_OUTPUT_LOSS] = summed_kl(target_dists, s_logits) / mask.sum()
-            for value in parts.values():
-                loss = loss + value
+            for name, value in parts.items():
+                loss = loss + (self.new_token_output_weight * value if name == NEW_TOKEN_OUTPUT_LOSS else value)
 
             if use_ce or train_output_with_ce:
                 targets = student_ids[:, 1:][mask[:, 1:]]

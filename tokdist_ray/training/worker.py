@@ -118,7 +118,8 @@ def _parallel_distiller(plan, new_start: int, steps: int, world: int, device: to
     model = load_model(plan.model_path, dtype=dtype, device=device)
     rows = initial_rows(model, [t.phrase_ids for t in plan.tokens], plan.output_emb_policy, plan.pre_init_strategy)
     cfg = plan.training
-    distiller = TokenDistiller(model, rows, new_start, cfg.loss_methods, cfg.target_layer, cfg.mixed_precision).to(device)
+    distiller = TokenDistiller(model, rows, new_start, cfg.loss_methods, cfg.target_layer, cfg.mixed_precision,
+                               cfg.new_token_output_weight).to(device)
     optimizer, lr_schedule = make_optimizer([p for p in distiller.parameters() if p.requires_grad], cfg, steps)
     if plan.strategy == "ddp":
         return DataParallel(distiller, optimizer, lr_schedule, device)
