@@ -32,7 +32,7 @@ from tokdist_ray.data.generation.local import generate_snippets
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.mining import mine_corpus
 from tokdist_ray.raycluster import ray_is_running
-from tokdist_ray.report import expansion_report
+from tokdist_ray.report import expansion_report, positions_per_token
 from tokdist_ray.training.batching import align_snippets
 from tokdist_ray.training.local import train_local
 from tokdist_ray.training.rows import initial_rows
@@ -41,7 +41,7 @@ from tokdist_ray.vocab.alignment import PieceAligner
 from tokdist_ray.vocab.expansion_files import expansion_summary
 from tokdist_ray.vocab.export import expand_model, save_expanded
 from tokdist_ray.vocab.merges import ADDED_TOKENS, MERGES, SKIP, MergeExpansion, expand_with_merges
-from tokdist_ray.vocab.models import cache_root, load_model, load_tokenizer
+from tokdist_ray.vocab.models import cache_root, load_model, load_tokenizer, ties_word_embeddings
 from tokdist_ray.vocab.tokens import NewToken, not_distilled_note, tokens_to_distill
 
 log = logging.getLogger("tokdist_ray")
@@ -136,7 +136,7 @@ class TokenDistillation:
         t = time.perf_counter()
         tokens, new_start = expansion.tokens, expansion.new_start
         examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), snippet_ids)
-        rows = self._initial_rows(tokens, output_emb_policy, pre_init_strategy)
+        rows = self._initial_rows(tokens, output_emb_policy, pre_init_strategy, training.untie_word_embeddings)
         distiller = TokenDistiller(
             self.model, rows, new_start, training.loss_methods, training.target_layer, training.mixed_precision,
             training.new_token_output_weight,
@@ -159,6 +159,7 @@ class TokenDistillation:
                 "output_emb_policy": output_emb_policy.value, "pre_init_strategy": pre_init_strategy,
                 "training": dict(vars(training)),
             },
+            positions=positions_per_token(snippet_ids, new_start, len(tokens)),
             tokenizer=expansion_summary(expansion),
             tokens_skipped=expansion.skipped,
             tokens_not_distilled=not_distilled,
@@ -207,8 +208,7 @@ class TokenDistillation:
         stats.log_shortfall(snippets_per_token, top_up)
         return rows, stats
 
-    def _initial_rows(self, tokens: list[NewToken], policy: OutputEmbeddingInit, strategy: str) -> NewRows:
-        head = self.model.get_output_embeddings()
-        if policy is OutputEmbeddingInit.TRAIN_WITH_CE and (head is None or head.weight is self.model.get_input_embeddings().weight):
-            log.info("tied embeddings: output rows are the input rows; nothing separate to train")
-        return initial_rows(self.model, [tok.phrase_ids for tok in tokens], policy, strategy)
+    def _initial_rows(self, tokens: list[NewToken], policy: OutputEmbeddingInit, strategy: str, untie: bool) -> NewRows:
+        if ties_word_embeddings(self.model) and not untie and policy is OutputEmbeddingInit.TRAIN_WITH_CE:
+            log.info("tied embeddings: output rows are the input rows (untie_word_embeddings=True trains them apart)")
+        return initial_rows(self.model, [tok.phrase_ids for tok in tokens], policy, strategy, untie)

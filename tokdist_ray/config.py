@@ -78,6 +78,9 @@ class DistillationConfig:
     # KL-on-new-token-outputs against the other losses; on the demo 0.4 gave the best bits
     # per byte with hidden-state drift within 3% of MSE-on-hiddens alone
     new_token_output_weight: float = 1.0
+    # tied models: train and export separate output rows for the new tokens (the model is
+    # saved untied, one more [vocab, d] table; its original rows are copied bit for bit)
+    untie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
         self.loss_methods = loss_methods(self.loss_methods)

@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 
-def tokens_added(tokens: Sequence, new_start: int, snippet_counts: dict[str, int]) -> list[dict]:
+def positions_per_token(snippets: Iterable[Sequence[int]], new_start: int, n_new: int) -> list[int]:
+    """How often each new id occurs in the training snippets: the student positions that
+    train its row in one epoch (an intermediate or a frequent token also occurs in other
+    tokens' snippets, so this can far exceed its snippet count)."""
+    counts = Counter(i for ids in snippets for i in ids if i >= new_start)
+    return [counts.get(new_start + k, 0) for k in range(n_new)]
+
+
+def tokens_added(tokens: Sequence, new_start: int, snippet_counts: dict[str, int],
+                 positions: Sequence[int] | None = None) -> list[dict]:
     return [
-        {"token": t.text, "id": new_start + i, "phrase_ids": list(t.phrase_ids), "snippets": snippet_counts.get(t.text, 0)}
+        {"token": t.text, "id": new_start + i, "phrase_ids": list(t.phrase_ids), "snippets": snippet_counts.get(t.text, 0),
+         **({"positions_per_epoch": positions[i]} if positions is not None else {})}
         for i, t in enumerate(tokens)
     ]
 
 
 def expansion_report(model: str, tokens: Sequence, new_start: int, snippet_counts: dict[str, int], history,
-                     settings: dict, **sections) -> dict:
-    """The report of an expanded model: its new tokens with ids and snippet counts, the
-    training history, the settings, then any further sections (snippets, timings...)."""
+                     settings: dict, positions: Sequence[int] | None = None, **sections) -> dict:
+    """The report of an expanded model: its new tokens with ids, snippet counts and the
+    positions that trained them, the training history, the settings, then any further
+    sections (snippets, timings...)."""
     return {
         "model": model,
-        "tokens_added": tokens_added(tokens, new_start, snippet_counts),
+        "tokens_added": tokens_added(tokens, new_start, snippet_counts, positions),
         "training": history.as_dict(),
         "settings": settings,
         **sections,

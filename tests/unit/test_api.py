@@ -57,11 +57,32 @@ def test_exported_model_loads_encodes_new_tokens_and_keeps_old_rows(tiny_model_d
     assert [t["token"] for t in added[: len(WORDS)]] == WORDS and [t["id"] for t in added] == list(range(n_old, len(tok)))
     assert [t["token"] for t in added[len(WORDS) :]] == report["tokenizer"]["intermediate_tokens"]
     assert all(t["snippets"] == 5 for t in added[: len(WORDS)])
+    assert all(t["positions_per_epoch"] >= t["snippets"] for t in added)  # each snippet holds its token
     new_rows = model.get_input_embeddings().weight[n_old:]
     assert new_rows.shape[0] == len(added) and torch.isfinite(new_rows).all() and new_rows.abs().sum() > 0
     if not tied:  # trained with CE by default: not zero, not the input rows
         assert model.get_output_embeddings().weight[n_old:].abs().sum() > 0
     assert report["training"]["loss_curve"] and report["timings_s"]["distill"] > 0
+
+
+def test_a_tied_model_untied_on_request_trains_and_exports_its_own_output_rows(tiny_model_dir, corpus, tmp_path):
+    model_dir = tiny_model_dir(tied=True)
+    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    td = TokenDistillation(str(model_dir), device="cpu")
+    out = tmp_path / "out"
+    training = DistillationConfig(epochs=2, batch_size=4, learning_rate=1e-2, log_every=1000, untie_word_embeddings=True,
+                                  loss_methods=["MSE-on-hiddens", "KL-on-new-token-outputs"])
+    td.run(WORDS, out_path=str(out), data=FileDataSource(str(corpus)), snippet_len=24, snippets_per_token=4,
+           training=training, save=True)
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    n_old = len(AutoTokenizer.from_pretrained(model_dir))
+    inputs, outputs = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert not model.config.tie_word_embeddings and inputs.data_ptr() != outputs.data_ptr()
+    table = original.get_input_embeddings().weight[:n_old]  # the one table of the tied original
+    assert torch.equal(inputs[:n_old], table) and torch.equal(outputs[:n_old], table)
+    assert inputs.shape == outputs.shape and not torch.allclose(inputs[n_old:], outputs[n_old:])
+    assert json.loads((out / "report.json").read_text())["settings"]["training"]["untie_word_embeddings"] is True
 
 
 def test_added_tokens_mode_is_the_references_tokenizer(tiny_model_dir, corpus):

@@ -52,11 +52,11 @@ def test_baselines_are_built_from_the_original_rows(tiny_model_dir):
 
 
 def test_compression_counts_tokens_per_byte(tiny_model_dir):
-    from tokdist_ray.vocab.export import expand_tokenizer
+    from tokdist_ray.vocab.merges import add_tokens
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir(tied=True))
     tokens = select_new_tokens(tok, [" Krankenwagen"]).tokens
-    expanded = expand_tokenizer(tok, tokens)
+    expanded = add_tokens(tok, tokens)
     result = compression(tok, expanded, ["a Krankenwagen and a Krankenwagen"])
     assert result["tokens_before"] - result["tokens_after"] == 2 * (len(tokens[0].phrase_ids) - 1)
     assert result["tokens_per_byte_after"] < result["tokens_per_byte_before"]

@@ -177,6 +177,7 @@ def score_methods(
     import copy
 
     from tokdist_ray.vocab.export import expand_model
+    from tokdist_ray.vocab.models import ties_word_embeddings
 
     original = token_log_probs(model, original_tokenizer, chunks, batch_size)
     summaries, costliest = {"original": summarise(original)}, {}
@@ -187,10 +188,17 @@ def score_methods(
         if log is not None:
             log(name, summaries[name])
 
-    expanded = copy.deepcopy(model)
+    expanded = None
     for name, (input_rows, output_rows) in methods.items():
+        # methods overwrite one copy's new rows, but one with its own output rows unties a
+        # tied copy: it gets a copy of its own
+        own_copy = output_rows is not None and ties_word_embeddings(model)
+        if expanded is None or own_copy:
+            expanded = copy.deepcopy(model)
         expand_model(expanded, new_start, input_rows, output_rows)
         record(name, token_log_probs(expanded, expanded_tokenizer, chunks, batch_size))
+        if own_copy:
+            expanded = None
     del expanded
     for name, load in (other_models or {}).items():
         other, tokenizer = load()

@@ -18,33 +18,23 @@ import torch
 from tokdist_ray.training.batching import collate
 from tokdist_ray.training.rows import pre_init_rows
 from tokdist_ray.training.step import NewRows, TokenDistiller
+from tokdist_ray.vocab.models import ties_word_embeddings
 from tokdist_ray.vocab.tokens import NewToken
 
 METRICS = ("hidden_mse", "target_mse", "kl")
 
 
-def baseline_rows(model, tokens: Sequence[NewToken], new_start: int) -> dict[str, torch.Tensor]:
-    """Input rows of the heuristics Token Distillation is compared with."""
-    table = model.get_input_embeddings().weight[:new_start]
+def baseline_rows(model, tokens: Sequence[NewToken], new_start: int, side: str = "input") -> dict[str, torch.Tensor]:
+    """The rows of the heuristics Token Distillation is compared with, from the input
+    table, or from an untied model's output table (`side="output"`; {} for tied models)."""
+    if side == "output" and ties_word_embeddings(model):
+        return {}
+    table = (model.get_input_embeddings() if side == "input" else model.get_output_embeddings()).weight[:new_start]
     phrases = [t.phrase_ids for t in tokens]
     return {
-        "fvt": pre_init_rows(table, phrases, "fvt"),
-        "adapti-vocab": pre_init_rows(table, phrases, "adapti-vocab"),
+        "fvt": pre_init_rows(table, phrases, "fvt", side),
+        "adapti-vocab": pre_init_rows(table, phrases, "adapti-vocab", side),
         # the row resize_token_embeddings centres new rows on: the mean of all rows
-        "mean_embedding": table.float().mean(0).expand(len(phrases), -1).clone(),
-    }
-
-
-def baseline_output_rows(model, tokens: Sequence[NewToken], new_start: int) -> dict[str, torch.Tensor] | None:
-    """An untied model's output rows for the same heuristics (None for tied models)."""
-    head = model.get_output_embeddings()
-    if head is None or head.weight is model.get_input_embeddings().weight:
-        return None
-    table = head.weight[:new_start]
-    phrases = [t.phrase_ids for t in tokens]
-    return {
-        "fvt": pre_init_rows(table, phrases, "fvt", "output"),
-        "adapti-vocab": pre_init_rows(table, phrases, "adapti-vocab", "output"),
         "mean_embedding": table.float().mean(0).expand(len(phrases), -1).clone(),
     }
 

@@ -18,7 +18,6 @@ from tokdist_ray.errors import TooFewSnippetsError
 from tokdist_ray.eval.bits_per_byte import costliest_table, heldout_chunks, score_methods
 from tokdist_ray.eval.bits_per_byte import markdown_table as bits_table
 from tokdist_ray.eval.drift import (
-    baseline_output_rows,
     baseline_rows,
     compression,
     drift,
@@ -66,7 +65,7 @@ def evaluate_export(config, expansion: MergeExpansion, distilled: dict, out_dir:
     }
     sections = []
     if config.eval.bits_per_byte_bytes:
-        outputs = baseline_output_rows(model, tokens, new_start) or {}
+        outputs = baseline_rows(model, tokens, new_start, side="output")
         with_outputs = {name: (inputs, rows.get("output") if name == "token_distillation" else outputs.get(name))
                         for name, inputs in methods.items()}
         chunks = heldout_chunks(texts, config.eval.chunk_bytes, config.eval.bits_per_byte_bytes)

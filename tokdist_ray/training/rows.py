@@ -12,7 +12,9 @@ from typing import Literal, Sequence
 import torch
 
 from tokdist_ray.config import OutputEmbeddingInit, pre_init_strategy
+from tokdist_ray.errors import ConfigError
 from tokdist_ray.training.step import NewRows
+from tokdist_ray.vocab.models import ties_word_embeddings
 
 PreInitStrategy = Literal["fvt", "adapti-vocab"]
 _CHUNK = 2048
@@ -57,13 +59,19 @@ def pre_init_rows(
     return torch.cat(chunks)
 
 
-def initial_rows(model, phrases: Sequence[Sequence[int]], policy: OutputEmbeddingInit, strategy: PreInitStrategy) -> NewRows:
+def initial_rows(
+    model, phrases: Sequence[Sequence[int]], policy: OutputEmbeddingInit, strategy: PreInitStrategy, untie: bool = False
+) -> NewRows:
     """The new rows before training: input rows pre-initialised from the subtokens; an
-    untied model's output rows zero, the subtoken mean, or pre-initialised and trained."""
+    untied model's output rows zero, the subtoken mean, or pre-initialised and trained.
+    A tied model has no output rows of its own unless `untie`: then they start from its
+    one table as an untied model's would (`untie_word_embeddings` exports them apart)."""
     inputs = pre_init_rows(model.get_input_embeddings().weight, phrases, strategy, "input")
-    head = model.get_output_embeddings()
-    if head is None or head.weight is model.get_input_embeddings().weight:
+    if ties_word_embeddings(model) and not untie:
         return NewRows(inputs)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ConfigError(f"untie_word_embeddings: {type(model).__name__} has no output embeddings")
     if policy is OutputEmbeddingInit.ZERO:
         return NewRows(inputs, torch.zeros_like(inputs))
     if policy is OutputEmbeddingInit.SUBTOKEN_MEAN:

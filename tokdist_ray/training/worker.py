@@ -20,7 +20,7 @@ import torch.distributed as torch_dist
 
 from tokdist_ray.console import quiet_worker
 from tokdist_ray.errors import TooFewSnippetsError
-from tokdist_ray.report import expansion_report
+from tokdist_ray.report import expansion_report, positions_per_token
 from tokdist_ray.training.batching import align_snippets, collate
 from tokdist_ray.training.checkpoint import (
     OPTIMIZER_DIR,
@@ -37,7 +37,7 @@ from tokdist_ray.training.checkpoint import (
 from tokdist_ray.training.progress import ProgressMeter
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.schedule import SnippetSchedule, make_optimizer
-from tokdist_ray.training.snippet_files import read_snippets
+from tokdist_ray.training.snippet_files import SnippetSet, read_snippets
 from tokdist_ray.training.step import TokenDistiller, bf16_supported
 from tokdist_ray.training.strategies import DataParallel, DeepSpeedZero, deepspeed_config, model_dtype
 from tokdist_ray.vocab.alignment import PieceAligner
@@ -102,7 +102,7 @@ def train_worker(config: dict) -> None:
             break
     if rank == 0:
         del parallel
-        _export(plan, rows, progress, snippets.counts)
+        _export(plan, rows, progress, snippets)
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -116,7 +116,8 @@ def _device(use_gpu: bool) -> torch.device:
 def _parallel_distiller(plan, new_start: int, steps: int, world: int, device: torch.device):
     dtype = model_dtype(plan.use_gpu, plan.training.mixed_precision, gpu_runs_bf16=bf16_supported(device))
     model = load_model(plan.model_path, dtype=dtype, device=device)
-    rows = initial_rows(model, [t.phrase_ids for t in plan.tokens], plan.output_emb_policy, plan.pre_init_strategy)
+    rows = initial_rows(model, [t.phrase_ids for t in plan.tokens], plan.output_emb_policy, plan.pre_init_strategy,
+                        plan.training.untie_word_embeddings)
     cfg = plan.training
     distiller = TokenDistiller(model, rows, new_start, cfg.loss_methods, cfg.target_layer, cfg.mixed_precision,
                                cfg.new_token_output_weight).to(device)
@@ -180,15 +181,16 @@ def _restore(parallel, rank: int) -> tuple[Progress, dict[str, torch.Tensor] | N
     return progress, rows
 
 
-def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, counts: dict[str, int]) -> None:
+def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: SnippetSet) -> None:
     """Expand a fresh copy of the model (its old rows straight from disk) and save it."""
     new_start = plan.expansion.new_start
     model = load_model(plan.model_path, dtype="auto")
     expand_model(model, new_start, rows["input"], rows.get("output"))
     report = expansion_report(
-        plan.model_name, plan.tokens, new_start, counts, progress.history,
+        plan.model_name, plan.tokens, new_start, snippets.counts, progress.history,
         settings={"output_emb_policy": plan.output_emb_policy.value, "pre_init_strategy": plan.pre_init_strategy,
                   "training": dict(vars(plan.training))},
+        positions=positions_per_token(snippets.ids, new_start, len(plan.tokens)),
         tokenizer=expansion_summary(plan.expansion),
         distributed={
             "strategy": plan.strategy,

@@ -29,6 +29,7 @@ Hugging Face added tokens instead, after the merged ones.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import tempfile
@@ -36,8 +37,9 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
+from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tokdist_ray.vocab.bpe_model import BYTE_PIECE, BpeModel, Pair, apply_merges, first_merge, surface_text
@@ -129,25 +131,33 @@ def _why_merges_cannot_work(tokenizer_json: dict | None) -> str | None:
     return None
 
 
-def _expand_with_added_tokens(tokenizer: PreTrainedTokenizerBase, selection: TokenSelection) -> MergeExpansion:
-    from tokdist_ray.vocab.export import expand_tokenizer  # imports torch, which merges never need
+def add_tokens(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[NewToken]) -> PreTrainedTokenizerBase:
+    """A copy of `tokenizer` with `tokens` as non-normalised Hugging Face added tokens (each
+    string encodes to its one id wherever it occurs in raw text), at consecutive new ids."""
+    expanded = copy.deepcopy(tokenizer)
+    start = len(tokenizer)
+    expanded.add_tokens([AddedToken(t.text, normalized=False, special=False) for t in tokens])
+    ids = expanded.convert_tokens_to_ids([t.text for t in tokens])
+    if ids != list(range(start, start + len(tokens))):
+        raise RuntimeError(f"new tokens did not receive consecutive ids from {start}; got {ids[:5]}...")
+    return expanded
 
-    expanded = expand_tokenizer(tokenizer, selection.tokens)
+
+def _expand_with_added_tokens(tokenizer: PreTrainedTokenizerBase, selection: TokenSelection) -> MergeExpansion:
+    expanded = add_tokens(tokenizer, selection.tokens)
     tokens = list(selection.tokens)
     return MergeExpansion(expanded, ADDED_TOKENS, len(tokenizer), tokens, len(tokens), [], selection.skipped)
 
 
 def _with_added_tokens(expansion: MergeExpansion, selection: TokenSelection) -> MergeExpansion:
     """The tokens merges cannot produce entered as added tokens, after the merged ones."""
-    from tokdist_ray.vocab.export import expand_tokenizer
-
     fallback = {s["token"] for s in expansion.skipped if s["reason"] in (SPANS_PRE_TOKENS, OUTSIDE_ALPHABET, NOT_EMITTED)}
     tokens = [t for t in selection.tokens if t.text in fallback]
     if not tokens:
         return expansion
     log.info("%d tokens merges cannot produce enter as added tokens", len(tokens))
     return MergeExpansion(
-        expand_tokenizer(expansion.tokenizer, tokens), MERGES, expansion.new_start, expansion.tokens + tokens,
+        add_tokens(expansion.tokenizer, tokens), MERGES, expansion.new_start, expansion.tokens + tokens,
         expansion.n_requested, expansion.merges, [s for s in expansion.skipped if s["token"] not in fallback],
         [t.text for t in tokens],
     )

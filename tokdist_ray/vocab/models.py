@@ -176,3 +176,9 @@ def cache_argument(model) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def ties_word_embeddings(model) -> bool:
+    """Whether the model reads its output logits from its input embedding table."""
+    head = model.get_output_embeddings()
+    return head is None or head.weight is model.get_input_embeddings().weight
