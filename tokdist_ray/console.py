@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -80,3 +81,28 @@ def worker_env() -> dict[str, str]:
     if not interactive():
         env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     return env
+
+
+class StageProgress:
+    """Progress lines for a loop of known size: done/total, rate and ETA, at most one line
+    per `every_s` seconds, and one at the end when the loop took longer than that."""
+
+    def __init__(self, what: str, total: int, unit: str, every_s: float = 15.0):
+        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+        self.done = 0
+        self.started = self.last = time.perf_counter()
+
+    def advance(self, n: int = 1) -> None:
+        self.reached(self.done + n)
+
+    def reached(self, done: int) -> None:
+        self.done = done
+        now = time.perf_counter()
+        finished = self.done >= self.total
+        if now - self.last < self.every_s and not (finished and now - self.started >= self.every_s):
+            return
+        self.last = now
+        rate = self.done / max(now - self.started, 1e-9)
+        eta = (self.total - self.done) / rate if rate else float("inf")
+        log.info("%s: %d/%d %s (%.1f/s), elapsed %.0fs, eta %.0fs",
+                 self.what, self.done, self.total, self.unit, rate, now - self.started, eta)

@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from tokdist_ray.console import StageProgress
 from tokdist_ray.errors import ConfigError
 
 
@@ -82,7 +83,7 @@ def _start_token(tokenizer) -> int:
 
 
 @torch.no_grad()
-def token_log_probs(model, tokenizer, chunks: Sequence[str], batch_size: int = 8) -> list[ChunkScore]:
+def token_log_probs(model, tokenizer, chunks: Sequence[str], batch_size: int = 8, label: str = "bits per byte") -> list[ChunkScore]:
     """Teacher-forced bits of every token of every chunk, after a start token."""
     if not tokenizer.is_fast:
         raise ConfigError("bits per byte needs a fast tokenizer (token offsets)")
@@ -101,6 +102,7 @@ def token_log_probs(model, tokenizer, chunks: Sequence[str], batch_size: int = 8
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
     bits: list[list[float]] = [[] for _ in chunks]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths per batch: little padding
+    progress = StageProgress(label, len(order), "chunks")
     for lo in range(0, len(order), batch_size):
         batch = order[lo : lo + batch_size]
         input_ids = torch.full((len(batch), max(len(ids[i]) for i in batch)), pad)
@@ -114,6 +116,7 @@ def token_log_probs(model, tokenizer, chunks: Sequence[str], batch_size: int = 8
         nats = (nats / math.log(2)).cpu()
         for row, i in enumerate(batch):
             bits[i] = nats[row, : len(ids[i]) - 1].tolist()
+        progress.advance(len(batch))
     return [
         ChunkScore(text, list(x), [tuple(o) for o in offsets], b)
         for text, x, offsets, b in zip(chunks, enc["input_ids"], enc["offset_mapping"], bits)
@@ -179,7 +182,7 @@ def score_methods(
     from tokdist_ray.vocab.export import expand_model
     from tokdist_ray.vocab.models import ties_word_embeddings
 
-    original = token_log_probs(model, original_tokenizer, chunks, batch_size)
+    original = token_log_probs(model, original_tokenizer, chunks, batch_size, "bits per byte, original")
     summaries, costliest = {"original": summarise(original)}, {}
 
     def record(name: str, scores: list[ChunkScore]) -> None:
@@ -196,13 +199,13 @@ def score_methods(
         if expanded is None or own_copy:
             expanded = copy.deepcopy(model)
         expand_model(expanded, new_start, input_rows, output_rows)
-        record(name, token_log_probs(expanded, expanded_tokenizer, chunks, batch_size))
+        record(name, token_log_probs(expanded, expanded_tokenizer, chunks, batch_size, f"bits per byte, {name}"))
         if own_copy:
             expanded = None
     del expanded
     for name, load in (other_models or {}).items():
         other, tokenizer = load()
-        record(name, token_log_probs(other, tokenizer, chunks, batch_size))
+        record(name, token_log_probs(other, tokenizer, chunks, batch_size, f"bits per byte, {name}"))
     return {"methods": summaries, "costliest_new_tokens": costliest}
 
 

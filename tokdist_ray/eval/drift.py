@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from tokdist_ray.console import StageProgress
 from tokdist_ray.training.batching import collate
 from tokdist_ray.training.rows import pre_init_rows
 from tokdist_ray.training.step import NewRows, TokenDistiller
@@ -65,6 +66,7 @@ def drift(
     anyone = next(iter(distillers.values()))
     need_target = anyone.target != anyone.n_layers
     sums = {name: defaultdict(lambda: defaultdict(float)) for name in methods}
+    progress = StageProgress(f"drift of {len(methods)} methods", len(examples), "held-out snippets")
     for lo in range(0, len(examples), batch_size):
         batch = collate(examples[lo : lo + batch_size])
         keep = _from_first_new_token(batch["student_ids"], batch["student_mask"], new_start)
@@ -92,6 +94,7 @@ def drift(
                     sums[name][key]["positions"] += n
                     for metric, values in per_position.items():
                         sums[name][key][metric] += float(values[row][keep[row]].sum())
+        progress.advance(len(keep))
 
     def means(acc):
         n = max(acc["positions"], 1)

@@ -20,6 +20,7 @@ from typing import Callable
 import pyarrow.parquet as pq
 
 from tokdist_ray.config import FileDataSource, HFDataSource
+from tokdist_ray.console import StageProgress
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA
 from tokdist_ray.errors import TokdistError
 from tokdist_ray.fingerprint import fingerprint
@@ -104,8 +105,9 @@ def candidate_tokens(config: JobConfig, tokenizer) -> tuple[list[str] | object, 
 
         counts = count_pre_tokens(corpus_source(config), tokenizer, num_workers=config.data.num_workers)
         log.info("continued BPE: %d distinct pre-tokens counted; learning %d merges", len(counts), spec.from_corpus)
+        merges = StageProgress("continued BPE", spec.from_corpus, "merges", every_s=10.0)
         learned = continue_bpe(tokenizer, counts, spec.from_corpus, min_count=spec.min_count, max_chars=spec.max_chars,
-                               progress=lambda i, n: log.info("continued BPE: %d/%d merges", i, n))
+                               progress=lambda i, _: merges.reached(i))
         return [t.text for t in learned], {t.text: t.count for t in learned}
     from tokdist_ray.data.corpus import documents
 
