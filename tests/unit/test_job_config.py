@@ -35,6 +35,7 @@ def test_config_errors_name_the_key_and_the_fix():
     ("output.pre_init_strategy", "mean", "output: pre_init_strategy must be one of"),
     ("snippets.snippet_len", "0", "snippets: snippet_len must be at least 1, got 0"),
     ("eval.batch_size", "0", "eval: batch_size must be at least 1, got 0"),
+    ("eval.max_snippets", "0", "eval: max_snippets must be at least 1, got 0"),
     ("tokens.tokenizer_mode", "addedtokens", "tokens: tokens.tokenizer_mode: 'addedtokens' is not allowed"),
     ("tokens.selection", "freq", "tokens: tokens.selection: 'freq' is not allowed; choose one of ['bpe', 'words']"),
     ("snippets.min_snippets_per_token", "101", "snippets: min_snippets_per_token (101) is more than snippets_per_token"),

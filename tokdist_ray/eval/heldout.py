@@ -5,6 +5,7 @@ Distillation's rows next to the baselines'; written as eval.json, eval.md and PN
 from __future__ import annotations
 
 import logging
+import random
 from functools import partial
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def evaluate_export(config, expansion: MergeExpansion, distilled: dict, out_dir:
     snippets, _ = mine_snippets(texts, expansion, config.snippets.snippet_len, config.eval.snippets_per_token)
     if not snippets:
         raise TooFewSnippetsError("none of the new tokens occurs in eval.heldout_paths; point it at held-out text that uses them")
+    if config.eval.max_snippets and len(snippets) > config.eval.max_snippets:
+        keep = sorted(random.Random(config.snippets.seed).sample(range(len(snippets)), config.eval.max_snippets))
+        log.info("drift: a sample of %d of the %d held-out snippets (eval.max_snippets)", len(keep), len(snippets))
+        snippets = [snippets[i] for i in keep]
     examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), [s["input_ids"] for s in snippets])
     methods = {"token_distillation": rows["input"], **baseline_rows(model, tokens, new_start)}
     log.info("drift: %d held-out snippets, %d methods", len(examples), len(methods))

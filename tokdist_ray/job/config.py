@@ -103,6 +103,9 @@ class OutputConfig:
 class EvalConfig:
     heldout_paths: typing.List[str] = field(default_factory=list)  # empty: no evaluation stage
     snippets_per_token: int = 20  # drift: held-out snippets per new token
+    # drift: at most this many of those, a seeded sample (thousands of new tokens would
+    # otherwise make drift the longest stage: every method reads every snippet)
+    max_snippets: int | None = None
     batch_size: int = 16
     bits_per_byte_bytes: int = 100_000  # held-out text scored for bits per byte (0: skip); by bytes, never tokens
     chunk_bytes: int = 2000  # bits per byte: the longest chunk (split at line breaks), each after a start token
@@ -112,6 +115,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _at_least_one(self, "snippets_per_token", "batch_size", "chunk_bytes")
+        if self.max_snippets is not None:
+            _at_least_one(self, "max_snippets")
 
 
 @dataclass
