@@ -22,9 +22,9 @@ from tokdist_ray.data.generation.requests import (
     cut_at_eos,
     expanded_snippets,
     plan_requests,
+    sample_row,
     sample_seed,
-    snippet_from_sample,
-    snippet_table,
+    sample_table,
     stop_ids,
 )
 from tokdist_ray.data.generation.sampling import SampleStreams, draw, warp_logits
@@ -112,10 +112,10 @@ def test_requests_split_into_a_block_per_batch_and_one_per_actor_at_least():
 
 def test_short_samples_are_dropped_and_rows_fit_the_snippet_schema():
     request = {"token": " x", "token_index": 3, "prompt_ids": [1, 9, 8], "phrase_start": 1}
-    assert snippet_from_sample({**request, "continuation": [5, 6]}, min_new_tokens=3) is None
-    row = snippet_from_sample({**request, "continuation": [5, 6, 7]}, min_new_tokens=3)
+    assert sample_row({**request, "continuation": [5, 6]}, min_new_tokens=3) is None
+    row = sample_row({**request, "continuation": [5, 6, 7]}, min_new_tokens=3)
     assert row == {"token": " x", "token_index": 3, "input_ids": [1, 9, 8, 5, 6, 7], "phrase_start": 1, "source": "generated"}
-    table = snippet_table([{**request, "continuation": [5, 6, 7]}, {**request, "continuation": []}], 3)
+    table = sample_table([{**request, "continuation": [5, 6, 7]}, {**request, "continuation": []}], 3)
     assert table.schema.equals(SAMPLE_SCHEMA) and table.num_rows == 1
 
 

@@ -12,7 +12,7 @@ from tokdist_ray.data.generation.requests import (
     expanded_snippets,
     fitted,
     generate_in_rounds,
-    snippet_from_sample,
+    sample_row,
     stop_ids,
     wanted_counts,
 )
@@ -55,7 +55,7 @@ def generate_snippets(
         for batch in batches(requests, source.batch_size):
             continuations = sample_continuations(model, batch, source, snippet_len, stop, pad)
             samples = ({**r, "continuation": c} for r, c in zip(batch, continuations))
-            rows += [row for s in samples if (row := snippet_from_sample(s, source.min_new_tokens)) is not None]
+            rows += [row for s in samples if (row := sample_row(s, source.min_new_tokens)) is not None]
         return rows, Counter(r["token"] for r in rows)
 
     indices = list(token_indices) if token_indices is not None else list(range(len(tokens)))

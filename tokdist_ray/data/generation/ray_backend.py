@@ -19,7 +19,7 @@ from tokdist_ray.data.generation.requests import (
     expanded_snippets,
     fitted,
     generate_in_rounds,
-    snippet_table,
+    sample_table,
     stop_ids,
     wanted_counts,
 )
@@ -71,7 +71,7 @@ class TransformersSampler:
     def __call__(self, batch: pa.Table) -> pa.Table:
         requests = batch.to_pylist()
         continuations = sample_continuations(self.model, requests, self.source, self.snippet_len, self.stop, self.pad)
-        return snippet_table(({**r, "continuation": c} for r, c in zip(requests, continuations)), self.source.min_new_tokens)
+        return sample_table(({**r, "continuation": c} for r, c in zip(requests, continuations)), self.source.min_new_tokens)
 
 
 def transformers_stage(model_path: str, source: GeneratedDataSource, snippet_len: int, stop: list[int]):

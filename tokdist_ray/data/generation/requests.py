@@ -94,8 +94,8 @@ def plan_requests(
     return sorted(requests, key=lambda r: (len(r["prompt_ids"]), r["token_index"], r["sample_index"]))
 
 
-def snippet_from_sample(sample: dict, min_new_tokens: int) -> dict | None:
-    """A sample row (SAMPLE_SCHEMA) from a request plus its `continuation`, or None if too short."""
+def sample_row(sample: dict, min_new_tokens: int) -> dict | None:
+    """A sample (SAMPLE_SCHEMA row) from a request plus its `continuation`, or None if too short."""
     if len(sample["continuation"]) < min_new_tokens:
         return None
     return {
@@ -107,8 +107,8 @@ def snippet_from_sample(sample: dict, min_new_tokens: int) -> dict | None:
     }
 
 
-def snippet_table(samples: Iterable[dict], min_new_tokens: int) -> pa.Table:
-    rows = [row for s in samples if (row := snippet_from_sample(s, min_new_tokens)) is not None]
+def sample_table(samples: Iterable[dict], min_new_tokens: int) -> pa.Table:
+    rows = [row for s in samples if (row := sample_row(s, min_new_tokens)) is not None]
     return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
 
 

@@ -18,7 +18,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from tokdist_ray.config import GeneratedDataSource
-from tokdist_ray.data.generation.requests import GPU_EXTRA_HINT, cut_at_eos, snippet_table
+from tokdist_ray.data.generation.requests import GPU_EXTRA_HINT, cut_at_eos, sample_table
 from tokdist_ray.errors import BackendUnavailableError
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def vllm_stage(
 
     def apply(requests: "ray.data.Dataset") -> "ray.data.Dataset":
         return processor(requests).map_batches(
-            lambda batch: snippet_table(batch.to_pylist(), source.min_new_tokens), batch_format="pyarrow"
+            lambda batch: sample_table(batch.to_pylist(), source.min_new_tokens), batch_format="pyarrow"
         )
 
     return apply
