@@ -21,6 +21,7 @@ from tokdist_ray.errors import ConfigError
 NEW_TOKEN_OUTPUT_LOSS = "KL-on-new-token-outputs"
 LOSS_METHODS = ("MSE-on-hiddens", "MSE-on-logits", "KL-on-logits", "CE", "CE-auto-weighted", NEW_TOKEN_OUTPUT_LOSS)
 LR_SCHEDULES = ("constant", "linear")
+BATCH_GROUPINGS = ("first_new_token", "random")
 PRE_INIT_STRATEGIES = ("fvt", "adapti-vocab")
 STRATEGIES = ("auto", "ddp", "deepspeed")
 ZERO_STAGES = (1, 2, 3)
@@ -78,12 +79,17 @@ class DistillationConfig:
     # KL-on-new-token-outputs against the other losses; on the demo 0.4 gave the best bits
     # per byte with hidden-state drift within 3% of MSE-on-hiddens alone
     new_token_output_weight: float = 1.0
+    # "first_new_token": each batch holds snippets whose first new token sits at similar
+    # positions, so the student reuses the teacher's states up to it; "random": plain shuffle
+    batch_grouping: str = "first_new_token"
     # tied models: train and export separate output rows for the new tokens (the model is
     # saved untied, one more [vocab, d] table; its original rows are copied bit for bit)
     untie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
         self.loss_methods = loss_methods(self.loss_methods)
+        if self.batch_grouping not in BATCH_GROUPINGS:
+            raise ConfigError(f"batch_grouping must be one of {BATCH_GROUPINGS}, got {self.batch_grouping!r}")
         if not self.new_token_output_weight > 0:
             raise ConfigError(f"new_token_output_weight must be positive, got {self.new_token_output_weight}")
         if self.lr_schedule not in LR_SCHEDULES:

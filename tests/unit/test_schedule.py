@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tokdist_ray.config import DistillationConfig, DistributedConfig
-from tokdist_ray.training.schedule import SnippetSchedule, epoch_order
+from tokdist_ray.errors import ConfigError
+from tokdist_ray.training.schedule import SnippetSchedule, epoch_order, first_new_positions
 from tokdist_ray.training.strategies import model_bytes, pick_strategy
 
 
@@ -19,6 +20,78 @@ def test_every_snippet_is_trained_once_per_epoch_in_the_single_process_batches()
         for step, batch in zip(steps, globals_):
             assert sum((schedule.rank_indices(step, r, 2) for r in range(2)), []) == batch
     assert schedule.rank_indices(3, 1, 2) == []  # the short last batch: one snippet, rank 0 has it
+
+
+NEW_START = 100
+
+
+def _snippets(n: int = 203, length: int = 40, seed: int = 0) -> list[list[int]]:
+    """Snippets of old ids (< NEW_START) with a new id at a random first position, some
+    with later new ids too, and a few with none."""
+    g = torch.Generator().manual_seed(seed)
+    snippets = []
+    for _ in range(n):
+        ids = torch.randint(0, NEW_START, (length,), generator=g)
+        first = int(torch.randint(1, length + 8, (1,), generator=g))  # past the end: no new id
+        ids[first:] = torch.where(torch.rand(length - min(first, length), generator=g) < 0.3, NEW_START + 1, ids[first:])
+        if first < length:
+            ids[first] = NEW_START
+        snippets.append(ids.tolist())
+    return snippets
+
+
+def _grouped(snippets, batch: int = 8, seed: int = 3) -> SnippetSchedule:
+    return SnippetSchedule.for_run(snippets, NEW_START, DistillationConfig(batch_size=batch, seed=seed))
+
+
+def test_first_new_positions_find_the_first_new_id_or_the_length():
+    assert first_new_positions([[1, 2, 100, 101], [100], [5, 6, 7]], NEW_START) == [2, 0, 3]
+
+
+def test_grouped_batches_train_every_snippet_once_per_epoch_in_batches_of_the_global_size():
+    schedule = _grouped(_snippets())
+    for epoch in range(2):
+        batches = [schedule.global_indices(epoch * 26 + b) for b in range(26)]
+        assert sorted(sum(batches, [])) == list(range(203))
+        assert sorted(len(b) for b in batches) == [3] + [8] * 25
+        step = epoch * 26 + next(i for i, b in enumerate(batches) if len(b) == 3)
+        assert sum((schedule.rank_indices(step, r, 4) for r in range(4)), []) == schedule.global_indices(step)
+
+
+def test_grouped_order_is_a_function_of_seed_and_epoch_and_differs_between_epochs():
+    snippets = _snippets()
+    order = [_grouped(snippets).global_indices(s) for s in range(52)]
+    assert order == [_grouped(snippets).global_indices(s) for s in range(52)]
+    assert order[:26] != order[26:]
+    assert [set(b) for b in order[:26]] != [set(b) for b in order[26:]]  # new groups, not just a new batch order
+    assert order != [_grouped(snippets, seed=4).global_indices(s) for s in range(52)]
+
+
+def test_grouped_batches_share_a_longer_prefix_than_random_ones():
+    snippets = _snippets()
+    first = first_new_positions(snippets, NEW_START)
+    random = SnippetSchedule.for_run(snippets, NEW_START, DistillationConfig(batch_size=8, batch_grouping="random"))
+    assert random.first_new is None
+
+    def mean_prefix(schedule):
+        return sum(min(first[i] for i in schedule.global_indices(s)) for s in range(26)) / 26
+
+    grouped = mean_prefix(_grouped(snippets))
+    assert grouped > 2 * mean_prefix(random)
+    assert grouped > 0.9 * sum(first) / len(first)  # close to each snippet's own first new token
+
+
+def test_a_resumed_schedule_lands_on_the_same_snippets():
+    snippets = _snippets()
+    walked = _grouped(snippets)
+    seen = [walked.global_indices(s) for s in range(60)]
+    resumed = _grouped(snippets)  # a fresh process restarting at step 37
+    assert [resumed.global_indices(s) for s in range(37, 60)] == seen[37:]
+
+
+def test_an_unknown_batch_grouping_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"batch_grouping must be one of \('first_new_token', 'random'\), got 'length'"):
+        DistillationConfig(batch_grouping="length")
 
 
 @pytest.mark.parametrize(

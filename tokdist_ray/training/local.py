@@ -22,7 +22,7 @@ def train_local(distiller: TokenDistiller, examples: Sequence[dict], cfg: Distil
     if not examples:
         raise TooFewSnippetsError("no training snippets: every new token was skipped for lack of snippets")
     torch.manual_seed(cfg.seed)
-    schedule = SnippetSchedule(len(examples), cfg.batch_size, cfg.seed)
+    schedule = SnippetSchedule.for_run([e["student_ids"] for e in examples], distiller.new_start, cfg)
     steps = schedule.total_steps(cfg)
     optimizer, lr_schedule = make_optimizer([p for p in distiller.parameters() if p.requires_grad], cfg, steps)
     history, meter = TrainingHistory(), ProgressMeter(steps, cfg.time_budget_s)

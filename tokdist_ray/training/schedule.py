@@ -2,17 +2,19 @@
 the optimizer and its learning-rate schedule, the seeded snippet order, the number of
 steps, and why training stops.
 
-Global batch k of an epoch is `order[k*G:(k+1)*G]` of that epoch's seeded shuffle, so the
-data position is the step number alone: a resumed run continues at the exact snippet
-where its checkpoint left off, and G split over ranks gives the same batches as one
-process with batch G.
+Global batch k of an epoch is the k-th of that epoch's seeded batches, so the data
+position is the step number alone: a resumed run continues at the exact snippet where its
+checkpoint left off, and G split over ranks gives the same batches as one process with
+batch G. Random batches are `order[k*G:(k+1)*G]` of a seeded shuffle; grouped batches
+(`batch_grouping="first_new_token"`) hold snippets whose first new token sits at similar
+positions, so the student reuses a long prefix of the teacher's states.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -35,15 +37,31 @@ def make_optimizer(params, cfg: DistillationConfig, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The snippet order of one epoch: a seeded shuffle, the same on every worker."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    return torch.randperm(n, generator=_generator(seed, epoch)).tolist()
 
 
-@lru_cache(maxsize=2)
-def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    return tuple(epoch_order(n, seed, epoch))
+def first_new_positions(snippets: Sequence[Sequence[int]], new_start: int) -> list[int]:
+    """Each snippet's position of its first new id (its length when it holds none): the
+    student's states before it are the teacher's."""
+    return [next((i for i, t in enumerate(ids) if t >= new_start), len(ids)) for ids in snippets]
+
+
+def grouped_epoch_batches(first_new: Sequence[int], global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches of snippets whose first new token sits at similar positions:
+    snippets sorted by that position (in a fresh random order among equal positions), cut
+    into global batches, and the batches shuffled. Seeded like `epoch_order`."""
+    g = _generator(seed, epoch)
+    shuffled = torch.randperm(len(first_new), generator=g)
+    by_position = torch.sort(torch.as_tensor(first_new)[shuffled], stable=True).indices
+    ordered = shuffled[by_position].tolist()
+    batches = [ordered[i : i + global_batch] for i in range(0, len(ordered), global_batch)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 @dataclass(frozen=True)
@@ -54,6 +72,16 @@ class SnippetSchedule:
     n_snippets: int
     global_batch: int
     seed: int
+    # each snippet's first new-token position to group batches by; None: random batches
+    first_new: tuple[int, ...] | None = field(default=None, repr=False)
+    _batches: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # the current epoch's
+
+    @classmethod
+    def for_run(cls, student_ids: Sequence[Sequence[int]], new_start: int, cfg: DistillationConfig) -> "SnippetSchedule":
+        """The schedule of a run over these snippets with global batch `cfg.batch_size`."""
+        grouped = cfg.batch_grouping == "first_new_token"
+        first_new = tuple(first_new_positions(student_ids, new_start)) if grouped else None
+        return cls(len(student_ids), cfg.batch_size, cfg.seed, first_new)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -68,14 +96,24 @@ class SnippetSchedule:
         """(epoch, batch within the epoch) of a 0-based step."""
         return divmod(step, self.batches_per_epoch)
 
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._batches:
+            self._batches.clear()
+            if self.first_new is None:
+                order = epoch_order(self.n_snippets, self.seed, epoch)
+                batches = [order[i : i + self.global_batch] for i in range(0, self.n_snippets, self.global_batch)]
+            else:
+                batches = grouped_epoch_batches(self.first_new, self.global_batch, self.seed, epoch)
+            self._batches[epoch] = batches
+        return self._batches[epoch]
+
     def global_indices(self, step: int) -> list[int]:
         epoch, batch = self.position(step)
-        order = _epoch_order(self.n_snippets, self.seed, epoch)
-        return list(order[batch * self.global_batch : (batch + 1) * self.global_batch])
+        return list(self.epoch_batches(epoch)[batch])
 
     def rank_indices(self, step: int, rank: int, world: int) -> list[int]:
         """This rank's contiguous slice of the global batch; slices differ in size by at
-        most one, and a rank gets none when a short last batch has fewer snippets than ranks."""
+        most one, and a rank gets none when a short batch has fewer snippets than ranks."""
         batch = self.global_indices(step)
         size, extra = divmod(len(batch), world)
         start = rank * size + min(rank, extra)

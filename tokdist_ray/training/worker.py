@@ -62,9 +62,9 @@ def train_worker(config: dict) -> None:
     snippets = read_snippets(plan.snippets_path, plan.distilled, plan.snippets_filesystem)
     if not snippets.ids:
         raise TooFewSnippetsError(f"no snippets of the {len(plan.distilled)} new tokens under {plan.snippets_path}")
-    schedule = SnippetSchedule(len(snippets.ids), cfg.batch_size, cfg.seed)
-    steps = schedule.total_steps(cfg)
     new_start = plan.expansion.new_start
+    schedule = SnippetSchedule.for_run(snippets.ids, new_start, cfg)
+    steps = schedule.total_steps(cfg)
     aligner = PieceAligner.for_tokens(plan.tokens, new_start)
     parallel = _parallel_distiller(plan, new_start, steps, world, device)
 
@@ -77,7 +77,7 @@ def train_worker(config: dict) -> None:
     while progress.step < steps:
         indices = schedule.rank_indices(progress.step, rank, world)
         global_batch = schedule.global_indices(progress.step)
-        # a rank without snippets in a short last batch still joins the gradient average,
+        # a rank without snippets in a short batch still joins the gradient average,
         # with a zero-weighted loss on a borrowed snippet
         examples = align_snippets(aligner, [snippets.ids[i] for i in (indices or global_batch[:1])])
         metrics = _train_step(parallel, collate(examples), world, has_snippets=bool(indices), device=device)
