@@ -141,16 +141,22 @@ def test_config_typos_are_named():
 def test_reusing_the_teachers_prefix_changes_neither_loss_nor_gradient(tiny_model_dir, losses, tied, target_layer):
     distiller, examples, _ = tiny_setup(tiny_model_dir(tied=tied), losses=losses, target_layer=target_layer)
     batch = collate(examples)
-    assert distiller.shared_prefix(batch["student_ids"], batch["student_mask"]) > 1
+    split = distiller.shared_prefix(batch["student_ids"], batch["student_mask"])
+    assert split > 1
     results = []
     for reuse in (True, False):
         distiller.reuse_prefix = reuse
         distiller.rows.zero_grad()
         out = distiller(batch)
         out["loss"].backward()
-        results.append((out["loss"].detach(), distiller.rows.input.grad.clone()))
+        results.append((out["loss"].detach(), distiller.rows.input.grad.clone(), out["prefix_skipped"]))
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
+    mask = batch["student_mask"]
+    # with CE the student runs past the target layer and the teacher does not: no reuse
+    reused = target_layer == -1 or "CE-auto-weighted" not in losses
+    assert results[0][2] == (mask[:, :split].sum() / mask.sum() if reused else 0)
+    assert results[1][2] == 0
 
 
 def test_a_compute_budget_stops_training_and_bounds_the_eta(tiny_model_dir, caplog):

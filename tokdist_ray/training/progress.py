@@ -32,9 +32,20 @@ class TrainingHistory:
             "snippets": self.snippets,
             "seconds": round(self.seconds, 3),
             "snippets_per_second": round(self.snippets / self.seconds, 3) if self.seconds else None,
+            "prefix_skipped": self.prefix_skipped(),
             "stopped_by": self.stopped_by,
             "loss_curve": self.loss_curve,
         }
+
+    def prefix_skipped(self) -> float | None:
+        """The share of student positions the teacher's prefix spared, over the run."""
+        weighted = steps = previous = 0
+        for point in self.loss_curve:
+            if "prefix_skipped" in point:
+                weighted += point["prefix_skipped"] * (point["step"] - previous)
+                steps += point["step"] - previous
+            previous = point["step"]
+        return round(weighted / steps, 4) if steps else None
 
 
 class ProgressMeter:
@@ -78,9 +89,10 @@ class ProgressMeter:
         }
         if self.prints:
             log.info(
-                "step %d/%d epoch %d loss %.5f | %.1f snippets/s %.0f tokens/s | elapsed %.0fs eta %.0fs",
+                "step %d/%d epoch %d loss %.5f | %.1f snippets/s %.0f tokens/s, %.0f%% from the teacher's prefix"
+                " | elapsed %.0fs eta %.0fs",
                 step, self.total, epoch, losses["loss"], report["snippets_per_s"], report["tokens_per_s"],
-                report["elapsed_s"], report["eta_s"],
+                100 * losses.get("prefix_skipped", 0.0), report["elapsed_s"], report["eta_s"],
             )
         self._reset()
         return report

@@ -269,4 +269,6 @@ class TokenDistiller(nn.Module):
                 parts["CE-output-rows"] = F.cross_entropy(self.full_logits(hidden, self.rows.output), targets)
                 loss = loss + parts["CE-output-rows"]
 
-        return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
+        # the share of the student's positions taken from the teacher's prefix, not run
+        skipped = mask[:, :split].sum() / mask.sum()
+        return {"loss": loss, **{k: v.detach() for k, v in parts.items()}, "prefix_skipped": skipped.float()}
