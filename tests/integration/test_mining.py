@@ -18,15 +18,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from tokdist_ray.config import FileDataSource, HFDataSource
+from tokdist_ray.data import matching
 from tokdist_ray.data.corpus import documents
 from tokdist_ray.data.corpus_parts import corpus_parts, read_part, text_blocks
 from tokdist_ray.data.files import file_kind, resolve_files
 from tokdist_ray.data.local_mining import mine_snippets
-from tokdist_ray.data.matching import Cuts, TokenScanner
+from tokdist_ray.data.matching import CUT_PROBE, Cuts, TokenScanner, _runs
 from tokdist_ray.data.miner import TALLY, SnippetMiner, TokenizerSpec
 from tokdist_ray.data.mining import QuotaLedger, mine_corpus, mining_dataset, reads_fused
 from tokdist_ray.data.mining_cache import cache_key, corpus_spec
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix, settle, window_around
+from tokdist_ray.vocab.bpe_training import continue_bpe, pre_token_counts
 from tokdist_ray.vocab.merges import ADDED_TOKENS, SPANS_PRE_TOKENS, MergeExpansion, expand_with_merges
 from tokdist_ray.vocab.models import load_tokenizer
 from tokdist_ray.vocab.tokens import NewToken, phrase_ids
@@ -140,6 +142,69 @@ def test_cut_rules_are_kept_only_where_they_keep_the_ids(smol_tokenizer):
     text = "ab cd  ef\ngh.\nij"
     assert [p for p in range(len(text)) if cuts.is_cut(text, p)] == [2, 9]
     assert (cuts.before(text, 8), cuts.after(text, 3), cuts.after(text, 10)) == (2, 9, len(text))
+
+
+@pytest.fixture(scope="module")
+def learned_expansion(smol_tokenizer, doc_texts) -> MergeExpansion:
+    """400 tokens continued BPE learns on the docs: frequent, often inside words, so that
+    nearly every word is a candidate (as with thousands of tokens on a large corpus)."""
+    learned = continue_bpe(smol_tokenizer, pre_token_counts(smol_tokenizer, doc_texts), 400)
+    return expand_with_merges(smol_tokenizer, [t.text for t in learned])
+
+
+def test_frequent_tokens_give_the_windows_of_whole_document_tokenisation_mostly_unsettled(
+    doc_texts, learned_expansion, monkeypatch
+):
+    encoded_again = []
+    monkeypatch.setattr(matching, "settle", lambda *a: encoded_again.append(a) or settle(*a))
+    docs = doc_texts[:30]
+    hits = scanner_for(learned_expansion, 32).scan(docs, range(len(learned_expansion.tokens)))
+    assert [(h.doc, h.token_index, h.window, h.token_position) for h in hits] == whole_document_windows(
+        learned_expansion, docs, 32)
+    assert len(hits) > 2000 and len(encoded_again) < len(hits) / 4  # the rest known from their ends
+
+
+def test_a_quota_keeps_each_tokens_first_distinct_windows(doc_texts, learned_expansion):
+    docs, every_token = doc_texts[:30], range(len(learned_expansion.tokens))
+    taken, expected = defaultdict(list), []
+    for hit in scanner_for(learned_expansion, 32).scan(docs, every_token):
+        if len(taken[hit.token_index]) < 3 and hit.window not in taken[hit.token_index]:
+            taken[hit.token_index].append(hit.window)
+            expected.append(hit)
+    assert scanner_for(learned_expansion, 32).scan(docs, every_token, quota=3) == expected
+    assert len(expected) < 3 * len(learned_expansion.tokens)
+
+
+def test_a_scanner_whose_tokens_filled_finds_what_a_new_one_does(doc_texts, learned_expansion):
+    docs, n = doc_texts[:20], len(learned_expansion.tokens)
+    scanner = scanner_for(learned_expansion, 32)
+    # all open; most still open (its automaton kept, full tokens' matches filtered);
+    # a quarter (rebuilt); tokens it no longer holds (rebuilt)
+    for open_set in (range(n), range(n // 4, n), range(0, n, 4), range(n // 2)):
+        assert scanner.scan(docs, open_set) == scanner_for(learned_expansion, 32).scan(docs, open_set)
+
+
+def test_a_window_is_known_to_encode_back_only_where_it_does(smol_tokenizer, doc_texts):
+    backend, cuts = smol_tokenizer.backend_tokenizer, Cuts((" ", "\n"))
+    text = CUT_PROBE + "\n" + doc_texts[0][:3000]
+    encoding = backend.encode(text, add_special_tokens=False)
+    ids = encoding.ids
+    verdicts = []
+    for first in range(len(ids)):
+        for end in {min(first + k, len(ids)) for k in (1, 7, 30)}:
+            window = ids[first:end]
+            lo, hi = encoding.token_to_chars(first)[0], encoding.token_to_chars(end)[0] if end < len(ids) else len(text)
+            exact = backend.encode(backend.decode(window), add_special_tokens=False).ids == window
+            verdicts.append((cuts.encodes_back(backend, text, window, lo, hi), exact))
+    assert all(exact for known, exact in verdicts if known)
+    assert sum(known for known, _ in verdicts) > 0.8 * sum(exact for _, exact in verdicts)
+    assert not all(exact for _, exact in verdicts)  # the text has windows that do not encode back
+
+
+def test_candidates_run_together_where_their_margins_overlap():
+    spans = [(0, 3), (5, 8), (6, 20), (25, 27), (40, 41)]
+    assert list(_runs(spans, margin=2)) == [([0, 5, 6], 20), ([25], 27), ([40], 41)]
+    assert list(_runs([], margin=2)) == []
 
 
 # ---------------------------------------------------------------------- pieces

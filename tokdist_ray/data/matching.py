@@ -25,12 +25,19 @@ running characters-per-id of this corpus, and doubles on each miss.
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import ahocorasick
 
 from tokdist_ray.data.snippets import settle, window_around
+
+# Where a scan's CPU time goes: the surface search and regions, tokenising regions (with
+# the new ids' windows), settling windows.
+SEARCH, TOKENISE, SETTLE = "search", "tokenise", "settle"
+PHASES = (SEARCH, TOKENISE, SETTLE)
 
 # Prose, code, markup, digits, odd whitespace and non-Latin script: every cut in it must
 # split the probe's ids exactly where whole-text tokenisation does.
@@ -89,6 +96,30 @@ class Cuts:
             best = max(best, p)
         return best
 
+    def encodes_back(self, tokenizer, text: str, window: list[int], lo: int, hi: int) -> bool:
+        """Whether `window`, the document's ids of text[lo:hi], is what text[lo:hi] encodes
+        to alone, found by encoding only its ends. Cuts c1 <= c2 in the window split it
+        into head, middle and tail, and the middle encodes to the document's ids. So do
+        the head and tail alone encode to the window's first and last ids? (The window's
+        ids must spell its text, and each cut must be one of the window's own too, with
+        its neighbours inside.) False when that cannot be told: settle then encodes it all."""
+        if tokenizer.decode(window, skip_special_tokens=False) != text[lo:hi]:
+            return False
+        c1 = lo if lo == 0 or self.is_cut(text, lo) else self.after(text, lo + 1)
+        c2 = hi if hi == len(text) or self.is_cut(text, hi) else self.before(text, hi - 1)
+        inner = all(c in (lo, hi) or lo < c < hi - 1 for c in (c1, c2))
+        if not (lo <= c1 <= c2 <= hi and inner):
+            return False
+        head, tail = self._ids(tokenizer, text[lo:c1]), self._ids(tokenizer, text[c2:hi])
+        return (len(head) + len(tail) <= len(window) and window[: len(head)] == head
+                and window[len(window) - len(tail):] == tail
+                and tokenizer.decode(head, skip_special_tokens=False) == text[lo:c1]
+                and tokenizer.decode(tail, skip_special_tokens=False) == text[c2:hi])
+
+    @staticmethod
+    def _ids(tokenizer, text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids if text else []
+
     def after(self, text: str, y: int) -> int:
         """The first cut at or after y, else the document end."""
         best = len(text)
@@ -100,6 +131,12 @@ class Cuts:
         return best
 
 
+def _window_chars(encoding, n: int, region, first: int, end: int) -> tuple[int, int]:
+    """The document characters of a region's ids[first:end] (`n` ids in all)."""
+    lo = region.lo + encoding.token_to_chars(first)[0]
+    return lo, (region.lo + encoding.token_to_chars(end)[0] if end < n else region.hi)
+
+
 def spells_texts(tokenizer, texts: Sequence[str], new_start: int) -> bool:
     """Whether every occurrence of a new id is a surface occurrence of its text: no
     normalizer, and each new id decodes to its token's text exactly."""
@@ -109,21 +146,46 @@ def spells_texts(tokenizer, texts: Sequence[str], new_start: int) -> bool:
 
 
 class SurfaceMatcher:
-    """Aho-Corasick over raw text for the surface strings of the open tokens."""
+    """Aho-Corasick over raw text for the surface strings of a set of tokens."""
 
-    def __init__(self, texts: Sequence[str], open_indices: Iterable[int]):
+    def __init__(self, texts: Sequence[str], indices: Iterable[int]):
+        self.indices = frozenset(indices)
+        by_text: dict[str, list[int]] = {}
+        for index in self.indices:
+            by_text.setdefault(texts[index], []).append(index)
         self._automaton = ahocorasick.Automaton()
-        for index in open_indices:
-            self._automaton.add_word(texts[index], len(texts[index]))
-        self._empty = len(self._automaton) == 0
-        if not self._empty:
+        for text, holders in by_text.items():
+            self._automaton.add_word(text, (len(text), tuple(holders)))
+        if by_text:
             self._automaton.make_automaton()
 
-    def spans(self, text: str) -> list[tuple[int, int]]:
-        """(start, end) character spans of every surface match, ordered by end."""
-        if self._empty:
+    def spans(self, text: str, open_set: frozenset[int] | None = None) -> list[tuple[int, int]]:
+        """(start, end) character spans of every surface match (of a token in `open_set`, if
+        given), ordered by end."""
+        if not self.indices:
             return []
-        return [(end + 1 - length, end + 1) for end, length in self._automaton.iter(text)]
+        return [
+            (end + 1 - length, end + 1) for end, (length, holders) in self._automaton.iter(text)
+            if open_set is None or any(i in open_set for i in holders)
+        ]
+
+
+def _runs(spans: list[tuple[int, int]], margin: int) -> Iterable[tuple[list[int], int]]:
+    """Sorted spans in runs whose margins overlap, as (starts, last end): the regions of a
+    run's spans are sure to merge, so cuts are looked up once per run, not per span (at
+    thousands of tokens nearly every word is a span)."""
+    starts: list[int] = []
+    end = 0
+    for start, span_end in spans:
+        if starts and start - margin < end + margin:
+            starts.append(start)
+            end = max(end, span_end)
+        else:
+            if starts:
+                yield starts, end
+            starts, end = [start], span_end
+    if starts:
+        yield starts, end
 
 
 @dataclass(frozen=True)
@@ -135,6 +197,14 @@ class Hit:
     token_index: int
     window: list[int]  # expanded ids
     token_position: int  # of the new id within window
+
+
+@dataclass(frozen=True)
+class _Occurrence:
+    """A hit whose window is not settled yet, and the window's characters in the document."""
+
+    hit: Hit
+    window_chars: tuple[int, int]
 
 
 @dataclass
@@ -164,29 +234,46 @@ class TokenScanner:
         # Otherwise whole documents are tokenised: exact for any tokenizer, only slower.
         self.regions = bool(self._cuts.chars) and spells_texts(tokenizer, texts, new_start)
         self._matcher: SurfaceMatcher | None = None
-        self._matcher_open: frozenset[int] | None = None
         self.tokenised_chars = 0  # what the scanner paid for, for the report
+        self.phase_seconds = dict.fromkeys(PHASES, 0.0)  # CPU seconds, for the report
         self._ids_seen = 0
 
-    def scan(self, docs: Sequence[str], open_indices: Iterable[int]) -> list[Hit]:
-        """Every occurrence of an open token in `docs`, ordered by (doc, char_start)."""
+    def scan(self, docs: Sequence[str], open_indices: Iterable[int], quota: int | None = None) -> list[Hit]:
+        """Every occurrence of an open token in `docs`, ordered by (doc, char_start); with
+        `quota`, only each token's first `quota` distinct windows."""
         open_set = frozenset(open_indices)
         if not open_set:
             return []
-        if self.regions:
-            pending = self._candidate_regions(docs, open_set)
-        else:
-            pending = [_Region(d, 0, len(text)) for d, text in enumerate(docs)]
-        hits: dict[tuple[int, int], Hit] = {}
-        while pending:
-            pending = self._resolve(docs, pending, open_set, hits)
-        return [hits[k] for k in sorted(hits)]
+        with self._phase(SEARCH):
+            if self.regions:
+                pending = self._candidate_regions(docs, open_set)
+            else:
+                pending = [_Region(d, 0, len(text)) for d, text in enumerate(docs)]
+        found: dict[tuple[int, int], _Occurrence] = {}
+        with self._phase(TOKENISE):
+            while pending:
+                pending = self._resolve(docs, pending, open_set, found)
+        with self._phase(SETTLE):
+            return self._settled(docs, [found[k] for k in sorted(found)], quota)
+
+    @contextmanager
+    def _phase(self, name: str):
+        cpu = time.process_time()
+        try:
+            yield
+        finally:
+            self.phase_seconds[name] += time.process_time() - cpu
 
     # ------------------------------------------------------------------ candidates
     def _surface(self, open_set: frozenset[int]) -> SurfaceMatcher:
-        if open_set != self._matcher_open:  # tokens fill up during a run: drop their strings
-            self._matcher, self._matcher_open = SurfaceMatcher(self._texts, open_set), open_set
-        return self._matcher
+        """A matcher for at least the open tokens. Tokens fill up during a run, a few at a
+        time; building an automaton of tens of thousands of strings costs about what
+        scanning a part does, so it is rebuilt only once the open tokens are fewer than
+        half of its strings (spans filters out the others' matches)."""
+        matcher = self._matcher
+        if matcher is None or not open_set <= matcher.indices or 2 * len(open_set) < len(matcher.indices):
+            self._matcher = matcher = SurfaceMatcher(self._texts, open_set)
+        return matcher
 
     def _initial_margin(self) -> int:
         """Characters likely to hold half a window, with some slack."""
@@ -198,19 +285,19 @@ class TokenScanner:
         regions: list[_Region] = []
         for d, text in enumerate(docs):
             doc_regions: list[_Region] = []
-            for start, end in sorted(matcher.spans(text)):
-                lo, hi = self._cuts.before(text, start - margin), self._cuts.after(text, end + margin)
+            for starts, end in _runs(sorted(matcher.spans(text, open_set)), margin):
+                lo, hi = self._cuts.before(text, starts[0] - margin), self._cuts.after(text, end + margin)
                 if doc_regions and lo < doc_regions[-1].hi:
                     last = doc_regions[-1]
                     last.hi, last.end = max(last.hi, hi), max(last.end, end)
-                    last.starts.append(start)
+                    last.starts += starts
                 else:
-                    doc_regions.append(_Region(d, lo, hi, [start], end, margin))
+                    doc_regions.append(_Region(d, lo, hi, starts, end, margin))
             regions += doc_regions
         return regions
 
     # ------------------------------------------------------------------ confirmation
-    def _resolve(self, docs, regions: list[_Region], open_set, hits: dict) -> list[_Region]:
+    def _resolve(self, docs, regions: list[_Region], open_set, found: dict) -> list[_Region]:
         """Tokenise the regions, keep their occurrences; return regions to widen."""
         pieces = [docs[r.doc][r.lo : r.hi] for r in regions]
         encodings = self._tokenizer.encode_batch(pieces, add_special_tokens=False)
@@ -225,24 +312,49 @@ class TokenScanner:
                 continue
             for start, (index, window, offset) in occurrences.items():
                 key = (region.doc, region.lo + encoding.token_to_chars(start)[0])
-                hits.setdefault(key, Hit(region.doc, key[1], index, window, offset))
+                if key not in found:
+                    chars = _window_chars(encoding, len(ids), region, start - offset, start - offset + len(window))
+                    found[key] = _Occurrence(Hit(region.doc, key[1], index, window, offset), chars)
         return retry
 
     def _occurrences(self, ids, at_doc_start: bool, at_doc_end: bool, open_set) -> tuple[dict, set[int]]:
-        """({position: (token index, window, offset)} of open tokens, the positions whose
-        window ran into an inner region edge)."""
+        """({position: (token index, window, offset)} of open tokens, windows not yet
+        settled; the positions whose window ran into an inner region edge)."""
         n, found, cramped = len(ids), {}, set()
-        for start, token_id in enumerate(ids):
-            index = token_id - self._new_start
-            if index < 0 or index not in open_set:
+        new_start = self._new_start
+        for start in [p for p, token_id in enumerate(ids) if token_id >= new_start]:
+            index = ids[start] - new_start
+            if index not in open_set:
                 continue
             window, offset = window_around(ids, start, 1, self.snippet_len)
             before, after = offset, len(window) - offset - 1
             if (not at_doc_start and before == start) or (not at_doc_end and after == n - start - 1):
                 cramped.add(start)
-            elif settled := settle(self._tokenizer, window, offset):
-                found[start] = (index, *settled)
+            else:
+                found[start] = (index, window, offset)
         return found, cramped
+
+    def _settled(self, docs, occurrences: list[_Occurrence], quota: int | None) -> list[Hit]:
+        """The hits with their windows settled (trimmed until their text encodes back to
+        them; dropped where the token would have to go). With a quota, a token's hits are
+        settled only until it has `quota` distinct windows: settling encodes each window
+        again, and a frequent token occurs thousands of times in a batch."""
+        taken: dict[int, set[tuple[int, ...]]] = {}
+        hits = []
+        for occurrence in occurrences:
+            hit = occurrence.hit
+            windows = taken.setdefault(hit.token_index, set())
+            if quota is not None and len(windows) >= quota:
+                continue
+            if self.regions and self._cuts.encodes_back(self._tokenizer, docs[hit.doc], hit.window, *occurrence.window_chars):
+                settled = hit.window, hit.token_position
+            else:
+                settled = settle(self._tokenizer, hit.window, hit.token_position)
+            if settled is None or (quota is not None and tuple(settled[0]) in windows):
+                continue
+            windows.add(tuple(settled[0]))
+            hits.append(Hit(hit.doc, hit.char_start, hit.token_index, *settled))
+        return hits
 
     @staticmethod
     def _candidate_cramped(encoding, region: _Region, cramped: set[int]) -> bool:

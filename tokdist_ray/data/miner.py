@@ -34,6 +34,7 @@ MINED_SCHEMA = pa.schema(
         ("bytes", pa.int64()),
         ("tokenised_chars", pa.int64()),
         ("cpu_seconds", pa.float64()),
+        ("phase_seconds", pa.string()),  # JSON {scanner phase: CPU seconds}
         ("node", pa.string()),
     ]
 )
@@ -143,18 +144,20 @@ class SnippetMiner:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cpu, chars_before = time.process_time(), self._scanner.tokenised_chars
+        phases_before = dict(self._scanner.phase_seconds)
         texts, parts = batch[TEXT].to_pylist(), batch[PART].to_pylist()
         good = [(text, part) for text, part in zip(texts, parts) if text is not None and text.strip()]
         docs = [text for text, _ in good]
         empty = len(texts) - batch[TEXT].null_count - len(docs)
-        hits = self._scanner.scan(docs, self._open(min(parts, default=0)))
-        rows = self._first_distinct(hits, [part for _, part in good])
+        hits = self._scanner.scan(docs, self._open(min(parts, default=0)), self._quota)
+        rows = self._rows(hits, [part for _, part in good])
         tally = {
             "token_index": TALLY, "input_ids": [], "token_position": -1, "documents": len(docs),
             "bad_rows": batch.num_rows - len(docs), "bad_reasons": json.dumps(_bad_reasons(batch[BAD], empty)),
             "bytes": sum(len(d.encode("utf-8")) for d in docs),
             "tokenised_chars": self._scanner.tokenised_chars - chars_before,
             "cpu_seconds": time.process_time() - cpu, "node": self._node,
+            "phase_seconds": json.dumps({k: v - phases_before[k] for k, v in self._scanner.phase_seconds.items()}),
         }
         return pa.Table.from_pylist(rows + [tally], schema=MINED_SCHEMA)
 
@@ -163,18 +166,15 @@ class SnippetMiner:
         full_here = [t for t, part in self._full_after.items() if part < first_part]
         return self._all.difference(self._board.refresh(), full_here)
 
-    def _first_distinct(self, hits, doc_parts: list[int]) -> list[dict]:
-        """Per token, the first `quota` distinct snippets of this batch."""
-        seen: dict[int, set] = {}
+    def _rows(self, hits, doc_parts: list[int]) -> list[dict]:
+        """Snippets of the hits: per token, the first `quota` distinct ones of this batch
+        (what the scanner returns with a quota)."""
         rows = []
         for hit in hits:
-            windows = seen.setdefault(hit.token_index, set())
-            snippet = tuple(self._bos + hit.window)
-            if len(windows) < self._quota and snippet not in windows:
-                windows.add(snippet)
-                rows.append({"token_index": hit.token_index, "input_ids": list(snippet),
-                             "token_position": len(self._bos) + hit.token_position})
-                self._note_passed(hit.token_index, snippet, doc_parts[hit.doc])
+            snippet = self._bos + hit.window
+            rows.append({"token_index": hit.token_index, "input_ids": snippet,
+                         "token_position": len(self._bos) + hit.token_position})
+            self._note_passed(hit.token_index, tuple(snippet), doc_parts[hit.doc])
         return rows
 
     def _note_passed(self, index: int, snippet: tuple, part: int) -> None:

@@ -102,12 +102,15 @@ class MinerWork:
     nodes: dict[str, int] = field(default_factory=dict)  # node id -> documents mined there
     tokenised_chars: int = 0  # characters tokenised, of all characters scanned
     cpu_seconds: float = 0.0  # summed over the miners
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # of cpu_seconds, by scanner phase
     first_batch_seconds: float = 0.0  # from the start to the first mined batch: mostly actor start-up
 
     def add(self, tally: dict) -> None:
         self.nodes[tally["node"]] = self.nodes.get(tally["node"], 0) + tally["documents"]
         self.tokenised_chars += tally["tokenised_chars"]
         self.cpu_seconds += tally["cpu_seconds"]
+        for phase, seconds in json.loads(tally["phase_seconds"]).items():
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
 
 
 @dataclass
@@ -136,6 +139,7 @@ class MiningResult:
             "shortfall": self.shortfall,
             "tokenised_share": round(self.work.tokenised_chars / max(1, self.stats.bytes), 4),  # chars per byte
             "miner_cpu_seconds": round(self.work.cpu_seconds, 2),
+            "miner_cpu_seconds_by_phase": {k: round(v, 2) for k, v in self.work.phase_seconds.items()},
             "workers": self.work.workers,
             "nodes": self.work.nodes,
             "snippets_path": self.snippets_path,
@@ -259,7 +263,8 @@ def _cached(out: str, quota: int) -> MiningResult | None:
         seconds=report["seconds"], counts=report["snippets_per_token"],
     )
     work = MinerWork(report["workers"], report["nodes"], report["tokenised_chars"], report["miner_cpu_seconds"],
-                     report.get("first_batch_seconds", 0.0))  # absent in caches written before it was kept
+                     report.get("miner_cpu_seconds_by_phase", {}),  # absent in caches written before these were kept
+                     report.get("first_batch_seconds", 0.0))
     return MiningResult(f"{out}/snippets", stats, quota, work, cached=True)
 
 
