@@ -127,8 +127,11 @@ def test_signature_matches_the_reference_api():
     assert params["output_emb_policy"].default == OutputEmbeddingInit.TRAIN_WITH_CE
     assert params["pre_init_strategy"].default == "fvt" and params["save"].default is False
     cfg = DistillationConfig()
-    assert (cfg.epochs, cfg.batch_size, cfg.learning_rate, cfg.loss_methods, cfg.seed, cfg.target_layer,
-            cfg.mixed_precision) == (1, 1, 1e-4, ("MSE-on-hiddens",), 42, -1, True)
+    assert (cfg.epochs, cfg.batch_size, cfg.learning_rate, cfg.seed, cfg.target_layer,
+            cfg.mixed_precision) == (1, 1, 1e-4, 42, -1, True)
+    # the one default chosen by measurement: the reference's loss plus the output side
+    assert cfg.loss_methods == ("MSE-on-hiddens", "KL-on-new-token-outputs")
+    assert DistillationConfig(loss_methods=["MSE-on-hiddens"]).loss_methods == ("MSE-on-hiddens",)
     hf = HFDataSource("x")
     assert (hf.split, hf.tokenization_batch_size, hf.max_docs, hf.trust_remote_code) == ("train", 16_000, 1_000_000, False)
     assert GeneratedDataSource().seed == 42
