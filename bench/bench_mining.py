@@ -28,6 +28,17 @@ evenly spaced frequency ranks, from the most frequent to ones seen twice.
 
     python bench/bench_mining.py                # full run (about 15 min), prints the tables
     python bench/bench_mining.py --tokens 200 --megabytes 20   # a quick look
+
+At scale (`--scale`, issue 15): the tokens a user expanding by thousands would get, the
+next merges of continued BPE on the 103 MB corpus (pre-tokens counted on Ray, cached),
+1k / 2k / 10k / 30k of them (`--sizes`; `--large-sizes` on the 471 MB corpus too), 16
+snippets of 32 ids each (and 100 at the smallest size), mined by `mine_corpus` with 2
+workers: wall time, MB/s, snippets, tokens short, the miners' CPU by scanner phase, and
+peak memory of the driver and the miners. `--before REV` runs the TokenScanner of a git
+revision side by side with today's, in process, taking turns part by part on the first
+parts of the stream, and checks they give the very same snippets.
+
+    python bench/bench_mining.py --scale --before fcfefc8 --sample-megabytes 2
 """
 
 from __future__ import annotations
@@ -35,12 +46,16 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import importlib.util
+import json
 import logging
 import math
 import os
 import re
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -282,8 +297,229 @@ def print_table(runs: list[Run], quota: int, repeats: int) -> None:
     print(f"1 and 2 workers give the very same snippets: {same}")
 
 
+# ---------------------------------------------------------------------- at scale
+def learned_tokens(tokenizer, shards: list[str], n: int) -> tuple[list[str], dict]:
+    """The next n merges of continued BPE on the pre-token counts of `shards` (counted on
+    the running Ray instance), cached with the seconds they took."""
+    from tokdist_ray.data.pre_token_counts import count_pre_tokens
+    from tokdist_ray.vocab.bpe_training import continue_bpe
+
+    path = cache_root() / f"bench-mining-learned-{n}-{hashlib.sha1(' '.join(shards).encode()).hexdigest()[:8]}.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        return saved["tokens"], saved["seconds"]
+    t = time.perf_counter()
+    counts = count_pre_tokens(FileDataSource(shards), tokenizer)
+    counted = time.perf_counter() - t
+    learned = continue_bpe(tokenizer, counts, n)
+    seconds = {"count_pre_tokens": round(counted, 1), "merges": round(time.perf_counter() - t - counted, 1),
+               "pre_tokens": len(counts)}
+    path.write_text(json.dumps({"tokens": [t.text for t in learned], "seconds": seconds}))
+    return [t.text for t in learned], seconds
+
+
+class PeakMemory:
+    """Peak resident memory of the driver and of each mining actor, sampled every 0.25 s
+    while mining (actors are found by their process title)."""
+
+    def __init__(self):
+        import psutil
+
+        self._psutil, self._stop = psutil, threading.Event()
+        self.driver, self.miners = 0, {}
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self):
+        me = self._psutil.Process()
+        while not self._stop.wait(0.25):
+            self.driver = max(self.driver, me.memory_info().rss)
+            for proc in self._psutil.process_iter(["cmdline", "memory_info"]):
+                if "SnippetMiner" in " ".join(proc.info["cmdline"] or []) and proc.info["memory_info"]:
+                    self.miners[proc.pid] = max(self.miners.get(proc.pid, 0), proc.info["memory_info"].rss)
+
+
+@dataclass
+class ScaleRun:
+    tokens: int
+    megabytes: float
+    quota: int
+    new_ids: int
+    expand_s: float
+    wall: float
+    report: dict
+    driver_mb: float
+    miner_mb: float
+
+
+def mine_at_scale(shards, expansion: MergeExpansion, n: int, quota: int, snippet_len: int, workers: int) -> ScaleRun:
+    from tokdist_ray.data.mining import mine_corpus
+
+    with tempfile.TemporaryDirectory() as out, PeakMemory() as memory:
+        t = time.perf_counter()
+        result = mine_corpus(FileDataSource(shards), expansion, snippet_len, quota, out_dir=out, seed=0,
+                             num_workers=workers)
+        wall = time.perf_counter() - t
+    report = result.report()
+    run = ScaleRun(n, result.stats.bytes / 1e6, quota, len(expansion.tokens), 0.0, wall, report, memory.driver / 1e6,
+                   max(memory.miners.values(), default=0) / 1e6)
+    print(f"{n} tokens, quota {quota}, {run.megabytes:.0f} MB: {wall:.1f} s, {len(result.shortfall)} short, "
+          f"phases {report['miner_cpu_seconds_by_phase']}", flush=True)
+    return run
+
+
+def print_scale_table(runs: list[ScaleRun], snippet_len: int) -> None:
+    print(f"\n{'tokens':>7} {'new ids':>8} {'expand s':>9} {'MB':>5} {'quota':>6} {'wall s':>7} {'MB/s':>6} {'docs/s':>7} "
+          f"{'snippets':>9} {'short':>13} {'tokenised':>10} {'miner CPU s':>12} {'search':>7} {'tokenise':>9} "
+          f"{'settle':>7} {'driver MB':>10} {'miner MB':>9}")
+    for run in runs:
+        r, phases = run.report, run.report["miner_cpu_seconds_by_phase"]
+        cpu = max(r["miner_cpu_seconds"], 1e-9)
+        share = " ".join(f"{phases.get(p, 0) / cpu:>{w}.0%}" for p, w in (("search", 7), ("tokenise", 9), ("settle", 7)))
+        short = f"{len(r['shortfall'])}/{len(r['snippets_per_token'])}"
+        print(f"{run.tokens:>7} {run.new_ids:>8} {run.expand_s:>9.1f} {run.megabytes:>5.0f} {run.quota:>6} {run.wall:>7.1f} "
+              f"{r['megabytes_per_second']:>6.2f} {r['documents_per_second']:>7.0f} "
+              f"{sum(r['snippets_per_token'].values()):>9} {short:>13} {r['tokenised_share']:>10.0%} {cpu:>12.1f} {share} "
+              f"{run.driver_mb:>10.0f} {run.miner_mb:>9.0f}")
+    print(f"(windows of {snippet_len} ids; short: tokens short of quota; tokenised: characters tokenised of those "
+          "scanned; search/tokenise/settle: shares of the miners' CPU time; MB: peak resident memory)")
+
+
+def scanner_at(revision: str):
+    """TokenScanner as it was at a git revision, for side-by-side runs."""
+    source = subprocess.run(["git", "show", f"{revision}:tokdist_ray/data/matching.py"], check=True,
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    path = Path(tempfile.mkdtemp()) / f"matching_{revision}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = sys.modules[path.stem] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.TokenScanner
+
+
+def first_parts(shards: list[str], megabytes: float) -> list[list[str]]:
+    """The documents of the corpus's first parts in the miners' stream order (seed 0)."""
+    from tokdist_ray.data.corpus_parts import TEXT, corpus_parts, read_part
+    from tokdist_ray.data.files import resolve_files
+    from tokdist_ray.data.ray_corpus import PART_BYTES
+
+    files = resolve_files(shards)
+    parts, size = [], 0
+    for part in corpus_parts(files, 0, PART_BYTES, split=True):
+        docs = [t for block in read_part(files.filesystem, part, TEXT) for t in block[TEXT].to_pylist() if t and t.strip()]
+        parts.append(docs)
+        size += sum(map(len, docs))
+        if size >= megabytes * 1e6:
+            return parts
+    return parts
+
+
+class PartMiner:
+    """A miner's work on parts in order, in process: per part and token the first `quota`
+    distinct windows, and tokens it filled dropped from later parts (as SnippetMiner)."""
+
+    def __init__(self, scan, n_tokens: int, quota: int):
+        self.scan, self.quota = scan, quota
+        self.open = set(range(n_tokens))
+        self.passed: dict[int, set] = {}
+        self.rows: list[tuple] = []
+        self.cpu = 0.0
+
+    def mine(self, docs: list[str]) -> None:
+        cpu = time.process_time()
+        taken: dict[int, set] = {}
+        for hit in self.scan(docs, frozenset(self.open)):
+            windows = taken.setdefault(hit.token_index, set())
+            if len(windows) < self.quota and tuple(hit.window) not in windows:
+                windows.add(tuple(hit.window))
+                self.rows.append((hit.doc, hit.token_index, tuple(hit.window), hit.token_position))
+                self.passed.setdefault(hit.token_index, set()).add(tuple(hit.window))
+        self.open -= {t for t, windows in self.passed.items() if len(windows) >= self.quota}
+        self.cpu += time.process_time() - cpu
+
+
+def scanners_side_by_side(parts, expansion: MergeExpansion, revision: str, quota: int, snippet_len: int) -> dict:
+    """The scanner at `revision` against today's on the same parts, taking turns part by
+    part; their snippets must be the very same."""
+    from tokdist_ray.data.matching import TokenScanner
+
+    backend, texts = expansion.tokenizer.backend_tokenizer, [t.text for t in expansion.tokens]
+    before = scanner_at(revision)(backend, texts, expansion.new_start, snippet_len)
+    after = TokenScanner(backend, texts, expansion.new_start, snippet_len)
+    miners = {"before": PartMiner(before.scan, len(texts), quota),
+              "after": PartMiner(lambda docs, open_set: after.scan(docs, open_set, quota), len(texts), quota)}
+    for docs in parts:
+        for miner in miners.values():
+            miner.mine(docs)
+    same = miners["before"].rows == miners["after"].rows
+    return {"before": miners["before"].cpu, "after": miners["after"].cpu, "same": same,
+            "snippets": len(miners["after"].rows), "phases": after.phase_seconds}
+
+
+def scale_runs(args, n: int, corpora: dict) -> list[tuple[float, int]]:
+    """(corpus, quota) of the runs with n tokens: every size on the smallest corpus, the
+    --large-sizes on the largest, and the smallest size with --quota too."""
+    small, large = min(corpora), max(corpora)
+    runs = [(large, args.scale_quota)] if n in args.large_sizes and large != small else []
+    runs += [(small, args.scale_quota)] if n in args.sizes else []
+    return runs + ([(small, args.quota)] if n == min(args.sizes) and args.quota != args.scale_quota else [])
+
+
+def main_scale(args, tokenizer) -> None:
+    import ray
+
+    corpora = {mb: build_corpus(cache_root() / f"bench-mining-corpus-{mb:g}MB", mb) for mb in args.scale_megabytes}
+    os.environ["RAY_worker_niceness"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        texts, selection = learned_tokens(tokenizer, corpora[min(corpora)], max(args.sizes))
+        print(f"continued BPE on the {min(corpora):g} MB corpus: {selection}", flush=True)
+        runs, side_by_side = [], {}
+        for n in sorted(set(args.sizes) | set(args.large_sizes)):
+            t = time.perf_counter()
+            expansion = expand_with_merges(tokenizer, texts[:n])
+            expand_s = time.perf_counter() - t
+            print(f"{n} tokens: {len(expansion.tokens)} new ids, {len(expansion.skipped)} skipped, expanded in "
+                  f"{expand_s:.1f} s", flush=True)
+            if args.before:
+                parts = first_parts(corpora[max(corpora)], args.sample_megabytes)
+                side_by_side[n] = scanners_side_by_side(parts, expansion, args.before, args.scale_quota, args.scale_snippet_len)
+                print(f"  side by side on {args.sample_megabytes:g} MB: {side_by_side[n]}", flush=True)
+            for mb, quota in scale_runs(args, n, corpora):
+                runs.append(mine_at_scale(corpora[mb], expansion, n, quota, args.scale_snippet_len, 2))
+                runs[-1].expand_s = expand_s
+    finally:
+        ray.shutdown()
+    print_scale_table(sorted(runs, key=lambda r: (-r.megabytes, r.tokens, r.quota)), args.scale_snippet_len)
+    if side_by_side:
+        print(f"\nscanner at {args.before} against today's, one in-process miner each, taking turns on the first "
+              f"{args.sample_megabytes:g} MB of the stream (quota {args.scale_quota}, all tokens open at the start):")
+        for n, r in side_by_side.items():
+            print(f"{n:>7} tokens: before {r['before']:.1f} CPU s, after {r['after']:.1f} CPU s, "
+                  f"{r['before'] / max(r['after'], 1e-9):.1f}x; {r['snippets']} snippets, the very same: {r['same']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", action="store_true",
+                        help="continued-BPE tokens at --sizes on the corpora of --scale-megabytes, 2 workers")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 10000, 30000],
+                        help="new tokens, mined on the smallest corpus")
+    parser.add_argument("--large-sizes", type=int, nargs="+", default=[1000, 2000],
+                        help="new tokens mined on the largest corpus too")
+    parser.add_argument("--scale-megabytes", type=float, nargs="+", default=[400, 100],
+                        help="corpora; tokens are learned on the smallest")
+    parser.add_argument("--scale-quota", type=int, default=16)
+    parser.add_argument("--scale-snippet-len", type=int, default=32)
+    parser.add_argument("--before", help="git revision whose TokenScanner runs side by side with today's")
+    parser.add_argument("--sample-megabytes", type=float, default=4.0, help="for --before")
     parser.add_argument("--tokens", type=int, default=1000)
     parser.add_argument("--megabytes", type=float, nargs="+", default=[100, 400],
                         help="corpus sizes; the tokens come from the first")
@@ -297,6 +533,9 @@ def main() -> None:
     import ray
 
     tokenizer = load_tokenizer(args.model)
+    if args.scale:
+        main_scale(args, tokenizer)
+        return
     corpora = {mb: build_corpus(cache_root() / f"bench-mining-corpus-{mb:g}MB", mb) for mb in args.megabytes}
     tokens = select_tokens(tokenizer, corpora[args.megabytes[0]], args.tokens)
     print(f"{len(tokens)} tokens, {sum(len(t.phrase_ids) for t in tokens) / len(tokens):.1f} pieces on average", flush=True)
