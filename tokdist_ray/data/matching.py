@@ -21,6 +21,14 @@ lies inside the document (there the document could have given more context, and
 window_around would have taken it). Such a candidate gets a wider region on the next
 round. A region's margin starts at what a window needs, converted to characters with the
 running characters-per-id of this corpus, and doubles on each miss.
+
+With thousands of tokens (continued BPE learns frequent pieces, " ld", "(+") nearly
+every word is a candidate, regions cover whole documents, and two costs grow with the
+matches: looking up cuts (done once per run of overlapping candidates) and settling
+windows (snippets.settle encodes each window's text again). A window is settled only
+while its token still lacks `quota` distinct windows in the batch, and one whose ends
+are cuts, or whose pieces up to the nearest cuts encode alone to its end ids, is known
+to encode back without encoding it whole (Cuts.encodes_back).
 """
 
 from __future__ import annotations
