@@ -150,12 +150,15 @@ class MiningResult:
         return pq.read_table(path, filesystem=fs).to_pylist()
 
 
-def _progress(stats: MiningStats, ledger: QuotaLedger, started: float) -> None:
+def _progress(stats: MiningStats, ledger: QuotaLedger, started: float, corpus_bytes: int | None = None) -> None:
     seconds = time.perf_counter() - started
+    rate = stats.bytes / max(seconds, 1e-9)
+    # files give the corpus size; mining stops sooner once every token is full
+    left = f", at most {max(corpus_bytes - stats.bytes, 0) / max(rate, 1e-9):.0f}s left" if corpus_bytes else ""
     log.info(
-        "mining: %s, %.1f MB (%.1f MB/s), %d/%d tokens at quota",
-        stats.summary(), stats.bytes / 1e6, stats.bytes / 1e6 / max(seconds, 1e-9),
-        len(ledger.tokens) - ledger.open, len(ledger.tokens),
+        "mining: %s, %.1f MB%s (%.1f MB/s), %d/%d tokens at quota%s",
+        stats.summary(), stats.bytes / 1e6, f" of {corpus_bytes / 1e6:.1f}" if corpus_bytes else "", rate / 1e6,
+        len(ledger.tokens) - ledger.open, len(ledger.tokens), left,
     )
 
 
@@ -179,7 +182,8 @@ class _BoardWriter:
             ray.kill(self._board)
 
 
-def _consume(stream, ledger: QuotaLedger, board: _BoardWriter, work: MinerWork) -> MiningStats:
+def _consume(stream, ledger: QuotaLedger, board: _BoardWriter, work: MinerWork,
+             corpus_bytes: int | None = None) -> MiningStats:
     """Feed mined batches to the ledger in stream order until every token is full."""
     stats = MiningStats()
     started = last_log = time.perf_counter()
@@ -198,7 +202,7 @@ def _consume(stream, ledger: QuotaLedger, board: _BoardWriter, work: MinerWork) 
             board.mark_full(newly_full)
         if time.perf_counter() - last_log > PROGRESS_EVERY_S:
             last_log = time.perf_counter()
-            _progress(stats, ledger, started)
+            _progress(stats, ledger, started, corpus_bytes)
         if ledger.open == 0:
             break
     stats.seconds = time.perf_counter() - started
@@ -248,7 +252,7 @@ def _mine_on_ray(source, spec, expansion, snippet_len, quota, seed, files, ledge
     dataset.context.enable_progress_bars = False  # _consume logs progress; bars cost driver CPU
     stream = dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
     try:
-        return _consume(stream, ledger, board, work)
+        return _consume(stream, ledger, board, work, sum(files.sizes) if files is not None else None)
     finally:
         board.close()
 
