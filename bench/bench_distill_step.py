@@ -154,7 +154,7 @@ class ReferenceStep:
 class OurStep:
     def __init__(self, model, new_start, tokens, cfg):
         rows = NewRows(pre_init_rows(model.get_input_embeddings().weight, [t.phrase_ids for t in tokens]))
-        self.distiller = TokenDistiller(model, rows, new_start, cfg.loss_methods, cfg.target_layer, cfg.mixed_precision)
+        self.distiller = TokenDistiller.from_config(model, rows, new_start, cfg)
         self.optimizer, _ = make_optimizer(list(rows.parameters()), cfg, 1)
 
     def __call__(self, batch):
@@ -214,7 +214,8 @@ def main() -> None:
     batches, ref_batches = batched(examples), batched(ref_examples)
     n_used = (args.steps + 1) * args.batch_size
     used = {"reference": ref_examples[:n_used], "tokdist-ray": examples[:n_used], "teacher pass alone": examples[:n_used]}
-    cfg = DistillationConfig(batch_size=args.batch_size)
+    # the reference's loss, as the step is compared with the reference's
+    cfg = DistillationConfig(batch_size=args.batch_size, loss_methods=["MSE-on-hiddens"])
     ref = ReferenceStep(load_model(path, dtype=torch.float32), new_start, ref_tokens, cfg.learning_rate)
     ours = OurStep(load_model(path, dtype=torch.float32), new_start, tokens, cfg)
     teacher = TeacherPass(ours.distiller.model)

@@ -89,8 +89,7 @@ class Arm:
     def __init__(self, model, expansion, examples: list[dict], cfg: DistillationConfig):
         phrases = [t.phrase_ids for t in expansion.tokens]
         rows = NewRows(pre_init_rows(model.get_input_embeddings().weight, phrases))
-        self.distiller = TokenDistiller(model, rows, expansion.new_start, cfg.loss_methods, cfg.target_layer,
-                                        cfg.mixed_precision)
+        self.distiller = TokenDistiller.from_config(model, rows, expansion.new_start, cfg)
         self.examples = examples
         self.schedule = SnippetSchedule.for_run([e["student_ids"] for e in examples], expansion.new_start, cfg)
         self.optimizer, self.lr_schedule = make_optimizer(list(rows.parameters()), cfg, self.schedule.total_steps(cfg))
@@ -156,8 +155,10 @@ def main() -> None:
     heldout_examples = align_snippets(aligner, heldout_ids)
     heldout_batches = [collate(heldout_examples[i : i + 16]) for i in range(0, len(heldout_examples), 16)]
     model = load_model(resolve_model_path("bundled:smollm2"), dtype=torch.float32)
+    # the loss the figures in bench/README.md were measured with
     arms = {g: Arm(model, expansion, examples, DistillationConfig(
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, batch_grouping=g)) for g in GROUPINGS}
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, batch_grouping=g,
+        loss_methods=["MSE-on-hiddens"])) for g in GROUPINGS}
     steps_per_epoch = arms["random"].schedule.batches_per_epoch
     total = arms["random"].schedule.total_steps(DistillationConfig(epochs=args.epochs, batch_size=args.batch_size))
     evals = {g: [(0, arm.heldout_mse(heldout_batches))] for g, arm in arms.items()}

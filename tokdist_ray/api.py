@@ -137,10 +137,7 @@ class TokenDistillation:
         tokens, new_start = expansion.tokens, expansion.new_start
         examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), snippet_ids)
         rows = self._initial_rows(tokens, output_emb_policy, pre_init_strategy, training.untie_word_embeddings)
-        distiller = TokenDistiller(
-            self.model, rows, new_start, training.loss_methods, training.target_layer, training.mixed_precision,
-            training.new_token_output_weight,
-        ).to(self.device)
+        distiller = TokenDistiller.from_config(self.model, rows, new_start, training).to(self.device)
         log.info(
             "distilling %d tokens on %d snippets (%s, bf16 %s)", len(tokens), len(examples), self.device,
             "on" if training.mixed_precision and bf16_supported(self.device) else "off",

@@ -88,7 +88,7 @@ def train_single_process(setup, training: DistillationConfig):
     examples = align_snippets(PieceAligner.for_tokens(tokens, new_start),
                               read_snippets(str(snippets_dir), [t.text for t in tokens]).ids)
     rows = initial_rows(model, [t.phrase_ids for t in tokens], POLICY, "fvt")
-    distiller = TokenDistiller(model, rows, new_start, target_layer=training.target_layer, mixed_precision=False)
+    distiller = TokenDistiller.from_config(model, rows, new_start, training)
     history = train_local(distiller, examples, dataclasses.replace(training, batch_size=training.batch_size * WORKERS))
     return {"input": rows.input.detach().clone(), "output": rows.output.clone()}, history
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokdist_ray.config import NEW_TOKEN_OUTPUT_LOSS
+from tokdist_ray.config import NEW_TOKEN_OUTPUT_LOSS, DistillationConfig
 from tokdist_ray.config import loss_methods as checked_losses
 from tokdist_ray.training.output_side import new_token_positions, summed_kl, teacher_targets
 from tokdist_ray.vocab.models import cache_argument
@@ -139,6 +139,11 @@ class TokenDistiller(nn.Module):
         self.tied = rows.output is None
         self.reuse_prefix = True  # off only to check that reuse changes nothing
         self._cache_arg = cache_argument(decoder)
+
+    @classmethod
+    def from_config(cls, model: nn.Module, rows: NewRows, new_start: int, cfg: DistillationConfig) -> "TokenDistiller":
+        """The step a DistillationConfig describes (its losses, their weighting, target layer, precision)."""
+        return cls(model, rows, new_start, cfg.loss_methods, cfg.target_layer, cfg.mixed_precision, cfg.new_token_output_weight)
 
     # ------------------------------------------------------------------ pieces
     def embed_student(self, ids: torch.Tensor) -> torch.Tensor:

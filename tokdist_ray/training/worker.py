@@ -119,8 +119,7 @@ def _parallel_distiller(plan, new_start: int, steps: int, world: int, device: to
     rows = initial_rows(model, [t.phrase_ids for t in plan.tokens], plan.output_emb_policy, plan.pre_init_strategy,
                         plan.training.untie_word_embeddings)
     cfg = plan.training
-    distiller = TokenDistiller(model, rows, new_start, cfg.loss_methods, cfg.target_layer, cfg.mixed_precision,
-                               cfg.new_token_output_weight).to(device)
+    distiller = TokenDistiller.from_config(model, rows, new_start, cfg).to(device)
     optimizer, lr_schedule = make_optimizer([p for p in distiller.parameters() if p.requires_grad], cfg, steps)
     if plan.strategy == "ddp":
         return DataParallel(distiller, optimizer, lr_schedule, device)
