@@ -37,7 +37,8 @@ def token_lines(model_report: dict, training: dict) -> list[str]:
     positions = [t["positions_per_epoch"] for t in distilled]
     return [
         f"new tokens: {len(added)} ({len(added) - len(distilled)} without snippets keep their pre-initialised rows)",
-        f"snippets trained: {training['snippets']}, steps {training['steps']}, {training['seconds']:.0f} s",
+        f"snippets trained: {training['snippets']}, steps {training['steps']}, {training['seconds']:.0f} s, "
+        f"stopped by {training['stopped_by']}, {training['prefix_skipped']:.0%} of student positions from the teacher's prefix",
         f"positions per distilled token and epoch: median {statistics.median(positions):.0f}, "
         f"min {min(positions)}, max {max(positions)}",
     ]
