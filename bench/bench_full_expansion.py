@@ -4,7 +4,7 @@
 Runs the job, or continues it: killed part way, the same command reuses the finished
 stages and resumes distillation from its last checkpoint. Then prints what a user sizing
 such a run needs: seconds per stage, tokens and snippets, the positions that trained the
-new tokens, and the held-out compression, bits per byte and drift against the baselines.
+new tokens, the peak memory of each process, and the held-out compression, bits per byte and drift against the baselines.
 
     python bench/bench_full_expansion.py [--config jobs/configs/expand_2k_cpu.yaml] [--section.key value ...]
 """
@@ -16,6 +16,8 @@ import json
 import statistics
 import subprocess
 from pathlib import Path
+
+from peak_memory import PeakMemory
 
 from tokdist_ray.console import console_logging, quiet_console
 from tokdist_ray.job.config import load_config, parse_overrides
@@ -58,6 +60,23 @@ def quality_table(evaluation: dict) -> str:
     return "\n".join(lines)
 
 
+def stage_at(moment: float, stages_dir: Path) -> str:
+    """The stage that was running at `moment` (a stage's record is written when it ends)."""
+    for record in stages_dir.glob("*.json"):
+        end = record.stat().st_mtime
+        if end - json.loads(record.read_text())["seconds"] <= moment <= end + 1:
+            return record.stem
+    return "between stages"
+
+
+def memory_table(memory: PeakMemory, stages_dir: Path) -> str:
+    lines = ["| process | how many | peak RSS MB (largest) | stage at that peak |", "|---|---|---|---|"]
+    for title, peaks in memory.by_title().items():
+        if peaks[0].rss >= 50e6:  # idle pool workers and Ray's small helpers left out
+            lines.append(f"| {title} | {len(peaks)} | {peaks[0].rss / 1e6:,.0f} | {stage_at(peaks[0].at, stages_dir)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="jobs/configs/expand_2k_cpu.yaml")
@@ -65,13 +84,15 @@ def main() -> None:
     console_logging()
     quiet_console()
     config = load_config(args.config, parse_overrides(rest))
-    job = run_job(config)
+    with PeakMemory() as memory:
+        job = run_job(config)
     model_report = json.loads(Path(job["outputs"]["distill"]["report_path"]).read_text())
     evaluation = json.loads(Path(job["outputs"]["evaluate"]["eval_path"]).read_text())
     flags = subprocess.run(["bash", "-c", "lscpu | grep -i '^flags'"], capture_output=True, text=True).stdout
     print(f"\n{args.config}: {job['wall_seconds']:.0f} s this call; avx512_bf16: {'avx512_bf16' in flags}, "
           f"amx: {'amx' in flags}, avx2: {'avx2' in flags}\n")
-    print(stage_table(job), "", *token_lines(model_report, model_report["training"]), "", quality_table(evaluation), sep="\n")
+    print(stage_table(job), "", memory_table(memory, Path(config.run_dir) / "stages"), "",
+          *token_lines(model_report, model_report["training"]), "", quality_table(evaluation), sep="\n")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -65,6 +64,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from peak_memory import DRIVER, PeakMemory  # noqa: E402
 
 from tokdist_ray.config import FileDataSource  # noqa: E402
 from tokdist_ray.data.snippets import bos_prefix, window_around  # noqa: E402
@@ -318,34 +319,6 @@ def learned_tokens(tokenizer, shards: list[str], n: int) -> tuple[list[str], dic
     return [t.text for t in learned], seconds
 
 
-class PeakMemory:
-    """Peak resident memory of the driver and of each mining actor, sampled every 0.25 s
-    while mining (actors are found by their process title)."""
-
-    def __init__(self):
-        import psutil
-
-        self._psutil, self._stop = psutil, threading.Event()
-        self.driver, self.miners = 0, {}
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self):
-        me = self._psutil.Process()
-        while not self._stop.wait(0.25):
-            self.driver = max(self.driver, me.memory_info().rss)
-            for proc in self._psutil.process_iter(["cmdline", "memory_info"]):
-                if "SnippetMiner" in " ".join(proc.info["cmdline"] or []) and proc.info["memory_info"]:
-                    self.miners[proc.pid] = max(self.miners.get(proc.pid, 0), proc.info["memory_info"].rss)
-
-
 @dataclass
 class ScaleRun:
     tokens: int
@@ -362,14 +335,14 @@ class ScaleRun:
 def mine_at_scale(shards, expansion: MergeExpansion, n: int, quota: int, snippet_len: int, workers: int) -> ScaleRun:
     from tokdist_ray.data.mining import mine_corpus
 
-    with tempfile.TemporaryDirectory() as out, PeakMemory() as memory:
+    with tempfile.TemporaryDirectory() as out, PeakMemory(every_s=0.25) as memory:
         t = time.perf_counter()
         result = mine_corpus(FileDataSource(shards), expansion, snippet_len, quota, out_dir=out, seed=0,
                              num_workers=workers)
         wall = time.perf_counter() - t
     report = result.report()
-    run = ScaleRun(n, result.stats.bytes / 1e6, quota, len(expansion.tokens), 0.0, wall, report, memory.driver / 1e6,
-                   max(memory.miners.values(), default=0) / 1e6)
+    run = ScaleRun(n, result.stats.bytes / 1e6, quota, len(expansion.tokens), 0.0, wall, report,
+                   memory.largest(DRIVER) / 1e6, memory.largest("SnippetMiner") / 1e6)
     print(f"{n} tokens, quota {quota}, {run.megabytes:.0f} MB: {wall:.1f} s, {len(result.shortfall)} short, "
           f"phases {report['miner_cpu_seconds_by_phase']}", flush=True)
     return run
