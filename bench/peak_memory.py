@@ -1,12 +1,11 @@
 """Peak resident memory of this process and of every Ray process on the machine, sampled
-from a background thread. Ray names its worker processes by what they run
-(`ray::SnippetMiner.mine`, `ray::RayTrainWorker...`), so each peak is kept with the title
-the process had when it was reached, and the time it was reached."""
+from a background thread. Ray names a worker process by what it runs
+(`ray::MapWorker(ReadCorpusFiles->MapBatches(SnippetMiner)).submit`, `ray::RayTrainWorker`),
+so each peak is kept with the title the process had when it was reached, and the time."""
 
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -24,10 +23,12 @@ class Peak:
 
 
 def process_title(cmdline: list[str]) -> str | None:
-    """What a Ray process runs (`ray::SnippetMiner`, `raylet`...), None for non-Ray processes."""
+    """What a Ray process runs (`ray::RayTrainWorker`, `Ray system (raylet)`...), None for non-Ray processes."""
     line = " ".join(cmdline)
-    if line.startswith("ray::"):
-        return "ray::" + re.split(r"[.\s(]", line[len("ray::") :], maxsplit=1)[0]
+    if line.startswith("ray::"):  # the actor or task, less the method it runs now
+        title = line.split()[0]
+        head, dot, method = title.rpartition(".")
+        return head if dot and method.isidentifier() else title
     for name in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env", "ray_client_server"):
         if name in line and "ray" in line:
             return f"Ray system ({name.removesuffix('.py')})"
