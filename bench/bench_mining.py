@@ -243,7 +243,7 @@ def run_miner(shards, expansion: MergeExpansion, words: list[NewToken], snippet_
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
         result = mine_corpus(FileDataSource(shards), expansion, snippet_len, quota, out_dir=out, seed=0,
-                             num_workers=workers)
+                             num_workers=workers, count_bystanders=False)  # the reference's quotas
         seconds = time.perf_counter() - t
         rows = result.rows()
     word_index = {w.text: i for i, w in enumerate(words)}
@@ -332,15 +332,17 @@ class ScaleRun:
     miner_mb: float
 
 
-def mine_at_scale(shards, expansion: MergeExpansion, n: int, quota: int, snippet_len: int, workers: int) -> ScaleRun:
+def mine_at_scale(shards, expansion: MergeExpansion, n: int, quota: int, snippet_len: int, workers: int,
+                  count_bystanders: bool) -> ScaleRun:
     from tokdist_ray.data.mining import mine_corpus
 
     with tempfile.TemporaryDirectory() as out, PeakMemory(every_s=0.25) as memory:
         t = time.perf_counter()
         result = mine_corpus(FileDataSource(shards), expansion, snippet_len, quota, out_dir=out, seed=0,
-                             num_workers=workers)
+                             num_workers=workers, count_bystanders=count_bystanders)
         wall = time.perf_counter() - t
-    report = result.report()
+        kept = pq.read_table(result.snippets_path, columns=["token_index"]).num_rows
+    report = result.report() | {"snippets_kept": kept}
     run = ScaleRun(n, result.stats.bytes / 1e6, quota, len(expansion.tokens), 0.0, wall, report,
                    memory.largest(DRIVER) / 1e6, memory.largest("SnippetMiner") / 1e6)
     print(f"{n} tokens, quota {quota}, {run.megabytes:.0f} MB: {wall:.1f} s, {len(result.shortfall)} short, "
@@ -359,7 +361,7 @@ def print_scale_table(runs: list[ScaleRun], snippet_len: int) -> None:
         short = f"{len(r['shortfall'])}/{len(r['snippets_per_token'])}"
         print(f"{run.tokens:>7} {run.new_ids:>8} {run.expand_s:>9.1f} {run.megabytes:>5.0f} {run.quota:>6} {run.wall:>7.1f} "
               f"{r['megabytes_per_second']:>6.2f} {r['documents_per_second']:>7.0f} "
-              f"{sum(r['snippets_per_token'].values()):>9} {short:>13} {r['tokenised_share']:>10.0%} {cpu:>12.1f} {share} "
+              f"{r['snippets_kept']:>9} {short:>13} {r['tokenised_share']:>10.0%} {cpu:>12.1f} {share} "
               f"{run.driver_mb:>10.0f} {run.miner_mb:>9.0f}")
     print(f"(windows of {snippet_len} ids; short: tokens short of quota; tokenised: characters tokenised of those "
           "scanned; search/tokenise/settle: shares of the miners' CPU time; MB: peak resident memory)")
@@ -466,10 +468,12 @@ def main_scale(args, tokenizer) -> None:
                 side_by_side[n] = scanners_side_by_side(parts, expansion, args.before, args.scale_quota, args.scale_snippet_len)
                 print(f"  side by side on {args.sample_megabytes:g} MB: {side_by_side[n]}", flush=True)
             for mb, quota in scale_runs(args, n, corpora):
-                runs.append(mine_at_scale(corpora[mb], expansion, n, quota, args.scale_snippet_len, 2))
+                runs.append(mine_at_scale(corpora[mb], expansion, n, quota, args.scale_snippet_len, 2,
+                                          not args.main_only))
                 runs[-1].expand_s = expand_s
     finally:
         ray.shutdown()
+    print(f"\nquotas count {'the main token only' if args.main_only else 'the main token and its bystanders'}")
     print_scale_table(sorted(runs, key=lambda r: (-r.megabytes, r.tokens, r.quota)), args.scale_snippet_len)
     if side_by_side:
         print(f"\nscanner at {args.before} against today's, one in-process miner each, taking turns on the first "
@@ -491,6 +495,8 @@ def main() -> None:
                         help="corpora; tokens are learned on the smallest")
     parser.add_argument("--scale-quota", type=int, default=16)
     parser.add_argument("--scale-snippet-len", type=int, default=32)
+    parser.add_argument("--main-only", action="store_true",
+                        help="--scale: count a snippet toward its main token's quota only, not its bystanders'")
     parser.add_argument("--before", help="git revision whose TokenScanner runs side by side with today's")
     parser.add_argument("--sample-megabytes", type=float, default=4.0, help="for --before")
     parser.add_argument("--tokens", type=int, default=1000)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import Literal, Sequence
 
 import torch
@@ -150,7 +151,7 @@ class TokenDistillation:
         model = expand_model(self.model, new_start, rows.input.detach(), None if rows.output is None else rows.output.detach())
         self._expanded = True
         self.last_report = expansion_report(
-            self.model_path, tokens, new_start, stats.counts, history,
+            self.model_path, tokens, new_start, Counter(s["token"] for s in snippets if s["token"] in keep), history,
             settings={
                 "snippet_len": snippet_len, "snippets_per_token": snippets_per_token,
                 "output_emb_policy": output_emb_policy.value, "pre_init_strategy": pre_init_strategy,

@@ -25,8 +25,9 @@ from tokdist_ray.data.files import file_kind, resolve_files
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.matching import CUT_PROBE, Cuts, TokenScanner, _runs
 from tokdist_ray.data.miner import TALLY, SnippetMiner, TokenizerSpec
-from tokdist_ray.data.mining import QuotaLedger, mine_corpus, mining_dataset, reads_fused
+from tokdist_ray.data.mining import mine_corpus, mining_dataset, reads_fused
 from tokdist_ray.data.mining_cache import cache_key, corpus_spec
+from tokdist_ray.data.quota import QuotaLedger
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix, settle, window_around
 from tokdist_ray.vocab.bpe_training import continue_bpe, pre_token_counts
 from tokdist_ray.vocab.merges import ADDED_TOKENS, SPANS_PRE_TOKENS, MergeExpansion, expand_with_merges
@@ -210,12 +211,34 @@ def test_candidates_run_together_where_their_margins_overlap():
 # ---------------------------------------------------------------------- pieces
 def test_ledger_takes_the_first_distinct_snippets_in_stream_order():
     tokens = [NewToken(" a", (1, 2)), NewToken(" b", (3, 4))]
-    ledger = QuotaLedger(tokens, quota=2)
+    ledger = QuotaLedger(tokens, quota=2, new_start=100)
     offers = [(0, [9, 1, 2]), (0, [9, 1, 2]), (1, [3, 4]), (0, [1, 2, 7]), (0, [1, 2, 8])]
-    assert [ledger.offer(i, ids, 1) for i, ids in offers] == [False, False, False, True, False]
+    assert [ledger.offer(i, ids, 1) for i, ids in offers] == [[], [], [], [0], []]
     assert ledger.counts() == {" a": 2, " b": 1} and ledger.open == 1
     assert [r["input_ids"] for r in ledger.rows[0]] == [[9, 1, 2], [1, 2, 7]]
     assert ledger.table().schema == SNIPPET_SCHEMA
+
+
+# ids 100, 101, 102 are the new tokens " a", " b", " c"
+BYSTANDER_OFFERS = [(0, [9, 100, 101]), (1, [9, 101, 5]), (1, [101, 7]), (0, [9, 100, 101]),
+                    (0, [100, 102, 102]), (2, [100, 102, 102]), (2, [102, 8]), (2, [102, 6])]
+
+
+def test_a_snippet_counts_toward_every_new_token_it_holds():
+    tokens = [NewToken(" a", (1, 2)), NewToken(" b", (3, 4)), NewToken(" c", (5, 6))]
+    ledger = QuotaLedger(tokens, quota=2, new_start=100)
+    filled = [ledger.offer(i, ids, 1) for i, ids in BYSTANDER_OFFERS]
+    # " b" fills with its first own snippet, having counted " a"'s; " c" counts a snippet
+    # once however often it occurs there, and not again when offered it as its own
+    assert filled == [[], [1], [], [], [0], [], [2], []]
+    assert ledger.counts() == {" a": 2, " b": 2, " c": 2} and ledger.open == 0
+    assert [[r["input_ids"] for r in rows] for rows in ledger.rows] == [
+        [[9, 100, 101], [100, 102, 102]], [[9, 101, 5]], [[102, 8]]]
+
+    main_only = QuotaLedger(tokens, quota=2, new_start=100, count_bystanders=False)
+    assert [main_only.offer(i, ids, 1) for i, ids in BYSTANDER_OFFERS] == [[], [], [1], [], [0], [], [2], []]
+    assert main_only.counts() == {" a": 2, " b": 2, " c": 2}
+    assert sum(len(rows) for rows in main_only.rows) == 6 > sum(len(rows) for rows in ledger.rows) == 4
 
 
 def test_a_miner_drops_a_token_it_filled_itself_but_only_for_later_parts(smol_tokenizer):
@@ -470,5 +493,6 @@ def test_the_api_mines_on_ray_when_ray_is_running(ray_session, tiny_model_dir, t
                 training=DistillationConfig(max_steps=1))
     assert len(calls) == 1 and any((tmp_path / "cache" / "mining").iterdir())
     expansion = expand_with_merges(tokdist.tokenizer, WORDS)
-    _, expected = mine_snippets(documents(FileDataSource(str(corpus))), expansion, 12, 3)
-    assert {t["token"]: t["snippets"] for t in tokdist.last_report["tokens_added"]} == expected.counts
+    expected, _ = mine_snippets(documents(FileDataSource(str(corpus))), expansion, 12, 3)
+    report = {t["token"]: t["snippets"] for t in tokdist.last_report["tokens_added"]}
+    assert report == {t.text: sum(r["token"] == t.text for r in expected) for t in expansion.tokens}

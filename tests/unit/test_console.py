@@ -22,13 +22,14 @@ def test_stage_progress_reports_count_and_eta_and_stays_quiet_between_intervals(
 
 
 def test_mining_progress_bounds_the_time_left_by_the_corpus_size(caplog, monkeypatch):
-    from tokdist_ray.data.mining import QuotaLedger, _progress
+    from tokdist_ray.data.mining import _progress
+    from tokdist_ray.data.quota import QuotaLedger
     from tokdist_ray.data.snippets import MiningStats
     from tokdist_ray.vocab.tokens import NewToken
 
     monkeypatch.setattr("tokdist_ray.data.mining.time.perf_counter", lambda: 10.0)
     caplog.set_level(logging.INFO, logger="tokdist_ray")
-    ledger = QuotaLedger([NewToken(" a", (1, 2)), NewToken(" b", (3, 4))], quota=2)
+    ledger = QuotaLedger([NewToken(" a", (1, 2)), NewToken(" b", (3, 4))], quota=2, new_start=100)
     stats = MiningStats(documents=40, bytes=2_000_000)
     _progress(stats, ledger, started=0.0, corpus_bytes=10_000_000)  # 0.2 MB/s, 8 MB left
     _progress(stats, ledger, started=0.0)  # a stream of unknown size: no bound

@@ -8,7 +8,8 @@ import time
 from typing import TYPE_CHECKING, Any, Iterable
 
 from tokdist_ray.data.files import EMPTY, NOT_A_STRING, BadRow
-from tokdist_ray.data.snippets import MiningStats, bos_prefix, settle, snippet_row, window_around
+from tokdist_ray.data.quota import QuotaLedger
+from tokdist_ray.data.snippets import MiningStats, bos_prefix, settle, window_around
 
 if TYPE_CHECKING:
     from tokdist_ray.vocab.merges import MergeExpansion
@@ -22,41 +23,28 @@ def mine_snippets(
     snippet_len: int = 50,
     snippets_per_token: int = 100,
     batch_size: int = 256,
+    count_bystanders: bool = True,
 ) -> tuple[list[dict], MiningStats]:
     """Collect up to `snippets_per_token` distinct snippets per token, in corpus order,
-    stopping as soon as every token has its quota. Snippets hold the expanded
+    stopping as soon as every token has its quota (`count_bystanders`: a snippet counts
+    toward every new token it holds, see QuotaLedger). Snippets hold the expanded
     tokenizer's ids."""
     tokenizer, tokens, new_start = expansion.tokenizer, expansion.tokens, expansion.new_start
     backend = tokenizer.backend_tokenizer
     prefix = bos_prefix(tokenizer)
-    stats = MiningStats(counts={t.text: 0 for t in tokens})
-    seen: set[tuple[int, ...]] = set()
-    rows: list[dict] = []
-    open_tokens = len(tokens)
+    stats = MiningStats()
+    ledger = QuotaLedger(tokens, snippets_per_token, new_start, count_bystanders)
     start, last_log = time.perf_counter(), time.perf_counter()
 
     def scan(texts: list[str]) -> None:
-        nonlocal open_tokens
         for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
             for pos, token_id in enumerate(ids):
-                if token_id < new_start:
-                    continue
-                index = token_id - new_start
-                token = tokens[index]
-                if stats.counts[token.text] >= snippets_per_token:
+                if token_id < new_start or ledger.full(token_id - new_start):
                     continue
                 settled = settle(backend, *window_around(ids, pos, 1, snippet_len))
-                if settled is None:
-                    continue
-                window, offset = settled
-                snippet = prefix + window
-                if tuple(snippet) in seen:
-                    continue
-                seen.add(tuple(snippet))
-                rows.append(snippet_row(token, index, snippet, len(prefix) + offset, "corpus"))
-                stats.counts[token.text] += 1
-                if stats.counts[token.text] == snippets_per_token:
-                    open_tokens -= 1
+                if settled is not None:
+                    window, offset = settled
+                    ledger.offer(token_id - new_start, prefix + window, len(prefix) + offset)
 
     pending: list[str] = []
     for text in documents:
@@ -75,10 +63,11 @@ def mine_snippets(
             if time.perf_counter() - last_log > 10:
                 last_log = time.perf_counter()
                 log.info("mining: %s, %.1f MB, %d/%d tokens at quota",
-                         stats.summary(), stats.bytes / 1e6, len(tokens) - open_tokens, len(tokens))
-            if open_tokens == 0:
+                         stats.summary(), stats.bytes / 1e6, len(tokens) - ledger.open, len(tokens))
+            if ledger.open == 0:
                 break
-    if pending and open_tokens:
+    if pending and ledger.open:
         scan(pending)
     stats.seconds = time.perf_counter() - start
-    return rows, stats
+    stats.counts = ledger.counts()
+    return ledger.taken(), stats

@@ -9,8 +9,9 @@
 Pipeline: read the corpus (corpus_dataset) -> SnippetMiner actors, the expanded tokenizer
 and one TokenScanner each, built once (`ActorPoolStrategy`, one CPU each, as many as the
 cluster has CPUs; local files are read inside them) -> the driver takes each token's
-first `snippets_per_token` distinct windows in stream order and stops reading once
-every token has them.
+first `snippets_per_token` distinct windows in stream order (a window counts toward the
+quota of every new token it holds: QuotaLedger) and stops reading once every token has
+them.
 
 Determinism: the stream order is fixed by the seed (corpus_dataset) and kept
 (`preserve_order`); a miner passes on, per batch and token, its first
@@ -36,9 +37,8 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -46,52 +46,18 @@ from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.data.files import resolve_files
 from tokdist_ray.data.miner import TALLY, QuotaBoard, SnippetMiner, TokenizerSpec
 from tokdist_ray.data.mining_cache import cache_key, corpus_spec, read_cache, write_cache
+from tokdist_ray.data.quota import QuotaLedger
 from tokdist_ray.data.ray_corpus import MINER_CPUS, corpus_dataset
-from tokdist_ray.data.snippets import SNIPPET_SCHEMA, MiningStats, snippet_row
+from tokdist_ray.data.snippets import MiningStats
 from tokdist_ray.raycluster import cluster_cpus, connect
 from tokdist_ray.storage import location
 
 if TYPE_CHECKING:  # mining actors import this module: keep transformers out of them
     from tokdist_ray.vocab.merges import MergeExpansion
-    from tokdist_ray.vocab.tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")
 
 PROGRESS_EVERY_S = 10.0
-
-
-@dataclass
-class QuotaLedger:
-    """The driver's side: each token's first `quota` distinct snippets in stream order."""
-
-    tokens: Sequence[NewToken]
-    quota: int
-    rows: list[list[dict]] = field(init=False)  # per token index, in the order taken
-    seen: list[set] = field(init=False)
-    open: int = field(init=False)  # tokens still short of the quota
-
-    def __post_init__(self):
-        self.rows = [[] for _ in self.tokens]
-        self.seen = [set() for _ in self.tokens]
-        self.open = len(self.tokens) if self.quota > 0 else 0
-
-    def offer(self, index: int, ids: list[int], token_position: int) -> bool:
-        """Take the snippet if its token has room and it is new; True if that fills the token."""
-        key = tuple(ids)
-        if len(self.rows[index]) >= self.quota or key in self.seen[index]:
-            return False
-        self.seen[index].add(key)
-        self.rows[index].append(snippet_row(self.tokens[index], index, ids, token_position, "corpus"))
-        if len(self.rows[index]) == self.quota:
-            self.open -= 1
-            return True
-        return False
-
-    def counts(self) -> dict[str, int]:
-        return {t.text: len(r) for t, r in zip(self.tokens, self.rows)}
-
-    def table(self) -> pa.Table:
-        return pa.Table.from_pylist([row for rows in self.rows for row in rows], schema=SNIPPET_SCHEMA)
 
 
 @dataclass
@@ -197,7 +163,7 @@ def _consume(stream, ledger: QuotaLedger, board: _BoardWriter, work: MinerWork,
             stats.bytes += row["bytes"]
             work.add(row)
         mined = block.filter(pc.invert(tally)).select(["token_index", "input_ids", "token_position"]).to_pydict()
-        newly_full = [index for index, ids, start in zip(*mined.values()) if ledger.offer(index, ids, start)]
+        newly_full = [full for index, ids, start in zip(*mined.values()) for full in ledger.offer(index, ids, start)]
         if newly_full:
             board.mark_full(newly_full)
         if time.perf_counter() - last_log > PROGRESS_EVERY_S:
@@ -281,18 +247,21 @@ def mine_corpus(
     seed: int = 0,
     num_workers: int | None = None,
     top_up: bool = False,
+    count_bystanders: bool = True,
 ) -> MiningResult:
     """Mine up to `snippets_per_token` distinct snippets per token from `source` on the
     running Ray cluster (a local one is started if none is), written to
     `out_dir/mining-<key>/snippets/` in SNIPPET_SCHEMA, in the ids of the expanded
     tokenizer (`expansion.tokenizer`, a fast HF tokenizer). `num_workers` defaults to the cluster's CPUs. `top_up`:
-    generated snippets will fill tokens left short (only changes what the log says)."""
+    generated snippets will fill tokens left short (only changes what the log says).
+    `count_bystanders`: a snippet counts toward every new token it holds (QuotaLedger)."""
     tokens = expansion.tokens
     if not tokens:
         raise ValueError("no tokens to mine snippets for")
     spec = TokenizerSpec.of(expansion.tokenizer)
     files = resolve_files(source.paths) if isinstance(source, FileDataSource) else None
-    settings = {"snippet_len": snippet_len, "snippets_per_token": snippets_per_token, "seed": seed}
+    settings = {"snippet_len": snippet_len, "snippets_per_token": snippets_per_token, "seed": seed,
+                "count_bystanders": count_bystanders}
     out = f"{out_dir.rstrip('/')}/mining-{cache_key(corpus_spec(source, files), spec, tokens, settings)}"
     cached = _cached(out, snippets_per_token)
     if cached is not None:
@@ -302,7 +271,7 @@ def mine_corpus(
 
     connect()
     work = MinerWork(workers=num_workers or cluster_cpus())
-    ledger = QuotaLedger(tokens, snippets_per_token)
+    ledger = QuotaLedger(tokens, snippets_per_token, expansion.new_start, count_bystanders)
     stats = _mine_on_ray(source, spec, expansion, snippet_len, snippets_per_token, seed, files, ledger, work)
     stats.counts = ledger.counts()
     result = MiningResult(f"{out}/snippets", stats, snippets_per_token, work)

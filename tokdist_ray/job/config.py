@@ -78,6 +78,9 @@ class SnippetsConfig:
     snippet_len: int = 50
     snippets_per_token: int = 100
     min_snippets_per_token: int = 1  # tokens with fewer are skipped and reported
+    # a snippet counts toward every new token it holds, not only the one it was cut around:
+    # each is trained on it, and at thousands of tokens most snippets hold several
+    count_bystanders: bool = True
     seed: int = 42
 
     def __post_init__(self) -> None:

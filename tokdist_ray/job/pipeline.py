@@ -159,7 +159,7 @@ def _snippets_stage(config: JobConfig, expansion: MergeExpansion, run_dir: Path)
     from tokdist_ray.data.generation.ray_backend import generate_snippet_table
 
     tokens = expansion.tokens
-    tables, report = [], {}
+    tables, report, counts = [], {}, Counter()  # counts: snippets toward each token's quota
     source = corpus_source(config)
     quota = config.snippets.snippets_per_token
     shortfall = {t.text: quota for t in tokens}
@@ -167,8 +167,10 @@ def _snippets_stage(config: JobConfig, expansion: MergeExpansion, run_dir: Path)
         from tokdist_ray.data.mining import mine_corpus
 
         mined = mine_corpus(source, expansion, config.snippets.snippet_len, quota, str(run_dir / "mining"),
-                            config.snippets.seed, config.data.num_workers, top_up=config.data.top_up_with_generation)
+                            config.snippets.seed, config.data.num_workers, top_up=config.data.top_up_with_generation,
+                            count_bystanders=config.snippets.count_bystanders)
         report["mining"] = mined.report()
+        counts.update(mined.stats.counts)
         tables.append(pq.read_table(mined.snippets_path))
         shortfall = mined.shortfall if config.data.top_up_with_generation else {}
     if shortfall:
@@ -180,19 +182,15 @@ def _snippets_stage(config: JobConfig, expansion: MergeExpansion, run_dir: Path)
         )
         tables.append(table)
         report["generation"] = stats.as_dict(quota) | {"top_up": source is not None}
+        counts.update(stats.counts)
     out = run_dir / "snippets"
     out.mkdir(parents=True, exist_ok=True)
     table = pa.concat_tables([t.cast(SNIPPET_SCHEMA) for t in tables])
     pq.write_table(table, out / "snippets.parquet")
-    counts = snippet_counts(out)
-    report["snippets_per_token"] = {t.text: counts.get(t.text, 0) for t in tokens}
+    report["snippets"] = table.num_rows
+    report["snippets_per_token"] = {t.text: counts[t.text] for t in tokens}
     write_report(run_dir / "snippets_report.json", report)
     return {"snippets_path": str(out), "report": report}
-
-
-def snippet_counts(path: Path) -> dict[str, int]:
-    table = pq.read_table(str(path / "snippets.parquet"), columns=["token"])
-    return dict(Counter(table.column("token").to_pylist()))
 
 
 def distill_keys(settings: dict, upstream: str) -> tuple[str, str]:
@@ -209,7 +207,7 @@ def distill_keys(settings: dict, upstream: str) -> tuple[str, str]:
     return _key(run, settings["training"]["time_budget_s"], settings["out_path"]), run
 
 
-def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets_path: str, run_dir: Path, run_key: str) -> dict:
+def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets: dict, run_dir: Path, run_key: str) -> dict:
     """Distill on Ray Train. Checkpoints live under `<run_name>-<run_key>`: a stopped run
     with the same settings resumes, and a run with new settings starts its own folder,
     leaving earlier runs as they were."""
@@ -218,7 +216,7 @@ def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets_path: 
     from tokdist_ray.training.ray_trainer import distill_distributed
     from tokdist_ray.training.run_manifest import RunDirectory
 
-    distilled, not_distilled = tokens_to_distill(expansion.tokens, snippet_counts(Path(snippets_path)),
+    distilled, not_distilled = tokens_to_distill(expansion.tokens, snippets["report"]["snippets_per_token"],
                                                  config.snippets.min_snippets_per_token)
     if not_distilled:
         log.warning(not_distilled_note(not_distilled, config.snippets.min_snippets_per_token,
@@ -234,7 +232,7 @@ def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets_path: 
     }[state])
     dist = dataclasses.replace(dist, storage_path=storage, run_name=run_name, resume=state != "new")
     result = distill_distributed(
-        config.model, snippets_path, expansion, config.model_dir, config.training, dist,
+        config.model, snippets["snippets_path"], expansion, config.model_dir, config.training, dist,
         config.output.emb_policy, config.output.pre_init_strategy, distilled=[t.text for t in distilled],
     )
     return {"model_dir": str(result.out_dir), "rows_path": str(result.rows_path),
@@ -275,8 +273,8 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
         outputs["snippets"] = ledger.run("snippets", key, lambda: _snippets_stage(config, expansion, run_dir))
     if "distill" in stages:
         key, run_key = distill_keys(settings, key)
-        snippets_path = outputs["snippets"]["snippets_path"]
-        outputs["distill"] = ledger.run("distill", key, lambda: _distill_stage(config, expansion, snippets_path, run_dir, run_key))
+        snippets = outputs["snippets"]
+        outputs["distill"] = ledger.run("distill", key, lambda: _distill_stage(config, expansion, snippets, run_dir, run_key))
     if "evaluate" in stages and config.eval.heldout_paths:
         distilled = outputs.get("distill") or _finished(ledger, "distill")
         rows = Path(distilled["rows_path"]).read_bytes()  # a re-distilled model is evaluated anew
