@@ -3,8 +3,9 @@
 
 Runs the job, or continues it: killed part way, the same command reuses the finished
 stages and resumes distillation from its last checkpoint. Then prints what a user sizing
-such a run needs: seconds per stage, tokens and snippets, the positions that trained the
-new tokens, the peak memory of each process, and the held-out compression, bits per byte and drift against the baselines.
+such a run needs: seconds per stage, the peak memory of each process, tokens and snippets,
+the positions that trained the new tokens, and the held-out compression, bits per byte and
+drift against the baselines.
 
     python bench/bench_full_expansion.py [--config jobs/configs/expand_2k_cpu.yaml] [--section.key value ...]
 """

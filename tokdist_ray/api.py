@@ -132,7 +132,8 @@ class TokenDistillation:
         if not_distilled:
             log.warning(not_distilled_note(not_distilled, min_snippets_per_token, pre_init_strategy))
         keep = {tok.text for tok in distilled}
-        snippet_ids = [s["input_ids"] for s in snippets if s["token"] in keep]
+        kept = [s for s in snippets if s["token"] in keep]
+        snippet_ids = [s["input_ids"] for s in kept]
 
         t = time.perf_counter()
         tokens, new_start = expansion.tokens, expansion.new_start
@@ -151,7 +152,7 @@ class TokenDistillation:
         model = expand_model(self.model, new_start, rows.input.detach(), None if rows.output is None else rows.output.detach())
         self._expanded = True
         self.last_report = expansion_report(
-            self.model_path, tokens, new_start, Counter(s["token"] for s in snippets if s["token"] in keep), history,
+            self.model_path, tokens, new_start, Counter(s["token"] for s in kept), history,
             settings={
                 "snippet_len": snippet_len, "snippets_per_token": snippets_per_token,
                 "output_emb_policy": output_emb_policy.value, "pre_init_strategy": pre_init_strategy,

@@ -30,18 +30,16 @@ class QuotaLedger:
     new_start: int  # id of tokens[0]; tokens[i] is new_start + i
     count_bystanders: bool = True
     rows: list[list[dict]] = field(init=False)  # per token index, the snippets taken for it, in order
-    held: list[int] = field(init=False)  # per token index, distinct snippets counted toward its quota
-    seen: list[set] = field(init=False)  # per token index, the snippets counted
+    seen: list[set] = field(init=False)  # per token index, the distinct snippets counted toward its quota
     open: int = field(init=False)  # tokens still short of the quota
 
     def __post_init__(self):
         self.rows = [[] for _ in self.tokens]
-        self.held = [0] * len(self.tokens)
         self.seen = [set() for _ in self.tokens]
         self.open = len(self.tokens) if self.quota > 0 else 0
 
     def full(self, index: int) -> bool:
-        return self.held[index] >= self.quota
+        return len(self.seen[index]) >= self.quota
 
     def offer(self, index: int, ids: list[int], token_position: int, source: str = "corpus") -> list[int]:
         """Take the snippet for token `index` if it has room and has not counted the
@@ -62,7 +60,6 @@ class QuotaLedger:
         if self.full(index) or key in self.seen[index]:
             return False
         self.seen[index].add(key)
-        self.held[index] += 1
         if self.full(index):
             self.open -= 1
             return True
@@ -70,7 +67,7 @@ class QuotaLedger:
 
     def counts(self) -> dict[str, int]:
         """token -> snippets counted toward its quota."""
-        return {t.text: n for t, n in zip(self.tokens, self.held)}
+        return {t.text: len(seen) for t, seen in zip(self.tokens, self.seen)}
 
     def taken(self) -> list[dict]:
         """The snippets taken, grouped by main token."""
