@@ -10,6 +10,7 @@ torch nor transformers, so a config is checked before any heavy import or Ray st
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable, Sequence
@@ -46,8 +47,8 @@ def output_emb_policy(value: OutputEmbeddingInit | str) -> OutputEmbeddingInit:
         ) from None
 
 
-def loss_methods(value: Sequence[str]) -> tuple[str, ...]:
-    methods = tuple(value)
+def loss_methods(value: Sequence[str] | str) -> tuple[str, ...]:
+    methods = (value,) if isinstance(value, str) else tuple(value)  # one method given as a bare string
     unknown = [m for m in methods if m not in LOSS_METHODS]
     if unknown or not methods:
         raise ConfigError(f"unknown loss method(s) {unknown or '(none given)'}; choose from {LOSS_METHODS}")
@@ -55,6 +56,34 @@ def loss_methods(value: Sequence[str]) -> tuple[str, ...]:
     if "CE-auto-weighted" in methods and not set(methods) & set(others):
         raise ConfigError(f"CE-auto-weighted scales CE to another loss: combine it with one of {others}")
     return methods
+
+
+def positive_number(name: str, value, optional: bool = False) -> None:
+    """A finite number > 0 (or None when `optional`): inf and nan pass `<= 0` checks, and an
+    infinite learning rate trains rows to nan."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        allowed = "a finite number > 0" + (" or None (no limit)" if optional else "")
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+def count_at_least_one(name: str, value, optional: bool = False) -> None:
+    """An int >= 1 (or None when `optional`, meaning no limit: 0 is refused, not read as none)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "an int >= 1" + (" or None (no limit)" if optional else "")
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+def corpus_paths(name: str, paths: str | Sequence[str]) -> list[str]:
+    """Paths as a list; an empty string would expand to the current directory."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    for path in paths:
+        if not isinstance(path, str) or not path.strip():
+            raise ConfigError(f"{name}: {path!r} is not a path; name files, directories or globs (e.g. docs/*.txt)")
+    return paths
 
 
 def pre_init_strategy(value: str) -> str:
@@ -95,15 +124,17 @@ class DistillationConfig:
         self.loss_methods = loss_methods(self.loss_methods)
         if self.batch_grouping not in BATCH_GROUPINGS:
             raise ConfigError(f"batch_grouping must be one of {BATCH_GROUPINGS}, got {self.batch_grouping!r}")
-        if not self.new_token_output_weight > 0:
-            raise ConfigError(f"new_token_output_weight must be positive, got {self.new_token_output_weight}")
+        positive_number("new_token_output_weight", self.new_token_output_weight)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        positive_number("learning_rate", self.learning_rate)
+        positive_number("time_budget_s", self.time_budget_s, optional=True)
+        count_at_least_one("max_steps", self.max_steps, optional=True)
+        if isinstance(self.target_layer, bool) or not isinstance(self.target_layer, int):
+            raise ConfigError(f"target_layer must be an int (-1: the last layer), got {self.target_layer!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -139,8 +170,7 @@ class GeneratedDataSource:
     def __post_init__(self) -> None:
         if self.backend not in GENERATION_BACKENDS:
             raise ConfigError(f"backend {self.backend!r} is not one of {GENERATION_BACKENDS}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be positive (plain sampling is 1.0), got {self.temperature}")
+        positive_number("temperature", self.temperature)  # plain sampling is 1.0
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -151,8 +181,7 @@ class GeneratedDataSource:
         for name in ("top_k", "min_new_tokens", "refill_rounds"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        if self.num_cpus_per_actor <= 0:
-            raise ConfigError(f"num_cpus_per_actor must be positive, got {self.num_cpus_per_actor}")
+        positive_number("num_cpus_per_actor", self.num_cpus_per_actor)
 
 
 @dataclass
@@ -171,6 +200,12 @@ class HFDataSource:
     text_column: str = "text"
     data_files: str | list[str] | None = None  # e.g. local files for a builder like "json"
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset_path, str) or not self.dataset_path.strip():
+            raise ConfigError(f"dataset_path must name a dataset (e.g. HuggingFaceFW/fineweb-2), got {self.dataset_path!r}")
+        count_at_least_one("max_docs", self.max_docs, optional=True)
+        count_at_least_one("tokenization_batch_size", self.tokenization_batch_size)
+
 
 @dataclass
 class FileDataSource:
@@ -180,6 +215,10 @@ class FileDataSource:
     paths: str | list[str] = field(default_factory=list)
     text_column: str = "text"
     max_docs: int | None = None
+
+    def __post_init__(self) -> None:
+        self.paths = corpus_paths("paths", self.paths)
+        count_at_least_one("max_docs", self.max_docs, optional=True)
 
 
 @dataclass
@@ -232,10 +271,8 @@ class DistributedConfig:
             raise bad("keep_checkpoints", "an int >= 1")
         if not self.run_name or "/" in self.run_name:
             raise bad("run_name", "a non-empty name without '/'")
-        if self.cpus_per_worker <= 0:
-            raise bad("cpus_per_worker", "> 0")
-        if self.worker_memory_gb is not None and self.worker_memory_gb <= 0:
-            raise bad("worker_memory_gb", "> 0 or None")
+        positive_number("cpus_per_worker", self.cpus_per_worker)
+        positive_number("worker_memory_gb", self.worker_memory_gb, optional=True)
         if self.storage_filesystem is not None and self.storage_path is None:
             raise ConfigError("DistributedConfig.storage_filesystem needs storage_path (a path on that filesystem)")
 

@@ -28,7 +28,18 @@ def test_config_errors_name_the_key_and_the_fix():
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("training.learning_rate", "-1", "training: learning_rate must be positive"),
+    ("training.learning_rate", "-1", "training: learning_rate must be a finite number > 0"),
+    # inf and nan pass a `<= 0` check; an infinite learning rate trained rows to nan
+    ("training.learning_rate", "inf", "training: learning_rate must be a finite number > 0, got inf"),
+    ("training.learning_rate", "nan", "training: learning_rate must be a finite number > 0, got nan"),
+    ("training.max_steps", "-3", "training: max_steps must be an int >= 1 or None (no limit), got -3"),
+    ("training.max_steps", "0", "training: max_steps must be an int >= 1 or None (no limit), got 0"),
+    ("training.time_budget_s", "-5", "training: time_budget_s must be a finite number > 0 or None"),
+    ("data.num_workers", "-2", "data: num_workers must be an int >= 1 or None (no limit), got -2"),
+    # an empty path would read the current directory, .git/ included
+    ("eval.heldout_paths", "", "eval: heldout_paths: '' is not a path"),
+    ("distributed.cpus_per_worker", "nan", "distributed: cpus_per_worker must be a finite number > 0, got nan"),
+    ("generation.temperature", "inf", "generation: temperature must be a finite number > 0, got inf"),
     ("training.loss_methods", "MSE", "training: unknown loss method(s) ['MSE']"),
     ("distributed.num_workers", "0", "distributed: DistributedConfig.num_workers must be an int >= 1"),
     ("output.emb_policy", "random", "output: output_emb_policy must be one of"),
@@ -44,6 +55,12 @@ def test_a_bad_value_names_its_section_and_key(option, value, message):
     with pytest.raises(ConfigError) as caught:
         parse(f"--{option}", value)
     assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize("paths", ["", "docs, "])
+def test_an_empty_corpus_path_is_refused_not_read_as_the_current_directory(paths):
+    with pytest.raises(ConfigError, match="data: paths: '.*' is not a path"):
+        load_config(None, parse_overrides(["--tokens.list", " a", "--data.paths", paths]))
 
 
 def test_parsing_a_config_imports_neither_torch_nor_transformers(tmp_path):

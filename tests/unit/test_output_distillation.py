@@ -133,5 +133,5 @@ def test_the_weight_scales_the_output_side_loss_against_the_hidden_state_loss(ti
     assert out[NEW_TOKEN_OUTPUT_LOSS] > 0
     torch.testing.assert_close(weighted["loss"], out["MSE-on-hiddens"] + 0.4 * out[NEW_TOKEN_OUTPUT_LOSS])
     torch.testing.assert_close(out["loss"], out["MSE-on-hiddens"] + out[NEW_TOKEN_OUTPUT_LOSS])
-    with pytest.raises(ValueError, match="new_token_output_weight must be positive"):
+    with pytest.raises(ValueError, match="new_token_output_weight must be a finite number > 0"):
         DistillationConfig(new_token_output_weight=0)

@@ -70,6 +70,8 @@ def expand_paths(paths: str | list[str]) -> list[str]:
     """Local files named by paths, directories (searched recursively) and globs, sorted."""
     found: list[str] = []
     for pattern in [paths] if isinstance(paths, str) else paths:
+        if not pattern.strip():  # Path("") is the current directory
+            raise CorpusNotFoundError("an empty string is not a corpus path; name files, directories or globs")
         p = Path(pattern)
         if p.is_dir():
             found += sorted(str(f) for f in p.rglob("*") if f.is_file())

@@ -10,6 +10,7 @@ from tokdist_ray.config import HFDataSource
 from tokdist_ray.data.files import BadRow, row_text
 
 log = logging.getLogger("tokdist_ray")
+TEXT_FILE_BUILDERS = ("text", "json", "csv")  # datasets' builders that decode local files themselves
 
 
 def open_stream(source: HFDataSource, warn: bool = False):
@@ -22,6 +23,8 @@ def open_stream(source: HFDataSource, warn: bool = False):
     kwargs = {"name": source.name, "split": source.split, "streaming": True, "revision": source.revision}
     if source.data_files is not None:
         kwargs["data_files"] = source.data_files
+    if source.dataset_path in TEXT_FILE_BUILDERS:  # bytes that are not UTF-8 are replaced, as in FileDataSource
+        kwargs["encoding_errors"] = "replace"
     return datasets.load_dataset(source.dataset_path, **kwargs)
 
 

@@ -1,5 +1,7 @@
 """The in-process corpus miner: the API's path when no Ray cluster is running, and the
-held-out evaluation's. Same windows as the Ray miners (mining.py), without Ray."""
+held-out evaluation's. The Ray miners' scanner (matching.TokenScanner: only the text
+around surface matches is tokenised, so one huge document costs no more memory than its
+regions) and quota ledger, without Ray."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import time
 from typing import TYPE_CHECKING, Any, Iterable
 
 from tokdist_ray.data.files import EMPTY, NOT_A_STRING, BadRow
+from tokdist_ray.data.matching import TokenScanner
 from tokdist_ray.data.quota import QuotaLedger
-from tokdist_ray.data.snippets import MiningStats, bos_prefix, settle, window_around
+from tokdist_ray.data.snippets import MiningStats, bos_prefix
 
 if TYPE_CHECKING:
     from tokdist_ray.vocab.merges import MergeExpansion
@@ -24,27 +27,23 @@ def mine_snippets(
     snippets_per_token: int = 100,
     batch_size: int = 256,
     count_bystanders: bool = True,
+    text_column: str = "text",
 ) -> tuple[list[dict], MiningStats]:
     """Collect up to `snippets_per_token` distinct snippets per token, in corpus order,
     stopping as soon as every token has its quota (`count_bystanders`: a snippet counts
     toward every new token it holds, see QuotaLedger). Snippets hold the expanded
-    tokenizer's ids."""
-    tokenizer, tokens, new_start = expansion.tokenizer, expansion.tokens, expansion.new_start
-    backend = tokenizer.backend_tokenizer
-    prefix = bos_prefix(tokenizer)
+    tokenizer's ids. `text_column` only words the error when no row had text."""
+    tokens, new_start = expansion.tokens, expansion.new_start
+    scanner = TokenScanner(expansion.tokenizer.backend_tokenizer, [t.text for t in tokens], new_start, snippet_len)
+    prefix = bos_prefix(expansion.tokenizer)
     stats = MiningStats()
     ledger = QuotaLedger(tokens, snippets_per_token, new_start, count_bystanders)
     start, last_log = time.perf_counter(), time.perf_counter()
 
     def scan(texts: list[str]) -> None:
-        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            for pos, token_id in enumerate(ids):
-                if token_id < new_start or ledger.full(token_id - new_start):
-                    continue
-                settled = settle(backend, *window_around(ids, pos, 1, snippet_len))
-                if settled is not None:
-                    window, offset = settled
-                    ledger.offer(token_id - new_start, prefix + window, len(prefix) + offset)
+        open_tokens = [i for i in range(len(tokens)) if not ledger.full(i)]
+        for hit in scanner.scan(texts, open_tokens, snippets_per_token):
+            ledger.offer(hit.token_index, prefix + hit.window, len(prefix) + hit.token_position)
 
     pending: list[str] = []
     for text in documents:
@@ -68,6 +67,7 @@ def mine_snippets(
                 break
     if pending and ledger.open:
         scan(pending)
+    stats.require_text(text_column)
     stats.seconds = time.perf_counter() - start
     stats.counts = ledger.counts()
     return ledger.taken(), stats

@@ -49,6 +49,7 @@ from tokdist_ray.data.mining_cache import cache_key, corpus_spec, read_cache, wr
 from tokdist_ray.data.quota import QuotaLedger
 from tokdist_ray.data.ray_corpus import MINER_CPUS, corpus_dataset
 from tokdist_ray.data.snippets import MiningStats
+from tokdist_ray.errors import NoNewTokensError
 from tokdist_ray.raycluster import cluster_cpus, connect
 from tokdist_ray.storage import location
 
@@ -257,7 +258,7 @@ def mine_corpus(
     `count_bystanders`: a snippet counts toward every new token it holds (QuotaLedger)."""
     tokens = expansion.tokens
     if not tokens:
-        raise ValueError("no tokens to mine snippets for")
+        raise NoNewTokensError("no new tokens to mine snippets for")
     spec = TokenizerSpec.of(expansion.tokenizer)
     files = resolve_files(source.paths) if isinstance(source, FileDataSource) else None
     settings = {"snippet_len": snippet_len, "snippets_per_token": snippets_per_token, "seed": seed,
@@ -273,6 +274,7 @@ def mine_corpus(
     work = MinerWork(workers=num_workers or cluster_cpus())
     ledger = QuotaLedger(tokens, snippets_per_token, expansion.new_start, count_bystanders)
     stats = _mine_on_ray(source, spec, expansion, snippet_len, snippets_per_token, seed, files, ledger, work)
+    stats.require_text(source.text_column)
     stats.counts = ledger.counts()
     result = MiningResult(f"{out}/snippets", stats, snippets_per_token, work)
     report = {**result.report(), "bytes": stats.bytes, "tokenised_chars": work.tokenised_chars, "settings": settings}

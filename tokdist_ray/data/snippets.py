@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Sequence
 
 import pyarrow as pa
 
+from tokdist_ray.data.files import MISSING_TEXT, NOT_A_STRING
+from tokdist_ray.errors import CorpusError
+
 if TYPE_CHECKING:  # keeps transformers out of processes that only need windows (mining actors)
     from tokdist_ray.vocab.tokens import NewToken
 
@@ -91,6 +94,15 @@ class MiningStats:
         """For the console: documents read and the bad rows skipped, by reason."""
         reasons = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in sorted(self.bad_reasons.items()))
         return f"{self.documents} documents, {self.bad_rows} bad rows skipped" + (f" ({reasons})" if reasons else "")
+
+    def require_text(self, text_column: str) -> None:
+        """Raise when every row of the corpus lacked text: that is a wrong `text_column` or a
+        wrong file far more often than a corpus too small for the tokens."""
+        if self.documents or not self.bad_rows:
+            return
+        fix = (f"set text_column (data.text_column in a job) to the column that holds the text, not {text_column!r}"
+               if set(self.bad_reasons) & {MISSING_TEXT, NOT_A_STRING} else "check that these are the corpus files")
+        raise CorpusError(f"none of the corpus's {self.bad_rows} rows has text ({self.summary()}); {fix}")
 
     def shortfall_note(self, quota: int, top_up: bool = False) -> str | None:
         """For the console: the tokens left short of `quota` (the first few), and how to

@@ -12,7 +12,7 @@ import sys
 import typing
 
 from tokdist_ray.console import quiet_console
-from tokdist_ray.errors import ConfigError, CorpusNotFoundError, TokdistError
+from tokdist_ray.errors import ConfigError, TokdistError
 from tokdist_ray.job.config import REFERENCE_FLAGS, JobConfig, load_config, parse_overrides
 
 COMMANDS = {
@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     except TokdistError as e:
         print(f"tokdist-ray: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("tokdist-ray: interrupted. Run the same command again to continue: finished stages are reused "
+              "and distillation resumes from its last checkpoint.", file=sys.stderr)
+        return 130
 
 
 def _run(command: str, config_path: str | None, rest: list[str]) -> int:
@@ -80,45 +84,11 @@ def _run(command: str, config_path: str | None, rest: list[str]) -> int:
     config = load_config(config_path, overrides)
     if command == "eval" and not config.eval.heldout_paths:
         raise ConfigError("eval needs eval.heldout_paths (held-out text files)")
-    check_corpus_paths(config)
-    check_token_file(config)
-    from tokdist_ray.vocab.models import resolve_model_path
-
-    resolve_model_path(config.model)  # before Ray starts; GGUF and bundled models materialise here once
     from tokdist_ray.job.pipeline import run_job
 
     report = run_job(config, COMMANDS[command])
     print(f"done in {report['wall_seconds']:.1f}s; stages {report['stage_seconds']}; outputs under {config.run_dir}")
     return 0
-
-
-def check_corpus_paths(config: JobConfig) -> None:
-    """Local corpus and held-out paths must match files before any work starts (URIs are
-    checked where they are read)."""
-    from tokdist_ray.data.files import expand_paths
-    from tokdist_ray.storage import is_uri
-
-    named = {"data.paths": config.data.paths if config.data.source == "files" else [],
-             "eval.heldout_paths": config.eval.heldout_paths}
-    for key, paths in named.items():
-        for path in (p for p in paths if not is_uri(p)):
-            try:
-                expand_paths([path])
-            except CorpusNotFoundError as e:
-                raise CorpusNotFoundError(f"{key}: {e}") from None
-
-
-def check_token_file(config: JobConfig) -> None:
-    """tokens.file must exist and hold tokens (a .json list of strings or lines of text)."""
-    if not config.tokens.file:
-        return
-    from tokdist_ray.vocab.tokens import read_token_file
-
-    try:
-        read_token_file(config.tokens.file)
-    except (OSError, ValueError) as e:  # missing, unreadable, not JSON, not UTF-8, not a list
-        problem = str(e) if config.tokens.file in str(e) else f"{config.tokens.file}: {e}"
-        raise ConfigError(f"tokens.file: {problem}") from None
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from tokdist_ray.config import (
     DistributedConfig,
     GeneratedDataSource,
     OutputEmbeddingInit,
+    corpus_paths,
+    count_at_least_one,
     output_emb_policy,
     pre_init_strategy,
 )
@@ -71,6 +73,11 @@ class DataConfig:
     max_docs: int | None = None
     top_up_with_generation: bool = False  # fill tokens the corpus leaves short
     num_workers: int | None = None  # mining actors; default: the cluster's CPUs
+
+    def __post_init__(self) -> None:
+        self.paths = corpus_paths("paths", self.paths)
+        count_at_least_one("num_workers", self.num_workers, optional=True)
+        count_at_least_one("max_docs", self.max_docs, optional=True)
 
 
 @dataclass
@@ -117,9 +124,13 @@ class EvalConfig:
     compare_models: typing.List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.heldout_paths = corpus_paths("heldout_paths", self.heldout_paths)
+        self.compare_models = corpus_paths("compare_models", self.compare_models)
         _at_least_one(self, "snippets_per_token", "batch_size", "chunk_bytes")
         if self.max_snippets is not None:
             _at_least_one(self, "max_snippets")
+        if self.bits_per_byte_bytes < 0:
+            raise ConfigError(f"bits_per_byte_bytes must be >= 0 (0 skips bits per byte), got {self.bits_per_byte_bytes}")
 
 
 @dataclass
@@ -144,6 +155,9 @@ class JobConfig:
     def validate(self) -> "JobConfig":
         """Rules across options; each section's own values are checked where it is declared
         (its `__post_init__`, or the API dataclass it reuses)."""
+        for key in ("run_dir", "out_path"):
+            if getattr(self, key) is not None and not str(getattr(self, key)).strip():
+                raise ConfigError(f"{key} is empty; name a directory (e.g. --run_dir runs/my-expansion)")
         given = [k for k in TOKEN_SOURCES if getattr(self.tokens, k)]
         if len(given) != 1:
             raise ConfigError(

@@ -26,8 +26,13 @@ class RunDirLock:
         self._file = None
 
     def __enter__(self) -> "RunDirLock":
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+", encoding="utf-8")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+", encoding="utf-8")
+        except OSError as e:  # read-only, a file in the way, no permission
+            raise RunConflictError(
+                f"run_dir {self.run_dir} cannot be written ({e.strerror or e}); name a writable directory (--run_dir ...)"
+            ) from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -24,6 +24,7 @@ from tokdist_ray.console import StageProgress
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA
 from tokdist_ray.errors import TokdistError
 from tokdist_ray.fingerprint import fingerprint
+from tokdist_ray.job.checks import check_job
 from tokdist_ray.job.config import JobConfig, config_dict
 from tokdist_ray.job.lock import RunDirLock
 from tokdist_ray.raycluster import connect
@@ -249,6 +250,7 @@ def _evaluate_stage(config: JobConfig, expansion: MergeExpansion, distilled: dic
 def run_job(config: JobConfig, stages: tuple[str, ...] = STAGES) -> dict:
     """Run (or continue) the job; returns the job report, also written to run_dir/job.json.
     One job at a time per run_dir: a second one is refused while the first runs."""
+    check_job(config)
     run_dir = Path(config.run_dir).expanduser().resolve()
     with RunDirLock(run_dir):
         return _run_stages(config, stages, run_dir)

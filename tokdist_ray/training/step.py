@@ -18,6 +18,7 @@ from torch import nn
 
 from tokdist_ray.config import NEW_TOKEN_OUTPUT_LOSS, DistillationConfig
 from tokdist_ray.config import loss_methods as checked_losses
+from tokdist_ray.preflight import check_target_layer
 from tokdist_ray.training.output_side import new_token_positions, summed_kl, teacher_targets
 from tokdist_ray.vocab.models import cache_argument
 
@@ -128,11 +129,7 @@ class TokenDistiller(nn.Module):
         self.mixed_precision = mixed_precision
         decoder = model.get_decoder()
         self.n_layers = len(decoder.layers)
-        if not -(self.n_layers + 1) <= target_layer <= self.n_layers:
-            raise ValueError(
-                f"target_layer {target_layer} is out of range for a model with {self.n_layers} layers; "
-                f"use -1 (last) or 0..{self.n_layers}"
-            )
+        check_target_layer(target_layer, self.n_layers)
         self.target = target_layer % (self.n_layers + 1)
         self._decoder = [decoder]  # lists keep these views out of the module tree
         self._target_decoder = [truncated_decoder(decoder, self.target)]

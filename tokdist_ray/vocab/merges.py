@@ -34,6 +34,7 @@ import json
 import logging
 import tempfile
 from bisect import bisect_left, bisect_right
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
@@ -42,6 +43,7 @@ from typing import Callable, Iterable, Sequence
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from tokdist_ray.errors import NoNewTokensError
 from tokdist_ray.vocab.bpe_model import BYTE_PIECE, BpeModel, Pair, apply_merges, first_merge, surface_text
 from tokdist_ray.vocab.tokens import IN_VOCABULARY, NewToken, TokenSelection, phrase_ids, select_new_tokens
 
@@ -56,6 +58,12 @@ SKIP = "skip"
 SPANS_PRE_TOKENS = "spans_pre_token_boundary"
 OUTSIDE_ALPHABET = "characters_outside_bpe_alphabet"
 NOT_EMITTED = "not_emitted_after_splicing"
+TOO_MANY_PIECES = "too_many_pieces"
+
+# The merge planner's cost grows with the fourth power of a token's pieces (a dynamic
+# program per merge): 400 pieces took 11 s, 800 took 158 s. Real tokens have a few dozen
+# at most (a 24-character word in a foreign script under byte-level BPE).
+MAX_MERGE_PIECES = 128
 
 # An intermediate that ends inside a UTF-8 character has no surface text of its own;
 # the planner takes any other path first.
@@ -114,9 +122,20 @@ def expand_with_merges(
         expansion = _splice(tokenizer, model, tokens, skipped)
         missing = _not_emitted(expansion)
         if not missing:
-            return _with_added_tokens(expansion, selection) if unreachable == ADDED_TOKENS else expansion
+            expansion = _with_added_tokens(expansion, selection) if unreachable == ADDED_TOKENS else expansion
+            if not expansion.tokens:
+                raise NoNewTokensError(
+                    f"merges can build none of the {len(expansion.skipped)} tokens ({_reason_counts(expansion.skipped)}); "
+                    f"pass tokens that are one pre-token of at most {MAX_MERGE_PIECES} pieces each (a word with its "
+                    "leading space, e.g. ' Krankenwagen', not ' New York'), or use tokenizer_mode added_tokens"
+                )
+            return expansion
         skipped = skipped + [{"token": t, "reason": NOT_EMITTED} for t in missing]
         tokens = [t for t in tokens if t.text not in set(missing)]
+
+
+def _reason_counts(skipped: list[dict]) -> dict[str, int]:
+    return dict(Counter(s["reason"] for s in skipped))
 
 
 def _why_merges_cannot_work(tokenizer_json: dict | None) -> str | None:
@@ -177,6 +196,9 @@ def _mergeable(
             skipped.append({"token": token.text, "reason": reason})
         else:
             tokens.append(token)
+    if too_long := [s["token"] for s in skipped if s["reason"] == TOO_MANY_PIECES]:
+        log.warning("%d tokens are skipped: more than %d pieces each, beyond what merges are planned for (%s)",
+                    len(too_long), MAX_MERGE_PIECES, ", ".join(repr(t[:24] + "...") for t in too_long[:3]))
     return tokens, skipped
 
 
@@ -185,6 +207,8 @@ def _unmergeable_reason(parts: list[str], pre_token_ids: list[int | None], model
     settings = model.tokenizer_json["model"]
     if "".join(parts) in model.vocab:  # in the vocabulary, though BPE never emits it here
         return IN_VOCABULARY
+    if len(parts) > MAX_MERGE_PIECES:
+        return TOO_MANY_PIECES
     if len(set(pre_token_ids)) > 1:
         return SPANS_PRE_TOKENS
     if any(p == settings.get("unk_token") or (settings.get("byte_fallback") and BYTE_PIECE.match(p)) for p in parts):

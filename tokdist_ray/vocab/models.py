@@ -65,6 +65,8 @@ def resolve_model_path(model_path: str) -> str:
     model_path = str(model_path)
     if model_path == BUNDLED_SMOLLM2:
         return str(materialise_gguf(_bundled_smollm2_gguf()))
+    if model_path.startswith("bundled:"):
+        raise ModelNotFoundError(f"there is no bundled model {model_path!r}; the bundled model is {BUNDLED_SMOLLM2}")
     path = Path(model_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(materialise_gguf(path))
@@ -148,6 +150,13 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     return _from_pretrained(
         AutoTokenizer, model_path, resolve_model_path(model_path), trust_remote_code=trust_remote_code
     )
+
+
+def load_model_config(model_path: str, trust_remote_code: bool = False):
+    """The model's config.json alone: no weights."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, model_path, resolve_model_path(model_path), trust_remote_code=trust_remote_code)
 
 
 def load_model(

@@ -76,7 +76,8 @@ def read_token_file(path: str | Path) -> list[str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"token file {path} does not exist; pass a .txt (one token per line) or .json list")
+        problem = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"token file {path} {problem}; pass a .txt (one token per line) or .json list")
     if path.suffix == ".json":
         tokens = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):

@@ -1,0 +1,50 @@
+"""Everything about a job that can be known before it starts Ray or loads weights,
+checked in one place: one line naming the key or file and the fix (exit 2 on the CLI)."""
+
+from __future__ import annotations
+
+from tokdist_ray.errors import ConfigError, CorpusNotFoundError
+from tokdist_ray.job.config import JobConfig
+from tokdist_ray.preflight import check_local_workers, check_model, check_writable_dir
+from tokdist_ray.raycluster import joins_cluster
+
+
+def check_job(config: JobConfig) -> None:
+    check_corpus_paths(config)
+    check_token_file(config)
+    check_writable_dir("run_dir", config.run_dir)
+    check_writable_dir("out_path" if config.out_path else "run_dir (its model/ folder)", config.model_dir)
+    # GGUF and bundled models materialise here, once; remote code is refused here, not in a worker
+    check_model(config.model, config.training.target_layer, config.trust_remote_code)
+    if not joins_cluster():
+        dist = config.distributed
+        check_local_workers(dist.num_workers, dist.cpus_per_worker, dist.use_gpu)
+
+
+def check_corpus_paths(config: JobConfig) -> None:
+    """Local corpus and held-out paths must match files before any work starts (URIs are
+    checked where they are read)."""
+    from tokdist_ray.data.files import expand_paths
+    from tokdist_ray.storage import is_uri
+
+    named = {"data.paths": config.data.paths if config.data.source == "files" else [],
+             "eval.heldout_paths": config.eval.heldout_paths}
+    for key, paths in named.items():
+        for path in (p for p in paths if not is_uri(p)):
+            try:
+                expand_paths([path])
+            except CorpusNotFoundError as e:
+                raise CorpusNotFoundError(f"{key}: {e}") from None
+
+
+def check_token_file(config: JobConfig) -> None:
+    """tokens.file must exist and hold tokens (a .json list of strings or lines of text)."""
+    if not config.tokens.file:
+        return
+    from tokdist_ray.vocab.tokens import read_token_file
+
+    try:
+        read_token_file(config.tokens.file)
+    except (OSError, ValueError) as e:  # missing, unreadable, not JSON, not UTF-8, not a list
+        problem = str(e) if config.tokens.file in str(e) else f"{config.tokens.file}: {e}"
+        raise ConfigError(f"tokens.file: {problem}") from None
