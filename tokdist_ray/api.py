@@ -20,6 +20,7 @@ from tokdist_ray.config import (
     GeneratedDataSource,
     HFDataSource,
     OutputEmbeddingInit,
+    check_snippet_counts,
 )
 from tokdist_ray.config import (
     output_emb_policy as checked_policy,
@@ -32,9 +33,12 @@ from tokdist_ray.data.corpus import documents
 from tokdist_ray.data.generation.local import generate_snippets
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.mining import mine_corpus
+from tokdist_ray.errors import ConfigError
+from tokdist_ray.preflight import check_target_layer, check_writable_dir, model_config
 from tokdist_ray.raycluster import ray_is_running
 from tokdist_ray.report import expansion_report, positions_per_token
 from tokdist_ray.training.batching import align_snippets
+from tokdist_ray.training.checkpoint import check_finite
 from tokdist_ray.training.local import train_local
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.step import NewRows, TokenDistiller, bf16_supported
@@ -69,6 +73,7 @@ class TokenDistillation:
         self.attn_impl = attn_impl
         self.dtype = dtype
         self.trust_remote_code = trust_remote_code
+        model_config(model_path, trust_remote_code)  # refuses remote code in one line, before any weights
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
         self.model = self._load_model()
         self.last_report: dict | None = None
@@ -109,9 +114,8 @@ class TokenDistillation:
         sampling, or a GeneratedDataSource whose settings the top-up uses), are not
         distilled and keep their pre-initialised rows; the report lists them.
         """
-        if save and out_path is None:
-            raise ValueError("out_path must be given when save=True")
         output_emb_policy, pre_init_strategy = checked_policy(output_emb_policy), checked_strategy(pre_init_strategy)
+        self._check(out_path, save, snippet_len, snippets_per_token, min_snippets_per_token, training)
         if getattr(self, "_expanded", False):  # a previous run grew self.model: start clean
             self.model = self._load_model()
         timings: dict[str, float] = {}
@@ -145,6 +149,7 @@ class TokenDistillation:
             "on" if training.mixed_precision and bf16_supported(self.device) else "off",
         )
         history = train_local(distiller, examples, training)
+        check_finite({"input": rows.input, "output": rows.output}, history.steps)
         timings["distill"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -172,6 +177,17 @@ class TokenDistillation:
         return model, tokenizer
 
     # ------------------------------------------------------------------ stages
+    def _check(self, out_path, save: bool, snippet_len: int, per_token: int, min_per_token: int, training) -> None:
+        """What can be known before any work, as the job checks it."""
+        if save and out_path is None:
+            raise ConfigError("out_path must be given when save=True")
+        if save:
+            check_writable_dir("out_path", out_path)
+        check_snippet_counts(snippet_len, per_token, min_per_token)
+        if not isinstance(training, DistillationConfig):
+            raise ConfigError(f"training must be a DistillationConfig, not {type(training).__name__}")
+        check_target_layer(training.target_layer, self.model.config.get_text_config().num_hidden_layers)
+
     def _collect_snippets(self, expansion: MergeExpansion, data, snippet_len, snippets_per_token, top_up):
         tokens = expansion.tokens
         if isinstance(data, GeneratedDataSource):

@@ -86,6 +86,17 @@ def corpus_paths(name: str, paths: str | Sequence[str]) -> list[str]:
     return paths
 
 
+def check_snippet_counts(snippet_len: int, snippets_per_token: int, min_snippets_per_token: int) -> None:
+    for name, value in (("snippet_len", snippet_len), ("snippets_per_token", snippets_per_token),
+                        ("min_snippets_per_token", min_snippets_per_token)):
+        count_at_least_one(name, value)
+    if min_snippets_per_token > snippets_per_token:
+        raise ConfigError(
+            f"min_snippets_per_token ({min_snippets_per_token}) is more than snippets_per_token "
+            f"({snippets_per_token}), so every token would be skipped; lower it or raise snippets_per_token"
+        )
+
+
 def pre_init_strategy(value: str) -> str:
     if value not in PRE_INIT_STRATEGIES:
         raise ConfigError(f"pre_init_strategy must be one of {list(PRE_INIT_STRATEGIES)}, got {value!r}")

@@ -45,3 +45,25 @@ class BackendUnavailableError(TokdistError, RuntimeError):
 
 class RunConflictError(TokdistError, FileExistsError):
     """A run directory or checkpoint run is in use, or holds a run that cannot be continued."""
+
+
+class TrainingDivergedError(TokdistError, ArithmeticError):
+    """Training drove the new rows to inf or nan; nothing of it was saved."""
+
+
+def user_error_in(error: BaseException) -> TokdistError | None:
+    """The TokdistError that `error` wraps, if any: Ray hands an exception raised in a
+    worker or a Ray Data task back wrapped (RayTaskError, TrainingFailedError, ...)."""
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, TokdistError):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        failures = getattr(e, "worker_failures", None)  # Ray Train: rank -> the worker's exception
+        if isinstance(failures, dict):
+            stack += list(failures.values())
+    return None

@@ -44,7 +44,7 @@ def test_config_errors_name_the_key_and_the_fix():
     ("distributed.num_workers", "0", "distributed: DistributedConfig.num_workers must be an int >= 1"),
     ("output.emb_policy", "random", "output: output_emb_policy must be one of"),
     ("output.pre_init_strategy", "mean", "output: pre_init_strategy must be one of"),
-    ("snippets.snippet_len", "0", "snippets: snippet_len must be at least 1, got 0"),
+    ("snippets.snippet_len", "0", "snippets: snippet_len must be an int >= 1, got 0"),
     ("eval.batch_size", "0", "eval: batch_size must be at least 1, got 0"),
     ("eval.max_snippets", "0", "eval: max_snippets must be at least 1, got 0"),
     ("tokens.tokenizer_mode", "addedtokens", "tokens: tokens.tokenizer_mode: 'addedtokens' is not allowed"),

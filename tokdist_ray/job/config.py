@@ -27,6 +27,7 @@ from tokdist_ray.config import (
     DistributedConfig,
     GeneratedDataSource,
     OutputEmbeddingInit,
+    check_snippet_counts,
     corpus_paths,
     count_at_least_one,
     output_emb_policy,
@@ -91,12 +92,7 @@ class SnippetsConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        _at_least_one(self, "snippet_len", "snippets_per_token", "min_snippets_per_token")
-        if self.min_snippets_per_token > self.snippets_per_token:
-            raise ConfigError(
-                f"min_snippets_per_token ({self.min_snippets_per_token}) is more than snippets_per_token "
-                f"({self.snippets_per_token}), so every token would be skipped; lower it or raise snippets_per_token"
-            )
+        check_snippet_counts(self.snippet_len, self.snippets_per_token, self.min_snippets_per_token)
 
 
 @dataclass

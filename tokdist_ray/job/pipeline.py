@@ -225,11 +225,13 @@ def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets: dict,
     dist = config.distributed
     storage = dist.storage_path or str((run_dir / "checkpoints").resolve())
     run_name = f"{dist.run_name}-{run_key[:8]}"
-    state = RunDirectory(storage, run_name).state
+    run = RunDirectory(storage, run_name)
+    state, step = run.state, run.last_checkpoint_step()
     log.info("distillation checkpoints: %s/%s: %s", storage, run_name, {
         "new": "a new run (no run with these settings yet)",
-        "stopped": "resuming the stopped run with these settings from its last checkpoint",
-        "finished": "the run with these settings finished; continuing from its last checkpoint, then exporting",
+        "stopped": f"resuming the stopped run with these settings from its checkpoint at step {step}" if step
+        else "the run with these settings stopped before its first checkpoint; starting it again from step 0",
+        "finished": f"the run with these settings finished; continuing from its checkpoint at step {step}, then exporting",
     }[state])
     dist = dataclasses.replace(dist, storage_path=storage, run_name=run_name, resume=state != "new")
     result = distill_distributed(

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tokdist_ray.errors import TrainingDivergedError
 from tokdist_ray.training.progress import TrainingHistory
+from tokdist_ray.training.run_manifest import CHECKPOINT_PREFIX
 
 PROGRESS = "progress.json"
 ROWS = "new_rows.safetensors"
@@ -52,7 +54,7 @@ class Progress:
 
 
 def checkpoint_name(step: int) -> str:
-    return f"checkpoint_step_{step:08d}"
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
 
 
 def write_progress(directory: Path, progress: Progress) -> None:
@@ -61,6 +63,17 @@ def write_progress(directory: Path, progress: Progress) -> None:
 
 def read_progress(directory: Path) -> Progress:
     return Progress.from_dict(json.loads((directory / PROGRESS).read_text(encoding="utf-8")))
+
+
+def check_finite(rows: dict[str, torch.Tensor | None], step: int) -> None:
+    """Before any checkpoint or export: a diverged run stops here and saves nothing broken."""
+    for side, values in rows.items():
+        if values is not None and not bool(torch.isfinite(values).all()):
+            bad = int((~torch.isfinite(values)).any(dim=-1).sum())
+            raise TrainingDivergedError(
+                f"training diverged: by step {step}, {bad} of {len(values)} new {side} rows hold inf or nan, so "
+                "nothing was saved; lower training.learning_rate (or use lr_schedule linear with warmup) and run again"
+            )
 
 
 def write_rows(path: Path, rows: dict[str, torch.Tensor]) -> None:

@@ -35,6 +35,7 @@ from tokdist_ray.config import (
     pre_init_strategy as checked_strategy,
 )
 from tokdist_ray.console import worker_env
+from tokdist_ray.errors import user_error_in
 from tokdist_ray.raycluster import connect
 from tokdist_ray.report import read_report
 from tokdist_ray.storage import absolute
@@ -149,7 +150,12 @@ def distill_distributed(
             **_quiet_train_logs(ray.train),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # a user error raised in a worker (a diverged run) reaches the user as itself
+        if (user_error := user_error_in(e)) is not None:
+            raise user_error from None
+        raise
     out = Path(plan.out_dir)
     run.mark_finished(str(out))
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None

@@ -16,6 +16,7 @@ from tokdist_ray.storage import location
 
 MANIFEST = "tokdist_run.json"
 FINISHED = "finished.json"
+CHECKPOINT_PREFIX = "checkpoint_step_"  # + the step, 8 digits: the folders Ray Train writes checkpoints to
 
 
 def manifest(plan) -> dict:
@@ -76,6 +77,16 @@ class RunDirectory:
         if not self._exists(MANIFEST):
             return "new"
         return "finished" if self._exists(FINISHED) else "stopped"
+
+    def last_checkpoint_step(self) -> int | None:
+        """The step of the latest checkpoint Ray Train wrote here, or None."""
+        if self.fs.get_file_info(self.path).type != pyarrow.fs.FileType.Directory:
+            return None
+        entries = self.fs.get_file_info(pyarrow.fs.FileSelector(self.path))
+        steps = [int(e.base_name.removeprefix(CHECKPOINT_PREFIX)) for e in entries
+                 if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith(CHECKPOINT_PREFIX)
+                 and e.base_name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
+        return max(steps, default=None)
 
     def claim(self, settings: dict, resume: bool) -> None:
         """Refuse to mix runs: a new run needs a free name, a resumed one the same settings."""

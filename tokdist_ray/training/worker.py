@@ -26,6 +26,7 @@ from tokdist_ray.training.checkpoint import (
     OPTIMIZER_DIR,
     ROWS,
     Progress,
+    check_finite,
     checkpoint_name,
     read_progress,
     read_rows,
@@ -97,6 +98,7 @@ def train_worker(config: dict) -> None:
             report = meter.flush(progress.step, schedule.position(progress.step - 1)[0], history)
         if at_checkpoint:
             rows = parallel.full_rows()
+            check_finite(rows, progress.step)
             _save_checkpoint(parallel, progress, rows, rank, report)
         if stop:
             break
