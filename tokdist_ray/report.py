@@ -27,13 +27,22 @@ def tokens_added(tokens: Sequence, new_start: int, snippet_counts: dict[str, int
     ]
 
 
+def public_model_name(model: str) -> str:
+    """The base model as a published report names it: a hub id or bundled name as given, a
+    local path by its folder name only (a model directory is shared; its paths are not)."""
+    path = Path(model).expanduser()
+    if model.startswith("bundled:") or not (path.is_absolute() or path.exists()):
+        return model
+    return path.name
+
+
 def expansion_report(model: str, tokens: Sequence, new_start: int, snippet_counts: dict[str, int], history,
                      settings: dict, positions: Sequence[int] | None = None, **sections) -> dict:
     """The report of an expanded model: its new tokens with ids, snippet counts and the
     positions that trained them, the training history, the settings, then any further
     sections (snippets, timings...)."""
     return {
-        "model": model,
+        "model": public_model_name(model),
         "tokens_added": tokens_added(tokens, new_start, snippet_counts, positions),
         "training": history.as_dict(),
         "settings": settings,

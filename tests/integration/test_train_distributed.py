@@ -144,7 +144,7 @@ def assert_matches_reference(result, reference) -> None:
 
 
 def initial_input_rows(result) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(result.report["model"])
+    model = AutoModelForCausalLM.from_pretrained(result.out_dir)  # its old rows are the base model's, bit for bit
     phrases = [t["phrase_ids"] for t in result.report["tokens_added"]]
     return initial_rows(model, phrases, POLICY, "fvt").input.detach()
 

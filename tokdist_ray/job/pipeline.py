@@ -299,12 +299,18 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
         merged = json.loads(model_report.read_text(encoding="utf-8")) | {
             "tokens_skipped": picked["skipped"],
             "tokens_not_distilled": outputs["distill"]["tokens_not_distilled"],
-            "snippets": outputs["snippets"]["report"],
+            "snippets": _without_paths(outputs["snippets"]["report"]),
             "job": {k: report[k] for k in ("stage_seconds", "stages_reused")},
         }
         write_report(model_report, merged)
     log.info("job finished in %.1fs: %s", report["wall_seconds"], ledger.timings)
     return report
+
+
+def _without_paths(snippets_report: dict) -> dict:
+    """The snippets report as the published model carries it: the run's local files left out."""
+    mining = {k: v for k, v in snippets_report.get("mining", {}).items() if k != "snippets_path"}
+    return snippets_report | ({"mining": mining} if "mining" in snippets_report else {})
 
 
 def _finished(ledger: StageLedger, stage: str) -> dict:

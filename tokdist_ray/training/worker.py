@@ -200,7 +200,6 @@ def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: S
             "per_worker_batch": plan.training.batch_size,
             "global_batch": plan.global_training.batch_size,
             "resumed_from_steps": progress.resumed_from,
-            "checkpoints": plan.storage,
         },
     )
     out = save_expanded(model, plan.expansion.tokenizer, plan.out_dir, report)
