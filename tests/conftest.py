@@ -239,6 +239,17 @@ def job_corpus_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture
+def ray_starts(monkeypatch) -> list:
+    """Every time the job joins or starts Ray (the suite may run a Ray instance of its own
+    in this process, so `ray.is_initialized()` tells nothing here)."""
+    from tokdist_ray.job import pipeline
+
+    calls: list = []
+    monkeypatch.setattr(pipeline, "connect", lambda: calls.append("connect"))
+    return calls
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the session. `address="local"` always starts a fresh one, so a

@@ -44,3 +44,11 @@ def tiny_job_args(model_dir, corpus_dir, run_dir) -> list[str]:
         "--training.batch_size", "4", "--distributed.checkpoint_every", "0", "--eval.heldout_paths", str(corpus_dir),
         "--eval.snippets_per_token", "2",
     ]
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    """`tokdist-ray run ARGS`: (exit code, stderr)."""
+    from tokdist_ray.job.cli import main
+
+    code = main(["run", *args])
+    return code, capsys.readouterr().err

@@ -142,6 +142,8 @@ class DistillationConfig:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         positive_number("learning_rate", self.learning_rate)
+        if self.learning_rate > 1:  # AdamW moves each element by about the learning rate per step
+            raise ConfigError(f"learning_rate must be at most 1 (new rows train at 1e-4 to 1e-2), got {self.learning_rate}")
         positive_number("time_budget_s", self.time_budget_s, optional=True)
         count_at_least_one("max_steps", self.max_steps, optional=True)
         if isinstance(self.target_layer, bool) or not isinstance(self.target_layer, int):

@@ -5,25 +5,8 @@ import os
 
 import pytest
 
-from tests.helpers import tiny_job_args
-from tokdist_ray.job.cli import main as cli_main
+from tests.helpers import run_cli, tiny_job_args
 from tokdist_ray.job.lock import RunDirLock
-
-
-def run_cli(args, capsys) -> tuple[int, str]:
-    code = cli_main(["run", *args])
-    return code, capsys.readouterr().err
-
-
-@pytest.fixture
-def ray_starts(monkeypatch) -> list:
-    """Every time the job joins or starts Ray (the suite may run a Ray instance of its own
-    in this process, so `ray.is_initialized()` tells nothing here)."""
-    from tokdist_ray.job import pipeline
-
-    calls: list = []
-    monkeypatch.setattr(pipeline, "connect", lambda: calls.append("connect"))
-    return calls
 
 
 def test_a_missing_model_is_named_before_ray_starts(job_corpus_dir, tmp_path, capsys, ray_starts):

@@ -1,0 +1,226 @@
+"""Bad input gets one line before any work, and nothing broken is ever written: each case
+as a user would meet it on the command line or in the API."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from tests.helpers import WORDS, run_cli, tiny_job_args
+from tokdist_ray import DistillationConfig, FileDataSource, TokenDistillation
+from tokdist_ray.config import HFDataSource
+from tokdist_ray.data.snippets import MiningStats
+from tokdist_ray.errors import ConfigError, CorpusError, TrainingDivergedError, user_error_in
+from tokdist_ray.training.checkpoint import check_finite
+from tokdist_ray.training.run_manifest import RunDirectory
+
+
+@pytest.fixture
+def job(tiny_model_dir, job_corpus_dir, tmp_path, monkeypatch):
+    """(args of a small valid job, its run_dir); a local run, whatever the environment says."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    run_dir = tmp_path / "run"
+    return tiny_job_args(tiny_model_dir(), job_corpus_dir, run_dir), run_dir
+
+
+def with_option(args: list[str], key: str, value: str) -> list[str]:
+    args = list(args)
+    if f"--{key}" in args:
+        args[args.index(f"--{key}") + 1] = value
+    else:
+        args += [f"--{key}", value]
+    return args
+
+
+def refused(code: int, err: str, *phrases: str) -> str:
+    """The one line the user sees; asserts exit 2, no traceback and each phrase in it."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("tokdist-ray: error: "), err
+    for phrase in phrases:
+        assert phrase in line, line
+    return line
+
+
+@pytest.mark.parametrize("key, value, phrase", [
+    ("training.learning_rate", "inf", "learning_rate must be a finite number > 0, got inf"),
+    ("training.learning_rate", "nan", "learning_rate must be a finite number > 0, got nan"),
+    ("training.learning_rate", "50", "learning_rate must be at most 1"),
+    ("training.max_steps", "0", "max_steps must be an int >= 1 or None (no limit), got 0"),
+    ("training.max_steps", "-3", "max_steps must be an int >= 1 or None"),
+    ("training.time_budget_s", "-5", "time_budget_s must be a finite number > 0 or None"),
+    ("data.num_workers", "-2", "num_workers must be an int >= 1 or None"),
+    ("data.paths", "", "paths: '' is not a path"),
+    ("eval.heldout_paths", "", "heldout_paths: '' is not a path"),
+    ("training.target_layer", "999", "target_layer 999 is out of range for a model with 2 layers"),
+    ("distributed.num_workers", "64", "distributed.num_workers 64 x cpus_per_worker 1 needs 64 CPUs"),
+    ("tokens.file", "/etc", "token file /etc is a directory"),
+    ("model", "bundled:nope", "there is no bundled model 'bundled:nope'; the bundled model is bundled:smollm2"),
+])
+def test_what_can_be_known_before_any_work_is_one_line(job, capsys, ray_starts, key, value, phrase):
+    args, run_dir = job
+    if key == "tokens.file":
+        args = [a for a in args if a not in ("--tokens.list", ",".join(WORDS))]
+    code, err = run_cli(with_option(args, key, value), capsys)
+    refused(code, err, phrase)
+    assert not ray_starts
+    assert not run_dir.exists(), "nothing may be written for a refused job"
+
+
+def test_an_out_path_that_is_a_file_is_refused_before_distilling(job, tmp_path, capsys, ray_starts):
+    args, run_dir = job
+    taken = tmp_path / "model.bin"
+    taken.write_bytes(b"not a directory")
+    refused(*run_cli(with_option(args, "out_path", str(taken)), capsys), f"out_path: {taken} is a file")
+    assert not ray_starts and not run_dir.exists()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "read_only_filesystem"])
+def test_an_unwritable_run_dir_is_one_line(job, tmp_path, capsys, ray_starts, where):
+    args, _ = job
+    if where == "under_a_file":
+        (tmp_path / "plain-file").write_text("x")
+        run_dir, phrase = tmp_path / "plain-file" / "run", "which is a file"
+    else:  # the tests run as root, for whom permission bits do not stop a write
+        run_dir, phrase = "/proc/tokdist-run", "cannot be written"
+    line = refused(*run_cli(with_option(args, "run_dir", str(run_dir)), capsys), "run_dir")
+    assert phrase in line or "is not writable" in line, line
+    assert not ray_starts
+
+
+def test_a_model_that_needs_remote_code_is_refused_before_any_weights(job, tmp_path, capsys, ray_starts):
+    args, _ = job
+    custom = tmp_path / "custom-model"
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({
+        "model_type": "my_custom_lm", "num_hidden_layers": 2,
+        "auto_map": {"AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyLM"},
+    }))
+    refused(*run_cli(with_option(args, "model", str(custom)), capsys), "needs its own Python code", "trust_remote_code")
+    assert not ray_starts
+    with pytest.raises(ConfigError, match="needs its own Python code"):
+        TokenDistillation(str(custom))
+
+
+def test_tokens_merges_cannot_make_fail_in_the_tokens_stage_and_are_not_cached(job, capsys, ray_starts):
+    args, run_dir = job
+    code, err = run_cli(with_option(args, "tokens.list", " New York, Los Angeles"), capsys)
+    refused(code, err, "merges can build none of the 2 tokens", "spans_pre_token_boundary")
+    assert not ray_starts
+    assert not (run_dir / "stages" / "tokens.json").exists(), "a failed tokens stage must not be cached as done"
+
+
+def test_a_token_of_ten_thousand_characters_is_skipped_at_once(job, capsys, ray_starts):
+    args, _ = job
+    started = time.perf_counter()
+    code, err = run_cli(with_option(args, "tokens.list", " " + "Krankenwagen" * 833), capsys)
+    refused(code, err, "too_many_pieces")
+    assert time.perf_counter() - started < 120, "the merge planner must not run on it"  # it took > 10 min
+    assert not ray_starts
+
+
+def test_an_interrupted_job_says_how_to_continue(job, capsys, monkeypatch):
+    from tokdist_ray.job import pipeline
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_run_stages", interrupted)
+    code, err = run_cli(job[0], capsys)
+    assert code == 130 and "interrupted" in err and "Run the same command again to continue" in err
+    assert "Traceback" not in err
+
+
+def test_a_diverging_run_stops_with_one_error_and_saves_nothing(tiny_model_dir, job_corpus_dir, tmp_path, monkeypatch):
+    from tokdist_ray import api
+
+    def diverging(distiller, examples, cfg):  # training as usual, then a row gone to nan
+        history = train_local(distiller, examples, cfg)
+        distiller.rows.input.data[0, 0] = float("nan")
+        return history
+
+    train_local = api.train_local
+    monkeypatch.setattr(api, "train_local", diverging)
+    out = tmp_path / "out"
+    tokdist = TokenDistillation(str(tiny_model_dir()), device="cpu")
+    with pytest.raises(TrainingDivergedError, match="training diverged: by step 3, 1 of 17 new input rows hold inf or nan"):
+        tokdist.run(WORDS, data=FileDataSource(str(job_corpus_dir)), snippet_len=24, snippets_per_token=4,
+                    training=DistillationConfig(batch_size=2), out_path=str(out), save=True)
+    assert not out.exists(), "nothing may be saved of a diverged run"
+
+
+def test_a_user_error_raised_in_a_ray_worker_is_unwrapped():
+    class TrainingFailed(RuntimeError):  # the shape of Ray Train's error: rank -> the worker's exception
+        def __init__(self, failures):
+            super().__init__("Training failed due to worker errors")
+            self.worker_failures = failures
+
+    diverged = TrainingDivergedError("training diverged")
+    try:
+        raise TrainingFailed({0: RuntimeError("wrapped"), 1: diverged})
+    except TrainingFailed as e:
+        assert user_error_in(e) is diverged
+    try:
+        raise RuntimeError("task failed") from diverged
+    except RuntimeError as e:
+        assert user_error_in(e) is diverged
+    assert user_error_in(RuntimeError("a bug")) is None
+
+
+def test_check_finite_names_the_side_and_the_rows():
+    rows = {"input": torch.zeros(3, 4), "output": torch.zeros(3, 4)}
+    check_finite(rows, 5)
+    rows["output"][1, 2] = float("nan")
+    with pytest.raises(TrainingDivergedError, match="by step 5, 1 of 3 new output rows hold inf or nan"):
+        check_finite(rows, 5)
+
+
+def test_the_api_checks_its_arguments_before_mining(tiny_model_dir, tmp_path):
+    tokdist = TokenDistillation(str(tiny_model_dir()), device="cpu")
+    with pytest.raises(ConfigError, match="min_snippets_per_token .5. is more than snippets_per_token .4."):
+        tokdist.run(WORDS, data=FileDataSource(str(tmp_path)), snippets_per_token=4, min_snippets_per_token=5)
+    with pytest.raises(ConfigError, match="target_layer 999 is out of range"):
+        tokdist.run(WORDS, data=FileDataSource(str(tmp_path)), training=DistillationConfig(target_layer=999))
+    with pytest.raises(ConfigError, match="paths: '' is not a path"):
+        FileDataSource("")
+
+
+def test_a_loss_given_as_a_string_is_one_loss():
+    assert DistillationConfig(loss_methods="MSE-on-hiddens").loss_methods == ("MSE-on-hiddens",)
+
+
+def test_when_no_row_has_text_the_advice_is_the_text_column():
+    stats = MiningStats()
+    stats.add_bad("missing_text", 12)
+    with pytest.raises(CorpusError, match="none of the corpus's 12 rows has text .* set text_column .* not 'body'"):
+        stats.require_text("body")
+    stats.documents = 1
+    stats.require_text("body")  # one row with text: a short corpus, not a wrong column
+
+
+def test_the_in_process_miner_names_the_text_column(tiny_model_dir, tmp_path):
+    corpus = tmp_path / "rows.jsonl"
+    corpus.write_text("\n".join(json.dumps({"content": f"A Krankenwagen, row {i}."}) for i in range(5)))
+    tokdist = TokenDistillation(str(tiny_model_dir()), device="cpu")
+    with pytest.raises(CorpusError, match="set text_column"):
+        tokdist.run(WORDS, data=FileDataSource(str(corpus)), snippets_per_token=2)
+
+
+def test_hf_text_files_replace_bytes_that_are_not_utf8_like_local_files(tmp_path):
+    from tokdist_ray.data.hf_stream import open_stream, stream_values
+
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"caf\xe9 au lait\nsecond line\n")
+    source = HFDataSource("text", data_files=str(path))
+    assert list(stream_values(open_stream(source), source)) == ["caf\ufffd au lait", "second line"]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_has_none_to_resume_from(tmp_path):
+    run = RunDirectory(str(tmp_path), "distill")
+    assert run.last_checkpoint_step() is None
+    (tmp_path / "distill" / "checkpoint_step_00000040").mkdir(parents=True)
+    (tmp_path / "distill" / "checkpoint_step_00000120").mkdir()
+    (tmp_path / "distill" / "checkpoint_tmp").mkdir()
+    assert run.last_checkpoint_step() == 120
