@@ -8,7 +8,6 @@ import shutil
 import sys
 import tempfile
 
-LOCALHOST = "127.0.0.1"
 KEEP_LOGS = "TOKDIST_RAY_KEEP_RAY_LOGS"  # set to 1 to keep a local instance's session folder
 
 
@@ -26,8 +25,10 @@ def joins_cluster() -> bool:
 def connect() -> None:
     """Join the cluster at RAY_ADDRESS, or start a local instance of this process's own.
 
-    A local instance listens on localhost only, and keeps its session folder and its
-    workers' temp files in one folder, removed when this process exits."""
+    A local instance keeps its session folder and what its processes leave in the temp
+    dir under one folder, removed when this process exits. (Its dashboard listens on
+    localhost; Ray's core refuses a loopback node IP and guards its ports with token
+    authentication, on by default in Ray 2.60.)"""
     import logging
 
     import ray
@@ -37,15 +38,27 @@ def connect() -> None:
     if joins_cluster():  # Ray's INFO start-up lines stay in its session logs
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
         return
-    # short: Ray's socket paths under it must stay within the 107 bytes of a Unix socket
-    root = tempfile.mkdtemp(prefix="tokdist-ray-")
+    root = tempfile.mkdtemp(prefix="tokdist-ray-", dir=_short_temp_dir())
     workers_tmp = os.path.join(root, "tmp")
     os.makedirs(workers_tmp)
-    ray.init(
-        address="local", _node_ip_address=LOCALHOST, _temp_dir=root, logging_level=logging.WARNING,
-        runtime_env={"env_vars": {"TMPDIR": workers_tmp}},
-    )
+    # Ray's processes inherit TMPDIR: what they leave (multiprocessing's pymp-* folders) goes under root too
+    outer_tmp = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = workers_tmp
+    try:
+        ray.init(address="local", _temp_dir=root, logging_level=logging.WARNING)
+    finally:
+        if outer_tmp is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = outer_tmp
     atexit.register(_remove_local_instance, root)
+
+
+def _short_temp_dir() -> str:
+    """The temp dir, or /tmp when it is too long: Ray's sockets live 62 bytes below the
+    session root, within the 107 bytes a Unix socket path may have."""
+    base = tempfile.gettempdir()
+    return base if len(base) + len("/tokdist-ray-xxxxxxxx") + 62 <= 107 else "/tmp"
 
 
 def _remove_local_instance(root: str) -> None:
