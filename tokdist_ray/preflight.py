@@ -10,6 +10,7 @@ the same checks before they mine, start Ray or load weights.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from tokdist_ray.errors import ConfigError
@@ -23,8 +24,12 @@ def check_writable_dir(key: str, path: str | os.PathLike) -> Path:
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError(f"{key}: {path} lies under {existing}, which is a file; name a directory elsewhere")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}: {existing} is not writable, so {path} cannot be written; name a writable directory")
+    try:  # a real write, as root passes permission checks and a read-only mount passes os.access
+        os.rmdir(tempfile.mkdtemp(prefix=".tokdist-probe-", dir=existing))
+    except OSError as e:
+        raise ConfigError(
+            f"{key}: {path} cannot be written ({existing}: {e.strerror or e}); name a writable directory"
+        ) from None
     return path
 
 
