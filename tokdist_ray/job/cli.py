@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import typing
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokdist-ray: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ray may pass the interrupt on again while shutting down
         print("tokdist-ray: interrupted. Run the same command again to continue: finished stages are reused "
               "and distillation resumes from its last checkpoint.", file=sys.stderr)
         return 130

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -151,7 +152,7 @@ def distill_distributed(
         ),
     )
     try:
-        result = trainer.fit()
+        result = _fit(trainer)
     except Exception as e:  # a user error raised in a worker (a diverged run) reaches the user as itself
         if (user_error := user_error_in(e)) is not None:
             raise user_error from None
@@ -160,6 +161,28 @@ def distill_distributed(
     run.mark_finished(str(out))
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return DistributedResult(out, out / ROWS, out / "report.json", checkpoint, read_report(out / "report.json"))
+
+
+def _fit(trainer):
+    """trainer.fit() in a helper thread. On the main thread Ray Train installs a SIGINT
+    handler that it never removes, so a Ctrl-C after training (while evaluating) exited 1
+    with no message. Here Ctrl-C stays a KeyboardInterrupt of this process, whose exit
+    ends the run's actors; its checkpoints stay for a resumed run."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # handed to the caller's thread below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # a bare join() would hold off KeyboardInterrupt
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _quiet_train_logs(train) -> dict:
