@@ -124,6 +124,7 @@ def distill_distributed(
     plan = _plan(model_path, snippets_path, expansion, distilled, out_dir, training, dist, output_emb_policy,
                  pre_init_strategy, snippets_filesystem, after_step)
     connect()
+    _warn_if_unplaceable(dist)
     strategy, zero_stage = choose_strategy(dist, plan.model_path, training.mixed_precision)
     plan = dataclasses.replace(plan, strategy=strategy, zero_stage=zero_stage)
     log.info(
@@ -161,6 +162,19 @@ def distill_distributed(
     run.mark_finished(str(out))
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return DistributedResult(out, out / ROWS, out / "report.json", checkpoint, read_report(out / "report.json"))
+
+
+def _warn_if_unplaceable(dist: DistributedConfig) -> None:
+    """A cluster that lacks the workers' resources makes Ray Train wait, perhaps for an
+    autoscaler; say so once, in our words. (A local run was checked before it started.)"""
+    import ray
+
+    have = ray.cluster_resources()
+    need = {"CPU": dist.num_workers * dist.cpus_per_worker, **({"GPU": dist.num_workers} if dist.use_gpu else {})}
+    short = [f"{have.get(k, 0):g} of the {v:g} {k}s" for k, v in need.items() if have.get(k, 0) < v]
+    if short:
+        log.warning("the cluster has %s that %d workers need; Ray Train waits until it has them (an autoscaler "
+                    "may add nodes): lower distributed.num_workers if it cannot grow", ", ".join(short), dist.num_workers)
 
 
 def _fit(trainer):
