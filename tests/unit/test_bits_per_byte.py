@@ -89,10 +89,11 @@ def test_new_tokens_absent_from_the_text_change_nothing_but_the_mass_they_take(t
     leaky = bits_per_byte(expanded, expansion.tokenizer, chunks, new_start)
     assert leaky["bits_per_byte"] > original["bits_per_byte"] + 1e-4
 
-    def no_new_logits(module, args, logits):
-        return logits.index_fill(-1, torch.arange(new_start, logits.size(-1)), float("-inf"))
-
-    expanded.get_output_embeddings().register_forward_hook(no_new_logits)
+    head = expanded.get_output_embeddings()  # a bias of -inf on the new ids: no mass on them
+    masked = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    masked.weight = head.weight
+    masked.bias = torch.nn.Parameter(torch.zeros(head.out_features).index_fill(0, torch.arange(new_start, head.out_features), float("-inf")))
+    expanded.set_output_embeddings(masked)
     exact = bits_per_byte(expanded, expansion.tokenizer, chunks, new_start)
     assert exact["bits_per_byte"] == pytest.approx(original["bits_per_byte"], abs=1e-6)
     assert exact["tokens_per_byte"] == original["tokens_per_byte"]
@@ -194,8 +195,9 @@ def test_markdown_table_puts_the_original_first_with_changes_against_it():
 
 
 def test_methods_and_another_tools_model_dir_are_scored_on_the_same_chunks(tiny_model_dir, tmp_path):
-    """score_methods: the original once, each method's rows in one expanded copy, and a
-    saved model directory (as another tool would hand it over) on its own tokenizer."""
+    """score_methods: the original once, each method's rows written into the model itself
+    (no copy), and a saved model directory (as another tool would hand it over) on its
+    own tokenizer."""
     from tokdist_ray.eval.bits_per_byte import score_methods
     from tokdist_ray.vocab.export import save_expanded
 
@@ -215,8 +217,46 @@ def test_methods_and_another_tools_model_dir_are_scored_on_the_same_chunks(tiny_
                            {name: (r, None) for name, r in rows.items()}, chunks, other_models={"other": load_other})
     methods = scored["methods"]
     assert list(methods) == ["original", "a", "b", "other"]
-    assert methods["original"]["bits_per_byte"] == pytest.approx(bits_per_byte(model, tokenizer, chunks)["bits_per_byte"])
+    fresh = load_model(model_dir)
+    assert methods["original"]["bits_per_byte"] == pytest.approx(bits_per_byte(fresh, tokenizer, chunks)["bits_per_byte"])
     assert methods["other"]["bits_per_byte"] == pytest.approx(methods["a"]["bits_per_byte"], rel=1e-5)
     assert methods["a"]["bits_per_byte"] != pytest.approx(methods["b"]["bits_per_byte"])
     assert methods["a"]["new_tokens"] > 0 and scored["costliest_new_tokens"]["a"]
-    assert torch.equal(model.get_input_embeddings().weight, load_model(model_dir).get_input_embeddings().weight)
+    old_rows = fresh.get_input_embeddings().weight
+    assert torch.equal(model.get_input_embeddings().weight[: len(old_rows)], old_rows), "old rows must stay bit-identical"
+
+
+def test_a_tied_model_untied_by_one_method_scores_the_next_as_tied(tiny_model_dir):
+    """One model serves every method: once a method's own output rows untie it, a later
+    method without them must score as it would on a fresh tied model."""
+    from tokdist_ray.eval.bits_per_byte import score_methods
+
+    model_dir = tiny_model_dir(tied=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    expansion = expand_with_merges(tokenizer, WORDS)
+    d, n_new = load_model(model_dir).config.hidden_size, len(expansion.tokens)
+    own, plain = (torch.randn(n_new, d), torch.randn(n_new, d)), (torch.randn(n_new, d), None)
+    chunks = heldout_chunks(PLAIN_DOCS + ["The Krankenwagen passed the Schmetterling twice."], chunk_bytes=120)
+
+    def score(methods):
+        return score_methods(load_model(model_dir), tokenizer, expansion.tokenizer, expansion.new_start, methods,
+                             chunks)["methods"]
+
+    both = score({"own_outputs": own, "tied": plain})
+    assert both["tied"]["bits_per_byte"] == pytest.approx(score({"tied": plain})["tied"]["bits_per_byte"], rel=1e-6)
+    assert both["own_outputs"]["bits_per_byte"] != pytest.approx(both["tied"]["bits_per_byte"])
+
+
+def test_log_softmax_over_vocabulary_slices_equals_the_whole(tiny_model_dir, monkeypatch):
+    from tokdist_ray.eval import bits_per_byte as bpb
+
+    model_dir = tiny_model_dir(tied=False)
+    model, tokenizer = load_model(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    chunks = heldout_chunks(PLAIN_DOCS, chunk_bytes=70)
+    monkeypatch.setattr(bpb, "VOCAB_SLICE", 97)  # several slices, the last one short
+    scores = bpb.token_log_probs(model, tokenizer, chunks)
+    for score in scores[:3]:
+        ids = torch.tensor([[tokenizer.bos_token_id, *score.ids]])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        whole = -logp.gather(-1, ids[0, 1:, None]).squeeze(-1) / math.log(2)
+        torch.testing.assert_close(torch.tensor(score.bits), whole, rtol=1e-5, atol=1e-5)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from tokdist_ray.console import StageProgress
 from tokdist_ray.errors import ConfigError
@@ -82,6 +83,26 @@ def _start_token(tokenizer) -> int:
     return start
 
 
+VOCAB_SLICE = 16_384  # logits held at once: [batch, positions, VOCAB_SLICE], not the whole vocabulary
+
+
+def _target_nats(hidden: torch.Tensor, head, targets: torch.Tensor) -> torch.Tensor:
+    """-ln p(target) at each position under the LM head, its log-softmax taken over slices
+    of the vocabulary: for a 128k vocabulary the full fp32 logits of one batch are
+    gigabytes."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    log_norm = torch.full(targets.shape, float("-inf"), device=hidden.device)
+    target_logit = torch.zeros(targets.shape, device=hidden.device)
+    for lo in range(0, len(weight), VOCAB_SLICE):
+        hi = min(lo + VOCAB_SLICE, len(weight))
+        logits = F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi]).float()
+        log_norm = torch.logaddexp(log_norm, torch.logsumexp(logits, -1))
+        inside = (targets >= lo) & (targets < hi)
+        picked = logits.gather(-1, (targets - lo).clamp(0, hi - lo - 1)[..., None]).squeeze(-1)
+        target_logit = torch.where(inside, picked, target_logit)
+    return log_norm - target_logit
+
+
 @torch.no_grad()
 def token_log_probs(model, tokenizer, chunks: Sequence[str], batch_size: int = 8, label: str = "bits per byte") -> list[ChunkScore]:
     """Teacher-forced bits of every token of every chunk, after a start token."""
@@ -111,8 +132,8 @@ def token_log_probs(model, tokenizer, chunks: Sequence[str], batch_size: int = 8
             input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
             mask[row, : len(ids[i])] = 1
         input_ids, mask = input_ids.to(model.device), mask.to(model.device)
-        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        nats = torch.logsumexp(logits, -1) - logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        nats = _target_nats(hidden[:, :-1], model.get_output_embeddings(), input_ids[:, 1:])
         nats = (nats / math.log(2)).cpu()
         for row, i in enumerate(batch):
             bits[i] = nats[row, : len(ids[i]) - 1].tolist()
@@ -176,12 +197,16 @@ def score_methods(
     method's (input rows, output rows or None) on the expanded tokenisation, then each of
     `other_models` (name -> a loader of (model, tokenizer): a model another tool expanded
     from the same original, new ids from new_start) on its own tokenisation, all on the
-    same chunks. Returns {"methods": {name: summary}, "costliest_new_tokens": {name: rows}}."""
-    import copy
+    same chunks. Returns {"methods": {name: summary}, "costliest_new_tokens": {name: rows}}.
 
+    `model` itself becomes the expanded model, each method's rows written over the last's:
+    no copy of it is made (for an 8B model a copy is 32 GB). A tied model given a method's
+    own output rows is untied once (one more [vocab, d] table); later methods without
+    them get output rows equal to their input rows, as tied."""
     from tokdist_ray.vocab.export import expand_model
     from tokdist_ray.vocab.models import ties_word_embeddings
 
+    tied = ties_word_embeddings(model)
     original = token_log_probs(model, original_tokenizer, chunks, batch_size, "bits per byte, original")
     summaries, costliest = {"original": summarise(original)}, {}
 
@@ -191,18 +216,11 @@ def score_methods(
         if log is not None:
             log(name, summaries[name])
 
-    expanded = None
     for name, (input_rows, output_rows) in methods.items():
-        # methods overwrite one copy's new rows, but one with its own output rows unties a
-        # tied copy: it gets a copy of its own
-        own_copy = output_rows is not None and ties_word_embeddings(model)
-        if expanded is None or own_copy:
-            expanded = copy.deepcopy(model)
-        expand_model(expanded, new_start, input_rows, output_rows)
-        record(name, token_log_probs(expanded, expanded_tokenizer, chunks, batch_size, f"bits per byte, {name}"))
-        if own_copy:
-            expanded = None
-    del expanded
+        if output_rows is None and tied and not ties_word_embeddings(model):  # untied for an earlier method
+            output_rows = input_rows
+        expand_model(model, new_start, input_rows, output_rows)
+        record(name, token_log_probs(model, expanded_tokenizer, chunks, batch_size, f"bits per byte, {name}"))
     for name, load in (other_models or {}).items():
         other, tokenizer = load()
         record(name, token_log_probs(other, tokenizer, chunks, batch_size, f"bits per byte, {name}"))

@@ -68,7 +68,7 @@ def drift(
     sums = {name: defaultdict(lambda: defaultdict(float)) for name in methods}
     progress = StageProgress(f"drift of {len(methods)} methods", len(examples), "held-out snippets")
     for lo in range(0, len(examples), batch_size):
-        batch = collate(examples[lo : lo + batch_size])
+        batch = {k: v.to(model.device) for k, v in collate(examples[lo : lo + batch_size]).items()}
         keep = _from_first_new_token(batch["student_ids"], batch["student_mask"], new_start)
         t_target, t_final, _ = anyone.hidden_states(need_target, True, input_ids=batch["teacher_ids"])
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tokdist_ray.config import FileDataSource
+from tokdist_ray.console import quiet_worker, worker_env
 from tokdist_ray.data.corpus import documents
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.errors import TooFewSnippetsError
@@ -27,6 +28,7 @@ from tokdist_ray.eval.drift import (
     relative_to,
 )
 from tokdist_ray.eval.plots import write_plots
+from tokdist_ray.raycluster import ray_is_running
 from tokdist_ray.report import write_report
 from tokdist_ray.training.batching import align_snippets
 from tokdist_ray.vocab.alignment import PieceAligner
@@ -43,11 +45,39 @@ def _other_model(directory: str, trust_remote_code: bool):
 
 def evaluate_export(config, expansion: MergeExpansion, distilled: dict, out_dir: Path) -> dict:
     """Held-out snippets mined with the expanded tokenizer, read by the original model
-    (teacher ids) and by the expanded one with each method's rows."""
+    (teacher ids) and by the expanded one with each method's rows.
+
+    Runs where models run: on a Ray cluster, as one task on a GPU when the cluster has
+    one, else on the CPUs of its largest node, writing to `out_dir` (a shared path, like
+    the model the distill stage exports); this process loads no weights."""
+    if not ray_is_running():
+        return _evaluate(config, expansion, distilled, out_dir)
+    import ray
+
+    task = ray.remote(_evaluate_task).options(**_task_resources(), runtime_env={"env_vars": worker_env()})
+    return ray.get(task.remote(config, expansion, distilled, str(out_dir)))
+
+
+def _task_resources() -> dict:
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return {"num_gpus": 1, "num_cpus": 1}
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return {"num_cpus": max(1, int(max(nodes, default=1)))}  # torch in the task uses as many threads
+
+
+def _evaluate_task(config, expansion: MergeExpansion, distilled: dict, out_dir: str) -> dict:
+    quiet_worker()
+    return _evaluate(config, expansion, distilled, Path(out_dir))
+
+
+def _evaluate(config, expansion: MergeExpansion, distilled: dict, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(config.model, dtype=torch.float32, trust_remote_code=config.trust_remote_code)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(config.model, dtype=torch.float32, device=device, trust_remote_code=config.trust_remote_code)
     tokens, new_start = expansion.tokens, expansion.new_start
-    rows = load_file(distilled["rows_path"])  # "input" and, for untied models, "output" rows
+    rows = load_file(distilled["rows_path"], device=device)  # "input" and, for untied models, "output" rows
     texts = [t for t in documents(FileDataSource(paths=list(config.eval.heldout_paths))) if isinstance(t, str)]
     snippets, _ = mine_snippets(texts, expansion, config.snippets.snippet_len, config.eval.snippets_per_token)
     if not snippets:
