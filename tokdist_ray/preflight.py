@@ -16,7 +16,7 @@ from pathlib import Path
 from tokdist_ray.errors import ConfigError
 
 
-def check_writable_dir(key: str, path: str | os.PathLike) -> Path:
+def check_writable_dir(key: str, path: str | os.PathLike) -> None:
     """`path` is a directory, or can be made one, that this process can write."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
@@ -30,7 +30,6 @@ def check_writable_dir(key: str, path: str | os.PathLike) -> Path:
         raise ConfigError(
             f"{key}: {path} cannot be written ({existing}: {e.strerror or e}); name a writable directory"
         ) from None
-    return path
 
 
 def model_config(model: str, trust_remote_code: bool = False):
@@ -59,8 +58,7 @@ def check_target_layer(target_layer: int, n_layers: int) -> None:
 
 def check_model(model: str, target_layer: int, trust_remote_code: bool = False) -> None:
     config = model_config(model, trust_remote_code)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    check_target_layer(target_layer, text_config.num_hidden_layers)
+    check_target_layer(target_layer, config.get_text_config().num_hidden_layers)
 
 
 def check_local_workers(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:

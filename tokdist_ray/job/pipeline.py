@@ -33,7 +33,7 @@ from tokdist_ray.vocab.expansion_files import expansion_summary, load_expansion,
 from tokdist_ray.vocab.merges import ADDED_TOKENS, SKIP, MergeExpansion, expand_with_merges
 from tokdist_ray.vocab.models import load_tokenizer
 from tokdist_ray.vocab.selection import frequent_fragmented_words
-from tokdist_ray.vocab.tokens import not_distilled_note, read_token_file, tokens_to_distill
+from tokdist_ray.vocab.tokens import not_distilled_note, read_token_file, skip_counts, tokens_to_distill
 
 log = logging.getLogger("tokdist_ray")
 STAGES = ("tokens", "snippets", "distill", "evaluate")
@@ -137,7 +137,7 @@ def _tokens_stage(config: JobConfig, tokenizer, run_dir: Path) -> dict:
     })
     log.info("%d new tokens (%s, %d intermediate, %d candidates skipped: %s)", expansion.n_requested,
              expansion.mode, len(expansion.intermediates), len(expansion.skipped),
-             dict(Counter(s["reason"] for s in expansion.skipped)))
+             skip_counts(expansion.skipped))
     return {"tokenizer_path": str(run_dir / "tokenizer"), "tokens_path": str(path),
             "count": len(expansion.tokens), "skipped": expansion.skipped, "mode": expansion.mode}
 

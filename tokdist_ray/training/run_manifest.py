@@ -83,10 +83,9 @@ class RunDirectory:
         if self.fs.get_file_info(self.path).type != pyarrow.fs.FileType.Directory:
             return None
         entries = self.fs.get_file_info(pyarrow.fs.FileSelector(self.path))
-        steps = [int(e.base_name.removeprefix(CHECKPOINT_PREFIX)) for e in entries
-                 if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith(CHECKPOINT_PREFIX)
-                 and e.base_name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
-        return max(steps, default=None)
+        names = [e.base_name for e in entries if e.type == pyarrow.fs.FileType.Directory]
+        steps = [name[len(CHECKPOINT_PREFIX):] for name in names if name.startswith(CHECKPOINT_PREFIX)]
+        return max((int(step) for step in steps if step.isdigit()), default=None)
 
     def claim(self, settings: dict, resume: bool) -> None:
         """Refuse to mix runs: a new run needs a free name, a resumed one the same settings."""

@@ -34,7 +34,6 @@ import json
 import logging
 import tempfile
 from bisect import bisect_left, bisect_right
-from collections import Counter
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
@@ -45,7 +44,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tokdist_ray.errors import NoNewTokensError
 from tokdist_ray.vocab.bpe_model import BYTE_PIECE, BpeModel, Pair, apply_merges, first_merge, surface_text
-from tokdist_ray.vocab.tokens import IN_VOCABULARY, NewToken, TokenSelection, phrase_ids, select_new_tokens
+from tokdist_ray.vocab.tokens import (
+    IN_VOCABULARY,
+    NewToken,
+    TokenSelection,
+    phrase_ids,
+    select_new_tokens,
+    skip_counts,
+)
 
 log = logging.getLogger("tokdist_ray")
 
@@ -125,17 +131,13 @@ def expand_with_merges(
             expansion = _with_added_tokens(expansion, selection) if unreachable == ADDED_TOKENS else expansion
             if not expansion.tokens:
                 raise NoNewTokensError(
-                    f"merges can build none of the {len(expansion.skipped)} tokens ({_reason_counts(expansion.skipped)}); "
+                    f"merges can build none of the {len(expansion.skipped)} tokens ({skip_counts(expansion.skipped)}); "
                     f"pass tokens that are one pre-token of at most {MAX_MERGE_PIECES} pieces each (a word with its "
                     "leading space, e.g. ' Krankenwagen', not ' New York'), or use tokenizer_mode added_tokens"
                 )
             return expansion
         skipped = skipped + [{"token": t, "reason": NOT_EMITTED} for t in missing]
         tokens = [t for t in tokens if t.text not in set(missing)]
-
-
-def _reason_counts(skipped: list[dict]) -> dict[str, int]:
-    return dict(Counter(s["reason"] for s in skipped))
 
 
 def _why_merges_cannot_work(tokenizer_json: dict | None) -> str | None:

@@ -33,6 +33,11 @@ TOO_FEW_SNIPPETS = "too_few_snippets"
 
 
 
+def skip_counts(skipped: Sequence[dict]) -> dict[str, int]:
+    """How many candidates were skipped for each reason."""
+    return dict(Counter(s["reason"] for s in skipped))
+
+
 @dataclass(frozen=True)
 class NewToken:
     text: str  # surface string added to the tokenizer, a leading space written as " "
@@ -45,7 +50,7 @@ class TokenSelection:
     skipped: list[dict] = field(default_factory=list)  # {"token": ..., "reason": ...}
 
     def skip_counts(self) -> dict[str, int]:
-        return dict(Counter(s["reason"] for s in self.skipped))
+        return skip_counts(self.skipped)
 
 
 def normalise_token(token: str) -> str:
@@ -159,7 +164,7 @@ def select_new_tokens(
         tokens.append(NewToken(text=text, phrase_ids=tuple(ids)))
 
     if not tokens:
-        counts = dict(Counter(s["reason"] for s in skipped))
+        counts = skip_counts(skipped)
         raise NoNewTokensError(
             f"no new tokens left after filtering {len(skipped)} candidates ({counts}); "
             "every token was empty, duplicated, special, a byte token or already a single token "
