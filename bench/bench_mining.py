@@ -245,7 +245,7 @@ def run_miner(shards, expansion: MergeExpansion, words: list[NewToken], snippet_
         result = mine_corpus(FileDataSource(shards), expansion, snippet_len, quota, out_dir=out, seed=0,
                              num_workers=workers, count_bystanders=False)  # the reference's quotas
         seconds = time.perf_counter() - t
-        rows = result.rows()
+        rows = result.table().to_pylist()
     word_index = {w.text: i for i, w in enumerate(words)}
     other_texts = [t.text for t in expansion.tokens if t.text not in word_index]
     other_index = {text: i for i, text in enumerate(other_texts)}

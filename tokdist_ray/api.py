@@ -6,21 +6,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Literal, Sequence
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from tokdist_ray.config import (
+    SNIPPET_SEED,
     DistillationConfig,
+    EvalConfig,
     FileDataSource,
     GeneratedDataSource,
     HFDataSource,
     OutputEmbeddingInit,
     check_snippet_counts,
+    corpus_paths,
 )
 from tokdist_ray.config import (
     output_emb_policy as checked_policy,
@@ -29,25 +38,24 @@ from tokdist_ray.config import (
     pre_init_strategy as checked_strategy,
 )
 from tokdist_ray.console import console_logging
-from tokdist_ray.data.corpus import documents
 from tokdist_ray.data.generation.local import generate_snippets
-from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.mining import mine_corpus
+from tokdist_ray.data.snippets import snippets_to_table
 from tokdist_ray.errors import ConfigError
+from tokdist_ray.eval.heldout import Evaluation, evaluate_export
 from tokdist_ray.preflight import check_target_layer, check_writable_dir, model_config
 from tokdist_ray.raycluster import ray_is_running
-from tokdist_ray.report import expansion_report, positions_per_token
+from tokdist_ray.report import expansion_report
+from tokdist_ray.stages import collect_snippets, expand_tokens, save_model, split_by_snippets
 from tokdist_ray.training.batching import align_snippets
-from tokdist_ray.training.checkpoint import check_finite
-from tokdist_ray.training.local import train_local
+from tokdist_ray.training.loop import train_local
 from tokdist_ray.training.rows import initial_rows
-from tokdist_ray.training.step import NewRows, TokenDistiller, bf16_supported
+from tokdist_ray.training.step import TokenDistiller, bf16_supported
 from tokdist_ray.vocab.alignment import PieceAligner
-from tokdist_ray.vocab.expansion_files import expansion_summary
-from tokdist_ray.vocab.export import expand_model, save_expanded
-from tokdist_ray.vocab.merges import ADDED_TOKENS, MERGES, SKIP, MergeExpansion, expand_with_merges
-from tokdist_ray.vocab.models import cache_root, load_model, load_tokenizer, ties_word_embeddings
-from tokdist_ray.vocab.tokens import NewToken, not_distilled_note, tokens_to_distill
+from tokdist_ray.vocab.export import expand_model
+from tokdist_ray.vocab.merges import MERGES, MergeExpansion
+from tokdist_ray.vocab.models import cache_root, load_model, load_tokenizer
+from tokdist_ray.vocab.tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")
 
@@ -76,7 +84,7 @@ class TokenDistillation:
         model_config(model_path, trust_remote_code)  # refuses remote code in one line, before any weights
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
         self.model = self._load_model()
-        self.last_report: dict | None = None
+        self._last: _LastRun | None = None
 
     def _load_model(self):
         return load_model(
@@ -100,6 +108,7 @@ class TokenDistillation:
         min_snippets_per_token: int = 1,
         top_up_with_generation: bool | GeneratedDataSource = False,
         tokenizer_mode: Literal["merges", "added_tokens"] = MERGES,
+        snippet_seed: int = SNIPPET_SEED,
     ):
         """Select tokens, expand the tokenizer, collect snippets, distill, and return
         (model, tokenizer).
@@ -112,72 +121,63 @@ class TokenDistillation:
         BPE. Tokens with fewer than `min_snippets_per_token` snippets, after an optional
         top-up with generated snippets (`top_up_with_generation`: True for default
         sampling, or a GeneratedDataSource whose settings the top-up uses), are not
-        distilled and keep their pre-initialised rows; the report lists them.
+        distilled and keep their pre-initialised rows; the report lists them. A corpus
+        is mined as the job mines it (`snippet_seed` orders the reading, like the job's
+        snippets.seed): the same snippets whether or not Ray runs. `evaluate` then
+        measures the result on held-out text.
         """
         output_emb_policy, pre_init_strategy = checked_policy(output_emb_policy), checked_strategy(pre_init_strategy)
-        self._check(out_path, save, snippet_len, snippets_per_token, min_snippets_per_token, training)
-        if getattr(self, "_expanded", False):  # a previous run grew self.model: start clean
+        self._check(out_path, save, snippet_len, snippets_per_token, min_snippets_per_token, training, data)
+        if self._last is not None:  # a previous run grew self.model: start clean
             self.model = self._load_model()
         timings: dict[str, float] = {}
-        t = time.perf_counter()
-
-        # a target tokenizer's tokens that merges cannot produce enter as added tokens
-        from_target = isinstance(new_tokens, PreTrainedTokenizerBase)
-        expansion = expand_with_merges(self.tokenizer, new_tokens, tokenizer_mode, ADDED_TOKENS if from_target else SKIP)
-        log.info("%d new tokens (%s, %d intermediate), %d candidates skipped", expansion.n_requested,
-                 expansion.mode, len(expansion.intermediates), len(expansion.skipped))
-        timings["select_tokens"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        snippets, stats = self._collect_snippets(expansion, data, snippet_len, snippets_per_token, top_up_with_generation)
-        timings["snippets"] = time.perf_counter() - t
-
-        distilled, not_distilled = tokens_to_distill(expansion.tokens, stats.counts, min_snippets_per_token)
-        if not_distilled:
-            log.warning(not_distilled_note(not_distilled, min_snippets_per_token, pre_init_strategy))
-        keep = {tok.text for tok in distilled}
-        kept = [s for s in snippets if s["token"] in keep]
-        snippet_ids = [s["input_ids"] for s in kept]
-
-        t = time.perf_counter()
-        tokens, new_start = expansion.tokens, expansion.new_start
-        examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), snippet_ids)
-        rows = self._initial_rows(tokens, output_emb_policy, pre_init_strategy, training.untie_word_embeddings)
-        distiller = TokenDistiller.from_config(self.model, rows, new_start, training).to(self.device)
-        log.info(
-            "distilling %d tokens on %d snippets (%s, bf16 %s)", len(tokens), len(examples), self.device,
-            "on" if training.mixed_precision and bf16_supported(self.device) else "off",
+        with _timed(timings, "select_tokens"):
+            expansion = expand_tokens(self.tokenizer, new_tokens, tokenizer_mode)
+        with _timed(timings, "snippets"):
+            generate = self._generator(expansion, snippet_len, top_up_with_generation, data)
+            mine = self._miner(data, expansion, snippet_len, snippets_per_token, snippet_seed, top_up_with_generation)
+            snippets = collect_snippets(expansion, snippets_per_token, mine, generate, bool(top_up_with_generation))
+        distilled, not_distilled = split_by_snippets(expansion.tokens, snippets.counts, min_snippets_per_token,
+                                                     pre_init_strategy)
+        kept = snippets.table.filter(pc.is_in(snippets.table["token"], pa.array([t.text for t in distilled])))
+        snippet_ids = kept["input_ids"].to_pylist()
+        with _timed(timings, "distill"):
+            rows, history = self._distill(expansion, snippet_ids, output_emb_policy, pre_init_strategy, training)
+        model = expand_model(self.model, expansion.new_start, rows["input"], rows.get("output"))
+        report = expansion_report(
+            self.model_path, expansion, snippet_ids, Counter(kept["token"].to_pylist()), history,
+            settings={"snippet_len": snippet_len, "snippets_per_token": snippets_per_token, "snippet_seed": snippet_seed,
+                      "output_emb_policy": output_emb_policy.value, "pre_init_strategy": pre_init_strategy,
+                      "training": dict(vars(training))},
+            not_distilled=not_distilled, snippets={"source": type(data).__name__, **snippets.report}, timings_s=timings,
         )
-        history = train_local(distiller, examples, training)
-        check_finite({"input": rows.input, "output": rows.output}, history.steps)
-        timings["distill"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        tokenizer = expansion.tokenizer
-        model = expand_model(self.model, new_start, rows.input.detach(), None if rows.output is None else rows.output.detach())
-        self._expanded = True
-        self.last_report = expansion_report(
-            self.model_path, tokens, new_start, Counter(s["token"] for s in kept), history,
-            settings={
-                "snippet_len": snippet_len, "snippets_per_token": snippets_per_token,
-                "output_emb_policy": output_emb_policy.value, "pre_init_strategy": pre_init_strategy,
-                "training": dict(vars(training)),
-            },
-            positions=positions_per_token(snippet_ids, new_start, len(tokens)),
-            tokenizer=expansion_summary(expansion),
-            tokens_skipped=expansion.skipped,
-            tokens_not_distilled=not_distilled,
-            snippets={"source": type(data).__name__, **stats.as_dict(snippets_per_token)},
-            timings_s=timings,
-        )
+        self._last = _LastRun(expansion, rows, report, snippet_len, training.target_layer, snippet_seed)
         if save:
-            save_expanded(model, tokenizer, out_path, self.last_report)
-            timings["export"] = time.perf_counter() - t
-            log.info("saved the expanded model to %s", out_path)
-        return model, tokenizer
+            with _timed(timings, "export"):
+                save_model(model, expansion, rows, out_path, report)
+        return model, expansion.tokenizer
+
+    @property
+    def last_report(self) -> dict | None:
+        """report.json of the last run (also when it was not saved)."""
+        return self._last.report if self._last is not None else None
+
+    def evaluate(self, heldout_paths: str | Sequence[str], out_path: str, settings: EvalConfig | None = None) -> dict:
+        """The last run's rows on held-out text, as the job's evaluate stage measures them
+        (bits per byte and compression against the baselines, drift), written to
+        `out_path` (eval.json, eval.md, plots); returns its summary."""
+        if self._last is None:
+            raise ConfigError("evaluate needs a run first: call run(...) and then evaluate(...)")
+        settings = dataclasses.replace(settings or EvalConfig(), heldout_paths=corpus_paths("heldout_paths", heldout_paths))
+        check_writable_dir("out_path", out_path)
+        last = self._last
+        evaluation = Evaluation(self.model_path, last.expansion, last.rows, settings,
+                                last.report["training"]["loss_curve"], last.snippet_len, last.target_layer,
+                                last.snippet_seed, self.trust_remote_code)
+        return evaluate_export(evaluation, Path(out_path))
 
     # ------------------------------------------------------------------ stages
-    def _check(self, out_path, save: bool, snippet_len: int, per_token: int, min_per_token: int, training) -> None:
+    def _check(self, out_path, save: bool, snippet_len: int, per_token: int, min_per_token: int, training, data) -> None:
         """What can be known before any work, as the job checks it."""
         if save and out_path is None:
             raise ConfigError("out_path must be given when save=True")
@@ -186,44 +186,60 @@ class TokenDistillation:
         check_snippet_counts(snippet_len, per_token, min_per_token)
         if not isinstance(training, DistillationConfig):
             raise ConfigError(f"training must be a DistillationConfig, not {type(training).__name__}")
+        if not isinstance(data, (GeneratedDataSource, HFDataSource, FileDataSource)):
+            raise ConfigError(f"data must be GeneratedDataSource, HFDataSource or FileDataSource, not {type(data).__name__}")
         check_target_layer(training.target_layer, self.model.config.get_text_config().num_hidden_layers)
 
-    def _collect_snippets(self, expansion: MergeExpansion, data, snippet_len, snippets_per_token, top_up):
-        tokens = expansion.tokens
+    def _miner(self, data, expansion: MergeExpansion, snippet_len: int, quota: int, seed: int, top_up):
+        """Corpus mining as the job's snippets stage does it: on the running Ray cluster if
+        there is one, in this process otherwise (starting Ray costs more than a small
+        run); cached under the tokdist_ray cache dir. None for generated data."""
         if isinstance(data, GeneratedDataSource):
-            return generate_snippets(self.model, expansion, tokens, snippet_len, snippets_per_token, data)
-        if not isinstance(data, (HFDataSource, FileDataSource)):
-            raise TypeError(f"data must be GeneratedDataSource, HFDataSource or FileDataSource, not {type(data).__name__}")
-        snippets, stats = self._mine(expansion, data, snippet_len, snippets_per_token, bool(top_up))
-        log.info("mined %d snippets: %s", len(snippets), stats.summary())
-        short = {t: snippets_per_token - c for t, c in stats.counts.items() if c < snippets_per_token}
-        if short and top_up:
-            index = {tok.text: i for i, tok in enumerate(tokens)}
-            todo = [tok for tok in tokens if tok.text in short]
-            settings = top_up if isinstance(top_up, GeneratedDataSource) else GeneratedDataSource()
-            extra, extra_stats = generate_snippets(
-                self.model, expansion, todo, snippet_len, short, settings,
-                token_indices=[index[tok.text] for tok in todo],
-            )
-            snippets += extra
-            for text, n in extra_stats.counts.items():
-                stats.counts[text] += n
-            stats.topped_up = extra_stats.counts
-        return snippets, stats
+            return None
+        return partial(mine_corpus, data, expansion, snippet_len, quota, str(cache_root() / "mining"), seed,
+                       top_up=bool(top_up), in_process=not ray_is_running())
 
-    def _mine(self, expansion: MergeExpansion, data, snippet_len, snippets_per_token, top_up: bool):
-        """On the running Ray cluster if there is one (results cached under the tokdist_ray
-        cache dir); in process otherwise, as starting Ray costs more than a small run."""
-        if ray_is_running() and self.tokenizer.is_fast:
-            result = mine_corpus(data, expansion, snippet_len, snippets_per_token,
-                                 str(cache_root() / "mining"), top_up=top_up)  # logs any shortfall
-            return result.rows(), result.stats
-        batch = data.tokenization_batch_size if isinstance(data, HFDataSource) else 256
-        rows, stats = mine_snippets(documents(data), expansion, snippet_len, snippets_per_token, batch)
-        stats.log_shortfall(snippets_per_token, top_up)
-        return rows, stats
+    def _generator(self, expansion: MergeExpansion, snippet_len: int, top_up, data):
+        """Generation in this process, on the model this object holds."""
+        settings = data if isinstance(data, GeneratedDataSource) else (
+            top_up if isinstance(top_up, GeneratedDataSource) else GeneratedDataSource())
 
-    def _initial_rows(self, tokens: list[NewToken], policy: OutputEmbeddingInit, strategy: str, untie: bool) -> NewRows:
-        if ties_word_embeddings(self.model) and not untie and policy is OutputEmbeddingInit.TRAIN_WITH_CE:
-            log.info("tied embeddings: output rows are the input rows (untie_word_embeddings=True trains them apart)")
-        return initial_rows(self.model, [tok.phrase_ids for tok in tokens], policy, strategy, untie)
+        def generate(tokens: list[NewToken], counts: dict[str, int], indices: list[int]):
+            rows, stats = generate_snippets(self.model, expansion, tokens, snippet_len, counts, settings,
+                                            token_indices=indices)
+            return snippets_to_table(rows), stats
+
+        return generate
+
+    def _distill(self, expansion: MergeExpansion, snippet_ids: list[list[int]], policy: OutputEmbeddingInit,
+                 strategy: str, training: DistillationConfig) -> tuple[dict[str, torch.Tensor], object]:
+        tokens, new_start = expansion.tokens, expansion.new_start
+        rows = initial_rows(self.model, [t.phrase_ids for t in tokens], policy, strategy, training.untie_word_embeddings)
+        distiller = TokenDistiller.from_config(self.model, rows, new_start, training).to(self.device)
+        examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), snippet_ids)
+        log.info(
+            "distilling %d tokens on %d snippets (%s, bf16 %s)", len(tokens), len(examples), self.device,
+            "on" if training.mixed_precision and bf16_supported(self.device) else "off",
+        )
+        history = train_local(distiller, examples, training)
+        trained = {"input": rows.input, **({"output": rows.output} if rows.output is not None else {})}
+        return {name: row.detach() for name, row in trained.items()}, history
+
+
+@dataclass
+class _LastRun:
+    """What `evaluate` needs of the last run."""
+
+    expansion: MergeExpansion
+    rows: dict[str, torch.Tensor]
+    report: dict
+    snippet_len: int
+    target_layer: int
+    snippet_seed: int
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str):
+    start = time.perf_counter()
+    yield
+    timings[stage] = round(time.perf_counter() - start, 3)

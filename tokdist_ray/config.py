@@ -28,6 +28,8 @@ BATCH_GROUPINGS = ("first_new_token", "random")
 PRE_INIT_STRATEGIES = ("fvt", "adapti-vocab")
 STRATEGIES = ("auto", "ddp", "deepspeed")
 ZERO_STAGES = (1, 2, 3)
+# the seed of the corpus read order (which snippets are mined) and of samples drawn from them
+SNIPPET_SEED = 42
 
 
 class OutputEmbeddingInit(str, Enum):
@@ -232,6 +234,32 @@ class FileDataSource:
     def __post_init__(self) -> None:
         self.paths = corpus_paths("paths", self.paths)
         count_at_least_one("max_docs", self.max_docs, optional=True)
+
+
+@dataclass
+class EvalConfig:
+    """The held-out evaluation: drift at aligned positions, compression, bits per byte."""
+
+    heldout_paths: list[str] = field(default_factory=list)  # empty: no evaluation stage
+    snippets_per_token: int = 20  # drift: held-out snippets per new token
+    # drift: at most this many of those, a seeded sample (thousands of new tokens would
+    # otherwise make drift the longest stage: every method reads every snippet)
+    max_snippets: int | None = None
+    batch_size: int = 16
+    bits_per_byte_bytes: int = 100_000  # held-out text scored for bits per byte (0: skip); by bytes, never tokens
+    chunk_bytes: int = 2000  # bits per byte: the longest chunk (split at line breaks), each after a start token
+    # bits per byte: also score these model directories (any HF causal LM whose tokenizer
+    # extends the same original, e.g. made by another tool), on the same held-out chunks
+    compare_models: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.heldout_paths = corpus_paths("heldout_paths", self.heldout_paths)
+        self.compare_models = corpus_paths("compare_models", self.compare_models)
+        for name in ("snippets_per_token", "batch_size", "chunk_bytes"):
+            count_at_least_one(name, getattr(self, name))
+        count_at_least_one("max_snippets", self.max_snippets, optional=True)
+        if self.bits_per_byte_bytes < 0:
+            raise ConfigError(f"bits_per_byte_bytes must be >= 0 (0 skips bits per byte), got {self.bits_per_byte_bytes}")
 
 
 @dataclass

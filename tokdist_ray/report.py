@@ -36,18 +36,33 @@ def public_model_name(model: str) -> str:
     return path.name
 
 
-def expansion_report(model: str, tokens: Sequence, new_start: int, snippet_counts: dict[str, int], history,
-                     settings: dict, positions: Sequence[int] | None = None, **sections) -> dict:
-    """The report of an expanded model: its new tokens with ids, snippet counts and the
-    positions that trained them, the training history, the settings, then any further
-    sections (snippets, timings...)."""
+def expansion_report(model: str, expansion, snippet_ids: Sequence[Sequence[int]], snippet_counts: dict[str, int],
+                     history, settings: dict, not_distilled: list[dict], snippets: dict, **sections) -> dict:
+    """report.json of an expanded model, the API's and the job's alike: its new tokens with
+    ids, snippet counts and the positions that trained them, the training history, the
+    settings, the tokenizer, the tokens skipped or not distilled, the snippets report
+    (without local paths), then any further sections (timings, distributed...)."""
+    from tokdist_ray.vocab.expansion_files import expansion_summary
+
+    tokens, new_start = expansion.tokens, expansion.new_start
     return {
         "model": public_model_name(model),
-        "tokens_added": tokens_added(tokens, new_start, snippet_counts, positions),
+        "tokens_added": tokens_added(tokens, new_start, snippet_counts,
+                                     positions_per_token(snippet_ids, new_start, len(tokens))),
         "training": history.as_dict(),
         "settings": settings,
+        "tokenizer": expansion_summary(expansion),
+        "tokens_skipped": expansion.skipped,
+        "tokens_not_distilled": not_distilled,
+        "snippets": without_paths(snippets),
         **sections,
     }
+
+
+def without_paths(snippets_report: dict) -> dict:
+    """The snippets report as a published model carries it: the run's local files left out."""
+    mining = {k: v for k, v in snippets_report.get("mining", {}).items() if k != "snippets_path"}
+    return snippets_report | ({"mining": mining} if "mining" in snippets_report else {})
 
 
 def write_report(path: str | Path, report: dict) -> None:

@@ -338,7 +338,7 @@ def test_api_tops_up_short_tokens_and_reports_it(tiny_model_dir, tmp_path, monke
            training=DistillationConfig(batch_size=4, log_every=1000))
     assert sources == [GeneratedDataSource() if top_up is True else top_up]
     report = td.last_report
-    topped_up = report["snippets"]["topped_up_by_generation"]  # intermediates (` Kranken`) are topped up too
+    topped_up = report["snippets"]["generation"]["snippets_per_token"]  # intermediates (` Kranken`) are topped up too
     assert {w: topped_up[w] for w in WORDS} == {w: 2 for w in WORDS}
     assert [t["snippets"] for t in report["tokens_added"][:2]] == [3, 3]
 

@@ -144,7 +144,8 @@ def test_ray_job_submit_produces_a_loadable_model(ray_head, tiny_model_dir, job_
         assert tok(word, add_special_tokens=False)["input_ids"] == [n_old + i]
     assert torch.equal(model.get_input_embeddings().weight[:n_old], original.get_input_embeddings().weight[:n_old])
     report = json.loads((run_dir / "model" / "report.json").read_text())
-    assert [t["token"] for t in report["tokens_added"][: len(WORDS)]] == WORDS and report["job"]["stage_seconds"]
+    assert [t["token"] for t in report["tokens_added"][: len(WORDS)]] == WORDS
+    assert set(report["snippets"]["snippets_per_token"]) == {t["token"] for t in report["tokens_added"]}
     assert report["tokenizer"]["mode"] == "merges" and len(tok) == n_old + len(report["tokens_added"])
 
     resubmitted = _submit(submit, env)

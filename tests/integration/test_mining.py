@@ -362,7 +362,7 @@ def test_ray_mining_equals_the_in_process_miner_counts_bad_rows_and_is_cached(
     result = mine_corpus(source, doc_expansion, 24, EVERYTHING, out_dir=str(tmp_path))
 
     reference, in_process = mine_snippets(documents(FileDataSource(str(root))), doc_expansion, 24, EVERYTHING)
-    assert snippet_sets(result.rows()) == snippet_sets(reference)
+    assert snippet_sets(result.table().to_pylist()) == snippet_sets(reference)
     assert result.stats.documents == len(texts)
     assert result.stats.bad_rows == len(BAD_JSON_LINES) + 3  # the parquet null, the empty file, the binary one
     expected = {"missing_text": 3, "not_a_string": 1, "invalid_json": 1, "empty": 3, "binary_file": 1}
@@ -407,10 +407,12 @@ def test_quotas_stop_reading_early_and_the_sample_depends_on_the_seed_only(
     one, one_table = mine(0, 1, "one")
     two, two_table = mine(0, 2, "two")
     other, other_table = mine(1, 2, "other")
-    for result in (one, two, other):
+    alone = mine_corpus(source, frequent_tokens, 32, 3, out_dir=str(tmp_path / "alone"), seed=0, in_process=True)
+    for result in (one, two, other, alone):
         assert set(result.stats.counts.values()) == {3} and result.shortfall == {}
         assert result.stats.documents < total / 2  # stopped once every token had its 3
     assert one_table.equals(two_table)  # whatever the number of miners
+    assert alone.table().equals(one_table) and alone.stats.documents == one.stats.documents  # or without Ray
     assert not one_table.equals(other_table)  # another seed, another sample of the corpus
     assert one_table.column("token_index").to_pylist() == sorted(one_table.column("token_index").to_pylist())
 
@@ -429,7 +431,7 @@ def test_hf_dataset_from_local_files(ray_session, doc_texts, doc_expansion, tmp_
     source = HFDataSource("json", split="train", data_files=files, map_to_text_fn=body, max_docs=None)
     result = mine_corpus(source, doc_expansion, 24, EVERYTHING, out_dir=str(tmp_path / "out"))
     reference, _ = mine_snippets(documents(source), doc_expansion, 24, EVERYTHING)
-    assert snippet_sets(result.rows()) == snippet_sets(reference)
+    assert snippet_sets(result.table().to_pylist()) == snippet_sets(reference)
     assert result.stats.documents == len(texts) and result.stats.bad_rows == 0
 
 
@@ -476,23 +478,34 @@ def test_two_node_cluster_mines_on_both_nodes(smollm2_dir, docs_corpus, doc_text
     assert len(result["requested"]) >= 4 and all(result["counts"][w] > 0 for w in result["requested"])
 
 
-def test_the_api_mines_on_ray_when_ray_is_running(ray_session, tiny_model_dir, tmp_path, monkeypatch):
+def test_the_api_and_the_job_mine_the_same_snippets_with_or_without_ray(ray_session, tiny_model_dir, tmp_path,
+                                                                      monkeypatch):
+    """One mining rule: the API on a running Ray cluster, the API in process, and the
+    job's snippets stage take the same snippets from the same corpus with the same seed."""
     from tests.helpers import SENTENCES, WORDS
     from tokdist_ray import DistillationConfig, TokenDistillation, api
+    from tokdist_ray.job.config import DataConfig, JobConfig, SnippetsConfig, TokensConfig
+    from tokdist_ray.job.pipeline import _snippets_stage
 
-    monkeypatch.setenv("TOKDIST_RAY_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for i, sentence in enumerate(SENTENCES):
+    for i, sentence in enumerate(SENTENCES * 3):  # many files, each token in several: the read order matters
         (corpus / f"{i}.txt").write_text(sentence)
-    calls = []
-    monkeypatch.setattr(api, "mine_corpus", lambda *a, **k: calls.append(a) or mine_corpus(*a, **k))
-
+    mined = []
+    monkeypatch.setattr(api, "mine_corpus", lambda *a, **k: mined.append((k["in_process"], mine_corpus(*a, **k))) or mined[-1][1])
     tokdist = TokenDistillation(str(tiny_model_dir()), device="cpu")
-    tokdist.run(WORDS, data=FileDataSource(str(corpus)), snippet_len=12, snippets_per_token=3,
-                training=DistillationConfig(max_steps=1))
-    assert len(calls) == 1 and any((tmp_path / "cache" / "mining").iterdir())
-    expansion = expand_with_merges(tokdist.tokenizer, WORDS)
-    expected, _ = mine_snippets(documents(FileDataSource(str(corpus))), expansion, 12, 3)
-    report = {t["token"]: t["snippets"] for t in tokdist.last_report["tokens_added"]}
-    assert report == {t.text: sum(r["token"] == t.text for r in expected) for t in expansion.tokens}
+    reports = []
+    for ray_runs in (True, False):
+        monkeypatch.setattr(api, "ray_is_running", lambda: ray_runs)
+        monkeypatch.setenv("TOKDIST_RAY_CACHE", str(tmp_path / f"cache-{ray_runs}"))  # no cache shared
+        tokdist.run(WORDS, data=FileDataSource(str(corpus)), snippet_len=12, snippets_per_token=2,
+                    training=DistillationConfig(max_steps=1))
+        reports.append(tokdist.last_report)
+    (_, on_ray), (_, alone) = mined
+    assert [in_process for in_process, _ in mined] == [False, True] and on_ray.work.nodes != alone.work.nodes
+    assert on_ray.table().equals(alone.table()) and reports[0]["tokens_added"] == reports[1]["tokens_added"]
+
+    config = JobConfig(model=str(tiny_model_dir()), run_dir=str(tmp_path / "job"), tokens=TokensConfig(list=WORDS),
+                       data=DataConfig(paths=[str(corpus)]), snippets=SnippetsConfig(snippet_len=12, snippets_per_token=2))
+    job = _snippets_stage(config.validate(), expand_with_merges(tokdist.tokenizer, WORDS), tmp_path / "job")
+    assert pq.read_table(job["snippets_path"]).equals(alone.table())

@@ -1,6 +1,6 @@
 """Distributed distillation on Ray Train (CPU, gloo, 2 workers, tiny models).
 
-Every distributed run is compared with `training.local.train_local` on the same global batches:
+Every distributed run is compared with `training.loop.train_local` on the same global batches:
 new rows and the per-step loss curve must match within fp32 round-off.
 """
 
@@ -20,7 +20,7 @@ from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.snippets import snippets_to_table
 from tokdist_ray.errors import RunConflictError
 from tokdist_ray.training.batching import align_snippets
-from tokdist_ray.training.local import train_local
+from tokdist_ray.training.loop import train_local
 from tokdist_ray.training.ray_trainer import distill_distributed
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.snippet_files import read_snippets

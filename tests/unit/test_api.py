@@ -162,7 +162,8 @@ def test_rows_without_text_are_counted_and_tokens_never_found_are_reported(tiny_
     td = TokenDistillation(str(tiny_model_dir(tied=True)), device="cpu")
     td.run(WORDS + [" distillation"], data=FileDataSource(str(data)), snippet_len=12, snippets_per_token=2, training=FAST)
     report = td.last_report
-    assert report["snippets"]["bad_rows"] == 4 and report["snippets"]["documents"] == 2
+    mined = report["snippets"]["mining"]
+    assert mined["bad_rows"] == 4 and mined["documents"] == 2
     assert {"token": " distillation", "reason": "too_few_snippets", "snippets": 0} in report["tokens_not_distilled"]
     with pytest.raises(ValueError, match="none of the .* new tokens has 1 snippet"):
         td.run([" distillation"], data=FileDataSource(str(data)), training=FAST)

@@ -6,7 +6,7 @@ import torch
 from tests.helpers import tiny_setup
 from tokdist_ray.config import NEW_TOKEN_OUTPUT_LOSS, DistillationConfig
 from tokdist_ray.training.batching import collate
-from tokdist_ray.training.local import train_local
+from tokdist_ray.training.loop import train_local
 from tokdist_ray.training.output_side import new_token_positions, phrase_targets, summed_kl
 
 

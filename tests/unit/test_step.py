@@ -8,7 +8,7 @@ from tests.helpers import tiny_setup
 from tokdist_ray.config import LOSS_METHODS, NEW_TOKEN_OUTPUT_LOSS, DistillationConfig
 from tokdist_ray.training import step as distill
 from tokdist_ray.training.batching import collate
-from tokdist_ray.training.local import train_local
+from tokdist_ray.training.loop import train_local
 from tokdist_ray.training.schedule import make_optimizer
 
 

@@ -39,6 +39,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -47,7 +48,7 @@ from tokdist_ray.data.files import resolve_files
 from tokdist_ray.data.miner import TALLY, QuotaBoard, SnippetMiner, TokenizerSpec
 from tokdist_ray.data.mining_cache import cache_key, corpus_spec, read_cache, write_cache
 from tokdist_ray.data.quota import QuotaLedger
-from tokdist_ray.data.ray_corpus import MINER_CPUS, corpus_dataset
+from tokdist_ray.data.ray_corpus import MINER_CPUS, corpus_blocks, corpus_dataset
 from tokdist_ray.data.snippets import MiningStats
 from tokdist_ray.errors import NoNewTokensError
 from tokdist_ray.raycluster import cluster_cpus, connect
@@ -112,9 +113,9 @@ class MiningResult:
             "snippets_path": self.snippets_path,
         }
 
-    def rows(self) -> list[dict]:
+    def table(self) -> pa.Table:
         fs, path = location(self.snippets_path)
-        return pq.read_table(path, filesystem=fs).to_pylist()
+        return pq.read_table(path, filesystem=fs)
 
 
 def _progress(stats: MiningStats, ledger: QuotaLedger, started: float, corpus_bytes: int | None = None) -> None:
@@ -208,13 +209,15 @@ def mining_dataset(source, seed, files, miner_args: dict, workers: int):
     return dataset if reads_fused(dataset) else through_miners(False)
 
 
+def _miner_args(spec, expansion, snippet_len: int, quota: int, board: str | None) -> dict:
+    return {"tokenizer": spec, "texts": [t.text for t in expansion.tokens], "new_start": expansion.new_start,
+            "snippet_len": snippet_len, "quota": quota, "board": board}
+
+
 def _mine_on_ray(source, spec, expansion, snippet_len, quota, seed, files, ledger, work: MinerWork) -> MiningStats:
     board = _BoardWriter(f"tokdist-quota-board-{uuid.uuid4().hex}")
-    miner_args = {
-        "tokenizer": spec, "texts": [t.text for t in expansion.tokens], "new_start": expansion.new_start,
-        "snippet_len": snippet_len, "quota": quota, "board": board.name,
-    }
-    dataset = mining_dataset(source, seed, files, miner_args, work.workers)
+    dataset = mining_dataset(source, seed, files, _miner_args(spec, expansion, snippet_len, quota, board.name),
+                             work.workers)
     dataset.context.execution_options.preserve_order = True
     dataset.context.enable_progress_bars = False  # _consume logs progress; bars cost driver CPU
     stream = dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
@@ -222,6 +225,21 @@ def _mine_on_ray(source, spec, expansion, snippet_len, quota, seed, files, ledge
         return _consume(stream, ledger, board, work, sum(files.sizes) if files is not None else None)
     finally:
         board.close()
+
+
+class _OwnBoard:
+    """In process the miner needs no board: it drops tokens it has filled itself."""
+
+    def mark_full(self, indices: list[int]) -> None:
+        pass
+
+
+def _mine_in_process(source, spec, expansion, snippet_len, quota, seed, files, ledger, work: MinerWork) -> MiningStats:
+    """The same blocks in the same order through the same miner and ledger as on Ray."""
+    work.workers = 1
+    miner = SnippetMiner(**_miner_args(spec, expansion, snippet_len, quota, None))
+    stream = (miner(block) for block in corpus_blocks(source, seed, files))
+    return _consume(stream, ledger, _OwnBoard(), work, sum(files.sizes) if files is not None else None)
 
 
 def _cached(out: str, quota: int) -> MiningResult | None:
@@ -249,13 +267,16 @@ def mine_corpus(
     num_workers: int | None = None,
     top_up: bool = False,
     count_bystanders: bool = True,
+    in_process: bool = False,
 ) -> MiningResult:
     """Mine up to `snippets_per_token` distinct snippets per token from `source` on the
     running Ray cluster (a local one is started if none is), written to
     `out_dir/mining-<key>/snippets/` in SNIPPET_SCHEMA, in the ids of the expanded
     tokenizer (`expansion.tokenizer`, a fast HF tokenizer). `num_workers` defaults to the cluster's CPUs. `top_up`:
     generated snippets will fill tokens left short (only changes what the log says).
-    `count_bystanders`: a snippet counts toward every new token it holds (QuotaLedger)."""
+    `count_bystanders`: a snippet counts toward every new token it holds (QuotaLedger).
+    `in_process`: mine in this process, without Ray (a small run, where starting Ray
+    costs more than the mining): the same snippets, on one CPU."""
     tokens = expansion.tokens
     if not tokens:
         raise NoNewTokensError("no new tokens to mine snippets for")
@@ -270,10 +291,14 @@ def mine_corpus(
         cached.stats.log_shortfall(snippets_per_token, top_up)
         return cached
 
-    connect()
-    work = MinerWork(workers=num_workers or cluster_cpus())
     ledger = QuotaLedger(tokens, snippets_per_token, expansion.new_start, count_bystanders)
-    stats = _mine_on_ray(source, spec, expansion, snippet_len, snippets_per_token, seed, files, ledger, work)
+    if in_process:
+        work = MinerWork()
+        mine = _mine_in_process
+    else:
+        connect()
+        work, mine = MinerWork(workers=num_workers or cluster_cpus()), _mine_on_ray
+    stats = mine(source, spec, expansion, snippet_len, snippets_per_token, seed, files, ledger, work)
     stats.require_text(source.text_column)
     stats.counts = ledger.counts()
     result = MiningResult(f"{out}/snippets", stats, snippets_per_token, work)

@@ -73,17 +73,25 @@ def _numbered(read, part: int) -> Iterator[pa.Table]:
         yield block.append_column(PART, pa.array([part] * block.num_rows, pa.int64()))
 
 
-def files_dataset(source: FileDataSource, seed: int, files: CorpusFiles | None = None, in_miners: bool = True):
-    import ray.data
-
-    files = files or resolve_files(source.paths)
-    in_miners = in_miners and files.filesystem.type_name == "local" and source.max_docs is None
+def _file_reads(source: FileDataSource, seed: int, files: CorpusFiles, in_miners: bool) -> list:
     parts = corpus_parts(files, seed, PART_BYTES if in_miners else TASK_BYTES, split=in_miners)
-    read_fns = [
+    return [
         (partial(_numbered, partial(read_part, files.filesystem, part, source.text_column), i),
          sorted({p.path for p in part}), sum(p.size for p in part))
         for i, part in enumerate(parts)
     ]
+
+
+def _reads_in_miners(source: FileDataSource, files: CorpusFiles) -> bool:
+    return files.filesystem.type_name == "local" and source.max_docs is None
+
+
+def files_dataset(source: FileDataSource, seed: int, files: CorpusFiles | None = None, in_miners: bool = True):
+    import ray.data
+
+    files = files or resolve_files(source.paths)
+    in_miners = in_miners and _reads_in_miners(source, files)
+    read_fns = _file_reads(source, seed, files, in_miners)
     if in_miners:  # one block per part as Ray Data sees it: a split factor would stop the fusion
         return ray.data.read_datasource(_datasource("CorpusFiles", read_fns), num_cpus=MINER_CPUS,
                                         override_num_blocks=len(read_fns))
@@ -95,16 +103,41 @@ def _read_hf_shard(source: HFDataSource, num_shards: int, index: int) -> Iterato
     return text_blocks(stream_values(open_stream(source).shard(num_shards=num_shards, index=index), source))
 
 
-def hf_dataset(source: HFDataSource, seed: int):
-    import ray.data
-
+def _hf_reads(source: HFDataSource, seed: int) -> list:
     num_shards = open_stream(source, warn=True).num_shards
     order = list(range(num_shards))
     random.Random(seed).shuffle(order)
-    read_fns = [(partial(_numbered, partial(_read_hf_shard, source, num_shards, shard), i), [], None)
-                for i, shard in enumerate(order)]
-    ds = ray.data.read_datasource(_datasource("HFStream", read_fns), num_cpus=0)
+    return [(partial(_numbered, partial(_read_hf_shard, source, num_shards, shard), i), [], None)
+            for i, shard in enumerate(order)]
+
+
+def hf_dataset(source: HFDataSource, seed: int):
+    import ray.data
+
+    ds = ray.data.read_datasource(_datasource("HFStream", _hf_reads(source, seed)), num_cpus=0)
     return ds.limit(source.max_docs) if source.max_docs is not None else ds
+
+
+def corpus_blocks(source: FileDataSource | HFDataSource, seed: int, files: CorpusFiles | None = None
+                  ) -> Iterator[pa.Table]:
+    """The blocks corpus_dataset streams, in its order, read in this process (mining
+    without Ray): the same parts, blocks and `max_docs` cut, so the same snippets."""
+    if isinstance(source, FileDataSource):
+        files = files or resolve_files(source.paths)
+        reads = _file_reads(source, seed, files, _reads_in_miners(source, files))
+    elif isinstance(source, HFDataSource):
+        reads = _hf_reads(source, seed)
+    else:
+        raise TypeError(f"not a corpus source: {type(source).__name__}")
+    left = source.max_docs
+    for read, _, _ in reads:
+        for block in read():
+            if left is not None:
+                block, left = block.slice(0, left), left - min(left, block.num_rows)
+            if block.num_rows:
+                yield block
+            if left == 0:
+                return
 
 
 def corpus_dataset(source: FileDataSource | HFDataSource, seed: int, files: CorpusFiles | None = None,

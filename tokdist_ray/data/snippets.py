@@ -84,7 +84,6 @@ class MiningStats:
     bytes: int = 0
     seconds: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
-    topped_up: dict[str, int] = field(default_factory=dict)  # generated to fill a shortfall
 
     def add_bad(self, reason: str, count: int = 1) -> None:
         self.bad_rows += count
@@ -132,7 +131,6 @@ class MiningStats:
             "seconds": round(self.seconds, 3),
             "snippets_per_token": self.counts,
             "short_of_quota": short,
-            "topped_up_by_generation": self.topped_up,
         }
 
 

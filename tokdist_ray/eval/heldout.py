@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from tokdist_ray.config import FileDataSource
+from tokdist_ray.config import SNIPPET_SEED, EvalConfig, FileDataSource
 from tokdist_ray.console import quiet_worker, worker_env
 from tokdist_ray.data.corpus import documents
 from tokdist_ray.data.local_mining import mine_snippets
@@ -43,19 +44,34 @@ def _other_model(directory: str, trust_remote_code: bool):
             load_tokenizer(directory, trust_remote_code=trust_remote_code))
 
 
-def evaluate_export(config, expansion: MergeExpansion, distilled: dict, out_dir: Path) -> dict:
+@dataclass(frozen=True)
+class Evaluation:
+    """What the held-out evaluation of one expansion reads."""
+
+    model: str  # the original model, as load_model names it
+    expansion: MergeExpansion
+    rows: str | dict  # new_rows.safetensors, or its tensors: "input" and, for untied models, "output"
+    settings: EvalConfig
+    loss_curve: list  # the training's, for the plot
+    snippet_len: int = 50
+    target_layer: int = -1
+    seed: int = SNIPPET_SEED  # of the drift sample
+    trust_remote_code: bool = False
+
+
+def evaluate_export(evaluation: Evaluation, out_dir: Path) -> dict:
     """Held-out snippets mined with the expanded tokenizer, read by the original model
     (teacher ids) and by the expanded one with each method's rows.
 
     Runs where models run: on a Ray cluster, as one task on a GPU when the cluster has
     one, else on the CPUs of its largest node, writing to `out_dir` (a shared path, like
-    the model the distill stage exports); this process loads no weights."""
+    the model the distill stage exports); this process loads no weights. Without Ray, here."""
     if not ray_is_running():
-        return _evaluate(config, expansion, distilled, out_dir)
+        return _evaluate(evaluation, out_dir)
     import ray
 
     task = ray.remote(_evaluate_task).options(**_task_resources(), runtime_env={"env_vars": worker_env()})
-    return ray.get(task.remote(config, expansion, distilled, str(out_dir)))
+    return ray.get(task.remote(evaluation, str(out_dir)))
 
 
 def _task_resources() -> dict:
@@ -67,31 +83,33 @@ def _task_resources() -> dict:
     return {"num_cpus": max(1, int(max(nodes, default=1)))}  # torch in the task uses as many threads
 
 
-def _evaluate_task(config, expansion: MergeExpansion, distilled: dict, out_dir: str) -> dict:
+def _evaluate_task(evaluation: Evaluation, out_dir: str) -> dict:
     quiet_worker()
-    return _evaluate(config, expansion, distilled, Path(out_dir))
+    return _evaluate(evaluation, Path(out_dir))
 
 
-def _evaluate(config, expansion: MergeExpansion, distilled: dict, out_dir: Path) -> dict:
+def _evaluate(evaluation: Evaluation, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(config.model, dtype=torch.float32, device=device, trust_remote_code=config.trust_remote_code)
+    settings, expansion, trust = evaluation.settings, evaluation.expansion, evaluation.trust_remote_code
+    model = load_model(evaluation.model, dtype=torch.float32, device=device, trust_remote_code=trust)
     tokens, new_start = expansion.tokens, expansion.new_start
-    rows = load_file(distilled["rows_path"], device=device)  # "input" and, for untied models, "output" rows
-    texts = [t for t in documents(FileDataSource(paths=list(config.eval.heldout_paths))) if isinstance(t, str)]
-    snippets, _ = mine_snippets(texts, expansion, config.snippets.snippet_len, config.eval.snippets_per_token)
+    rows = (load_file(evaluation.rows, device=device) if isinstance(evaluation.rows, str)
+            else {name: row.to(device) for name, row in evaluation.rows.items()})
+    texts = [t for t in documents(FileDataSource(paths=list(settings.heldout_paths))) if isinstance(t, str)]
+    snippets, _ = mine_snippets(texts, expansion, evaluation.snippet_len, settings.snippets_per_token)
     if not snippets:
         raise TooFewSnippetsError("none of the new tokens occurs in eval.heldout_paths; point it at held-out text that uses them")
-    if config.eval.max_snippets and len(snippets) > config.eval.max_snippets:
-        keep = sorted(random.Random(config.snippets.seed).sample(range(len(snippets)), config.eval.max_snippets))
+    if settings.max_snippets and len(snippets) > settings.max_snippets:
+        keep = sorted(random.Random(evaluation.seed).sample(range(len(snippets)), settings.max_snippets))
         log.info("drift: a sample of %d of the %d held-out snippets (eval.max_snippets)", len(keep), len(snippets))
         snippets = [snippets[i] for i in keep]
     examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), [s["input_ids"] for s in snippets])
     methods = {"token_distillation": rows["input"], **baseline_rows(model, tokens, new_start)}
     log.info("drift: %d held-out snippets, %d methods", len(examples), len(methods))
     results = drift(model, new_start, methods, examples, [s["token"] for s in snippets],
-                    config.training.target_layer, config.eval.batch_size)
-    original = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+                    evaluation.target_layer, settings.batch_size)
+    original = load_tokenizer(evaluation.model, trust_remote_code=trust)
     report = {
         "heldout_snippets": len(examples),
         "methods": results,
@@ -99,16 +117,16 @@ def _evaluate(config, expansion: MergeExpansion, distilled: dict, out_dir: Path)
         "compression": compression(original, expansion.tokenizer, leading_texts(texts)),
     }
     sections = []
-    if config.eval.bits_per_byte_bytes:
+    if settings.bits_per_byte_bytes:
         outputs = baseline_rows(model, tokens, new_start, side="output")
         with_outputs = {name: (inputs, rows.get("output") if name == "token_distillation" else outputs.get(name))
                         for name, inputs in methods.items()}
-        chunks = heldout_chunks(texts, config.eval.chunk_bytes, config.eval.bits_per_byte_bytes)
+        chunks = heldout_chunks(texts, settings.chunk_bytes, settings.bits_per_byte_bytes)
         log.info("bits per byte: %d held-out chunks, %d bytes, %d methods", len(chunks),
                  sum(len(c.encode("utf-8")) for c in chunks), len(with_outputs) + 1)
-        others = {Path(d).name: partial(_other_model, d, config.trust_remote_code) for d in config.eval.compare_models}
+        others = {Path(d).name: partial(_other_model, d, trust) for d in settings.compare_models}
         report["bits_per_byte"] = score_methods(
-            model, original, expansion.tokenizer, new_start, with_outputs, chunks, config.eval.batch_size, others,
+            model, original, expansion.tokenizer, new_start, with_outputs, chunks, settings.batch_size, others,
             log=lambda name, summary: log.info("  %s: %.4f bits/byte", name, summary["bits_per_byte"]))
         sections.append("## Bits per byte on held-out text, each model on its own tokenizer\n\n"
                         + bits_table(report["bits_per_byte"]["methods"]))
@@ -119,7 +137,7 @@ def _evaluate(config, expansion: MergeExpansion, distilled: dict, out_dir: Path)
     text = "\n\n".join(sections)
     (out_dir / "eval.md").write_text(text + "\n", encoding="utf-8")
     log.info("held-out evaluation:\n%s", text)
-    plots = write_plots(results, Path(distilled["report_path"]), out_dir,
+    plots = write_plots(results, evaluation.loss_curve, out_dir,
                         report.get("bits_per_byte", {}).get("methods"))
     return {"eval_path": str(out_dir / "eval.json"), "table": text, "plots": plots,
             "relative_to_fvt": report["relative_to_fvt"]["token_distillation"]}

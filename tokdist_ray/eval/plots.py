@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokdist_ray.report import read_report
 
-
-def write_plots(results: dict, training_report: Path, out_dir: Path, bits: dict | None = None) -> list[str]:
+def write_plots(results: dict, loss_curve: list[dict], out_dir: Path, bits: dict | None = None) -> list[str]:
     """Compression against bits per byte (`bits`: {method: bits_per_byte summary}),
     per-token hidden-state drift per method, and the training loss curve."""
     import matplotlib
@@ -45,7 +43,7 @@ def write_plots(results: dict, training_report: Path, out_dir: Path, bits: dict 
     plt.close(fig)
     written.append(str(out_dir / "drift_per_token.png"))
 
-    curve = read_report(training_report).get("training", {}).get("loss_curve", [])
+    curve = loss_curve
     if curve:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker="o")

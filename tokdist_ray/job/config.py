@@ -23,8 +23,10 @@ from typing import Any
 import yaml
 
 from tokdist_ray.config import (
+    SNIPPET_SEED,
     DistillationConfig,
     DistributedConfig,
+    EvalConfig,
     GeneratedDataSource,
     OutputEmbeddingInit,
     check_snippet_counts,
@@ -89,7 +91,7 @@ class SnippetsConfig:
     # a snippet counts toward every new token it holds, not only the one it was cut around:
     # each is trained on it, and at thousands of tokens most snippets hold several
     count_bystanders: bool = True
-    seed: int = 42
+    seed: int = SNIPPET_SEED
 
     def __post_init__(self) -> None:
         check_snippet_counts(self.snippet_len, self.snippets_per_token, self.min_snippets_per_token)
@@ -103,30 +105,6 @@ class OutputConfig:
     def __post_init__(self) -> None:  # the API's own checks, so both accept the same values
         output_emb_policy(self.emb_policy)
         pre_init_strategy(self.pre_init_strategy)
-
-
-@dataclass
-class EvalConfig:
-    heldout_paths: typing.List[str] = field(default_factory=list)  # empty: no evaluation stage
-    snippets_per_token: int = 20  # drift: held-out snippets per new token
-    # drift: at most this many of those, a seeded sample (thousands of new tokens would
-    # otherwise make drift the longest stage: every method reads every snippet)
-    max_snippets: int | None = None
-    batch_size: int = 16
-    bits_per_byte_bytes: int = 100_000  # held-out text scored for bits per byte (0: skip); by bytes, never tokens
-    chunk_bytes: int = 2000  # bits per byte: the longest chunk (split at line breaks), each after a start token
-    # bits per byte: also score these model directories (any HF causal LM whose tokenizer
-    # extends the same original, e.g. made by another tool), on the same held-out chunks
-    compare_models: typing.List[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.heldout_paths = corpus_paths("heldout_paths", self.heldout_paths)
-        self.compare_models = corpus_paths("compare_models", self.compare_models)
-        _at_least_one(self, "snippets_per_token", "batch_size", "chunk_bytes")
-        if self.max_snippets is not None:
-            _at_least_one(self, "max_snippets")
-        if self.bits_per_byte_bytes < 0:
-            raise ConfigError(f"bits_per_byte_bytes must be >= 0 (0 skips bits per byte), got {self.bits_per_byte_bytes}")
 
 
 @dataclass

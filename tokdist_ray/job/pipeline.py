@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -21,19 +21,20 @@ import pyarrow.parquet as pq
 
 from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.console import StageProgress
-from tokdist_ray.data.snippets import SNIPPET_SCHEMA
 from tokdist_ray.errors import TokdistError
 from tokdist_ray.fingerprint import fingerprint
 from tokdist_ray.job.checks import check_job
 from tokdist_ray.job.config import JobConfig, config_dict
 from tokdist_ray.job.lock import RunDirLock
 from tokdist_ray.raycluster import connect
-from tokdist_ray.report import write_report
+from tokdist_ray.report import read_report, write_report
+from tokdist_ray.stages import collect_snippets, expand_tokens, split_by_snippets
+from tokdist_ray.training.run_manifest import NOT_IN_RUN_IDENTITY
 from tokdist_ray.vocab.expansion_files import expansion_summary, load_expansion, save_expansion
-from tokdist_ray.vocab.merges import ADDED_TOKENS, SKIP, MergeExpansion, expand_with_merges
+from tokdist_ray.vocab.merges import MergeExpansion
 from tokdist_ray.vocab.models import load_tokenizer
 from tokdist_ray.vocab.selection import frequent_fragmented_words
-from tokdist_ray.vocab.tokens import not_distilled_note, read_token_file, skip_counts, tokens_to_distill
+from tokdist_ray.vocab.tokens import read_token_file
 
 log = logging.getLogger("tokdist_ray")
 STAGES = ("tokens", "snippets", "distill", "evaluate")
@@ -121,9 +122,7 @@ def candidate_tokens(config: JobConfig, tokenizer) -> tuple[list[str] | object, 
 def _tokens_stage(config: JobConfig, tokenizer, run_dir: Path) -> dict:
     """Choose the tokens, expand the tokenizer, save it: every later stage uses it."""
     candidates, counts = candidate_tokens(config, tokenizer)
-    # a target tokenizer's tokens that merges cannot produce enter as added tokens
-    expansion = expand_with_merges(tokenizer, candidates, config.tokens.tokenizer_mode,
-                                   unreachable=ADDED_TOKENS if config.tokens.target_tokenizer else SKIP)
+    expansion = expand_tokens(tokenizer, candidates, config.tokens.tokenizer_mode)
     save_expansion(expansion, run_dir / "tokenizer")
     path = run_dir / "tokens.json"
     summary = expansion_summary(expansion)
@@ -135,9 +134,6 @@ def _tokens_stage(config: JobConfig, tokenizer, run_dir: Path) -> dict:
                    for i, t in enumerate(expansion.tokens)],
         "expected_compression": _expected_compression(config, tokenizer, expansion),
     })
-    log.info("%d new tokens (%s, %d intermediate, %d candidates skipped: %s)", expansion.n_requested,
-             expansion.mode, len(expansion.intermediates), len(expansion.skipped),
-             skip_counts(expansion.skipped))
     return {"tokenizer_path": str(run_dir / "tokenizer"), "tokens_path": str(path),
             "count": len(expansion.tokens), "skipped": expansion.skipped, "mode": expansion.mode}
 
@@ -154,44 +150,26 @@ def _expected_compression(config: JobConfig, tokenizer, expansion: MergeExpansio
 
 
 def _snippets_stage(config: JobConfig, expansion: MergeExpansion, run_dir: Path) -> dict:
-    """Mine and/or generate, then write one snippet table that training reads."""
-    import pyarrow as pa
-
+    """Mine and/or generate on Ray, then write one snippet table that training reads."""
     from tokdist_ray.data.generation.ray_backend import generate_snippet_table
+    from tokdist_ray.data.mining import mine_corpus
 
-    tokens = expansion.tokens
-    tables, report, counts = [], {}, Counter()  # counts: snippets toward each token's quota
-    source = corpus_source(config)
-    quota = config.snippets.snippets_per_token
-    shortfall = {t.text: quota for t in tokens}
-    if source is not None:
-        from tokdist_ray.data.mining import mine_corpus
+    source, snippet = corpus_source(config), config.snippets
+    mine = None if source is None else partial(
+        mine_corpus, source, expansion, snippet.snippet_len, snippet.snippets_per_token, str(run_dir / "mining"),
+        snippet.seed, config.data.num_workers, top_up=config.data.top_up_with_generation,
+        count_bystanders=snippet.count_bystanders)
 
-        mined = mine_corpus(source, expansion, config.snippets.snippet_len, quota, str(run_dir / "mining"),
-                            config.snippets.seed, config.data.num_workers, top_up=config.data.top_up_with_generation,
-                            count_bystanders=config.snippets.count_bystanders)
-        report["mining"] = mined.report()
-        counts.update(mined.stats.counts)
-        tables.append(pq.read_table(mined.snippets_path))
-        shortfall = mined.shortfall if config.data.top_up_with_generation else {}
-    if shortfall:
-        todo = [t for t in tokens if t.text in shortfall]
-        index = {t.text: i for i, t in enumerate(tokens)}
-        table, stats = generate_snippet_table(
-            config.model, expansion, todo, config.snippets.snippet_len, {t.text: shortfall[t.text] for t in todo},
-            config.generation, token_indices=[index[t.text] for t in todo],
-        )
-        tables.append(table)
-        report["generation"] = stats.as_dict(quota) | {"top_up": source is not None}
-        counts.update(stats.counts)
+    def generate(tokens, counts, indices):
+        return generate_snippet_table(config.model, expansion, tokens, snippet.snippet_len, counts, config.generation,
+                                      token_indices=indices)
+
+    snippets = collect_snippets(expansion, snippet.snippets_per_token, mine, generate, config.data.top_up_with_generation)
     out = run_dir / "snippets"
     out.mkdir(parents=True, exist_ok=True)
-    table = pa.concat_tables([t.cast(SNIPPET_SCHEMA) for t in tables])
-    pq.write_table(table, out / "snippets.parquet")
-    report["snippets"] = table.num_rows
-    report["snippets_per_token"] = {t.text: counts[t.text] for t in tokens}
-    write_report(run_dir / "snippets_report.json", report)
-    return {"snippets_path": str(out), "report": report}
+    pq.write_table(snippets.table, out / "snippets.parquet")
+    write_report(run_dir / "snippets_report.json", snippets.report)
+    return {"snippets_path": str(out), "report": snippets.report}
 
 
 def distill_keys(settings: dict, upstream: str) -> tuple[str, str]:
@@ -201,7 +179,7 @@ def distill_keys(settings: dict, upstream: str) -> tuple[str, str]:
     so new settings get a run of their own. A new time_budget_s or out_path reruns the
     stage on the same run (a longer budget trains on from the last checkpoint, a new
     out_path exports there); log_every and checkpoint/restart options change nothing."""
-    training = {k: v for k, v in settings["training"].items() if k not in ("log_every", "time_budget_s")}
+    training = {k: v for k, v in settings["training"].items() if k not in NOT_IN_RUN_IDENTITY}
     operational = ("resume", "max_failures", "checkpoint_every", "keep_checkpoints")
     distributed = {k: v for k, v in settings["distributed"].items() if k not in operational}
     run = _key(upstream, training, settings["output"], distributed)
@@ -217,11 +195,8 @@ def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets: dict,
     from tokdist_ray.training.ray_trainer import distill_distributed
     from tokdist_ray.training.run_manifest import RunDirectory
 
-    distilled, not_distilled = tokens_to_distill(expansion.tokens, snippets["report"]["snippets_per_token"],
-                                                 config.snippets.min_snippets_per_token)
-    if not_distilled:
-        log.warning(not_distilled_note(not_distilled, config.snippets.min_snippets_per_token,
-                                       config.output.pre_init_strategy))
+    distilled, not_distilled = split_by_snippets(expansion.tokens, snippets["report"]["snippets_per_token"],
+                                                 config.snippets.min_snippets_per_token, config.output.pre_init_strategy)
     dist = config.distributed
     storage = dist.storage_path or str((run_dir / "checkpoints").resolve())
     run_name = f"{dist.run_name}-{run_key[:8]}"
@@ -237,15 +212,20 @@ def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets: dict,
     result = distill_distributed(
         config.model, snippets["snippets_path"], expansion, config.model_dir, config.training, dist,
         config.output.emb_policy, config.output.pre_init_strategy, distilled=[t.text for t in distilled],
+        not_distilled=not_distilled, snippets_report=snippets["report"],
     )
     return {"model_dir": str(result.out_dir), "rows_path": str(result.rows_path),
             "report_path": str(result.report_path), "tokens_not_distilled": not_distilled}
 
 
 def _evaluate_stage(config: JobConfig, expansion: MergeExpansion, distilled: dict, run_dir: Path) -> dict:
-    from tokdist_ray.eval.heldout import evaluate_export
+    from tokdist_ray.eval.heldout import Evaluation, evaluate_export
 
-    return evaluate_export(config, expansion, distilled, run_dir / "eval")
+    loss_curve = read_report(distilled["report_path"])["training"]["loss_curve"]
+    evaluation = Evaluation(config.model, expansion, distilled["rows_path"], config.eval, loss_curve,
+                            config.snippets.snippet_len, config.training.target_layer, config.snippets.seed,
+                            config.trust_remote_code)
+    return evaluate_export(evaluation, run_dir / "eval")
 
 
 # ------------------------------------------------------------------ the job
@@ -294,23 +274,8 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
         "config": settings,
     }
     write_report(run_dir / "job.json", report)
-    if "distill" in outputs:  # the model's report.json gets the stage breakdown too
-        model_report = Path(outputs["distill"]["report_path"])
-        merged = json.loads(model_report.read_text(encoding="utf-8")) | {
-            "tokens_skipped": picked["skipped"],
-            "tokens_not_distilled": outputs["distill"]["tokens_not_distilled"],
-            "snippets": _without_paths(outputs["snippets"]["report"]),
-            "job": {k: report[k] for k in ("stage_seconds", "stages_reused")},
-        }
-        write_report(model_report, merged)
     log.info("job finished in %.1fs: %s", report["wall_seconds"], ledger.timings)
     return report
-
-
-def _without_paths(snippets_report: dict) -> dict:
-    """The snippets report as the published model carries it: the run's local files left out."""
-    mining = {k: v for k, v in snippets_report.get("mining", {}).items() if k != "snippets_path"}
-    return snippets_report | ({"mining": mining} if "mining" in snippets_report else {})
 
 
 def _finished(ledger: StageLedger, stage: str) -> dict:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -81,6 +81,9 @@ class WorkerPlan:
     output_emb_policy: OutputEmbeddingInit
     pre_init_strategy: str
     after_step: Callable[[int, int], None] | None = None
+    # report.json's tokens_not_distilled and snippets sections (stages.collect_snippets' report)
+    not_distilled: tuple[dict, ...] = ()
+    snippets_report: dict = field(default_factory=dict)
 
     @property
     def tokens(self):
@@ -105,6 +108,8 @@ def distill_distributed(
     distilled: Sequence[str] | None = None,
     snippets_filesystem: pyarrow.fs.FileSystem | None = None,
     after_step: Callable[[int, int], None] | None = None,
+    not_distilled: Sequence[dict] = (),
+    snippets_report: dict | None = None,
 ) -> DistributedResult:
     """Learn the rows of the new ids of `expansion` (vocab.merges.expand_with_merges) on
     `dist.num_workers` Ray Train workers from the snippet parquet at `snippets_path`
@@ -114,7 +119,8 @@ def distill_distributed(
     all) are trained on; the others keep their pre-initialised rows.
 
     `after_step(step, rank)`, if given, runs on every worker after each optimizer step
-    (custom monitoring; fault injection in tests). Uses the running Ray instance, or
+    (custom monitoring; fault injection in tests). `not_distilled` and `snippets_report`
+    go into report.json as they are (see stages.py). Uses the running Ray instance, or
     starts a local one.
     """
     import ray.train
@@ -123,6 +129,7 @@ def distill_distributed(
 
     plan = _plan(model_path, snippets_path, expansion, distilled, out_dir, training, dist, output_emb_policy,
                  pre_init_strategy, snippets_filesystem, after_step)
+    plan = dataclasses.replace(plan, not_distilled=tuple(not_distilled), snippets_report=snippets_report or {})
     connect()
     _warn_if_unplaceable(dist)
     strategy, zero_stage = choose_strategy(dist, plan.model_path, training.mixed_precision)

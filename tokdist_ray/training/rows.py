@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Literal, Sequence
 
 import torch
@@ -16,6 +17,7 @@ from tokdist_ray.errors import ConfigError
 from tokdist_ray.training.step import NewRows
 from tokdist_ray.vocab.models import ties_word_embeddings
 
+log = logging.getLogger("tokdist_ray")
 PreInitStrategy = Literal["fvt", "adapti-vocab"]
 _CHUNK = 2048
 
@@ -68,6 +70,8 @@ def initial_rows(
     one table as an untied model's would (`untie_word_embeddings` exports them apart)."""
     inputs = pre_init_rows(model.get_input_embeddings().weight, phrases, strategy, "input")
     if ties_word_embeddings(model) and not untie:
+        if policy is OutputEmbeddingInit.TRAIN_WITH_CE:
+            log.info("tied embeddings: output rows are the input rows (untie_word_embeddings=True trains them apart)")
         return NewRows(inputs)
     head = model.get_output_embeddings()
     if head is None:

@@ -16,12 +16,14 @@ from tokdist_ray.storage import location
 
 MANIFEST = "tokdist_run.json"
 FINISHED = "finished.json"
+# training settings a resumed run may change: how often it logs, how long it may train on
+NOT_IN_RUN_IDENTITY = ("log_every", "time_budget_s")
 CHECKPOINT_PREFIX = "checkpoint_step_"  # + the step, 8 digits: the folders Ray Train writes checkpoints to
 
 
 def manifest(plan) -> dict:
     """The settings of a run (a WorkerPlan) that its resumption must share."""
-    training = {k: v for k, v in vars(plan.training).items() if k not in ("log_every", "time_budget_s")}
+    training = {k: v for k, v in vars(plan.training).items() if k not in NOT_IN_RUN_IDENTITY}
     return json.loads(json.dumps({
         "model": plan.model_name,
         "snippets": plan.snippets_path,

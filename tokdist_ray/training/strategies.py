@@ -1,7 +1,7 @@
-"""Data-parallel wrappers around a TokenDistiller (DDP, or DeepSpeed ZeRO stage 1-3), and
-how `strategy="auto"` picks one.
+"""The strategies the training loop (loop.py) runs a TokenDistiller under: Local (one
+process, the API's), DDP, or DeepSpeed ZeRO stage 1-3; and how `strategy="auto"` picks one.
 
-Both average the new rows' gradients over workers, step the optimizer and schedule from
+The distributed two average the new rows' gradients over workers, step the optimizer and schedule from
 `schedule.make_optimizer`, hand back the whole fp32 new rows, and save/load their optimizer
 state into a checkpoint directory. Only the new rows train, so gradients, optimizer
 state and all-reduce traffic are O(n_new x d) in every strategy; ZeRO-3 additionally
@@ -16,13 +16,39 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.distributed
 
 from tokdist_ray.training.step import TokenDistiller, truncated_decoder
 
 log = logging.getLogger("tokdist_ray")
 
 
-class DataParallel:
+class Local:
+    """One process: the loop's collectives are no-ops."""
+
+    name = "local"
+
+    def __init__(self, distiller: TokenDistiller, optimizer, schedule):
+        self.distiller, self.optimizer, self.schedule = distiller, optimizer, schedule
+        self.device = distiller.rows.input.device
+
+    def __call__(self, batch: dict) -> dict:
+        return self.distiller(batch)
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        pass
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def full_rows(self) -> dict[str, torch.Tensor]:
+        return _rows_of(self.distiller)
+
+
+class DataParallel(Local):
     """torch DDP: each worker holds the whole frozen model; only the new rows' gradient
     crosses the network."""
 
@@ -31,7 +57,8 @@ class DataParallel:
     def __init__(self, distiller: TokenDistiller, optimizer, schedule, device: torch.device):
         from torch.nn.parallel import DistributedDataParallel
 
-        self.distiller, self.optimizer, self.schedule = distiller, optimizer, schedule
+        super().__init__(distiller, optimizer, schedule)
+        self.device = device
         # Every worker loads the same weights: skip DDP's start-up broadcast of the frozen model.
         distiller._ddp_params_and_buffers_to_ignore = [
             n for n, p in distiller.named_parameters() if not p.requires_grad
@@ -43,14 +70,8 @@ class DataParallel:
     def __call__(self, batch: dict) -> dict:
         return self.module(batch)
 
-    def backward_and_step(self, loss: torch.Tensor) -> None:
-        loss.backward()
-        self.optimizer.step()
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def full_rows(self) -> dict[str, torch.Tensor]:
-        return _rows_of(self.distiller)
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        torch.distributed.all_reduce(tensor)
 
     def save(self, directory: Path, rank: int) -> None:
         if rank == 0:
@@ -82,10 +103,10 @@ class DeepSpeedZero:
     name = "deepspeed"
     _TAG = "state"
 
-    def __init__(self, distiller: TokenDistiller, optimizer, schedule, config: dict):
+    def __init__(self, distiller: TokenDistiller, optimizer, schedule, config: dict, device: torch.device):
         import deepspeed
 
-        self.distiller = distiller
+        self.distiller, self.device = distiller, device
         self.stage = config["zero_optimization"]["stage"]
         # Under ZeRO-3 the new rows and the LM head are read outside their own modules'
         # forward; DeepSpeed gathers such parameters on access and ties them to the
@@ -99,6 +120,9 @@ class DeepSpeedZero:
 
     def __call__(self, batch: dict) -> dict:
         return self.engine(batch)
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        torch.distributed.all_reduce(tensor)
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -1,9 +1,7 @@
-"""The per-worker training loop of a Ray Train run (TorchTrainer's train_loop_per_worker).
-
-Every worker runs the engine's step (step.TokenDistiller) on its slice of each global
-batch (schedule.SnippetSchedule). Each worker's loss is weighted by its share of the
-global batch's loss positions before the strategy averages gradients, so a step equals
-the single-process step on the whole global batch. Checkpoints go to Ray's storage every
+"""A Ray Train worker (TorchTrainer's train_loop_per_worker): reads the snippets, builds
+its strategy, runs the training loop (loop.py) on its slice of every global batch, and
+saves checkpoints to Ray's storage every `checkpoint_every` steps and at the end, from
+which a restarted worker group continues. Checkpoints go to Ray's storage every
 `checkpoint_every` steps and at the end; a restarted worker group continues from the
 latest one. Rank 0 exports the expanded model and writes report.json.
 """
@@ -12,21 +10,18 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 
 from tokdist_ray.console import quiet_worker
 from tokdist_ray.errors import TooFewSnippetsError
-from tokdist_ray.report import expansion_report, positions_per_token
-from tokdist_ray.training.batching import align_snippets, collate
+from tokdist_ray.report import expansion_report
+from tokdist_ray.stages import save_model
 from tokdist_ray.training.checkpoint import (
     OPTIMIZER_DIR,
     ROWS,
     Progress,
-    check_finite,
     checkpoint_name,
     read_progress,
     read_rows,
@@ -35,15 +30,14 @@ from tokdist_ray.training.checkpoint import (
     write_progress,
     write_rows,
 )
-from tokdist_ray.training.progress import ProgressMeter
+from tokdist_ray.training.loop import SnippetIds, train_loop
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.schedule import SnippetSchedule, make_optimizer
 from tokdist_ray.training.snippet_files import SnippetSet, read_snippets
 from tokdist_ray.training.step import TokenDistiller, bf16_supported
 from tokdist_ray.training.strategies import DataParallel, DeepSpeedZero, deepspeed_config, model_dtype
 from tokdist_ray.vocab.alignment import PieceAligner
-from tokdist_ray.vocab.expansion_files import expansion_summary
-from tokdist_ray.vocab.export import expand_model, save_expanded
+from tokdist_ray.vocab.export import expand_model
 from tokdist_ray.vocab.models import load_model
 
 log = logging.getLogger("tokdist_ray")
@@ -73,38 +67,14 @@ def train_worker(config: dict) -> None:
     # Ray gets metrics with each checkpoint only: every ray.train.report waits until the
     # controller (polling every few seconds) took the previous one, so a report per log
     # interval would stall fast steps. Progress lines and the loss curve need no Ray.
-    meter = ProgressMeter(steps, cfg.time_budget_s, reduce=torch_dist.all_reduce, prints=rank == 0)
-    started = time.perf_counter() - progress.history.seconds
-    while progress.step < steps:
-        indices = schedule.rank_indices(progress.step, rank, world)
-        global_batch = schedule.global_indices(progress.step)
-        # a rank without snippets in a short batch still joins the gradient average,
-        # with a zero-weighted loss on a borrowed snippet
-        examples = align_snippets(aligner, [snippets.ids[i] for i in (indices or global_batch[:1])])
-        metrics = _train_step(parallel, collate(examples), world, has_snippets=bool(indices), device=device)
-        history = progress.history
-        progress.step = history.steps = progress.step + 1
-        history.snippets += len(global_batch)
-        history.seconds = time.perf_counter() - started
-        meter.add(metrics, len(global_batch), sum(len(snippets.ids[i]) for i in global_batch))
-        over_budget = bool(cfg.time_budget_s) and _any_rank(history.seconds >= cfg.time_budget_s, device)
-        stop = schedule.stop_reason(progress.step, cfg, over_budget)
-        history.stopped_by = stop or history.stopped_by
-        if plan.after_step is not None:
-            plan.after_step(progress.step, rank)
-
-        at_checkpoint = stop or (plan.checkpoint_every and progress.step % plan.checkpoint_every == 0)
-        if at_checkpoint or progress.step % max(1, cfg.log_every) == 0:
-            report = meter.flush(progress.step, schedule.position(progress.step - 1)[0], history)
-        if at_checkpoint:
-            rows = parallel.full_rows()
-            check_finite(rows, progress.step)
-            _save_checkpoint(parallel, progress, rows, rank, report)
-        if stop:
-            break
+    progress, final_rows = train_loop(
+        parallel, SnippetIds(snippets.ids, aligner), schedule, cfg, progress, rank=rank, world=world,
+        checkpoint_every=plan.checkpoint_every, after_step=plan.after_step,
+        save_checkpoint=lambda progress, rows, metrics: _save_checkpoint(parallel, progress, rows, rank, metrics),
+    )
     if rank == 0:
         del parallel
-        _export(plan, rows, progress, snippets)
+        _export(plan, final_rows if final_rows is not None else rows, progress, snippets)
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -126,26 +96,7 @@ def _parallel_distiller(plan, new_start: int, steps: int, world: int, device: to
     if plan.strategy == "ddp":
         return DataParallel(distiller, optimizer, lr_schedule, device)
     config = deepspeed_config(plan.zero_stage, cfg.batch_size, world, dtype == torch.bfloat16, plan.deepspeed_overrides)
-    return DeepSpeedZero(distiller, optimizer, lr_schedule, config)
-
-
-def _train_step(parallel, batch: dict, world: int, has_snippets: bool, device: torch.device) -> dict[str, torch.Tensor]:
-    """One optimizer step. The loss is a mean over loss positions, so this rank's loss is
-    weighted by its share of the global batch's positions (x world, which the gradient
-    average divides out): the step equals the single-process step on the global batch."""
-    positions = batch["student_mask"].sum().to(device, torch.float64) if has_snippets else torch.zeros((), dtype=torch.float64, device=device)
-    total = positions.clone()
-    torch_dist.all_reduce(total)
-    share = (positions / total).float()
-    metrics = parallel(batch)
-    parallel.backward_and_step(metrics["loss"] * share * world)
-    return {name: value.detach().float() * share for name, value in metrics.items()}
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    value = torch.tensor(float(flag), device=device)
-    torch_dist.all_reduce(value)
-    return bool(value.item())
+    return DeepSpeedZero(distiller, optimizer, lr_schedule, config, device)
 
 
 def _save_checkpoint(parallel, progress: Progress, rows: dict[str, torch.Tensor], rank: int, report: dict) -> None:
@@ -184,15 +135,13 @@ def _restore(parallel, rank: int) -> tuple[Progress, dict[str, torch.Tensor] | N
 
 def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: SnippetSet) -> None:
     """Expand a fresh copy of the model (its old rows straight from disk) and save it."""
-    new_start = plan.expansion.new_start
     model = load_model(plan.model_path, dtype="auto")
-    expand_model(model, new_start, rows["input"], rows.get("output"))
+    expand_model(model, plan.expansion.new_start, rows["input"], rows.get("output"))
     report = expansion_report(
-        plan.model_name, plan.tokens, new_start, snippets.counts, progress.history,
+        plan.model_name, plan.expansion, snippets.ids, snippets.counts, progress.history,
         settings={"output_emb_policy": plan.output_emb_policy.value, "pre_init_strategy": plan.pre_init_strategy,
                   "training": dict(vars(plan.training))},
-        positions=positions_per_token(snippets.ids, new_start, len(plan.tokens)),
-        tokenizer=expansion_summary(plan.expansion),
+        not_distilled=list(plan.not_distilled), snippets=plan.snippets_report,
         distributed={
             "strategy": plan.strategy,
             "zero_stage": plan.zero_stage,
@@ -202,6 +151,4 @@ def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: S
             "resumed_from_steps": progress.resumed_from,
         },
     )
-    out = save_expanded(model, plan.expansion.tokenizer, plan.out_dir, report)
-    write_rows(out / ROWS, rows)
-    log.info("saved the expanded model to %s", out)
+    save_model(model, plan.expansion, rows, plan.out_dir, report)

@@ -9,33 +9,21 @@ from typing import Sequence
 from tokdist_ray.config import GeneratedDataSource
 from tokdist_ray.data.generation.requests import (
     GenerationStats,
-    expanded_snippets,
     fitted,
     generate_in_rounds,
     sample_row,
     stop_ids,
-    wanted_counts,
 )
 from tokdist_ray.data.generation.sampling import batches, padding_id, sample_continuations
-from tokdist_ray.data.snippets import bos_prefix
 from tokdist_ray.vocab.tokens import NewToken
 
 
-def generate_snippets(
-    model,
-    expansion,
-    tokens: Sequence[NewToken],
-    snippet_len: int = 50,
-    snippets_per_token: int | dict[str, int] = 100,
-    source: GeneratedDataSource | None = None,
-    token_indices: Sequence[int] | None = None,
-) -> tuple[list[dict], GenerationStats]:
-    """Snippet rows (SNIPPET_SCHEMA, source="generated") of `tokens` (some of
-    `expansion.tokens`) written by `model`, in-process, in the expanded tokenizer's ids.
-
-    `snippets_per_token` may be a dict token -> count (a top-up of a shortfall).
-    `token_indices` gives each token's index in the run (defaults to its position).
-    `backend="vllm"` hands the work to the Ray Data stage, for the model's own directory;
+def generate_snippets(model, expansion, tokens: Sequence[NewToken], snippet_len: int = 50,
+                      snippets_per_token: int | dict[str, int] = 100, source: GeneratedDataSource | None = None,
+                      token_indices: Sequence[int] | None = None) -> tuple[list[dict], GenerationStats]:
+    """ray_backend.generate_snippet_table's arguments, but on `model` in this process,
+    returning snippet rows (SNIPPET_SCHEMA, source="generated", in the expanded
+    tokenizer's ids). `backend="vllm"` hands the work to the Ray Data stage, for the model's own directory;
     "auto" and "transformers" sample here, on the model as it is (device, dtype).
     """
     source = fitted(source, snippet_len)
@@ -58,10 +46,7 @@ def generate_snippets(
             rows += [row for s in samples if (row := sample_row(s, source.min_new_tokens)) is not None]
         return rows, Counter(r["token"] for r in rows)
 
-    indices = list(token_indices) if token_indices is not None else list(range(len(tokens)))
-    results, stats = generate_in_rounds(
-        tokens, wanted_counts(tokens, snippets_per_token), source, bos_prefix(tokenizer), indices, run_round)
-    samples = sorted((row for rows in results for row in rows), key=lambda r: r["token_index"])
-    rows = expanded_snippets(samples, expansion, snippet_len, stats).to_pylist()
+    table, stats = generate_in_rounds(expansion, tokens, snippet_len, snippets_per_token, source, token_indices,
+                                      run_round, samples_of=lambda rounds: (row for rows in rounds for row in rows))
     stats.backend, stats.seconds = "transformers-in-process", time.perf_counter() - start
-    return rows, stats
+    return table.to_pylist(), stats

@@ -16,15 +16,12 @@ from tokdist_ray.config import GeneratedDataSource
 from tokdist_ray.data.generation.requests import (
     GPU_EXTRA_HINT,
     GenerationStats,
-    expanded_snippets,
     fitted,
     generate_in_rounds,
     sample_table,
     stop_ids,
-    wanted_counts,
 )
 from tokdist_ray.data.generation.sampling import padding_id, sample_continuations
-from tokdist_ray.data.snippets import bos_prefix
 from tokdist_ray.errors import BackendUnavailableError
 from tokdist_ray.vocab.models import load_model, load_tokenizer, resolve_model_path
 from tokdist_ray.vocab.tokens import NewToken
@@ -149,10 +146,7 @@ def generate_snippet_table(
         dataset = dataset.materialize()
         return dataset, token_counts(dataset)
 
-    indices = list(token_indices) if token_indices is not None else list(range(len(tokens)))
-    results, stats = generate_in_rounds(
-        tokens, wanted_counts(tokens, snippets_per_token), source, bos_prefix(tokenizer), indices, run_round)
-    samples = [row for dataset in results for row in dataset.take_all()]
-    table = expanded_snippets(samples, expansion, snippet_len, stats)
+    table, stats = generate_in_rounds(expansion, tokens, snippet_len, snippets_per_token, source, token_indices,
+                                      run_round, samples_of=lambda rounds: (row for ds in rounds for row in ds.take_all()))
     stats.backend, stats.seconds = backend, time.perf_counter() - start
     return table, stats

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 import pyarrow as pa
 
 from tokdist_ray.config import GeneratedDataSource
-from tokdist_ray.data.snippets import SNIPPET_SCHEMA, MiningStats, settle, window_around
+from tokdist_ray.data.snippets import SNIPPET_SCHEMA, MiningStats, bos_prefix, settle, window_around
 from tokdist_ray.vocab.tokens import NewToken
 
 log = logging.getLogger("tokdist_ray")
@@ -142,15 +142,23 @@ def wanted_counts(tokens: Sequence[NewToken], snippets_per_token: int | dict[str
 
 
 def generate_in_rounds(
+    expansion,
     tokens: Sequence[NewToken],
-    wanted: dict[str, int],
+    snippet_len: int,
+    snippets_per_token: int | dict[str, int],
     source: GeneratedDataSource,
-    prefix: list[int],
-    token_indices: Sequence[int],
+    token_indices: Sequence[int] | None,
     run_round: Callable[[list[dict]], tuple[object, Counter]],
-) -> tuple[list, GenerationStats]:
-    """Ask for every missing sample, then again for those dropped as too short.
-    `run_round(requests) -> (result, kept per token)`; returns the rounds' results."""
+    samples_of: Callable[[list], Iterable[dict]],
+) -> tuple[pa.Table, GenerationStats]:
+    """Every backend's generation: ask for every missing sample, then again for those
+    dropped as too short, and turn the samples into snippets (expanded_snippets), in
+    request order. `run_round(requests) -> (result, kept per token)`; `samples_of(results)`
+    gives the rounds' samples. `token_indices`: each token's place in the run (default
+    0, 1, ...); `snippets_per_token` may be a dict token -> count (a top-up)."""
+    wanted = wanted_counts(tokens, snippets_per_token)
+    indices = list(token_indices) if token_indices is not None else list(range(len(tokens)))
+    prefix = bos_prefix(expansion.tokenizer)
     stats = GenerationStats(counts={t.text: 0 for t in tokens})
     next_sample = {t.text: 0 for t in tokens}
     results = []
@@ -158,7 +166,7 @@ def generate_in_rounds(
         missing = {t: n - stats.counts[t] for t, n in wanted.items() if stats.counts[t] < n}
         if not missing:
             break
-        requests = plan_requests(tokens, missing, next_sample, prefix, source.seed, token_indices)
+        requests = plan_requests(tokens, missing, next_sample, prefix, source.seed, indices)
         start = time.perf_counter()
         result, kept = run_round(requests)
         results.append(result)
@@ -170,7 +178,7 @@ def generate_in_rounds(
         log.info("generation round %d: %d samples, %d kept (%.1f s)",
                  round_no, len(requests), sum(kept.values()), time.perf_counter() - start)
     stats.dropped_short = stats.samples - sum(stats.counts.values())
-    return results, stats
+    return expanded_snippets(list(samples_of(results)), expansion, snippet_len, stats), stats
 
 
 def fitted(source: GeneratedDataSource | None, snippet_len: int) -> GeneratedDataSource:

@@ -1,0 +1,101 @@
+"""The stages of an expansion, shared by the Python API (api.py: in process, on the model
+it holds) and the job (job/pipeline.py: on Ray, with stage fingerprints and files):
+
+    expand_tokens -> collect_snippets -> split_by_snippets -> (train) -> report.expansion_report -> save_model
+
+What differs between the two is passed in: how snippets are mined and generated, and
+where training runs. The rules (which tokens enter as added tokens, when a top-up runs,
+which tokens are distilled, what report.json holds) live here once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pyarrow as pa
+import torch
+
+from tokdist_ray.data.snippets import SNIPPET_SCHEMA
+from tokdist_ray.training.checkpoint import ROWS, write_rows
+from tokdist_ray.vocab.export import save_expanded
+from tokdist_ray.vocab.merges import ADDED_TOKENS, SKIP, MergeExpansion, expand_with_merges
+from tokdist_ray.vocab.tokens import NewToken, not_distilled_note, skip_counts, tokens_to_distill
+
+log = logging.getLogger("tokdist_ray")
+
+# (tokens short of snippets, how many each lacks, their indices in the run) -> (table, GenerationStats)
+Generate = Callable[[list[NewToken], dict[str, int], list[int]], tuple[pa.Table, object]]
+
+
+def expand_tokens(tokenizer, candidates, mode: str) -> MergeExpansion:
+    """The expanded tokenizer. `candidates`: strings, or a target tokenizer, whose tokens
+    that merges cannot produce enter as added tokens (a listed string merges cannot
+    produce is skipped, and said so)."""
+    from transformers import PreTrainedTokenizerBase
+
+    unreachable = ADDED_TOKENS if isinstance(candidates, PreTrainedTokenizerBase) else SKIP
+    expansion = expand_with_merges(tokenizer, candidates, mode, unreachable)
+    log.info("%d new tokens (%s, %d intermediate, %d candidates skipped: %s)", expansion.n_requested,
+             expansion.mode, len(expansion.intermediates), len(expansion.skipped), skip_counts(expansion.skipped))
+    return expansion
+
+
+@dataclass
+class Snippets:
+    table: pa.Table  # SNIPPET_SCHEMA, mined rows first, then generated ones
+    report: dict  # "mining" and/or "generation", "snippets", "snippets_per_token"
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Snippets toward each token's quota."""
+        return self.report["snippets_per_token"]
+
+
+def collect_snippets(expansion: MergeExpansion, quota: int, mine: Callable[[], object] | None, generate: Generate,
+                     top_up: bool) -> Snippets:
+    """Mine (`mine() -> data.mining.MiningResult`, None without a corpus), then generate:
+    every token's quota without a corpus, or with `top_up` what mining left short."""
+    tokens = expansion.tokens
+    tables, report, counts = [], {}, Counter()
+    shortfall = {t.text: quota for t in tokens}
+    if mine is not None:
+        mined = mine()
+        report["mining"] = mined.report()
+        counts.update(mined.stats.counts)
+        tables.append(mined.table())
+        shortfall = mined.shortfall if top_up else {}
+    if shortfall:
+        index = {t.text: i for i, t in enumerate(tokens)}
+        todo = [t for t in tokens if t.text in shortfall]
+        table, stats = generate(todo, {t.text: shortfall[t.text] for t in todo}, [index[t.text] for t in todo])
+        tables.append(table)
+        report["generation"] = stats.as_dict(quota) | {"top_up": mine is not None}
+        counts.update(stats.counts)
+    table = pa.concat_tables([t.cast(SNIPPET_SCHEMA) for t in tables])
+    report["snippets"] = table.num_rows
+    report["snippets_per_token"] = {t.text: counts[t.text] for t in tokens}
+    return Snippets(table, report)
+
+
+def split_by_snippets(tokens: Sequence[NewToken], counts: dict[str, int], min_per_token: int,
+                      pre_init_strategy: str) -> tuple[list[NewToken], list[dict]]:
+    """(tokens to distill, those with fewer than `min_per_token` snippets, which keep
+    their pre-initialised rows), said in the log."""
+    distilled, not_distilled = tokens_to_distill(tokens, counts, min_per_token)
+    if not_distilled:
+        log.warning(not_distilled_note(not_distilled, min_per_token, pre_init_strategy))
+    return distilled, not_distilled
+
+
+def save_model(model, expansion: MergeExpansion, rows: dict[str, torch.Tensor], out_dir: str | Path,
+               report: dict) -> Path:
+    """The expanded model and tokenizer, report.json, and the new rows alone
+    (new_rows.safetensors: "input" and, for untied models, "output", fp32)."""
+    out = save_expanded(model, expansion.tokenizer, out_dir, report)
+    write_rows(out / ROWS, {name: row.detach().float().cpu().contiguous() for name, row in rows.items()})
+    log.info("saved the expanded model to %s", out)
+    return out
