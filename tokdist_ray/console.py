@@ -4,8 +4,10 @@
 `quiet_console()` (the CLI and the job call it before Ray starts) keeps third-party notices
 that carry nothing for the user off the terminal: Ray's start-up and Ray Data's execution
 notices (they stay in Ray's session logs), Ray Train's worker-group notices, model-loading
-progress bars in non-interactive runs, and known deprecation warnings raised inside the
-libraries we call. Errors still reach the terminal.
+progress bars in non-interactive runs, DeepSpeed's no-GPU notice in the driver, and known
+deprecation warnings raised inside the libraries we call. Errors still reach the terminal.
+(`raycluster.connect` keeps Ray's token-authentication notice of a private local instance
+off it; `vocab.models` draws no progress bar while it converts a GGUF file.)
 """
 
 from __future__ import annotations
@@ -60,6 +62,23 @@ def quiet_worker() -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
+class _DropDeepSpeedCpuNotice(logging.Filter):
+    """DeepSpeed's accelerator probe warns, on stdout, when it finds no GPU. A process that trains
+    nothing (the driver imports DeepSpeed only because accelerate looks for a DeepSpeedEngine
+    when transformers saves a model) has no use for it; CPU training workers set DS_ACCELERATOR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+def quiet_deepspeed_cpu_notice() -> None:
+    """Drop that one notice in this process; any other DeepSpeed warning still shows. A filter,
+    not a level: DeepSpeed sets its logger's level itself when it is imported."""
+    deepspeed_log = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropDeepSpeedCpuNotice) for f in deepspeed_log.filters):
+        deepspeed_log.addFilter(_DropDeepSpeedCpuNotice())
+
+
 def interactive() -> bool:
     return sys.stderr.isatty()
 
@@ -71,6 +90,7 @@ def quiet_console() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
     os.environ.update(worker_env())
+    quiet_deepspeed_cpu_notice()
 
 
 def worker_env() -> dict[str, str]:

