@@ -28,6 +28,7 @@ BATCH_GROUPINGS = ("first_new_token", "random")
 PRE_INIT_STRATEGIES = ("fvt", "adapti-vocab")
 STRATEGIES = ("auto", "ddp", "deepspeed")
 ZERO_STAGES = (1, 2, 3)
+CHECKPOINT_UPLOADS = ("async", "sync")
 # the seed of the corpus read order (which snippets are mined) and of samples drawn from them
 SNIPPET_SEED = 42
 
@@ -271,7 +272,9 @@ class DistributedConfig:
     DeepSpeed ZeRO-3 otherwise. `zero_stage` applies to `strategy="deepspeed"` only
     (default 3). Checkpoints go to `storage_path` (local path or URI such as
     s3://bucket/dir; default: `<out_dir>.checkpoints` next to the output) under
-    `run_name`; `resume=True` continues that run from its latest checkpoint.
+    `run_name` every `checkpoint_every` steps and/or `checkpoint_every_s` seconds, and at
+    the end; `checkpoint_upload="async"` uploads them while training goes on (the last one
+    is always waited for). `resume=True` continues that run from its latest checkpoint.
     """
 
     num_workers: int = 1
@@ -279,6 +282,8 @@ class DistributedConfig:
     strategy: str = "auto"
     zero_stage: int | None = None
     checkpoint_every: int = 100  # steps; 0: only at the end
+    checkpoint_every_s: float | None = None  # also once this many seconds passed since the last one
+    checkpoint_upload: str = "async"  # "async": training goes on while Ray uploads; "sync": it waits
     storage_path: str | None = None
     storage_filesystem: pyarrow.fs.FileSystem | None = None
     run_name: str = "distill"
@@ -306,6 +311,9 @@ class DistributedConfig:
             )
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise bad("checkpoint_every", "an int >= 0 (0: checkpoint only at the end)")
+        positive_number("checkpoint_every_s", self.checkpoint_every_s, optional=True)
+        if self.checkpoint_upload not in CHECKPOINT_UPLOADS:
+            raise bad("checkpoint_upload", f"one of {CHECKPOINT_UPLOADS}")
         if not isinstance(self.max_failures, int) or self.max_failures < -1:
             raise bad("max_failures", "an int >= -1 (-1: unlimited restarts)")
         if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:

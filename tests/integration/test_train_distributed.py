@@ -176,7 +176,10 @@ def test_zero2_equals_single_process(ray_session, setup, reference, tmp_path, mo
     model_dir, expansion, snippets_dir = setup
     monkeypatch.chdir(snippets_dir.parent)
     relative = (model_dir, expansion, Path(snippets_dir.name))
-    result = run(relative, tmp_path / "out", strategy="deepspeed", zero_stage=2, checkpoint_every=3)
+    # a checkpoint after every step by the clock, uploaded while training goes on
+    result = run(relative, tmp_path / "out", strategy="deepspeed", zero_stage=2, checkpoint_every=0,
+                 checkpoint_every_s=1e-9, checkpoint_upload="async")
+    assert result.checkpoint_path.endswith(f"checkpoint_step_{result.report['training']['steps']:08d}")
     report = result.report["distributed"]
     assert (report["strategy"], report["zero_stage"], report["global_batch"], report["resumed_from_steps"]) == ("deepspeed", 2, 4, [])
     assert_matches_reference(result, reference())
@@ -187,7 +190,9 @@ def test_zero3_replaces_a_dead_worker_and_equals_single_process(ray_session, set
     crash = CrashOnce(5, 1, str(tmp_path / "crashed"))  # rank 1 exits after step 5
     # an inner target layer: the student then runs a truncated view of the sharded decoder
     training = dataclasses.replace(TRAINING, target_layer=1)
-    result = run(setup, tmp_path / "out", training, crash, checkpoint_every=3, max_failures=1, **ZERO3)
+    # sync uploads: the checkpoint at step 3 is in storage before the crash at step 5
+    result = run(setup, tmp_path / "out", training, crash, checkpoint_every=3, checkpoint_upload="sync",
+                 max_failures=1, **ZERO3)
     assert (tmp_path / "crashed").exists()
     report = result.report["distributed"]
     assert (report["strategy"], report["zero_stage"], report["resumed_from_steps"]) == ("deepspeed", 3, [3])
@@ -201,7 +206,7 @@ def test_ddp_resumes_a_stopped_job_and_equals_single_process(ray_session, setup,
     from ray.train import TrainingFailedError
 
     storage = f"file://{tmp_path / 'ckpt'}"  # a URI, as for object storage
-    ddp = dict(strategy="ddp", checkpoint_every=3, storage_path=storage)
+    ddp = dict(strategy="ddp", checkpoint_every=3, checkpoint_upload="sync", storage_path=storage)
     with pytest.raises(TrainingFailedError):
         run(setup, tmp_path / "out", after_step=CrashOnce(5, 0, str(tmp_path / "crashed")), **ddp)
     assert not (tmp_path / "out" / "report.json").exists()

@@ -180,7 +180,8 @@ def distill_keys(settings: dict, upstream: str) -> tuple[str, str]:
     stage on the same run (a longer budget trains on from the last checkpoint, a new
     out_path exports there); log_every and checkpoint/restart options change nothing."""
     training = {k: v for k, v in settings["training"].items() if k not in NOT_IN_RUN_IDENTITY}
-    operational = ("resume", "max_failures", "checkpoint_every", "keep_checkpoints")
+    operational = ("resume", "max_failures", "checkpoint_every", "checkpoint_every_s", "checkpoint_upload",
+                   "keep_checkpoints")
     distributed = {k: v for k, v in settings["distributed"].items() if k not in operational}
     run = _key(upstream, training, settings["output"], distributed)
     return _key(run, settings["training"]["time_budget_s"], settings["out_path"]), run

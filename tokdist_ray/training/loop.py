@@ -66,17 +66,20 @@ def train_loop(
     rank: int = 0,
     world: int = 1,
     checkpoint_every: int = 0,
-    save_checkpoint: Callable[[Progress, Rows, dict], None] | None = None,
+    checkpoint_every_s: float | None = None,
+    save_checkpoint: Callable[[Progress, Rows, dict, bool], None] | None = None,
     after_step: Callable[[int, int], None] | None = None,
 ) -> tuple[Progress, Rows | None]:
     """Train from `progress` (a fresh start when None) until the schedule or the time
     budget stops it; returns (progress, the final fp32 rows; None when a restored run had
     no steps left). `cfg` is the run's global config (batch_size = the global batch).
-    `save_checkpoint(progress, rows, metrics)` runs every `checkpoint_every` steps and at
-    the end, on every rank (a collective under ZeRO-3)."""
+    `save_checkpoint(progress, rows, metrics, last)` runs every `checkpoint_every` steps,
+    once `checkpoint_every_s` seconds passed since the last checkpoint, and at the end, on
+    every rank (a collective under ZeRO-3: the ranks agree on when)."""
     progress = progress or Progress()
     steps = schedule.total_steps(cfg)
     meter = ProgressMeter(steps, cfg.time_budget_s, reduce=parallel.all_reduce, prints=rank == 0)
+    last_checkpoint = time.perf_counter()
     started = time.perf_counter() - progress.history.seconds
     rows = None
     while progress.step < steps:
@@ -91,20 +94,24 @@ def train_loop(
         history.snippets += len(global_batch)
         history.seconds = time.perf_counter() - started
         meter.add(metrics, len(global_batch), sum(len(snippets.student_ids[i]) for i in global_batch))
-        over_budget = bool(cfg.time_budget_s) and _any_rank(parallel, history.seconds >= cfg.time_budget_s)
+        over_budget, checkpoint_due = _any_rank(
+            parallel, bool(cfg.time_budget_s) and history.seconds >= cfg.time_budget_s,
+            bool(checkpoint_every_s) and time.perf_counter() - last_checkpoint >= checkpoint_every_s)
         stop = schedule.stop_reason(progress.step, cfg, over_budget)
         history.stopped_by = stop or history.stopped_by
         if after_step is not None:
             after_step(progress.step, rank)
 
-        at_checkpoint = stop or (save_checkpoint and checkpoint_every and progress.step % checkpoint_every == 0)
+        at_step = checkpoint_due or (checkpoint_every and progress.step % checkpoint_every == 0)
+        at_checkpoint = stop or (save_checkpoint is not None and at_step)
         if at_checkpoint or progress.step % max(1, cfg.log_every) == 0:
             report = meter.flush(progress.step, schedule.position(progress.step - 1)[0], history)
         if at_checkpoint:
             rows = parallel.full_rows()
             check_finite(rows, progress.step)
             if save_checkpoint is not None:
-                save_checkpoint(progress, rows, report)
+                save_checkpoint(progress, rows, report, bool(stop))
+                last_checkpoint = time.perf_counter()
         if stop:
             break
     return progress, rows
@@ -124,10 +131,11 @@ def _step(parallel, batch: dict, world: int, has_snippets: bool) -> dict[str, to
     return {name: value.detach().float() * share for name, value in metrics.items()}
 
 
-def _any_rank(parallel, flag: bool) -> bool:
-    value = torch.tensor(float(flag), device=parallel.device)
-    parallel.all_reduce(value)
-    return bool(value.item())
+def _any_rank(parallel, *flags: bool) -> list[bool]:
+    """Each flag, true if it is true on any rank (one all-reduce for all of them)."""
+    values = torch.tensor([float(f) for f in flags], device=parallel.device)
+    parallel.all_reduce(values)
+    return [bool(v) for v in values.tolist()]
 
 
 def train_local(distiller: TokenDistiller, examples: Sequence[dict], cfg: DistillationConfig) -> TrainingHistory:

@@ -77,6 +77,8 @@ class WorkerPlan:
     zero_stage: int | None
     deepspeed_overrides: dict | None
     checkpoint_every: int
+    checkpoint_every_s: float | None
+    checkpoint_upload: str  # "async" | "sync"
     storage: str
     output_emb_policy: OutputEmbeddingInit
     pre_init_strategy: str
@@ -236,7 +238,8 @@ def _plan(model_path, snippets_path, expansion, distilled, out_dir, training, di
         model_path=resolve_model_path(model_path), model_name=model_path, snippets_path=snippets_path,
         snippets_filesystem=snippets_fs, expansion=expansion, distilled=distilled, out_dir=str(out), training=training,
         num_workers=dist.num_workers, use_gpu=dist.use_gpu, strategy=dist.strategy, zero_stage=dist.zero_stage,
-        deepspeed_overrides=dist.deepspeed_config, checkpoint_every=dist.checkpoint_every, storage=storage,
+        deepspeed_overrides=dist.deepspeed_config, checkpoint_every=dist.checkpoint_every,
+        checkpoint_every_s=dist.checkpoint_every_s, checkpoint_upload=dist.checkpoint_upload, storage=storage,
         output_emb_policy=checked_policy(output_emb_policy), pre_init_strategy=checked_strategy(pre_init_strategy),
         after_step=after_step,
     )

@@ -1,9 +1,8 @@
 """A Ray Train worker (TorchTrainer's train_loop_per_worker): reads the snippets, builds
 its strategy, runs the training loop (loop.py) on its slice of every global batch, and
-saves checkpoints to Ray's storage every `checkpoint_every` steps and at the end, from
-which a restarted worker group continues. Checkpoints go to Ray's storage every
-`checkpoint_every` steps and at the end; a restarted worker group continues from the
-latest one. Rank 0 exports the expanded model and writes report.json.
+saves checkpoints to Ray's storage every `checkpoint_every` steps or `checkpoint_every_s`
+seconds and at the end, from which a restarted worker group continues. Rank 0 exports
+the expanded model and writes report.json.
 """
 
 from __future__ import annotations
@@ -69,8 +68,9 @@ def train_worker(config: dict) -> None:
     # interval would stall fast steps. Progress lines and the loss curve need no Ray.
     progress, final_rows = train_loop(
         parallel, SnippetIds(snippets.ids, aligner), schedule, cfg, progress, rank=rank, world=world,
-        checkpoint_every=plan.checkpoint_every, after_step=plan.after_step,
-        save_checkpoint=lambda progress, rows, metrics: _save_checkpoint(parallel, progress, rows, rank, metrics),
+        checkpoint_every=plan.checkpoint_every, checkpoint_every_s=plan.checkpoint_every_s, after_step=plan.after_step,
+        save_checkpoint=lambda progress, rows, metrics, last: _save_checkpoint(parallel, plan, progress, rows, rank,
+                                                                               metrics, last),
     )
     if rank == 0:
         del parallel
@@ -99,19 +99,29 @@ def _parallel_distiller(plan, new_start: int, steps: int, world: int, device: to
     return DeepSpeedZero(distiller, optimizer, lr_schedule, config, device)
 
 
-def _save_checkpoint(parallel, progress: Progress, rows: dict[str, torch.Tensor], rank: int, report: dict) -> None:
+def _save_checkpoint(parallel, plan, progress: Progress, rows: dict[str, torch.Tensor], rank: int, report: dict,
+                     last: bool) -> None:
+    """Write this rank's part of the checkpoint and hand it to Ray Train, which uploads it
+    to storage: in the background under checkpoint_upload "async" (Ray deletes the local
+    copy once uploaded), while training waits for the last one, which the export follows."""
     import ray.train
 
-    with tempfile.TemporaryDirectory(prefix="tokdist-ckpt-") as tmp:
-        directory = Path(tmp)
-        parallel.save(directory / OPTIMIZER_DIR, rank)
-        save_rng(directory, rank)
-        if rank == 0:
-            write_progress(directory, progress)
-            write_rows(directory / ROWS, rows)
-        ray.train.report(
-            report, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=checkpoint_name(progress.step)
-        )
+    directory = Path(tempfile.mkdtemp(prefix="tokdist-ckpt-"))
+    parallel.save(directory / OPTIMIZER_DIR, rank)
+    save_rng(directory, rank)
+    if rank == 0:
+        write_progress(directory, progress)
+        write_rows(directory / ROWS, rows)
+    size = torch.tensor(float(sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())), device=parallel.device)
+    parallel.all_reduce(size)
+    background = plan.checkpoint_upload == "async" and not last
+    if rank == 0:
+        log.info("checkpoint at step %d: %.1f MB%s", progress.step, size.item() / 1e6,
+                 ", uploading in the background" if background else "")
+    mode = ray.train.CheckpointUploadMode.ASYNC if background else ray.train.CheckpointUploadMode.SYNC
+    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                     checkpoint_dir_name=checkpoint_name(progress.step), checkpoint_upload_mode=mode,
+                     delete_local_checkpoint_after_upload=True)
 
 
 def _restore(parallel, rank: int) -> tuple[Progress, dict[str, torch.Tensor] | None]:
