@@ -10,6 +10,11 @@ subclasses also derive from the built-in error callers caught before the base ex
 
 from __future__ import annotations
 
+import logging
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
 
 class TokdistError(Exception):
     """Something the user can fix; the message names the problem and the fix."""
@@ -29,6 +34,18 @@ class CorpusError(TokdistError, ValueError):
 
 class CorpusNotFoundError(CorpusError, FileNotFoundError):
     """No corpus file matches the given paths."""
+
+
+class CorpusFileError(CorpusError):
+    """One corpus file cannot be read: it lacks the text column, is not what its name
+    says, or is truncated. Raised where the file is read, in a Ray Data task or here."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(path, problem)  # args as the constructor takes them: Ray pickles the error back
+        self.path, self.problem = path, problem
+
+    def __str__(self) -> str:
+        return f"corpus file {self.path}: {self.problem}"
 
 
 class NoNewTokensError(TokdistError, ValueError):
@@ -53,17 +70,51 @@ class TrainingDivergedError(TokdistError, ArithmeticError):
 
 def user_error_in(error: BaseException) -> TokdistError | None:
     """The TokdistError that `error` wraps, if any: Ray hands an exception raised in a
-    worker or a Ray Data task back wrapped (RayTaskError, TrainingFailedError, ...)."""
+    worker or a Ray Data task back wrapped (RayTaskError, TrainingFailedError, ...). A
+    RayTaskError is also an instance of its cause's class, but its message is Ray's
+    traceback: the cause it holds is what is returned."""
     stack, seen = [error], set()
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, TokdistError):
+        cause = getattr(e, "cause", None)  # RayTaskError: the exception raised in the task
+        if isinstance(e, TokdistError) and not isinstance(cause, TokdistError):
             return e
-        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        stack += [e.__context__, e.__cause__, cause]  # the last is looked at first
         failures = getattr(e, "worker_failures", None)  # Ray Train: rank -> the worker's exception
         if isinstance(failures, dict):
             stack += list(failures.values())
     return None
+
+
+class _HideUserErrors(logging.Filter):
+    """Drops records about a user error: logged with it, or while it is being handled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return error is None or user_error_in(error) is None
+
+
+@contextmanager
+def user_errors_from_ray(*loggers: str) -> Iterator[None]:
+    """Around the driver's side of Ray work (iterating a Ray Dataset, say): a
+    TokdistError raised in a task or actor leaves as itself, so the CLI prints its one
+    line, and the console handlers of `loggers` (Ray Data logs such an error's traceback
+    twice before it raises it) drop the records about it; file handlers keep them, so
+    the session's ray-data.log still has the traceback."""
+    hide = _HideUserErrors()
+    handlers = [h for name in loggers for h in logging.getLogger(name).handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    for handler in handlers:
+        handler.addFilter(hide)
+    try:
+        yield
+    except Exception as e:
+        if (user_error := user_error_in(e)) is None:
+            raise
+        raise user_error from None
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hide)

@@ -223,3 +223,68 @@ def test_a_run_stopped_before_its_first_checkpoint_has_none_to_resume_from(tmp_p
     (tmp_path / "distill" / "checkpoint_step_00000120").mkdir()
     (tmp_path / "distill" / "checkpoint_tmp").mkdir()
     assert run.last_checkpoint_step() == 120
+
+
+def test_a_ray_task_error_gives_the_user_error_it_carries_not_ray_s_traceback():
+    from ray.exceptions import RayTaskError
+
+    from tokdist_ray.errors import CorpusFileError
+
+    cause = CorpusFileError("/data/a.parquet", "cannot be read as parquet")
+    wrapped = RayTaskError("read", "Traceback (most recent call last):\n  ...", cause).as_instanceof_cause()
+    assert isinstance(wrapped, CorpusFileError) and "pid=" in str(wrapped)  # Ray's message: why the cause is wanted
+    assert str(user_error_in(wrapped)) == "corpus file /data/a.parquet: cannot be read as parquet"
+
+
+def test_ray_s_console_log_of_a_user_error_is_dropped_and_the_error_raised_as_itself(capsys):
+    import logging
+
+    from ray.exceptions import RayTaskError
+
+    from tokdist_ray.errors import CorpusFileError, user_errors_from_ray
+
+    logger = logging.getLogger("tokdist-test-ray-data")
+    console, kept = logging.StreamHandler(), []
+    file_like = logging.Handler()
+    file_like.emit = kept.append
+    logger.addHandler(console)
+    logger.addHandler(file_like)
+    cause = CorpusFileError("/data/a.jsonl.gz", "its .gz stream is truncated")
+    wrapped = RayTaskError("read", "Traceback (most recent call last):\n  ...", cause).as_instanceof_cause()
+    try:
+        with pytest.raises(CorpusFileError) as raised, user_errors_from_ray(logger.name):
+            try:
+                raise wrapped
+            except Exception as e:
+                logger.error("An exception was raised from a task", exc_info=e)
+                logger.error("Exception occurred in Ray Data or Ray Core internal code")  # logged while handling it
+                raise
+        assert str(raised.value) == str(cause) and raised.value.__suppress_context__
+        logger.error("another line")  # the filter is gone after the block
+        with pytest.raises(ZeroDivisionError), user_errors_from_ray(logger.name):  # a bug stays a bug, and logged
+            try:
+                1 / 0
+            except ZeroDivisionError as e:
+                logger.error("a bug", exc_info=e)
+                raise
+    finally:
+        logger.removeHandler(console)
+        logger.removeHandler(file_like)
+    err = capsys.readouterr().err
+    assert "An exception was raised" not in err and "internal code" not in err and "Traceback" in err
+    assert "another line" in err and "a bug" in err
+    assert len(kept) == 4, "the file handler keeps every record"
+
+
+def test_a_gz_truncated_partway_names_the_file_and_the_rows_read_before(tmp_path):
+    import gzip
+
+    from tokdist_ray.data.corpus import documents
+    from tokdist_ray.errors import CorpusFileError
+
+    data = gzip.compress("".join(json.dumps({"text": f"row {i} of the corpus"}) + "\n" for i in range(20000)).encode())
+    path = tmp_path / "rows.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorpusFileError, match=rf"corpus file {path}: cannot be read after \d+ rows: its .gz stream "
+                                              "is truncated; copy or download the file again"):
+        list(documents(FileDataSource(str(path))))  # the in-process reader; Ray's read tasks share files.file_values

@@ -26,6 +26,7 @@ from tokdist_ray.data.files import (
     file_kind,
     file_values,
     line_range_values,
+    open_parquet,
     parquet_batches,
 )
 
@@ -54,9 +55,7 @@ def _slices(filesystem: pafs.FileSystem, path: str, size: int, part_bytes: int) 
     if kind == "jsonl":
         return [Piece(path, min(part_bytes, size - a), byte_range=(a, min(a + part_bytes, size)))
                 for a in range(0, size, part_bytes)]
-    import pyarrow.parquet as pq
-
-    metadata = pq.ParquetFile(filesystem.open_input_file(path)).metadata
+    metadata = open_parquet(filesystem, path).metadata
     slices, groups, stored = [], [], 0
     for g in range(metadata.num_row_groups):
         row_group = metadata.row_group(g)

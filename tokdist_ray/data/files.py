@@ -11,6 +11,10 @@ transparently; the suffix before the compression one says what a file holds:
 One rule for bad input: bytes that are not UTF-8 are replaced (U+FFFD), and a row
 without usable text is a `BadRow` with its reason, counted and skipped by the miners,
 never a crash. A "text" file with NUL bytes near its start is binary: one bad row.
+A file that cannot be read as what its name says (a ".parquet" that is not parquet, a
+parquet file without the text column, a truncated or corrupt compressed file) stops the
+run with a CorpusFileError naming the file: its rows cannot be counted, and a run that
+silently read part of the corpus would not be the run that was asked for.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import glob
 import io
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,7 +32,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from tokdist_ray.errors import CorpusError, CorpusNotFoundError
+from tokdist_ray.errors import CorpusError, CorpusFileError, CorpusNotFoundError
 from tokdist_ray.storage import is_uri
 
 COMPRESSION_SUFFIXES = {".gz", ".bz2", ".zst", ".lz4", ".br"}
@@ -39,6 +44,34 @@ NOT_A_STRING = "not_a_string"
 INVALID_JSON = "invalid_json"
 BINARY_FILE = "binary_file"
 EMPTY = "empty"  # whitespace only (found by the miners)
+
+
+NOT_PARQUET_FIX = ("if it holds text or JSON lines, name it .txt or .jsonl (the suffix says how a file is "
+                   "read), else remove it from the corpus paths")
+DAMAGED_FIX = "copy or download the file again, or remove it from the corpus paths"
+
+
+@contextmanager
+def reading(path: str, what: str = "read", fix: str = DAMAGED_FIX, rows: list[int] | None = None) -> Iterator[None]:
+    """Errors of the file format or the stream (Arrow's, OSError: a truncated .gz)
+    while reading `path` become a CorpusFileError naming it; `rows` counts what was
+    read before, for a file found damaged partway."""
+    try:
+        yield
+    except (pa.ArrowException, OSError, EOFError) as e:
+        where = f" after {rows[0]} rows" if rows and rows[0] else ""
+        reason = str(e).strip().rstrip(".") or type(e).__name__
+        if compressed(path) and "truncated" in reason.lower():
+            reason = f"its {Path(path).suffix} stream is truncated"
+        raise CorpusFileError(path, f"cannot be {what}{where}: {reason}; {fix}") from e
+
+
+def open_parquet(filesystem: pafs.FileSystem, path: str):
+    """The pq.ParquetFile at path; a CorpusFileError where it is not parquet."""
+    import pyarrow.parquet as pq
+
+    with reading(path, "read as parquet", NOT_PARQUET_FIX):
+        return pq.ParquetFile(filesystem.open_input_file(path))
 
 
 @dataclass(frozen=True)
@@ -138,19 +171,21 @@ def _json_line_text(line: str, column: str) -> str | BadRow:
 
 def file_values(filesystem: pafs.FileSystem, path: str, column: str) -> Iterator[str | BadRow]:
     """The texts of a JSONL or plain text file, in file order."""
-    with filesystem.open_input_stream(path, compression="detect") as stream:
+    rows = [0]
+    with reading(path, rows=rows), filesystem.open_input_stream(path, compression="detect") as stream:
         if file_kind(path) == "text":
             head = stream.read(BINARY_SNIFF_BYTES)  # a binary file is not read further
             yield BadRow(BINARY_FILE) if b"\x00" in head else (head + stream.read()).decode("utf-8", errors="replace")
             return
         for line in io.TextIOWrapper(stream, encoding="utf-8", errors="replace"):
             if line.strip():
+                rows[0] += 1
                 yield _json_line_text(line, column)
 
 
 def line_range_values(filesystem: pafs.FileSystem, path: str, start: int, end: int, column: str) -> Iterator[str | BadRow]:
     """The texts of the JSONL lines that start in [start, end)."""
-    with io.BufferedReader(filesystem.open_input_file(path)) as stream:
+    with reading(path), io.BufferedReader(filesystem.open_input_file(path)) as stream:
         if start > 0:
             stream.seek(start - 1)
             stream.readline()  # the line holding byte start - 1 is the previous slice's
@@ -166,17 +201,19 @@ def parquet_batches(filesystem: pafs.FileSystem, path: str, column: str, row_gro
     """The text column (of `row_groups`, or all) as Arrow large_string arrays (no Python
     strings), each with the reason its nulls are bad rows; a column that does not hold
     text is all nulls."""
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(filesystem.open_input_file(path))
+    parquet = open_parquet(filesystem, path)
     if column not in parquet.schema_arrow.names:
-        raise CorpusError(f"{path} has no column {column!r} (columns: {parquet.schema_arrow.names}); set text_column")
-    for batch in parquet.iter_batches(columns=[column], batch_size=64, row_groups=row_groups):
-        values = batch.column(0)
-        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-            yield values.cast(pa.large_string()), MISSING_TEXT
-        else:
-            yield pa.nulls(len(values), pa.large_string()), NOT_A_STRING
+        raise CorpusFileError(path, f"has no column {column!r} (its columns: {parquet.schema_arrow.names}); set "
+                                    "text_column (data.text_column in a job) to the column that holds the text")
+    rows = [0]
+    with reading(path, rows=rows):
+        for batch in parquet.iter_batches(columns=[column], batch_size=64, row_groups=row_groups):
+            rows[0] += batch.num_rows
+            values = batch.column(0)
+            if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+                yield values.cast(pa.large_string()), MISSING_TEXT
+            else:
+                yield pa.nulls(len(values), pa.large_string()), NOT_A_STRING
 
 
 def texts_of_file(filesystem: pafs.FileSystem, path: str, column: str) -> Iterator[str | BadRow]:

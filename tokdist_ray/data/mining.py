@@ -50,7 +50,7 @@ from tokdist_ray.data.mining_cache import cache_key, corpus_spec, read_cache, wr
 from tokdist_ray.data.quota import QuotaLedger
 from tokdist_ray.data.ray_corpus import MINER_CPUS, corpus_blocks, corpus_dataset
 from tokdist_ray.data.snippets import MiningStats
-from tokdist_ray.errors import NoNewTokensError
+from tokdist_ray.errors import NoNewTokensError, user_errors_from_ray
 from tokdist_ray.raycluster import cluster_cpus, connect
 from tokdist_ray.storage import location
 
@@ -221,8 +221,9 @@ def _mine_on_ray(source, spec, expansion, snippet_len, quota, seed, files, ledge
     dataset.context.execution_options.preserve_order = True
     dataset.context.enable_progress_bars = False  # _consume logs progress; bars cost driver CPU
     stream = dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
-    try:
-        return _consume(stream, ledger, board, work, sum(files.sizes) if files is not None else None)
+    try:  # a corpus file that cannot be read fails in a read task: its CorpusFileError, not Ray's tracebacks
+        with user_errors_from_ray("ray.data"):
+            return _consume(stream, ledger, board, work, sum(files.sizes) if files is not None else None)
     finally:
         board.close()
 

@@ -19,6 +19,7 @@ from tokdist_ray.data.corpus import documents
 from tokdist_ray.data.corpus_parts import TEXT
 from tokdist_ray.data.miner import TokenizerSpec
 from tokdist_ray.data.ray_corpus import MINER_CPUS, corpus_dataset
+from tokdist_ray.errors import user_errors_from_ray
 from tokdist_ray.raycluster import ray_is_running
 from tokdist_ray.vocab.bpe_training import pre_token_counts
 
@@ -67,7 +68,8 @@ def count_pre_tokens(
     )
     dataset.context.enable_progress_bars = False
     counts: Counter[str] = Counter()
-    for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for pre_token, count in zip(block[PRE_TOKEN].to_pylist(), block[COUNT].to_pylist()):
-            counts[pre_token] += count
+    with user_errors_from_ray("ray.data"):  # a corpus file that cannot be read: its CorpusFileError, not Ray's
+        for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for pre_token, count in zip(block[PRE_TOKEN].to_pylist(), block[COUNT].to_pylist()):
+                counts[pre_token] += count
     return counts
