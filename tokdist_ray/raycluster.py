@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import socket
 import sys
 import tempfile
 
@@ -41,9 +42,14 @@ def connect() -> None:
     root = tempfile.mkdtemp(prefix="tokdist-ray-", dir=_short_temp_dir())
     workers_tmp = os.path.join(root, "tmp")
     os.makedirs(workers_tmp)
-    # Ray's processes inherit TMPDIR: what they leave (multiprocessing's pymp-* folders) goes under root too
-    outer_tmp = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = workers_tmp
+    # Ray's processes inherit the environment ray.init starts them in: TMPDIR, so that what they
+    # leave (multiprocessing's pymp-* folders) goes under root too; and the address of this
+    # instance's dashboard, so that state-API calls inside them (Ray Train's placement-group
+    # cleaner) find this instance, not "multiple active Ray instances" on a shared machine.
+    dashboard_port = _free_port()
+    inherited = {"TMPDIR": workers_tmp, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+    outer = {name: os.environ.get(name) for name in inherited}
+    os.environ.update(inherited)
     # Ray 2.60 turns token authentication on for a new local instance and warns that it did:
     # this instance is private to this process and manages its own token, so the notice says
     # nothing a user can act on. (Setting RAY_AUTH_MODE=token instead does not work once Ray is
@@ -52,14 +58,22 @@ def connect() -> None:
     auth_level = auth_log.level
     auth_log.setLevel(logging.ERROR)
     try:
-        ray.init(address="local", _temp_dir=root, logging_level=logging.WARNING)
+        ray.init(address="local", _temp_dir=root, logging_level=logging.WARNING, dashboard_host="127.0.0.1",
+                 dashboard_port=dashboard_port)
     finally:
         auth_log.setLevel(auth_level)
-        if outer_tmp is None:
-            del os.environ["TMPDIR"]
-        else:
-            os.environ["TMPDIR"] = outer_tmp
+        for name, value in outer.items():  # this process and its other children keep their own
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
     atexit.register(_remove_local_instance, root)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _short_temp_dir() -> str:

@@ -2,19 +2,12 @@
 and the cluster YAMLs."""
 
 import json
-import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,53 +59,6 @@ def test_too_few_snippets_is_one_line_not_a_traceback(ray_session, tiny_model_di
     code = main(["run", *args, "--data.max_docs", "2", "--snippets.min_snippets_per_token", "4"])
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and re.match(r"tokdist-ray: error: none of the \d+ new tokens has 4 snippet\(s\)", line), line
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head():
-    """A separate local Ray head with its dashboard (job server) on 127.0.0.1.
-
-    Started with --block in its own process group, so teardown stops exactly this head
-    (`ray stop` would stop every Ray instance on the machine, the suite's shared one too).
-    """
-    port, dash, agent, grpc, metrics, runtime_env = (_free_port() for _ in range(6))
-    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
-    # this interpreter's bin first: CI calls .venv/bin/python without activating the venv
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=path)
-    head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}",
-         # own agent ports: the defaults may be held by the suite's other Ray instance
-         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=5)
-                break
-            except OSError:
-                if time.time() > deadline or head.poll() is not None:
-                    raise RuntimeError("the local Ray head did not come up")
-                time.sleep(2)
-        yield address, env
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _submit(command, env):

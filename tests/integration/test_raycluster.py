@@ -14,16 +14,20 @@ from tests.conftest import REPO_ROOT
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 LOCAL_RUN = textwrap.dedent("""
-    import os, ray
+    import os, ray, ray.util.state
     from tokdist_ray.raycluster import connect
     connect()
     session = ray._private.worker._global_node.get_session_dir_path()
     worker_tmp = ray.get(ray.remote(lambda: os.environ["TMPDIR"]).remote())
+    # the state API inside a worker (Ray Train's placement-group cleaner uses it) finds this
+    # instance although another one runs on the machine
+    actors = ray.get(ray.remote(lambda: len(ray.util.state.list_actors(raise_on_missing_output=False))).remote())
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ and actors >= 0
     print(session, worker_tmp, sep="\\n")
 """)
 
 
-def test_a_local_instance_is_its_own_and_is_removed_at_exit():
+def test_a_local_instance_is_its_own_and_is_removed_at_exit(ray_head):
     # a short temp dir, so that the run keeps its instance under it (see raycluster._short_temp_dir)
     tmp_path = Path(tempfile.mkdtemp(prefix="t-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TMPDIR": str(tmp_path)}
