@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import SENTENCES, WORDS
@@ -16,7 +17,8 @@ from tokdist_ray import (
     OutputEmbeddingInit,
     TokenDistillation,
 )
-from tokdist_ray.errors import ModelNotFoundError, NoNewTokensError
+from tokdist_ray.config import EvalConfig
+from tokdist_ray.errors import ConfigError, ModelNotFoundError, NoNewTokensError
 
 FAST = DistillationConfig(epochs=1, batch_size=4, log_every=1000)
 
@@ -65,6 +67,20 @@ def test_exported_model_loads_encodes_new_tokens_and_keeps_old_rows(tiny_model_d
     if not tied:  # trained with CE by default: not zero, not the input rows
         assert model.get_output_embeddings().weight[n_old:].abs().sum() > 0
     assert report["training"]["loss_curve"] and report["timings_s"]["distill"] > 0
+    saved = load_file(out / "new_rows.safetensors")  # the rows alone, as the job writes them
+    assert torch.equal(saved["input"], new_rows) and ("output" in saved) == (not tied)
+
+    if bos and not tied:  # the job's evaluate stage, from the API
+        summary = td.evaluate(str(corpus), str(tmp_path / "eval"), EvalConfig(snippets_per_token=2, chunk_bytes=200,
+                                                                              bits_per_byte_bytes=2000))
+        evaluation = json.loads((tmp_path / "eval" / "eval.json").read_text())
+        assert {"token_distillation", "fvt"} <= set(evaluation["methods"]) and summary["plots"]
+        assert evaluation["bits_per_byte"]["methods"]["token_distillation"]["bits_per_byte"] > 0
+
+
+def test_evaluate_needs_a_run_first(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="evaluate needs a run first"):
+        TokenDistillation(str(tiny_model_dir()), device="cpu").evaluate(str(tmp_path), str(tmp_path / "eval"))
 
 
 def test_a_tied_model_untied_on_request_trains_and_exports_its_own_output_rows(tiny_model_dir, corpus, tmp_path):
