@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tokdist_ray.config import DistillationConfig, DistributedConfig
+from tokdist_ray.config import DistillationConfig, DistributedConfig, OutputEmbeddingInit
 from tokdist_ray.errors import ConfigError
 from tokdist_ray.training.schedule import SnippetSchedule, epoch_order, first_new_positions
-from tokdist_ray.training.strategies import model_bytes, pick_strategy
+from tokdist_ray.training.strategies import memory_need, model_bytes, pick_strategy
 
 
 def test_every_snippet_is_trained_once_per_epoch_in_the_single_process_batches():
@@ -111,12 +111,24 @@ def test_config_errors_name_the_field_and_the_allowed_values(kwargs, message):
         DistributedConfig(**kwargs)
 
 
-def test_auto_picks_ddp_when_the_model_fits_and_zero3_when_it_does_not(tiny_model_dir):
-    size = model_bytes(str(tiny_model_dir(tied=False)), torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(tied=False))
+def test_auto_counts_weights_row_state_and_activations(tiny_model_dir):
+    path = str(tiny_model_dir(tied=False))
+    size = model_bytes(path, torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path)
     assert size == 4 * sum(p.numel() for p in model.parameters())
-    assert pick_strategy(size, worker_bytes=10 * size) == ("ddp", None)
-    assert pick_strategy(size, worker_bytes=size) == ("deepspeed", 3)
+    cfg = DistillationConfig(batch_size=8)
+    need = memory_need(path, torch.float32, 1000, cfg, 51, OutputEmbeddingInit.TRAIN_WITH_CE)
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    assert need.weights == size and need.rows == 1000 * hidden * 16 * 2  # input and output rows, trained
+    assert need.activations > 8 * 51 * layers * hidden * 34  # fp32 hiddens to the last layer, and logits for CE
+    frozen_output = memory_need(path, torch.float32, 1000, cfg, 51, OutputEmbeddingInit.ZERO)
+    assert frozen_output.rows == need.rows // 2 and frozen_output.activations < need.activations
+    shallow = memory_need(path, torch.float32, 1000, DistillationConfig(batch_size=8, target_layer=1), 51,
+                          OutputEmbeddingInit.ZERO)
+    assert shallow.activations < frozen_output.activations
+    assert pick_strategy(need, worker_bytes=2 * need.total) == ("ddp", None)
+    # the weights alone fit, as the old rule counted, but not with the rows' state and activations
+    assert pick_strategy(need, worker_bytes=int(1.01 * need.weights / 0.75)) == ("deepspeed", 3)
 
 
 @pytest.mark.parametrize("epochs,max_steps,budget_hit,step,reason", [

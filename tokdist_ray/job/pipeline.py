@@ -213,7 +213,7 @@ def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets: dict,
     result = distill_distributed(
         config.model, snippets["snippets_path"], expansion, config.model_dir, config.training, dist,
         config.output.emb_policy, config.output.pre_init_strategy, distilled=[t.text for t in distilled],
-        not_distilled=not_distilled, snippets_report=snippets["report"],
+        not_distilled=not_distilled, snippets_report=snippets["report"], snippet_len=config.snippets.snippet_len,
     )
     return {"model_dir": str(result.out_dir), "rows_path": str(result.rows_path),
             "report_path": str(result.report_path), "tokens_not_distilled": not_distilled}

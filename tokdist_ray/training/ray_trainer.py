@@ -112,6 +112,7 @@ def distill_distributed(
     after_step: Callable[[int, int], None] | None = None,
     not_distilled: Sequence[dict] = (),
     snippets_report: dict | None = None,
+    snippet_len: int = 50,
 ) -> DistributedResult:
     """Learn the rows of the new ids of `expansion` (vocab.merges.expand_with_merges) on
     `dist.num_workers` Ray Train workers from the snippet parquet at `snippets_path`
@@ -122,7 +123,8 @@ def distill_distributed(
 
     `after_step(step, rank)`, if given, runs on every worker after each optimizer step
     (custom monitoring; fault injection in tests). `not_distilled` and `snippets_report`
-    go into report.json as they are (see stages.py). Uses the running Ray instance, or
+    go into report.json as they are (see stages.py); `snippet_len` sizes the activations
+    `strategy="auto"` plans for. Uses the running Ray instance, or
     starts a local one.
     """
     import ray.train
@@ -134,7 +136,8 @@ def distill_distributed(
     plan = dataclasses.replace(plan, not_distilled=tuple(not_distilled), snippets_report=snippets_report or {})
     connect()
     _warn_if_unplaceable(dist)
-    strategy, zero_stage = choose_strategy(dist, plan.model_path, training.mixed_precision)
+    strategy, zero_stage = choose_strategy(dist, plan.model_path, training, len(plan.tokens), snippet_len + 1,
+                                           plan.output_emb_policy)
     plan = dataclasses.replace(plan, strategy=strategy, zero_stage=zero_stage)
     log.info(
         "distributed distillation: %d tokens, %d workers, %s%s, global batch %d",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -186,8 +187,59 @@ def _rebuild_target_view(distiller: TokenDistiller) -> None:
 
 
 # ---------------------------------------------------------------------------- choosing one
-# DDP keeps the whole frozen model on each worker; the rest is left for activations.
-MODEL_SHARE_OF_WORKER_MEMORY = 0.75
+# What a worker may plan to fill; the rest is left for the allocator, buffers and spikes.
+USABLE_SHARE_OF_WORKER_MEMORY = 0.9
+# Bytes per new-row element in training: fp32 master, gradient and AdamW's two moments.
+ROW_TRAINING_BYTES = 16
+# Activation bytes per token, layer and hidden unit kept for the backward pass of a
+# decoder layer in 16-bit (Korthikanti et al. 2022, without attention scores: SDPA).
+ACTIVATION_BYTES_PER_HIDDEN = 34
+_LOGIT_LOSSES = {"MSE-on-logits", "KL-on-logits", "CE", "CE-auto-weighted"}
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What one worker holds during a step, in bytes."""
+
+    weights: int  # the frozen model, whole (ZeRO-3 shards it over the workers)
+    rows: int  # the new rows' training state (ZeRO-1/2/3 shard its gradient and moments)
+    activations: int  # one step at the per-worker batch, to the target layer, and logits if a loss needs them
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.rows + self.activations
+
+    def sharded(self, workers: int) -> int:
+        """Under ZeRO-3: weights and row state split over the workers, activations not."""
+        return (self.weights + self.rows) // workers + self.activations
+
+    def describe(self, batch: int) -> str:
+        gb = 2**30
+        return (f"weights {self.weights / gb:.2f} GB + new-row training state {self.rows / gb:.2f} GB + "
+                f"activations at batch {batch} {self.activations / gb:.2f} GB = {self.total / gb:.2f} GB")
+
+
+def memory_need(model_path: str, dtype: torch.dtype, n_new: int, cfg, tokens_per_snippet: int,
+                output_policy) -> MemoryNeed:
+    """A worker's memory for a step at `cfg.batch_size` (per worker), counted from the
+    model's config on the meta device (nothing is loaded)."""
+    from transformers import AutoConfig
+
+    from tokdist_ray.config import OutputEmbeddingInit
+
+    full_config = AutoConfig.from_pretrained(model_path)
+    config = full_config.get_text_config()
+    layers, hidden, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    untied = not getattr(full_config, "tie_word_embeddings", False) or cfg.untie_word_embeddings
+    trains_output_rows = untied and OutputEmbeddingInit(output_policy) is OutputEmbeddingInit.TRAIN_WITH_CE
+    depth = cfg.target_layer % (layers + 1)
+    tokens = cfg.batch_size * tokens_per_snippet
+    scale = max(1, dtype.itemsize // 2)  # the per-token figure is for 16-bit activations
+    activations = tokens * depth * hidden * ACTIVATION_BYTES_PER_HIDDEN * scale
+    if _LOGIT_LOSSES & set(cfg.loss_methods) or trains_output_rows:
+        activations += 3 * tokens * (vocab + n_new) * 4  # fp32 logits, student and teacher, and a softmax
+    rows = n_new * hidden * ROW_TRAINING_BYTES * (2 if trains_output_rows else 1)
+    return MemoryNeed(model_bytes(model_path, dtype), rows, activations)
 
 
 def model_dtype(use_gpu: bool, mixed_precision: bool, gpu_runs_bf16: bool) -> torch.dtype:
@@ -196,21 +248,29 @@ def model_dtype(use_gpu: bool, mixed_precision: bool, gpu_runs_bf16: bool) -> to
     return torch.bfloat16 if use_gpu and mixed_precision and gpu_runs_bf16 else torch.float32
 
 
-def choose_strategy(dist, model_path: str, mixed_precision: bool) -> tuple[str, int | None]:
-    """(strategy, ZeRO stage) to run; "auto" compares the frozen model with a worker's memory."""
+def choose_strategy(dist, model_path: str, cfg, n_new: int, tokens_per_snippet: int,
+                    output_policy) -> tuple[str, int | None]:
+    """(strategy, ZeRO stage) to run; "auto" compares what a worker needs (weights, new-row
+    training state, activations at the batch) with a worker's memory, and says so."""
     if dist.strategy == "ddp":
         return "ddp", None
     if dist.strategy == "deepspeed":
         return "deepspeed", dist.zero_stage or 3
-    need = model_bytes(model_path, model_dtype(dist.use_gpu, mixed_precision, gpu_runs_bf16=True))
+    dtype = model_dtype(dist.use_gpu, cfg.mixed_precision, gpu_runs_bf16=True)
+    need = memory_need(model_path, dtype, n_new, cfg, tokens_per_snippet, output_policy)
     have = int(dist.worker_memory_gb * 2**30) if dist.worker_memory_gb else probe_worker_memory(dist)
     choice = pick_strategy(need, have)
-    log.info("strategy auto: model %.2f GB, worker memory %.2f GB -> %s", need / 2**30, have / 2**30, choice[0])
+    log.info("strategy auto: a worker needs %s, of %.2f GB -> %s", need.describe(cfg.batch_size), have / 2**30,
+             "DDP" if choice[0] == "ddp" else "DeepSpeed ZeRO-3")
+    if choice[0] == "deepspeed" and need.sharded(dist.num_workers) > USABLE_SHARE_OF_WORKER_MEMORY * have:
+        log.warning("even sharded over %d workers a worker needs %.2f GB of %.2f GB: add workers or lower "
+                    "training.batch_size", dist.num_workers, need.sharded(dist.num_workers) / 2**30, have / 2**30)
     return choice
 
 
-def pick_strategy(model_bytes: int, worker_bytes: int) -> tuple[str, int | None]:
-    if model_bytes <= MODEL_SHARE_OF_WORKER_MEMORY * worker_bytes:
+def pick_strategy(need: MemoryNeed, worker_bytes: int) -> tuple[str, int | None]:
+    """DDP when a worker holds all it needs; ZeRO-3 otherwise."""
+    if need.total <= USABLE_SHARE_OF_WORKER_MEMORY * worker_bytes:
         return "ddp", None
     return "deepspeed", 3
 
