@@ -7,11 +7,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-def positions_per_token(snippets: Iterable[Sequence[int]], new_start: int, n_new: int) -> list[int]:
+
+def positions_per_token(snippets: Iterable[Sequence[int]] | pa.ListArray, new_start: int, n_new: int) -> list[int]:
     """How often each new id occurs in the training snippets: the student positions that
     train its row in one epoch (an intermediate or a frequent token also occurs in other
-    tokens' snippets, so this can far exceed its snippet count)."""
+    tokens' snippets, so this can far exceed its snippet count). Snippets as lists or as
+    one Arrow list array."""
+    if isinstance(snippets, pa.ListArray):
+        ids = pc.list_flatten(snippets).to_numpy()
+        return np.bincount(ids[ids >= new_start] - new_start, minlength=n_new)[:n_new].tolist()
     counts = Counter(i for ids in snippets for i in ids if i >= new_start)
     return [counts.get(new_start + k, 0) for k in range(n_new)]
 

@@ -139,3 +139,30 @@ def test_one_stop_rule_for_every_loop(epochs, max_steps, budget_hit, step, reaso
     schedule = SnippetSchedule(n_snippets=13, global_batch=4, seed=0)
     cfg = DistillationConfig(epochs=epochs, batch_size=4, max_steps=max_steps)
     assert schedule.stop_reason(step, cfg, over_budget=budget_hit) == reason
+
+
+def test_a_workers_arrow_snippets_give_the_schedule_and_counts_of_python_lists(tmp_path):
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tokdist_ray.report import positions_per_token
+    from tokdist_ray.training.snippet_files import read_snippets
+
+    rng = random.Random(0)
+    rows = [{"token": f"t{rng.randrange(4)}", "input_ids": [rng.choice([1, 2, 3, 100, 101, 102]) for _ in range(rng.randrange(1, 9))]}
+            for _ in range(200)]
+    pq.write_table(pa.Table.from_pylist(rows[:120]), tmp_path / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[120:]), tmp_path / "part-1.parquet")
+    snippets = read_snippets(str(tmp_path), ["t0", "t2"])
+    kept = [r for r in rows if r["token"] in ("t0", "t2")]
+    assert isinstance(snippets.ids, pa.ListArray) and snippets.ids.to_pylist() == [r["input_ids"] for r in kept]
+    assert snippets.counts == {t: sum(r["token"] == t for r in kept) for t in ("t0", "t2")}
+    lists = [r["input_ids"] for r in kept]
+    for arrow in (snippets.ids, snippets.ids.slice(7, 50)):  # a slice's offsets start past 0
+        python = arrow.to_pylist()
+        assert first_new_positions(arrow, NEW_START) == first_new_positions(python, NEW_START)
+        assert positions_per_token(arrow, NEW_START, 3) == positions_per_token(python, NEW_START, 3)
+    cfg = DistillationConfig(batch_size=8, seed=3)
+    assert SnippetSchedule.for_run(snippets.ids, NEW_START, cfg) == SnippetSchedule.for_run(lists, NEW_START, cfg)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from typing import Callable, Protocol, Sequence
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 from tokdist_ray.config import DistillationConfig
@@ -27,12 +29,14 @@ Rows = dict[str, torch.Tensor]
 
 
 class TrainingSnippets(Protocol):
-    """What the loop reads: every snippet's student ids (for the schedule) and the aligned
-    examples of a batch."""
+    """What the loop reads: every snippet's student ids (for the schedule), the aligned
+    examples of a batch and its token count."""
 
-    student_ids: Sequence[Sequence[int]]
+    student_ids: Sequence[Sequence[int]] | pa.ListArray
 
     def examples(self, indices: Sequence[int]) -> list[dict]: ...
+
+    def tokens(self, indices: Sequence[int]) -> int: ...
 
 
 class AlignedExamples:
@@ -45,15 +49,23 @@ class AlignedExamples:
     def examples(self, indices: Sequence[int]) -> list[dict]:
         return [self._examples[i] for i in indices]
 
+    def tokens(self, indices: Sequence[int]) -> int:
+        return sum(len(self.student_ids[i]) for i in indices)
+
 
 class SnippetIds:
-    """Snippets aligned per batch (a worker's shard: aligning millions up front costs memory)."""
+    """Snippets as one Arrow list array, taken and aligned per batch (a worker's: millions
+    of snippets as Python lists, or aligned up front, would cost gigabytes)."""
 
-    def __init__(self, student_ids: Sequence[Sequence[int]], aligner: PieceAligner):
+    def __init__(self, student_ids: pa.ListArray, aligner: PieceAligner):
         self.student_ids, self._aligner = student_ids, aligner
+        self._lengths = np.diff(student_ids.offsets.to_numpy())
 
     def examples(self, indices: Sequence[int]) -> list[dict]:
-        return align_snippets(self._aligner, [self.student_ids[i] for i in indices])
+        return align_snippets(self._aligner, self.student_ids.take(pa.array(indices, pa.int64())).to_pylist())
+
+    def tokens(self, indices: Sequence[int]) -> int:
+        return int(self._lengths[list(indices)].sum())
 
 
 def train_loop(
@@ -93,7 +105,7 @@ def train_loop(
         progress.step = history.steps = progress.step + 1
         history.snippets += len(global_batch)
         history.seconds = time.perf_counter() - started
-        meter.add(metrics, len(global_batch), sum(len(snippets.student_ids[i]) for i in global_batch))
+        meter.add(metrics, len(global_batch), snippets.tokens(global_batch))
         over_budget, checkpoint_due = _any_rank(
             parallel, bool(cfg.time_budget_s) and history.seconds >= cfg.time_budget_s,
             bool(checkpoint_every_s) and time.perf_counter() - last_checkpoint >= checkpoint_every_s)

@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 from tokdist_ray.config import DistillationConfig
@@ -46,10 +48,20 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=_generator(seed, epoch)).tolist()
 
 
-def first_new_positions(snippets: Sequence[Sequence[int]], new_start: int) -> list[int]:
+def first_new_positions(snippets: Sequence[Sequence[int]] | pa.ListArray, new_start: int) -> list[int]:
     """Each snippet's position of its first new id (its length when it holds none): the
-    student's states before it are the teacher's."""
-    return [next((i for i, t in enumerate(ids) if t >= new_start), len(ids)) for ids in snippets]
+    student's states before it are the teacher's. Snippets as lists, or as one Arrow
+    list array (a worker's: counted in numpy, no Python object per id)."""
+    if not isinstance(snippets, pa.ListArray):
+        return [next((i for i, t in enumerate(ids) if t >= new_start), len(ids)) for ids in snippets]
+    offsets, values = snippets.offsets.to_numpy(), snippets.values.to_numpy()
+    first = np.diff(offsets)
+    new = np.flatnonzero(values >= new_start)
+    new = new[(new >= offsets[0]) & (new < offsets[-1])]
+    owners = np.searchsorted(offsets, new, side="right") - 1
+    holding, earliest = np.unique(owners, return_index=True)  # `new` is sorted: the first of each owner
+    first[holding] = new[earliest] - offsets[holding]
+    return first.tolist()
 
 
 def grouped_epoch_batches(first_new: Sequence[int], global_batch: int, seed: int, epoch: int) -> list[list[int]]:

@@ -54,7 +54,7 @@ def train_worker(config: dict) -> None:
     device = _device(plan.use_gpu)
 
     snippets = read_snippets(plan.snippets_path, plan.distilled, plan.snippets_filesystem)
-    if not snippets.ids:
+    if not len(snippets.ids):
         raise TooFewSnippetsError(f"no snippets of the {len(plan.distilled)} new tokens under {plan.snippets_path}")
     new_start = plan.expansion.new_start
     schedule = SnippetSchedule.for_run(snippets.ids, new_start, cfg)
