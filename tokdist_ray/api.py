@@ -139,7 +139,7 @@ class TokenDistillation:
             snippets = collect_snippets(expansion, snippets_per_token, mine, generate, bool(top_up_with_generation))
         distilled, not_distilled = split_by_snippets(expansion.tokens, snippets.counts, min_snippets_per_token,
                                                      pre_init_strategy)
-        kept = snippets.table.filter(pc.is_in(snippets.table["token"], pa.array([t.text for t in distilled])))
+        kept = snippets.table.filter(pc.is_in(snippets.table["token"], pa.array([t.text for t in distilled], pa.string())))
         snippet_ids = kept["input_ids"].to_pylist()
         with _timed(timings, "distill"):
             rows, history = self._distill(expansion, snippet_ids, output_emb_policy, pre_init_strategy, training)
