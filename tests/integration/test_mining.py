@@ -215,7 +215,7 @@ def test_ledger_takes_the_first_distinct_snippets_in_stream_order():
     offers = [(0, [9, 1, 2]), (0, [9, 1, 2]), (1, [3, 4]), (0, [1, 2, 7]), (0, [1, 2, 8])]
     assert [ledger.offer(i, ids, 1) for i, ids in offers] == [[], [], [], [0], []]
     assert ledger.counts() == {" a": 2, " b": 1} and ledger.open == 1
-    assert [r["input_ids"] for r in ledger.rows[0]] == [[9, 1, 2], [1, 2, 7]]
+    assert [r["input_ids"] for r in ledger.taken() if r["token_index"] == 0] == [[9, 1, 2], [1, 2, 7]]
     assert ledger.table().schema == SNIPPET_SCHEMA
 
 
@@ -232,13 +232,13 @@ def test_a_snippet_counts_toward_every_new_token_it_holds():
     # once however often it occurs there, and not again when offered it as its own
     assert filled == [[], [1], [], [], [0], [], [2], []]
     assert ledger.counts() == {" a": 2, " b": 2, " c": 2} and ledger.open == 0
-    assert [[r["input_ids"] for r in rows] for rows in ledger.rows] == [
-        [[9, 100, 101], [100, 102, 102]], [[9, 101, 5]], [[102, 8]]]
+    assert [(r["token"], r["input_ids"]) for r in ledger.taken()] == [  # grouped by main token
+        (" a", [9, 100, 101]), (" a", [100, 102, 102]), (" b", [9, 101, 5]), (" c", [102, 8])]
 
     main_only = QuotaLedger(tokens, quota=2, new_start=100, count_bystanders=False)
     assert [main_only.offer(i, ids, 1) for i, ids in BYSTANDER_OFFERS] == [[], [], [1], [], [0], [], [2], []]
     assert main_only.counts() == {" a": 2, " b": 2, " c": 2}
-    assert sum(len(rows) for rows in main_only.rows) == 6 > sum(len(rows) for rows in ledger.rows) == 4
+    assert main_only.table().num_rows == 6 > ledger.table().num_rows == 4
 
 
 def test_a_miner_drops_a_token_it_filled_itself_but_only_for_later_parts(smol_tokenizer):

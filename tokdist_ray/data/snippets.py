@@ -19,7 +19,7 @@ from tokdist_ray.data.files import MISSING_TEXT, NOT_A_STRING
 from tokdist_ray.errors import CorpusError
 
 if TYPE_CHECKING:  # keeps transformers out of processes that only need windows (mining actors)
-    from tokdist_ray.vocab.tokens import NewToken
+    pass
 
 log = logging.getLogger("tokdist_ray")
 
@@ -132,10 +132,6 @@ class MiningStats:
             "snippets_per_token": self.counts,
             "short_of_quota": short,
         }
-
-
-def snippet_row(token: NewToken, index: int, ids: list[int], token_position: int, source: str) -> dict:
-    return {"token": token.text, "token_index": index, "input_ids": ids, "token_position": token_position, "source": source}
 
 
 def snippets_to_table(rows: list[dict]) -> pa.Table:
