@@ -95,3 +95,10 @@ def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def node_id() -> str:
+    """The Ray node this process runs on ("local" outside Ray): reports say where work ran."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"

@@ -29,7 +29,7 @@ from tokdist_ray.eval.drift import (
     relative_to,
 )
 from tokdist_ray.eval.plots import write_plots
-from tokdist_ray.raycluster import ray_is_running
+from tokdist_ray.raycluster import node_id, ray_is_running
 from tokdist_ray.report import write_report
 from tokdist_ray.training.batching import align_snippets
 from tokdist_ray.vocab.alignment import PieceAligner
@@ -111,6 +111,8 @@ def _evaluate(evaluation: Evaluation, out_dir: Path) -> dict:
                     evaluation.target_layer, settings.batch_size)
     original = load_tokenizer(evaluation.model, trust_remote_code=trust)
     report = {
+        "node": node_id(),
+        "device": device,
         "heldout_snippets": len(examples),
         "methods": results,
         "relative_to_fvt": relative_to(results),
@@ -139,5 +141,5 @@ def _evaluate(evaluation: Evaluation, out_dir: Path) -> dict:
     log.info("held-out evaluation:\n%s", text)
     plots = write_plots(results, evaluation.loss_curve, out_dir,
                         report.get("bits_per_byte", {}).get("methods"))
-    return {"eval_path": str(out_dir / "eval.json"), "table": text, "plots": plots,
+    return {"eval_path": str(out_dir / "eval.json"), "table": text, "plots": plots, "node": report["node"],
             "relative_to_fvt": report["relative_to_fvt"]["token_distillation"]}

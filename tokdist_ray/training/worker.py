@@ -12,9 +12,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 
 from tokdist_ray.console import quiet_worker
 from tokdist_ray.errors import TooFewSnippetsError
+from tokdist_ray.raycluster import node_id
 from tokdist_ray.report import expansion_report
 from tokdist_ray.stages import save_model
 from tokdist_ray.training.checkpoint import (
@@ -72,9 +74,11 @@ def train_worker(config: dict) -> None:
         save_checkpoint=lambda progress, rows, metrics, last: _save_checkpoint(parallel, plan, progress, rows, rank,
                                                                                metrics, last),
     )
+    nodes = [None] * world  # where each rank ran, for the report
+    torch_dist.all_gather_object(nodes, node_id())
     if rank == 0:
         del parallel
-        _export(plan, final_rows if final_rows is not None else rows, progress, snippets)
+        _export(plan, final_rows if final_rows is not None else rows, progress, snippets, nodes)
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -143,7 +147,7 @@ def _restore(parallel, rank: int) -> tuple[Progress, dict[str, torch.Tensor] | N
     return progress, rows
 
 
-def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: SnippetSet) -> None:
+def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: SnippetSet, nodes: list[str]) -> None:
     """Expand a fresh copy of the model (its old rows straight from disk) and save it."""
     model = load_model(plan.model_path, dtype="auto")
     expand_model(model, plan.expansion.new_start, rows["input"], rows.get("output"))
@@ -159,6 +163,7 @@ def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: S
             "per_worker_batch": plan.training.batch_size,
             "global_batch": plan.global_training.batch_size,
             "resumed_from_steps": progress.resumed_from,
+            "nodes": nodes,  # per rank
         },
     )
     save_model(model, plan.expansion, rows, plan.out_dir, report)
