@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -29,6 +30,13 @@ LIBRARY_WARNINGS = (
     r".*pkg_resources is deprecated.*",
 )
 RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
+# Lines Ray forwards from its processes that say nothing a user can act on: Ray Data
+# resubmitting to the miners it stopped after mining's early stop, and Ray's note that an
+# actor of its own (Ray Train's) could not be restarted if its arguments were lost.
+RAY_NOTICES = re.compile(
+    r"submit failed\. There are infinite retries remaining.*killed by `ray\.kill`"
+    r"|core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"
+)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -77,6 +85,33 @@ def quiet_deepspeed_cpu_notice() -> None:
     deepspeed_log = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _DropDeepSpeedCpuNotice) for f in deepspeed_log.filters):
         deepspeed_log.addFilter(_DropDeepSpeedCpuNotice())
+
+
+def drop_ray_notices() -> None:
+    """In the driver, after ray.init: leave out RAY_NOTICES from what Ray forwards of its
+    workers' and raylets' output (Ray's session logs keep them). The driver's own C++
+    notices bypass Python and still show."""
+    from ray._private import worker as ray_worker
+
+    dispatcher = getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
+    if dispatcher is None:  # another Ray version: everything shows
+        return
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, _without_notices(handler) if name == "ray_print_logs" else handler)
+                               for name, handler in dispatcher.handlers]
+
+
+def _without_notices(handler):
+    if getattr(handler, "drops_ray_notices", False):
+        return handler
+
+    def forward(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not RAY_NOTICES.search(line)]
+        if lines:
+            handler({**data, "lines": lines})
+
+    forward.drops_ray_notices = True
+    return forward
 
 
 def interactive() -> bool:

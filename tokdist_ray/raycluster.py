@@ -36,8 +36,11 @@ def connect() -> None:
 
     if ray.is_initialized():
         return
+    from tokdist_ray.console import drop_ray_notices
+
     if joins_cluster():  # Ray's INFO start-up lines stay in its session logs
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+        drop_ray_notices()
         return
     root = tempfile.mkdtemp(prefix="tokdist-ray-", dir=_short_temp_dir())
     workers_tmp = os.path.join(root, "tmp")
@@ -67,6 +70,7 @@ def connect() -> None:
                 del os.environ[name]
             else:
                 os.environ[name] = value
+    drop_ray_notices()
     atexit.register(_remove_local_instance, root)
 
 

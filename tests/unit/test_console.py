@@ -72,3 +72,25 @@ def test_gguf_conversion_draws_no_progress_bar(capfd):
     for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):  # restored after
         pass
     assert "Converting" in capfd.readouterr().err
+
+
+def test_ray_notices_forwarded_to_the_driver_are_left_out(monkeypatch):
+    from ray._private import worker as ray_worker
+    from ray._private.ray_logging import WorkerStandardStreamDispatcher
+
+    from tokdist_ray.console import drop_ray_notices
+
+    printed = []
+    dispatcher = WorkerStandardStreamDispatcher()
+    dispatcher.add_handler("ray_print_logs", lambda data: printed.append(data["lines"]))
+    monkeypatch.setattr(ray_worker, "global_worker_stdstream_dispatcher", dispatcher)
+    drop_ray_notices()
+    drop_ray_notices()  # once is enough: a second call wraps nothing again
+    notice = ("Task MapWorker(ReadCorpusFiles->MapBatches(SnippetMiner)).submit failed. There are infinite retries "
+              "remaining, so the task will be retried. Error: The actor is dead because it was killed by `ray.kill`.")
+    watcher = ("[2026-12-02 18:27:09,973 E 15564 15624] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher'"
+               " and ID: '04' has constructor arguments in the object store and max_restarts > 0.")
+    dispatcher.emit({"lines": [notice, "[tokdist] step 1/2", watcher], "pid": 1, "is_err": True})
+    dispatcher.emit({"lines": [notice], "pid": 1, "is_err": True})
+    dispatcher.emit({"lines": ["Traceback (most recent call last):"], "pid": 1, "is_err": True})
+    assert printed == [["[tokdist] step 1/2"], ["Traceback (most recent call last):"]]
