@@ -154,7 +154,7 @@ class TokenDistillation:
         self._last = _LastRun(expansion, rows, report, snippet_len, training.target_layer, snippet_seed)
         if save:
             with _timed(timings, "export"):
-                save_model(model, expansion, rows, out_path, report)
+                save_model(self.model_path, expansion, rows, out_path, report, model=model)
         return model, expansion.tokenizer
 
     @property

@@ -20,9 +20,12 @@ import pyarrow as pa
 import torch
 
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA
+from tokdist_ray.report import write_report
 from tokdist_ray.training.checkpoint import ROWS, write_rows
-from tokdist_ray.vocab.export import save_expanded
+from tokdist_ray.vocab.export import expand_model, save_expanded
 from tokdist_ray.vocab.merges import ADDED_TOKENS, SKIP, MergeExpansion, expand_with_merges
+from tokdist_ray.vocab.models import load_model, resolve_model_path
+from tokdist_ray.vocab.streamed_export import export_streamed, shards_of
 from tokdist_ray.vocab.tokens import NewToken, not_distilled_note, skip_counts, tokens_to_distill
 
 log = logging.getLogger("tokdist_ray")
@@ -91,11 +94,23 @@ def split_by_snippets(tokens: Sequence[NewToken], counts: dict[str, int], min_pe
     return distilled, not_distilled
 
 
-def save_model(model, expansion: MergeExpansion, rows: dict[str, torch.Tensor], out_dir: str | Path,
-               report: dict) -> Path:
+def save_model(model_path: str, expansion: MergeExpansion, rows: dict[str, torch.Tensor], out_dir: str | Path,
+               report: dict, model=None) -> Path:
     """The expanded model and tokenizer, report.json, and the new rows alone
-    (new_rows.safetensors: "input" and, for untied models, "output", fp32)."""
-    out = save_expanded(model, expansion.tokenizer, out_dir, report)
-    write_rows(out / ROWS, {name: row.detach().float().cpu().contiguous() for name, row in rows.items()})
+    (new_rows.safetensors: "input" and, for untied models, "output", fp32). Written from
+    the original safetensors shards, one at a time, when the model has them (no process
+    holds the whole model); else `model` (expanded already) or the loaded model is saved."""
+    rows = {name: row.detach().float().cpu().contiguous() for name, row in rows.items()}
+    model_dir = resolve_model_path(model_path)
+    if Path(model_dir).is_dir() and shards_of(model_dir):
+        out = export_streamed(model_dir, expansion.new_start, rows, out_dir)
+        expansion.tokenizer.save_pretrained(out)
+        write_report(out / "report.json", report)
+    else:
+        if model is None:
+            model = expand_model(load_model(model_dir, dtype="auto"), expansion.new_start, rows["input"],
+                                 rows.get("output"))
+        out = save_expanded(model, expansion.tokenizer, out_dir, report)
+    write_rows(out / ROWS, rows)
     log.info("saved the expanded model to %s", out)
     return out

@@ -38,7 +38,6 @@ from tokdist_ray.training.snippet_files import SnippetSet, read_snippets
 from tokdist_ray.training.step import TokenDistiller, bf16_supported
 from tokdist_ray.training.strategies import DataParallel, DeepSpeedZero, deepspeed_config, model_dtype
 from tokdist_ray.vocab.alignment import PieceAligner
-from tokdist_ray.vocab.export import expand_model
 from tokdist_ray.vocab.models import load_model
 
 log = logging.getLogger("tokdist_ray")
@@ -148,9 +147,8 @@ def _restore(parallel, rank: int) -> tuple[Progress, dict[str, torch.Tensor] | N
 
 
 def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: SnippetSet, nodes: list[str]) -> None:
-    """Expand a fresh copy of the model (its old rows straight from disk) and save it."""
-    model = load_model(plan.model_path, dtype="auto")
-    expand_model(model, plan.expansion.new_start, rows["input"], rows.get("output"))
+    """Write the expanded model: its old rows straight from the original files (streamed,
+    shard by shard), the new rows from training."""
     report = expansion_report(
         plan.model_name, plan.expansion, snippets.ids, snippets.counts, progress.history,
         settings={"output_emb_policy": plan.output_emb_policy.value, "pre_init_strategy": plan.pre_init_strategy,
@@ -166,4 +164,4 @@ def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: S
             "nodes": nodes,  # per rank
         },
     )
-    save_model(model, plan.expansion, rows, plan.out_dir, report)
+    save_model(plan.model_path, plan.expansion, rows, plan.out_dir, report)
