@@ -196,6 +196,8 @@ def test_zero3_replaces_a_dead_worker_and_equals_single_process(ray_session, set
     assert (tmp_path / "crashed").exists()
     report = result.report["distributed"]
     assert (report["strategy"], report["zero_stage"], report["resumed_from_steps"]) == ("deepspeed", 3, [3])
+    # partitioned as loaded: each of the 2 workers holds about half the weights
+    assert all(0.45 <= share <= 0.55 for share in report["weights_held"]), report["weights_held"]
     # steps 4-5 were redone from the checkpoint at step 3; the loss curve shows each step,
     # and so each global batch of snippets, exactly once
     assert_matches_reference(result, reference(training))
@@ -216,6 +218,7 @@ def test_ddp_resumes_a_stopped_job_and_equals_single_process(ray_session, setup,
     result = run(setup, tmp_path / "out", resume=True, **ddp)
     report = result.report["distributed"]
     assert (report["strategy"], report["global_batch"], report["resumed_from_steps"]) == ("ddp", 4, [3])
+    assert report["weights_held"] == [1.0, 1.0]
     assert_matches_reference(result, reference())
     assert_old_rows_unchanged(result, setup[0])
 

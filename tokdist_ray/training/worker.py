@@ -62,6 +62,7 @@ def train_worker(config: dict) -> None:
     steps = schedule.total_steps(cfg)
     aligner = PieceAligner.for_tokens(plan.tokens, new_start)
     parallel = _parallel_distiller(plan, new_start, steps, world, device)
+    held = weights_held_share(parallel.distiller.model)
 
     progress, rows = _restore(parallel, rank)  # rows: None until a checkpoint holds them
     # Ray gets metrics with each checkpoint only: every ray.train.report waits until the
@@ -73,11 +74,11 @@ def train_worker(config: dict) -> None:
         save_checkpoint=lambda progress, rows, metrics, last: _save_checkpoint(parallel, plan, progress, rows, rank,
                                                                                metrics, last),
     )
-    nodes = [None] * world  # where each rank ran, for the report
-    torch_dist.all_gather_object(nodes, node_id())
+    ranks = [None] * world  # where each rank ran and the share of the weights it held, for the report
+    torch_dist.all_gather_object(ranks, {"node": node_id(), "weights_held": round(held, 4)})
     if rank == 0:
         del parallel
-        _export(plan, final_rows if final_rows is not None else rows, progress, snippets, nodes)
+        _export(plan, final_rows if final_rows is not None else rows, progress, snippets, ranks)
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -90,16 +91,54 @@ def _device(use_gpu: bool) -> torch.device:
 
 def _parallel_distiller(plan, new_start: int, steps: int, world: int, device: torch.device):
     dtype = model_dtype(plan.use_gpu, plan.training.mixed_precision, gpu_runs_bf16=bf16_supported(device))
-    model = load_model(plan.model_path, dtype=dtype, device=device)
-    rows = initial_rows(model, [t.phrase_ids for t in plan.tokens], plan.output_emb_policy, plan.pre_init_strategy,
-                        plan.training.untie_word_embeddings)
     cfg = plan.training
+    config = None if plan.strategy == "ddp" else deepspeed_config(
+        plan.zero_stage, cfg.batch_size, world, dtype == torch.bfloat16, plan.deepspeed_overrides)
+    sharded = config is not None and config["zero_optimization"]["stage"] == 3
+    zero3 = _zero3_load(config) if sharded else None  # alive until the engine exists
+    model = load_model(plan.model_path, dtype=dtype, device=device)
+    with _gathered_tables(model, sharded):
+        rows = initial_rows(model, [t.phrase_ids for t in plan.tokens], plan.output_emb_policy,
+                            plan.pre_init_strategy, cfg.untie_word_embeddings)
     distiller = TokenDistiller.from_config(model, rows, new_start, cfg).to(device)
     optimizer, lr_schedule = make_optimizer([p for p in distiller.parameters() if p.requires_grad], cfg, steps)
-    if plan.strategy == "ddp":
+    if config is None:
         return DataParallel(distiller, optimizer, lr_schedule, device)
-    config = deepspeed_config(plan.zero_stage, cfg.batch_size, world, dtype == torch.bfloat16, plan.deepspeed_overrides)
-    return DeepSpeedZero(distiller, optimizer, lr_schedule, config, device)
+    parallel = DeepSpeedZero(distiller, optimizer, lr_schedule, config, device)
+    del zero3
+    return parallel
+
+
+def _zero3_load(config: dict):
+    """While the returned object lives, from_pretrained partitions each weight as it loads
+    it (deepspeed.zero.Init through transformers): a worker never holds the whole model."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    deepspeed.init_distributed()  # joins Ray Train's process group, so the config sees every worker
+    return HfDeepSpeedConfig(config)
+
+
+def _gathered_tables(model, sharded: bool):
+    """The embedding tables whole, for reading the initial rows of the new tokens."""
+    import contextlib
+
+    if not sharded:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    tables = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not tables[0]:
+        tables.append(head.weight)
+    return deepspeed.zero.GatheredParameters(tables, modifier_rank=None)
+
+
+def weights_held_share(model) -> float:
+    """The share of the frozen model's weights this worker holds (ZeRO-3: its partition)."""
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return held / full
 
 
 def _save_checkpoint(parallel, plan, progress: Progress, rows: dict[str, torch.Tensor], rank: int, report: dict,
@@ -146,7 +185,7 @@ def _restore(parallel, rank: int) -> tuple[Progress, dict[str, torch.Tensor] | N
     return progress, rows
 
 
-def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: SnippetSet, nodes: list[str]) -> None:
+def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: SnippetSet, ranks: list[dict]) -> None:
     """Write the expanded model: its old rows straight from the original files (streamed,
     shard by shard), the new rows from training."""
     report = expansion_report(
@@ -161,7 +200,8 @@ def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: S
             "per_worker_batch": plan.training.batch_size,
             "global_batch": plan.global_training.batch_size,
             "resumed_from_steps": progress.resumed_from,
-            "nodes": nodes,  # per rank
+            "nodes": [r["node"] for r in ranks],  # per rank
+            "weights_held": [r["weights_held"] for r in ranks],  # per rank: share of the frozen model's weights
         },
     )
     save_model(plan.model_path, plan.expansion, rows, plan.out_dir, report)
