@@ -106,9 +106,11 @@ def train_loop(
         history.snippets += len(global_batch)
         history.seconds = time.perf_counter() - started
         meter.add(metrics, len(global_batch), snippets.tokens(global_batch))
-        over_budget, checkpoint_due = _any_rank(
-            parallel, bool(cfg.time_budget_s) and history.seconds >= cfg.time_budget_s,
-            bool(checkpoint_every_s) and time.perf_counter() - last_checkpoint >= checkpoint_every_s)
+        over_budget = checkpoint_due = False
+        if cfg.time_budget_s or checkpoint_every_s:  # the same on every rank: all or none reduce
+            over_budget, checkpoint_due = _any_rank(
+                parallel, bool(cfg.time_budget_s) and history.seconds >= cfg.time_budget_s,
+                bool(checkpoint_every_s) and time.perf_counter() - last_checkpoint >= checkpoint_every_s)
         stop = schedule.stop_reason(progress.step, cfg, over_budget)
         history.stopped_by = stop or history.stopped_by
         if after_step is not None:

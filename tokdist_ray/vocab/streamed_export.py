@@ -7,15 +7,12 @@ tensor for tensor, bit for bit (tests/unit/test_streamed_export.py).
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-log = logging.getLogger("tokdist_ray")
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -99,7 +96,11 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _with_rows(table: torch.Tensor, new_start: int, needed: int, rows: torch.Tensor) -> torch.Tensor:
-    grown = table if table.shape[0] >= needed else torch.cat([table, table.new_zeros(needed - table.shape[0], table.shape[1])])
-    grown = grown.clone()
+    """A new table: `table` (grown when it lacks rows) with `rows` at new_start.. (the
+    caller may pass the same table twice: untying writes the head from the input table)."""
+    if table.shape[0] >= needed:
+        grown = table.clone()
+    else:
+        grown = torch.cat([table, table.new_zeros(needed - table.shape[0], table.shape[1])])
     grown[new_start:needed] = rows.to(grown.dtype)
     return grown
