@@ -239,7 +239,7 @@ class FileDataSource:
 
 @dataclass
 class EvalConfig:
-    """The held-out evaluation: drift at aligned positions, compression, bits per byte."""
+    """The held-out evaluation: drift at aligned positions, compression, bits per byte, generation."""
 
     heldout_paths: list[str] = field(default_factory=list)  # empty: no evaluation stage
     snippets_per_token: int = 20  # drift: held-out snippets per new token
@@ -252,12 +252,19 @@ class EvalConfig:
     # bits per byte: also score these model directories (any HF causal LM whose tokenizer
     # extends the same original, e.g. made by another tool), on the same held-out chunks
     compare_models: list[str] = field(default_factory=list)
+    # generation: the original and the expanded model each continue the same held-out
+    # prompts for this many decode steps, greedy and sampled (0: skip)
+    generation_steps: int = 64
+    generation_prompts: int = 8
+    prompt_bytes: int = 256  # each prompt's length, in bytes of held-out text
 
     def __post_init__(self) -> None:
         self.heldout_paths = corpus_paths("heldout_paths", self.heldout_paths)
         self.compare_models = corpus_paths("compare_models", self.compare_models)
-        for name in ("snippets_per_token", "batch_size", "chunk_bytes"):
+        for name in ("snippets_per_token", "batch_size", "chunk_bytes", "generation_prompts", "prompt_bytes"):
             count_at_least_one(name, getattr(self, name))
+        if self.generation_steps < 0:
+            raise ConfigError(f"generation_steps must be >= 0 (0 skips generation), got {self.generation_steps}")
         count_at_least_one("max_snippets", self.max_snippets, optional=True)
         if self.bits_per_byte_bytes < 0:
             raise ConfigError(f"bits_per_byte_bytes must be >= 0 (0 skips bits per byte), got {self.bits_per_byte_bytes}")

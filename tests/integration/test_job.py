@@ -29,7 +29,11 @@ def test_job_stages_are_reused_and_a_lost_stage_reruns(ray_session, tiny_model_d
     bits = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())["bits_per_byte"]["methods"]
     assert set(bits) == {"original", "token_distillation", "fvt", "adapti-vocab", "mean_embedding"}
     assert bits["token_distillation"]["tokens_per_byte"] < bits["original"]["tokens_per_byte"]
-    assert all((tmp_path / "run" / "eval" / p).stat().st_size > 0 for p in ("drift_per_token.png", "loss_curve.png"))
+    assert all((tmp_path / "run" / "eval" / p).stat().st_size > 0
+               for p in ("drift_per_token.png", "loss_curve.png", "generation.png"))
+    generation = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())["generation"]
+    assert generation["original"]["greedy"]["decode_steps"] == generation["expanded"]["greedy"]["decode_steps"] > 0
+    assert "new_token_share" in generation["expanded"]["sampled"] and "Generation from held-out prompts" in eval_md
     again = run_job(config)
     assert again["stages_reused"] == ["tokens", "snippets", "distill", "evaluate"]
     # as if the job died during distillation: its stage record never got written

@@ -13,6 +13,7 @@ from tokdist_ray.eval.bits_per_byte import (
     compare_to_original,
     heldout_chunks,
     markdown_table,
+    span_totals,
     summarise,
     token_log_probs,
 )
@@ -190,8 +191,22 @@ def test_markdown_table_puts_the_original_first_with_changes_against_it():
     base = summarise([ChunkScore("ab cd", [1, 2, 3], [(0, 2), (2, 4), (4, 5)], [2.0, 2.0, 1.0])])
     table = markdown_table({"td": summarise([chunk], new_start=7), "original": base})
     rows = table.splitlines()
-    assert rows[2].startswith("| original | 0.6000 | 1.500 | – | 1.0000 | +0.0000 | +0.00% | – | – |")
-    assert rows[3] == "| td | 0.6000 | 1.500 | 66.7% | 0.8000 | -0.2000 | -20.00% | 0.4000 | 0.4000 |"
+    assert rows[2].startswith("| original | 0.6000 | 1.500 | – | 1.0000 | +0.0000 | +0.00% | – | – | – |")
+    assert rows[3] == "| td | 0.6000 | 1.500 | 66.7% | 0.8000 | -0.2000 | -20.00% | 0.4000 | 0.4000 | – |"
+    with_spans = summarise([chunk], new_start=7) | {"new_token_spans": {"extra_share": -1 / 3}}
+    assert markdown_table({"td": with_spans, "original": base}).splitlines()[3].endswith("| 0.4000 | 0.4000 | -33.3% |")
+
+
+def test_span_totals_weigh_each_token_by_its_occurrences():
+    original = [ChunkScore("ab cd ab", [1, 2, 3, 1, 2], [(0, 1), (1, 2), (2, 5), (5, 7), (7, 8)],
+                           [1.0, 2.0, 1.0, 1.0, 1.0])]
+    expanded = [ChunkScore("ab cd ab", [9, 3, 9], [(0, 2), (2, 5), (5, 8)], [4.0, 1.0, 1.0])]
+    rows = compare_to_original(original, expanded, new_start=9, top_k=None)
+    totals = span_totals(rows)
+    # " ab" twice: 4 + 1 bits expanded against 1 + 2 and 1 + 1 bits original
+    assert totals == {"occurrences": 2, "bits_expanded": 5.0, "bits_original": 5.0, "extra_share": 0.0}
+    assert span_totals(compare_to_original(original, [ChunkScore("ab cd ab", [9, 3, 9], [(0, 2), (2, 5), (5, 8)],
+                                                                 [6.0, 1.0, 1.5])], 9, None))["extra_share"] == 0.5
 
 
 def test_methods_and_another_tools_model_dir_are_scored_on_the_same_chunks(tiny_model_dir, tmp_path):

@@ -74,7 +74,7 @@ def heldout_chunks(texts: Iterable[str], chunk_bytes: int = 2000, max_bytes: int
     return chunks
 
 
-def _start_token(tokenizer) -> int:
+def start_token(tokenizer) -> int:
     # A fixed first token conditions the first real token, as at training time; tokenizers
     # without a BOS (Qwen) start documents after an EOS.
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -109,7 +109,7 @@ def token_log_probs(model, tokenizer, chunks: Sequence[str], batch_size: int = 8
     if not tokenizer.is_fast:
         raise ConfigError("bits per byte needs a fast tokenizer (token offsets)")
     chunks = list(chunks)
-    start = _start_token(tokenizer)
+    start = start_token(tokenizer)
     enc = tokenizer(chunks, add_special_tokens=False, return_offsets_mapping=True)
     ids = [[start, *x] for x in enc["input_ids"]]
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -203,7 +203,7 @@ def score_methods(
     no copy of it is made (for an 8B model a copy is 32 GB). A tied model given a method's
     own output rows is untied once (one more [vocab, d] table); later methods without
     them get output rows equal to their input rows, as tied."""
-    from tokdist_ray.vocab.export import expand_model
+    from tokdist_ray.vocab.export import write_method_rows
     from tokdist_ray.vocab.models import ties_word_embeddings
 
     tied = ties_word_embeddings(model)
@@ -212,14 +212,14 @@ def score_methods(
 
     def record(name: str, scores: list[ChunkScore]) -> None:
         summaries[name] = summarise(scores, new_start)
-        costliest[name] = compare_to_original(original, scores, new_start)
+        rows = compare_to_original(original, scores, new_start, top_k=None)
+        summaries[name]["new_token_spans"] = span_totals(rows)
+        costliest[name] = rows[:COSTLIEST_KEPT]
         if log is not None:
             log(name, summaries[name])
 
     for name, (input_rows, output_rows) in methods.items():
-        if output_rows is None and tied and not ties_word_embeddings(model):  # untied for an earlier method
-            output_rows = input_rows
-        expand_model(model, new_start, input_rows, output_rows)
+        write_method_rows(model, new_start, input_rows, output_rows, tied)
         record(name, token_log_probs(model, expanded_tokenizer, chunks, batch_size, f"bits per byte, {name}"))
     for name, load in (other_models or {}).items():
         other, tokenizer = load()
@@ -227,10 +227,14 @@ def score_methods(
     return {"methods": summaries, "costliest_new_tokens": costliest}
 
 
+COSTLIEST_KEPT = 20  # rows of compare_to_original kept in eval.json per method
+
+
 def compare_to_original(
-    original: Sequence[ChunkScore], expanded: Sequence[ChunkScore], new_start: int, top_k: int = 20
+    original: Sequence[ChunkScore], expanded: Sequence[ChunkScore], new_start: int, top_k: int | None = 20
 ) -> list[dict]:
-    """The new tokens that cost the most bits against the original, worst first.
+    """The new tokens that cost the most bits against the original, worst first (the
+    `top_k` worst; None: all).
 
     For each occurrence of a new id, the bits the expanded model spent on it and the bits the
     original spent on the original tokens covering the same characters. Where boundaries do
@@ -278,22 +282,33 @@ def compare_to_original(
     return rows[:top_k]
 
 
+def span_totals(rows: Sequence[dict]) -> dict:
+    """compare_to_original's rows (all of them) summed: the bits an expanded model spends
+    on its new tokens against the bits the original spends on the same spans. An
+    expansion that costs nothing has extra_share 0; the output side's job is to keep it so."""
+    expanded = sum(r["mean_bits_expanded"] * r["occurrences"] for r in rows)
+    original = sum(r["mean_bits_original"] * r["occurrences"] for r in rows)
+    return {"occurrences": sum(r["occurrences"] for r in rows), "bits_expanded": expanded,
+            "bits_original": original, "extra_share": (expanded - original) / original if original else 0.0}
+
+
 def markdown_table(results: dict[str, dict], original: str = "original") -> str:
     """One row per method (summaries from `summarise`), the original first."""
     base = results[original]["bits_per_byte"]
     lines = [
         "| method | tokens/byte | tokens/word | new-token share | bits/byte | Δ bits/byte | Δ bits/byte (%) "
-        "| bits/byte on new tokens | bits/byte on other tokens |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| bits/byte on new tokens | bits/byte on other tokens | extra bits on new tokens vs original's on their spans |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in [original, *(n for n in results if n != original)]:
         r = results[name]
         delta = r["bits_per_byte"] - base
         split = [f"{r[k]:.4f}" if k in r else "–" for k in ("bits_per_byte_new", "bits_per_byte_other")]
         share = f"{100 * r['new_token_share']:.1f}%" if "new_token_share" in r else "–"
+        spans = f"{100 * r['new_token_spans']['extra_share']:+.1f}%" if "new_token_spans" in r else "–"
         lines.append(
             f"| {name} | {r['tokens_per_byte']:.4f} | {r['tokens_per_word']:.3f} | {share} | {r['bits_per_byte']:.4f} | "
-            f"{delta:+.4f} | {100 * delta / base:+.2f}% | {split[0]} | {split[1]} |"
+            f"{delta:+.4f} | {100 * delta / base:+.2f}% | {split[0]} | {split[1]} | {spans} |"
         )
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """The evaluate stage, on held-out text: bits per byte and compression, each model on its
-own tokenizer (bits_per_byte.py), and drift at aligned positions (drift.py), for Token
-Distillation's rows next to the baselines'; written as eval.json, eval.md and PNG plots."""
+own tokenizer (bits_per_byte.py), drift at aligned positions (drift.py), for Token
+Distillation's rows next to the baselines', and generation speed of the original against
+the expanded model (generation.py); written as eval.json, eval.md and PNG plots."""
 
 from __future__ import annotations
 
@@ -28,13 +29,16 @@ from tokdist_ray.eval.drift import (
     markdown_table,
     relative_to,
 )
+from tokdist_ray.eval.generation import compare_generation, heldout_new_token_share, prompts_from
+from tokdist_ray.eval.generation import markdown_table as generation_table
 from tokdist_ray.eval.plots import write_plots
 from tokdist_ray.raycluster import node_id, ray_is_running
 from tokdist_ray.report import write_report
 from tokdist_ray.training.batching import align_snippets
 from tokdist_ray.vocab.alignment import PieceAligner
+from tokdist_ray.vocab.export import write_method_rows
 from tokdist_ray.vocab.merges import MergeExpansion
-from tokdist_ray.vocab.models import load_model, load_tokenizer
+from tokdist_ray.vocab.models import load_model, load_tokenizer, ties_word_embeddings
 
 log = logging.getLogger("tokdist_ray")
 
@@ -93,6 +97,7 @@ def _evaluate(evaluation: Evaluation, out_dir: Path) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings, expansion, trust = evaluation.settings, evaluation.expansion, evaluation.trust_remote_code
     model = load_model(evaluation.model, dtype=torch.float32, device=device, trust_remote_code=trust)
+    tied = ties_word_embeddings(model)
     tokens, new_start = expansion.tokens, expansion.new_start
     rows = (load_file(evaluation.rows, device=device) if isinstance(evaluation.rows, str)
             else {name: row.to(device) for name, row in evaluation.rows.items()})
@@ -134,12 +139,27 @@ def _evaluate(evaluation: Evaluation, out_dir: Path) -> dict:
                         + bits_table(report["bits_per_byte"]["methods"]))
         sections.append("## New tokens that cost Token Distillation the most bits against the original's pieces\n\n"
                         + costliest_table(report["bits_per_byte"]["costliest_new_tokens"]["token_distillation"][:10]))
+    if settings.generation_steps:
+        # from chunks, not documents: a corpus file may be one document
+        prompts = prompts_from(heldout_chunks(texts, settings.chunk_bytes), settings.generation_prompts,
+                               settings.prompt_bytes)
+        log.info("generation: %d held-out prompts, %d decode steps each, greedy and sampled, original and expanded",
+                 len(prompts), settings.generation_steps)
+        write_method_rows(model, new_start, rows["input"], rows.get("output"), tied)
+        report["generation"] = {
+            "decode_steps_per_prompt": settings.generation_steps,
+            "heldout_new_token_share": heldout_new_token_share(expansion.tokenizer, leading_texts(texts), new_start),
+            **compare_generation(model, original, expansion.tokenizer, new_start, prompts, settings.generation_steps,
+                                 evaluation.seed),
+        }
+        sections.append("## Generation from held-out prompts, the same decode steps (expanded: Token Distillation's rows)"
+                        "\n\n" + generation_table(report["generation"]))
     sections.append("## Drift from the original at aligned positions (lower is better)\n\n" + markdown_table(results))
     write_report(out_dir / "eval.json", report)
     text = "\n\n".join(sections)
     (out_dir / "eval.md").write_text(text + "\n", encoding="utf-8")
     log.info("held-out evaluation:\n%s", text)
     plots = write_plots(results, evaluation.loss_curve, out_dir,
-                        report.get("bits_per_byte", {}).get("methods"))
+                        report.get("bits_per_byte", {}).get("methods"), report.get("generation"))
     return {"eval_path": str(out_dir / "eval.json"), "table": text, "plots": plots, "node": report["node"],
             "relative_to_fvt": report["relative_to_fvt"]["token_distillation"]}

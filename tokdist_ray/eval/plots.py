@@ -1,14 +1,17 @@
 """The evaluate stage's PNG plots: compression against bits per byte per method, per-token
-drift per method, and the training loss curve."""
+drift per method, generation speed of the original against the expanded model, and the
+training loss curve."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def write_plots(results: dict, loss_curve: list[dict], out_dir: Path, bits: dict | None = None) -> list[str]:
+def write_plots(results: dict, loss_curve: list[dict], out_dir: Path, bits: dict | None = None,
+                generation: dict | None = None) -> list[str]:
     """Compression against bits per byte (`bits`: {method: bits_per_byte summary}),
-    per-token hidden-state drift per method, and the training loss curve."""
+    per-token hidden-state drift per method, generation speed (`generation`: eval.json's
+    section) and the training loss curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,6 +45,24 @@ def write_plots(results: dict, loss_curve: list[dict], out_dir: Path, bits: dict
     fig.savefig(out_dir / "drift_per_token.png", dpi=100)
     plt.close(fig)
     written.append(str(out_dir / "drift_per_token.png"))
+
+    if generation:
+        from tokdist_ray.eval.generation import MODES
+
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+        for ax, metric, label in zip(axes, ("bytes_per_step", "bytes_per_s"), ("bytes of text per decode step",
+                                                                                  "bytes of text per second")):
+            for i, side in enumerate(("original", "expanded")):
+                ax.bar([x + 0.4 * i for x in range(len(MODES))], [generation[side][m][metric] for m in MODES], 0.4,
+                       label=side)
+            ax.set_xticks([x + 0.2 for x in range(len(MODES))], list(MODES))
+            ax.set_ylabel(label)
+        axes[0].legend()
+        fig.suptitle("Generation from held-out prompts (higher is better)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "generation.png", dpi=100)
+        plt.close(fig)
+        written.append(str(out_dir / "generation.png"))
 
     curve = loss_curve
     if curve:

@@ -47,6 +47,15 @@ def expand_model(model, new_start: int, input_rows: torch.Tensor, output_rows: t
     return model
 
 
+def write_method_rows(model, new_start: int, input_rows: torch.Tensor, output_rows: torch.Tensor | None, tied: bool):
+    """`expand_model` for one method of several written into one model in turn: a model
+    that was `tied` and got untied for an earlier method's own output rows takes this
+    method's input rows as its output rows, as the tied model would."""
+    if output_rows is None and tied and not ties_word_embeddings(model):
+        output_rows = input_rows
+    return expand_model(model, new_start, input_rows, output_rows)
+
+
 def save_expanded(model, tokenizer, out_path: str | Path, report: dict | None = None) -> Path:
     """Save as safetensors only (never pickle) with the tokenizer and report.json."""
     out = Path(out_path)
