@@ -27,3 +27,18 @@ def test_long_phrases_do_not_overflow():
     rows = pre_init_rows(torch.ones(5, 2), [[0, 1, 2, 3, 4] * 100], "adapti-vocab")
     assert torch.isfinite(rows).all()
     torch.testing.assert_close(rows[0], torch.ones(2))
+
+
+def test_trained_output_rows_start_from_the_first_piece_or_the_pre_init_mix(tiny_model_dir):
+    from tokdist_ray.config import OutputEmbeddingInit
+    from tokdist_ray.training.rows import initial_rows
+    from tokdist_ray.vocab.models import load_model
+
+    model = load_model(tiny_model_dir(tied=True))
+    phrases = [[5, 9, 11], [7, 3]]
+    table = model.get_input_embeddings().weight
+    first = initial_rows(model, phrases, OutputEmbeddingInit.TRAIN_WITH_CE, "fvt", untie=True, output_init="first_piece")
+    assert first.trains_output and torch.equal(first.output, table[[5, 7]].float())
+    mixed = initial_rows(model, phrases, OutputEmbeddingInit.TRAIN_WITH_CE, "fvt", untie=True)
+    assert torch.allclose(mixed.output[1], table[[7, 3]].float().mean(0))
+    assert torch.equal(first.input, mixed.input)  # the input side does not change

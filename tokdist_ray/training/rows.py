@@ -62,10 +62,15 @@ def pre_init_rows(
 
 
 def initial_rows(
-    model, phrases: Sequence[Sequence[int]], policy: OutputEmbeddingInit, strategy: PreInitStrategy, untie: bool = False
+    model, phrases: Sequence[Sequence[int]], policy: OutputEmbeddingInit, strategy: PreInitStrategy,
+    untie: bool = False, output_init: str = "pre_init",
 ) -> NewRows:
     """The new rows before training: input rows pre-initialised from the subtokens; an
-    untied model's output rows zero, the subtoken mean, or pre-initialised and trained.
+    untied model's output rows zero, the subtoken mean, or trained from a start that
+    `output_init` names: "pre_init" (`strategy` over the pieces' output rows) or
+    "first_piece" (the first piece's output row: its logit is the log-probability of the
+    first piece, an upper bound on the phrase's, where the mean of the pieces' rows mixes
+    in logits of pieces that do not come next).
     A tied model has no output rows of its own unless `untie`: then they start from its
     one table as an untied model's would (`untie_word_embeddings` exports them apart)."""
     inputs = pre_init_rows(model.get_input_embeddings().weight, phrases, strategy, "input")
@@ -80,4 +85,8 @@ def initial_rows(
         return NewRows(inputs, torch.zeros_like(inputs))
     if policy is OutputEmbeddingInit.SUBTOKEN_MEAN:
         return NewRows(inputs, pre_init_rows(head.weight, phrases, "fvt", "output"))
-    return NewRows(inputs, pre_init_rows(head.weight, phrases, strategy, "output"), train_output=True)
+    if output_init == "first_piece":
+        outputs = head.weight[torch.tensor([p[0] for p in phrases], device=head.weight.device)].float()
+    else:
+        outputs = pre_init_rows(head.weight, phrases, strategy, "output")
+    return NewRows(inputs, outputs, train_output=True)
