@@ -42,6 +42,10 @@ VARIANTS = {
     "output weight 2": {"training.new_token_output_weight": 2.0},
     "untied": {"training.untie_word_embeddings": True},
     "untied, first piece": {"training.untie_word_embeddings": True, "training.output_row_init": "first_piece"},
+    "all positions": {"training.new_token_output_positions": "all"},
+    "untied, first piece, all positions": {"training.untie_word_embeddings": True,
+                                           "training.output_row_init": "first_piece",
+                                           "training.new_token_output_positions": "all"},
     "lr 1e-2": {"training.learning_rate": 1.0e-2},
     "2 epochs": {"training.epochs": 2},
 }

@@ -4,10 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The demo and tests read real English text from Debian's Python docs.
-if [ ! -d /usr/share/doc/python3.11/html/_sources ] && command -v apt-get >/dev/null; then
+# Real text from Debian packages: the tests read the Python docs (English); the demo and
+# jobs/configs/french_docs_cpu.yaml read three French Debian manuals.
+DOCS="python3.11-doc debian-reference-fr developers-reference-fr maint-guide-fr"
+if command -v apt-get >/dev/null && ! dpkg -s $DOCS >/dev/null 2>&1; then
     SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
-    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3.11-doc >/dev/null
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $DOCS >/dev/null
 fi
 
 PYTHON=${PYTHON:-python3.11}

@@ -26,6 +26,7 @@ LOSS_METHODS = ("MSE-on-hiddens", "MSE-on-logits", "KL-on-logits", "CE", "CE-aut
 LR_SCHEDULES = ("constant", "linear")
 BATCH_GROUPINGS = ("first_new_token", "random")
 OUTPUT_ROW_INITS = ("pre_init", "first_piece")
+NEW_TOKEN_OUTPUT_POSITIONS = ("new_tokens", "all")
 PRE_INIT_STRATEGIES = ("fvt", "adapti-vocab")
 STRATEGIES = ("auto", "ddp", "deepspeed")
 ZERO_STAGES = (1, 2, 3)
@@ -128,6 +129,10 @@ class DistillationConfig:
     # KL-on-new-token-outputs against the other losses; on the demo 0.4 gave the best bits
     # per byte with hidden-state drift within 3% of MSE-on-hiddens alone
     new_token_output_weight: float = 0.4
+    # where KL-on-new-token-outputs counts: "new_tokens", the positions before one (the
+    # teacher's phrase probability moves onto it); "all" adds the positions before an old
+    # token, where the student is held to the teacher's zero mass on new tokens
+    new_token_output_positions: str = "new_tokens"
     # "first_new_token": each batch holds snippets whose first new token sits at similar
     # positions, so the student reuses the teacher's states up to it; "random": plain shuffle
     batch_grouping: str = "first_new_token"
@@ -140,6 +145,9 @@ class DistillationConfig:
 
     def __post_init__(self) -> None:
         self.loss_methods = loss_methods(self.loss_methods)
+        if self.new_token_output_positions not in NEW_TOKEN_OUTPUT_POSITIONS:
+            raise ConfigError(f"new_token_output_positions must be one of {NEW_TOKEN_OUTPUT_POSITIONS}, "
+                              f"got {self.new_token_output_positions!r}")
         if self.output_row_init not in OUTPUT_ROW_INITS:
             raise ConfigError(f"output_row_init must be one of {OUTPUT_ROW_INITS}, got {self.output_row_init!r}")
         if self.batch_grouping not in BATCH_GROUPINGS:

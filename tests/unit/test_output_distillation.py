@@ -135,3 +135,30 @@ def test_the_weight_scales_the_output_side_loss_against_the_hidden_state_loss(ti
     torch.testing.assert_close(out["loss"], out["MSE-on-hiddens"] + out[NEW_TOKEN_OUTPUT_LOSS])
     with pytest.raises(ValueError, match="new_token_output_weight must be a finite number > 0"):
         DistillationConfig(new_token_output_weight=0)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_all_positions_add_the_mass_leaked_onto_new_tokens_before_old_ones(tiny_model_dir, tied):
+    distiller, examples, _ = tiny_setup(tiny_model_dir(tied=tied), losses=["MSE-on-hiddens", NEW_TOKEN_OUTPUT_LOSS])
+    batch = collate(examples)
+    at_new = distiller(batch)[NEW_TOKEN_OUTPUT_LOSS]
+    distiller.new_token_output_positions = "all"
+    at_all = distiller(batch)[NEW_TOKEN_OUTPUT_LOSS]
+    with torch.no_grad():  # the slow way: -log of the student's mass on old tokens, before each old token
+        student = (_student_final_states(distiller, batch) @ _output_rows(distiller).T).softmax(-1)
+        ids, mask = batch["student_ids"], batch["student_mask"]
+        before_old = mask[:, :-1] & mask[:, 1:] & (ids[:, 1:] < distiller.new_start)
+        leaked = -student[:, :-1][before_old][:, : distiller.new_start].sum(-1).log().sum() / mask.sum()
+    assert leaked > 0
+    torch.testing.assert_close(at_all - at_new, leaked)
+
+    def grads(positions):
+        distiller.new_token_output_positions = positions
+        distiller.rows.zero_grad()
+        distiller(batch)["loss"].backward()
+        return [p.grad.clone() for p in (distiller.rows.input, distiller.rows.output) if p is not None]
+
+    extra = [a - b for a, b in zip(grads("all"), grads("new_tokens"))]
+    assert extra[-1].abs().sum() > 0  # the leak trains the new output rows...
+    if not tied:  # ...and only them: the states it reads are detached
+        torch.testing.assert_close(extra[0], torch.zeros_like(extra[0]))

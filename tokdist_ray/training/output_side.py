@@ -5,9 +5,16 @@ continuation is the product of its probabilities of k's pieces, read at the alig
 positions teacher_index[j] .. teacher_index[j+1]-1. The target distribution at j is the
 teacher's next-token distribution at teacher_index[j] with that phrase probability moved
 from k's first piece to k; every other new id gets 0. The loss is KL(target || student),
-summed here and averaged by the step over all student positions (those before an old
-token count 0), like the hidden-state MSE: this weighs the two per position, and the
-data-parallel step's weighting of ranks by their share of positions stays exact.
+summed here and averaged by the step over all student positions, like the hidden-state
+MSE: this weighs the two per position, and the data-parallel step's weighting of ranks
+by their share of positions stays exact.
+
+Positions before an old token count 0 by default. With `positions="all"` they count the
+mass the student leaks onto new tokens there: the teacher puts none on them, and the
+student's old logits are the teacher's (they are computed by frozen rows), so the KL is
+softplus(logsumexp(new logits) - log Z_old), whose gradient on a new output row is
+exactly the full KL's. Without it nothing holds a new token's logit down where the token
+does not come next, and the expanded model pays that mass at every other position.
 """
 
 from __future__ import annotations
@@ -75,3 +82,23 @@ def teacher_targets(
     # the first valid row of each position is its offset 0: rows come out in [P, L] order
     firsts = at.valid.sum(1).cumsum(0) - at.valid.sum(1)
     return phrase_targets(log_probs[firsts], piece_log_probs.sum(1), at.pieces[:, 0], at.new_index, n_new)
+
+
+POSITION_CHUNK = 512  # positions per [chunk, vocabulary] logits block when normalising
+
+
+def before_old_tokens(student_ids: torch.Tensor, mask: torch.Tensor, new_start: int) -> torch.Tensor:
+    """[batch, seq-1] True at student positions whose next token is an old one."""
+    return mask[:, :-1] & mask[:, 1:] & (student_ids[:, 1:] < new_start)
+
+
+def leaked_kl(
+    hidden: torch.Tensor, new_rows: torch.Tensor, original_logits: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """KL summed over positions before an old token (`hidden`: their final states,
+    detached), where the target puts no mass on new tokens: it trains only `new_rows`."""
+    with torch.no_grad():
+        log_norm = torch.cat([torch.logsumexp(original_logits(h).float(), -1)
+                              for h in hidden.split(POSITION_CHUNK)]) if len(hidden) else hidden.new_zeros(0)
+    new_log_norm = torch.logsumexp((hidden @ new_rows.to(hidden.dtype).T).float(), -1)
+    return torch.nn.functional.softplus(new_log_norm - log_norm).sum()

@@ -19,7 +19,13 @@ from torch import nn
 from tokdist_ray.config import NEW_TOKEN_OUTPUT_LOSS, DistillationConfig
 from tokdist_ray.config import loss_methods as checked_losses
 from tokdist_ray.preflight import check_target_layer
-from tokdist_ray.training.output_side import new_token_positions, summed_kl, teacher_targets
+from tokdist_ray.training.output_side import (
+    before_old_tokens,
+    leaked_kl,
+    new_token_positions,
+    summed_kl,
+    teacher_targets,
+)
 from tokdist_ray.vocab.models import cache_argument
 
 _LOGIT_LOSSES = {"MSE-on-logits", "KL-on-logits"}
@@ -118,6 +124,7 @@ class TokenDistiller(nn.Module):
         target_layer: int = -1,
         mixed_precision: bool = True,
         new_token_output_weight: float = 1.0,
+        new_token_output_positions: str = "new_tokens",
     ):
         super().__init__()
         loss_methods = checked_losses(loss_methods)
@@ -126,6 +133,7 @@ class TokenDistiller(nn.Module):
         self.new_start = new_start
         self.losses = tuple(loss_methods)
         self.new_token_output_weight = new_token_output_weight
+        self.new_token_output_positions = new_token_output_positions
         self.mixed_precision = mixed_precision
         decoder = model.get_decoder()
         self.n_layers = len(decoder.layers)
@@ -140,7 +148,8 @@ class TokenDistiller(nn.Module):
     @classmethod
     def from_config(cls, model: nn.Module, rows: NewRows, new_start: int, cfg: DistillationConfig) -> "TokenDistiller":
         """The step a DistillationConfig describes (its losses, their weighting, target layer, precision)."""
-        return cls(model, rows, new_start, cfg.loss_methods, cfg.target_layer, cfg.mixed_precision, cfg.new_token_output_weight)
+        return cls(model, rows, new_start, cfg.loss_methods, cfg.target_layer, cfg.mixed_precision,
+                   cfg.new_token_output_weight, cfg.new_token_output_positions)
 
     # ------------------------------------------------------------------ pieces
     def embed_student(self, ids: torch.Tensor) -> torch.Tensor:
@@ -249,7 +258,11 @@ class TokenDistiller(nn.Module):
                 target_dists = teacher_targets(at, t_final, self.original_logits, len(self.rows.input))
                 out_rows = self.rows.input if self.tied else self.rows.output
                 s_logits = self.full_logits(s_final[at.batch, at.student], out_rows)
-                parts[NEW_TOKEN_OUTPUT_LOSS] = summed_kl(target_dists, s_logits) / mask.sum()
+                summed = summed_kl(target_dists, s_logits)
+                if self.new_token_output_positions == "all":
+                    leaking = s_final[:, :-1][before_old_tokens(student_ids, mask, self.new_start)].detach()
+                    summed = summed + leaked_kl(leaking, out_rows, self.original_logits)
+                parts[NEW_TOKEN_OUTPUT_LOSS] = summed / mask.sum()
             for name, value in parts.items():
                 loss = loss + (self.new_token_output_weight * value if name == NEW_TOKEN_OUTPUT_LOSS else value)
 
