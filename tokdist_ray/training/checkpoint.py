@@ -65,6 +65,27 @@ def read_progress(directory: Path) -> Progress:
     return Progress.from_dict(json.loads((directory / PROGRESS).read_text(encoding="utf-8")))
 
 
+def write_checkpoint(directory: Path, parallel, progress: Progress, rows: dict[str, torch.Tensor], rank: int) -> None:
+    """This rank's part of a checkpoint: its strategy's optimizer state and its RNG states;
+    rank 0 adds the progress and the whole rows. A collective under ZeRO (every rank calls it)."""
+    parallel.save(directory / OPTIMIZER_DIR, rank)
+    save_rng(directory, rank)
+    if rank == 0:
+        write_progress(directory, progress)
+        write_rows(directory / ROWS, rows)
+
+
+def read_checkpoint(directory: Path, parallel, rank: int) -> tuple[Progress, dict[str, torch.Tensor]]:
+    """(progress, rows) of a checkpoint, loaded into the strategy `parallel` with this rank's
+    RNG states; the progress records the step it resumed at."""
+    progress = read_progress(directory)
+    rows = read_rows(directory / ROWS)
+    parallel.load(directory / OPTIMIZER_DIR, rows)
+    restore_rng(directory, rank)
+    progress.resumed_from.append(progress.step)
+    return progress, rows
+
+
 def check_finite(rows: dict[str, torch.Tensor | None], step: int) -> None:
     """Before any checkpoint or export: a diverged run stops here and saves nothing broken."""
     for side, values in rows.items():

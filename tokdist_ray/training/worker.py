@@ -19,18 +19,7 @@ from tokdist_ray.errors import TooFewSnippetsError
 from tokdist_ray.raycluster import node_id
 from tokdist_ray.report import expansion_report
 from tokdist_ray.stages import save_model
-from tokdist_ray.training.checkpoint import (
-    OPTIMIZER_DIR,
-    ROWS,
-    Progress,
-    checkpoint_name,
-    read_progress,
-    read_rows,
-    restore_rng,
-    save_rng,
-    write_progress,
-    write_rows,
-)
+from tokdist_ray.training.checkpoint import Progress, checkpoint_name, read_checkpoint, write_checkpoint
 from tokdist_ray.training.loop import SnippetIds, train_loop
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.schedule import SnippetSchedule, make_optimizer
@@ -61,7 +50,7 @@ def train_worker(config: dict) -> None:
     schedule = SnippetSchedule.for_run(snippets.ids, new_start, cfg)
     steps = schedule.total_steps(cfg)
     aligner = PieceAligner.for_tokens(plan.tokens, new_start)
-    parallel = _parallel_distiller(plan, new_start, steps, world, device)
+    parallel = parallel_distiller(plan, new_start, steps, world, device)
     held = weights_held_share(parallel.distiller.model)
 
     progress, rows = _restore(parallel, rank)  # rows: None until a checkpoint holds them
@@ -89,7 +78,9 @@ def _device(use_gpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def _parallel_distiller(plan, new_start: int, steps: int, world: int, device: torch.device):
+def parallel_distiller(plan, new_start: int, steps: int, world: int, device: torch.device):
+    """The plan's model, new rows and optimizer under its strategy (DDP or DeepSpeed ZeRO),
+    in the process group that is up (Ray Train's, or bench/gpu_check.py's without Ray)."""
     dtype = model_dtype(plan.use_gpu, plan.training.mixed_precision, gpu_runs_bf16=bf16_supported(device))
     cfg = plan.training
     config = None if plan.strategy == "ddp" else deepspeed_config(
@@ -149,11 +140,7 @@ def _save_checkpoint(parallel, plan, progress: Progress, rows: dict[str, torch.T
     import ray.train
 
     directory = Path(tempfile.mkdtemp(prefix="tokdist-ckpt-"))
-    parallel.save(directory / OPTIMIZER_DIR, rank)
-    save_rng(directory, rank)
-    if rank == 0:
-        write_progress(directory, progress)
-        write_rows(directory / ROWS, rows)
+    write_checkpoint(directory, parallel, progress, rows, rank)
     size = torch.tensor(float(sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())), device=parallel.device)
     parallel.all_reduce(size)
     background = plan.checkpoint_upload == "async" and not last
@@ -173,13 +160,8 @@ def _restore(parallel, rank: int) -> tuple[Progress, dict[str, torch.Tensor] | N
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return Progress(), None
-    with checkpoint.as_directory() as tmp:
-        directory = Path(tmp)
-        progress = read_progress(directory)
-        rows = read_rows(directory / ROWS)
-        parallel.load(directory / OPTIMIZER_DIR, rows)
-        restore_rng(directory, rank)
-    progress.resumed_from.append(progress.step)
+    with checkpoint.as_directory() as directory:
+        progress, rows = read_checkpoint(Path(directory), parallel, rank)
     if rank == 0:
         log.info("resumed from the checkpoint at step %d", progress.step)
     return progress, rows
