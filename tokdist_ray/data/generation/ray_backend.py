@@ -308,6 +308,34 @@ def run_passes(stage: Callable, ledger: RoundLedger, tokens: dict[int, NewToken]
     return passes
 
 
+def generation_stage(backend: str, model_path: str, source: GeneratedDataSource, snippet_len: int,
+                     stop: list[int]) -> tuple[Callable, int]:
+    """(requests -> samples, the number of engines or actors)."""
+    if backend == "vllm":
+        from tokdist_ray.data.generation.vllm_backend import engine_replicas, vllm_stage
+
+        replicas = engine_replicas(source)
+        return vllm_stage(model_path, source, snippet_len, stop, replicas), replicas
+    actors = source.concurrency or 1  # actors resolve the model themselves: a bundled one materialises on each node
+    return transformers_stage(model_path, source, snippet_len, stop, actors), actors
+
+
+def settled(passes: list, expansion, snippet_len: int, cuts: dict[int, list[int]], ranks: dict[int, int],
+            batch_size: int) -> "ray.data.Dataset | None":
+    """The passes' samples the tokens keep, as snippets with their order keys (materialised)."""
+    import ray.data
+
+    if not passes:
+        return None
+    samples = passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]
+    return samples.map_batches(
+        SnippetSettler, batch_format="pyarrow", batch_size=max(batch_size, 256),
+        fn_constructor_kwargs={"tokenizer": expansion.tokenizer, "new_start": expansion.new_start,
+                               "snippet_len": snippet_len, "cuts": cuts, "ranks": ranks},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cluster_cpus()),
+    ).materialize()
+
+
 def generate_snippets_on_ray(
     model_path: str,
     expansion,
@@ -325,7 +353,6 @@ def generate_snippets_on_ray(
     one per `tensor_parallel_size` GPUs) through ray.data.llm, or a pool of `concurrency`
     CPU actors running the transformers sampling loop."""
     import ray
-    import ray.data
 
     from tokdist_ray.raycluster import connect
 
@@ -341,14 +368,7 @@ def generate_snippets_on_ray(
     wanted = wanted_counts(tokens, snippets_per_token)
     ledger = RoundLedger({i: wanted[t.text] for i, t in by_index.items()}, source.refill_rounds,
                          may_drop=source.min_new_tokens > 0, overgenerate=source.overgenerate)
-    if backend == "vllm":
-        from tokdist_ray.data.generation.vllm_backend import engine_replicas, vllm_stage
-
-        workers = engine_replicas(source)
-        stage = vllm_stage(model_path, source, snippet_len, stop, workers)
-    else:  # actors resolve the model themselves, so a bundled model materialises on each node
-        workers = source.concurrency or 1
-        stage = transformers_stage(model_path, source, snippet_len, stop, workers)
+    stage, workers = generation_stage(backend, model_path, source, snippet_len, stop)
     prefix = bos_prefix(tokenizer)
     passes = run_passes(stage, ledger, by_index, prefix, source, workers)
 
@@ -358,16 +378,8 @@ def generate_snippets_on_ray(
     stats.spare = ledger.samples() - stats.samples
     kept = ledger.kept()
     stats.dropped_short = stats.samples - sum(kept.values())
-    snippets, counts = None, Counter()
-    if passes:
-        samples = passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]
-        snippets = samples.map_batches(
-            SnippetSettler, batch_format="pyarrow", batch_size=max(source.batch_size, 256),
-            fn_constructor_kwargs={"tokenizer": tokenizer, "new_start": expansion.new_start,
-                                   "snippet_len": snippet_len, "cuts": cuts, "ranks": token_ranks(by_index, prefix)},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cluster_cpus()),
-        ).materialize()
-        counts = snippet_counts(snippets)
+    snippets = settled(passes, expansion, snippet_len, cuts, token_ranks(by_index, prefix), source.batch_size)
+    counts = snippet_counts(snippets) if snippets is not None else Counter()
     for index, token in by_index.items():
         stats.counts[token.text] = counts.get(index, 0)
     stats.dropped_not_emitted = sum(kept.values()) - sum(counts.values())
@@ -378,17 +390,8 @@ def generate_snippets_on_ray(
     return GeneratedSnippets(snippets, sum(counts.values())), stats
 
 
-def generate_snippet_table(
-    model_path: str,
-    expansion,
-    tokens: Sequence[NewToken],
-    snippet_len: int = 50,
-    snippets_per_token: int | dict[str, int] = 100,
-    source: GeneratedDataSource | None = None,
-    token_indices: Sequence[int] | None = None,
-) -> tuple[pa.Table, GenerationStats]:
-    """generate_snippets_on_ray with the snippets brought to this process as one table
-    (SNIPPET_SCHEMA, in the fixed order): for the API, which holds its snippets anyway."""
-    generated, stats = generate_snippets_on_ray(model_path, expansion, tokens, snippet_len, snippets_per_token,
-                                                source, token_indices)
+def generate_snippet_table(*args, **kwargs) -> tuple[pa.Table, GenerationStats]:
+    """generate_snippets_on_ray (same arguments) with the snippets brought to this process as
+    one table (SNIPPET_SCHEMA, in the fixed order): for the API, which holds its snippets anyway."""
+    generated, stats = generate_snippets_on_ray(*args, **kwargs)
     return generated.table(), stats
