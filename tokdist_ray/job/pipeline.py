@@ -152,7 +152,9 @@ def _expected_compression(config: JobConfig, tokenizer, expansion: MergeExpansio
 
 
 def _snippets_stage(config: JobConfig, expansion: MergeExpansion, run_dir: Path) -> dict:
-    """Mine and/or generate on Ray, then write one snippet table that training reads."""
+    """Mine and/or generate on Ray, then write the snippets that training reads: the mined
+    ones from here, the generated ones from Ray Data's workers (so `run_dir` must be on
+    storage every node sees, as training needs anyway)."""
     from tokdist_ray.data.generation.ray_backend import generate_snippets_on_ray
     from tokdist_ray.data.mining import mine_corpus
 
