@@ -206,7 +206,7 @@ class TokenDistillation:
 
         def generate(tokens: list[NewToken], counts: dict[str, int], indices: list[int]):
             rows, stats = generate_snippets(self.model, expansion, tokens, snippet_len, counts, settings,
-                                            token_indices=indices)
+                                            token_indices=indices, model_path=self.model_path)
             return snippets_to_table(rows), stats
 
         return generate

@@ -183,11 +183,17 @@ class GeneratedDataSource:
     top_k: int = 0  # 0: no top-k cut, plain sampling
     batch_size: int = 64  # prompts per batch: one CPU decode batch, or one vLLM processor batch
     min_new_tokens: int = 8  # shorter samples (cut early at EOS) are dropped and counted; capped at snippet_len
-    refill_rounds: int = 2  # extra rounds that replace dropped samples (each restarts the actors/engines)
+    refill_rounds: int = 2  # extra rounds that replace dropped samples
+    # Ray backends: spare samples per token in a pass, as a share of the samples it asks for,
+    # so that the refill rounds settle without another pass (each pass starts the engines or
+    # actors again). The snippets do not depend on it; 0 runs one pass per round.
+    overgenerate: float = 0.1
     # "auto": vLLM when it is installed and the cluster has GPUs, else transformers on CPU actors.
     # The in-process API path treats "auto" as "transformers" on the model it already holds.
     backend: str = "auto"
-    concurrency: int = 1  # vLLM engine replicas, or CPU generation actors
+    # vLLM engine replicas (a fixed pool; None: one per tensor_parallel_size GPUs of the
+    # cluster's nodes, counted at the start), or CPU generation actors (None: 1)
+    concurrency: int | None = None
     num_cpus_per_actor: float = 1.0  # CPU backend: cores (torch threads) per actor
     dtype: str = "auto"  # weights dtype of the vLLM engines and of the CPU actors
     # vLLM engine settings
@@ -206,12 +212,14 @@ class GeneratedDataSource:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("batch_size", "concurrency", "tensor_parallel_size"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("top_k", "min_new_tokens", "refill_rounds"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         positive_number("num_cpus_per_actor", self.num_cpus_per_actor)
+        if not 0.0 <= self.overgenerate <= 10.0:
+            raise ConfigError(f"overgenerate must be in [0, 10] (a share of each token's samples), got {self.overgenerate}")
 
 
 @dataclass

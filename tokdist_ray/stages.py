@@ -30,8 +30,9 @@ from tokdist_ray.vocab.tokens import NewToken, not_distilled_note, skip_counts, 
 
 log = logging.getLogger("tokdist_ray")
 
-# (tokens short of snippets, how many each lacks, their indices in the run) -> (table, GenerationStats)
-Generate = Callable[[list[NewToken], dict[str, int], list[int]], tuple[pa.Table, object]]
+# (tokens short of snippets, how many each lacks, their indices in the run) -> (snippets, GenerationStats):
+# a table in SNIPPET_SCHEMA, or snippets left on the cluster (ray_backend.GeneratedSnippets: num_rows, write(dir))
+Generate = Callable[[list[NewToken], dict[str, int], list[int]], tuple[object, object]]
 
 
 def expand_tokens(tokenizer, candidates, mode: str) -> MergeExpansion:
@@ -49,8 +50,9 @@ def expand_tokens(tokenizer, candidates, mode: str) -> MergeExpansion:
 
 @dataclass
 class Snippets:
-    table: pa.Table  # SNIPPET_SCHEMA, mined rows first, then generated ones
+    table: pa.Table  # SNIPPET_SCHEMA, mined rows first, then generated ones held in this process
     report: dict  # "mining" and/or "generation", "snippets", "snippets_per_token"
+    generated: object | None = None  # generated snippets left on the cluster, after `table` (ray_backend.GeneratedSnippets)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -61,9 +63,10 @@ class Snippets:
 def collect_snippets(expansion: MergeExpansion, quota: int, mine: Callable[[], object] | None, generate: Generate,
                      top_up: bool) -> Snippets:
     """Mine (`mine() -> data.mining.MiningResult`, None without a corpus), then generate:
-    every token's quota without a corpus, or with `top_up` what mining left short."""
+    every token's quota without a corpus, or with `top_up` what mining left short. Generated
+    snippets that `generate` leaves on the cluster stay there (`Snippets.generated`)."""
     tokens = expansion.tokens
-    tables, report, counts = [], {}, Counter()
+    tables, report, counts, generated = [], {}, Counter(), None
     shortfall = {t.text: quota for t in tokens}
     if mine is not None:
         mined = mine()
@@ -74,14 +77,17 @@ def collect_snippets(expansion: MergeExpansion, quota: int, mine: Callable[[], o
     if shortfall:
         index = {t.text: i for i, t in enumerate(tokens)}
         todo = [t for t in tokens if t.text in shortfall]
-        table, stats = generate(todo, {t.text: shortfall[t.text] for t in todo}, [index[t.text] for t in todo])
-        tables.append(table)
+        rows, stats = generate(todo, {t.text: shortfall[t.text] for t in todo}, [index[t.text] for t in todo])
+        if isinstance(rows, pa.Table):
+            tables.append(rows)
+        else:
+            generated = rows
         report["generation"] = stats.as_dict(quota) | {"top_up": mine is not None}
         counts.update(stats.counts)
-    table = pa.concat_tables([t.cast(SNIPPET_SCHEMA) for t in tables])
-    report["snippets"] = table.num_rows
+    table = pa.concat_tables([t.cast(SNIPPET_SCHEMA) for t in tables]) if tables else SNIPPET_SCHEMA.empty_table()
+    report["snippets"] = table.num_rows + (generated.num_rows if generated is not None else 0)
     report["snippets_per_token"] = {t.text: counts[t.text] for t in tokens}
-    return Snippets(table, report)
+    return Snippets(table, report, generated)
 
 
 def split_by_snippets(tokens: Sequence[NewToken], counts: dict[str, int], min_per_token: int,

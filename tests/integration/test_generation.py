@@ -1,35 +1,51 @@
 """Generated snippets: request planning, seeded sampling, EOS cuts, top-up, the Ray Data CPU
-actor pool on the real SmolLM2, and the vLLM request/response functions without vLLM."""
+actor pool on the real SmolLM2, and the vLLM path through ray.data.llm's own processor with a
+fake engine (tests/fake_vllm.py), compared with the driver-side path it replaced."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+from tests import fake_vllm
 from tests.helpers import SENTENCES, WORDS
 from tokdist_ray import FileDataSource, GeneratedDataSource, TokenDistillation, api
 from tokdist_ray.config import DistillationConfig
 from tokdist_ray.data.generation import ray_backend as generation
 from tokdist_ray.data.generation import vllm_backend as vllm_generation
 from tokdist_ray.data.generation.local import generate_snippets
-from tokdist_ray.data.generation.ray_backend import generate_snippet_table, request_blocks, resolve_backend
+from tokdist_ray.data.generation.ray_backend import (
+    ORDER,
+    generate_snippet_table,
+    generate_snippets_on_ray,
+    request_blocks,
+    request_chunks,
+    resolve_backend,
+)
 from tokdist_ray.data.generation.requests import (
     SAMPLE_SCHEMA,
     GenerationStats,
     cut_at_eos,
     expanded_snippets,
+    fitted,
     plan_requests,
     sample_row,
     sample_seed,
     sample_table,
     stop_ids,
+    wanted_counts,
 )
 from tokdist_ray.data.generation.sampling import SampleStreams, draw, warp_logits
-from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix
+from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix, settle, window_around
 from tokdist_ray.errors import BackendUnavailableError
+from tokdist_ray.training.snippet_files import read_snippets
 from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.models import load_model, load_tokenizer
 from tokdist_ray.vocab.tokens import NewToken
@@ -104,10 +120,12 @@ def test_requests_carry_prompt_seed_and_continue_sample_indices():
     assert plan_requests(tokens, {" de": 1}, {" abc": 0, " de": 0}, [], 7, [0, 1])[0]["prompt_ids"] == [20, 21]
 
 
-def test_requests_split_into_a_block_per_batch_and_one_per_actor_at_least():
-    assert request_blocks(100, GeneratedDataSource(batch_size=32, concurrency=2)) == 4
-    assert request_blocks(32, GeneratedDataSource(batch_size=32, concurrency=2)) == 2
-    assert request_blocks(1, GeneratedDataSource(batch_size=32, concurrency=4)) == 1
+def test_requests_come_in_chunks_of_one_batch_of_one_token_in_enough_blocks():
+    tokens = {4: NewToken(" abc", (10, 11, 12)), 9: NewToken(" de", (20, 21))}
+    chunks = request_chunks(tokens, {4: (3, 8), 9: (0, 2)}, [1], chunk=2)
+    assert [(c["token_index"], c["lo"], c["hi"]) for c in chunks] == [(9, 0, 2), (4, 3, 5), (4, 5, 7), (4, 7, 8)]
+    assert chunks[0]["prompt_ids"] == [1, 20, 21] and chunks[0]["phrase_start"] == 1
+    assert request_blocks(1000, workers=2) == 125 and request_blocks(20, workers=2) == 8 and request_blocks(1, 4) == 1
 
 
 def test_short_samples_are_dropped_and_rows_fit_the_snippet_schema():
@@ -205,19 +223,22 @@ def test_vllm_sampling_params_are_plain_sampling_per_row_seed():
     assert row["tokenized_prompt"] == [1, 5, 6] and row["sampling_params"] == {**params, "seed": 99}
 
 
-def test_vllm_output_is_cut_at_eos_and_keeps_the_request_columns():
+def test_vllm_output_is_cut_at_eos_and_flagged_short():
     row = {"token": " x", "token_index": 1, "sample_index": 4, "seed": 3, "prompt_ids": np.array([1, 9]),
            "phrase_start": 1, "generated_tokens": np.array([5, 6, 2]), "generated_text": "", "num_input_tokens": 2}
-    sample = vllm_generation.vllm_sample(row, stop=[2])
-    assert sample == {"token": " x", "token_index": 1, "sample_index": 4, "seed": 3, "prompt_ids": [1, 9],
-                      "phrase_start": 1, "continuation": [5, 6]}
+    sample = vllm_generation.vllm_sample(row, stop=[2], min_new_tokens=2)
+    assert sample == {"token": " x", "token_index": 1, "sample_index": 4, "phrase_start": 1, "input_ids": [1, 9, 5, 6],
+                      "short": False}
+    assert vllm_generation.vllm_sample(row, stop=[2], min_new_tokens=3)["short"]
 
 
 def test_vllm_engine_settings_reach_the_processor_config():
     source = GeneratedDataSource(tensor_parallel_size=2, dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.5,
-                                 concurrency=3, batch_size=16, engine_kwargs={"enforce_eager": True})
-    config = vllm_generation.processor_config("/models/x", source)
-    assert config.model_source == "/models/x" and config.concurrency == 3 and config.batch_size == 16
+                                 batch_size=16, engine_kwargs={"enforce_eager": True})
+    config = vllm_generation.processor_config("bundled:smollm2", source, replicas=3)
+    # the user's name, resolved by each engine on its node; a fixed pool of 3 (an int would autoscale 1..3)
+    assert config.model_source == "bundled:smollm2" and config.concurrency == (3, 3) and config.batch_size == 16
+    assert config.get_concurrency(autoscaling_enabled=True) == {"min_size": 3, "max_size": 3}
     kwargs = config.engine_kwargs
     assert (kwargs["tensor_parallel_size"], kwargs["dtype"], kwargs["max_model_len"], kwargs["gpu_memory_utilization"],
             kwargs["enforce_eager"]) == (2, "bfloat16", 512, 0.5, True)
@@ -225,36 +246,134 @@ def test_vllm_engine_settings_reach_the_processor_config():
     assert not (config.chat_template_stage or config.tokenize_stage or config.detokenize_stage)
 
 
-def fake_engine_processor(config, preprocess, postprocess, **_):
-    """Stands in for ray.data.llm.build_processor: row = input + preprocess(input), the engine
-    adds `generated_tokens`, postprocess sees the merged row. Every third sample ends at once."""
+def test_vllm_replicas_default_to_the_cluster_gpus_per_replica(monkeypatch):
+    import ray
 
-    def run(row):
-        row = {**row, **preprocess(row)}
-        params = row["sampling_params"]
-        n = 0 if row["sample_index"] % 3 == 2 else params["max_tokens"]
-        tokens = [100 + (params["seed"] + i) % 50 for i in range(n)] + params["stop_token_ids"][:1]
-        return postprocess({**row, "generated_tokens": np.array(tokens)})
+    nodes = [{"Alive": True, "Resources": {"CPU": 16, "GPU": 4, "accelerator_type:L40S": 1}},
+             {"Alive": True, "Resources": {"CPU": 16, "GPU": 3, "accelerator_type:A100": 1}},
+             {"Alive": False, "Resources": {"GPU": 8}}, {"Alive": True, "Resources": {"CPU": 32}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    replicas = vllm_generation.engine_replicas
+    assert replicas(GeneratedDataSource()) == 7
+    assert replicas(GeneratedDataSource(tensor_parallel_size=2)) == 2 + 1  # a replica's GPUs sit on one node
+    assert replicas(GeneratedDataSource(accelerator_type="L40S")) == 4
+    assert replicas(GeneratedDataSource(concurrency=2)) == 2
+    monkeypatch.setattr(ray, "nodes", lambda: nodes[3:])
+    assert replicas(GeneratedDataSource()) == 1
 
-    return lambda dataset: dataset.map(run)
+
+def old_expanded_snippets(samples, expansion, snippet_len, stats):
+    """The driver-side settling the columnar path replaced, as it was, for reference."""
+    tokenizer, new_start = expansion.tokenizer, expansion.new_start
+    samples = [{**s, "input_ids": [int(i) for i in s["input_ids"]]} for s in samples]
+    texts = tokenizer.batch_decode([s["input_ids"][s["phrase_start"]:] for s in samples])
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    rows = []
+    for sample, ids in zip(samples, encoded):
+        new_id = new_start + sample["token_index"]
+        settled = new_id in ids and settle(tokenizer.backend_tokenizer, *window_around(ids, ids.index(new_id), 1, snippet_len))
+        if not settled:
+            stats.dropped_not_emitted += 1
+            stats.counts[sample["token"]] -= 1
+            continue
+        prefix = list(sample["input_ids"][: sample["phrase_start"]])
+        window, offset = settled
+        rows.append({**sample, "input_ids": prefix + window, "token_position": len(prefix) + offset})
+    return pa.Table.from_pylist([{k: r[k] for k in SNIPPET_SCHEMA.names} for r in rows], schema=SNIPPET_SCHEMA)
 
 
-def test_vllm_stage_wiring_with_a_fake_engine(tiny_model_dir, ray_session, monkeypatch):
+def old_driver_path(expansion, tokens, snippet_len, per_token, source, vocab_size, stop):
+    """The path before the columnar one: rounds of requests, every sample collected and
+    settled on the driver, with the fake engine's continuations."""
+    source = fitted(source, snippet_len)
+    params = vllm_generation.sampling_params(source, snippet_len, stop)
+    wanted, prefix = wanted_counts(tokens, per_token), bos_prefix(expansion.tokenizer)
+    stats = GenerationStats(counts={t.text: 0 for t in tokens})
+    next_sample, samples = {t.text: 0 for t in tokens}, []
+    for _ in range(1 + source.refill_rounds):
+        missing = {t: n - stats.counts[t] for t, n in wanted.items() if stats.counts[t] < n}
+        if not missing:
+            break
+        requests = plan_requests(tokens, missing, next_sample, prefix, source.seed, list(range(len(tokens))))
+        rows = [sample_row({**r, "continuation": cut_at_eos(fake_vllm.fake_continuation(
+            r["prompt_ids"], {**params, "seed": r["seed"]}, vocab_size), stop)}, source.min_new_tokens) for r in requests]
+        rows = [r for r in rows if r is not None]
+        samples += rows
+        stats.samples += len(requests)
+        for text, n in Counter(r["token"] for r in rows).items():
+            stats.counts[text] += n
+        for text, n in missing.items():
+            next_sample[text] += n
+    stats.dropped_short = stats.samples - sum(stats.counts.values())
+    return old_expanded_snippets(samples, expansion, snippet_len, stats), stats
+
+
+@pytest.fixture
+def fake_vllm_engine(monkeypatch, tmp_path):
+    """ray.data.llm with the fake engine; yields the directory where each engine start is recorded."""
     import ray.data.llm
 
     monkeypatch.setattr(generation, "vllm_installed", lambda: True)
-    monkeypatch.setattr(ray.data.llm, "build_processor", fake_engine_processor)
+    monkeypatch.setattr(ray.data.llm, "build_processor", fake_vllm.fake_build_processor)
+    log = tmp_path / "engine-starts"
+    log.mkdir()
+    yield log
+
+
+@pytest.mark.parametrize("overgenerate", [0.0, 2.0])
+def test_columnar_vllm_path_gives_the_snippets_and_rows_of_the_driver_path(tiny_model_dir, ray_session, fake_vllm_engine,
+                                                                           overgenerate):
+    model_dir = tiny_model_dir()
+    expansion, _ = tiny_expansion(model_dir)
+    tokens = expansion.tokens  # the words and the intermediate merges they need: several prompt lengths
+    source = GeneratedDataSource(backend="vllm", min_new_tokens=2, batch_size=4, concurrency=2, overgenerate=overgenerate,
+                                 engine_kwargs={"fake_engine_log": str(fake_vllm_engine)})
+    stop = stop_ids(expansion.tokenizer, GenerationConfig.from_pretrained(model_dir))
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    expected, old_stats = old_driver_path(expansion, tokens, 8, 6, source, vocab, stop)
+
+    table, stats = generate_snippet_table(str(model_dir), expansion, tokens, 8, 6, source)
+    assert table.schema.equals(SNIPPET_SCHEMA) and expected.num_rows > len(tokens)
+    assert table.to_pylist() == expected.to_pylist()  # the same rows, in the same order
+    assert stats.counts == old_stats.counts and stats.samples == old_stats.samples
+    assert (stats.dropped_short, stats.dropped_not_emitted) == (old_stats.dropped_short, old_stats.dropped_not_emitted)
+    assert old_stats.dropped_short > 0  # refill rounds had work to do
+    # with no spares every round is a pass of its own; with enough spares one pass settles them all
+    starts = fake_vllm.engine_starts(fake_vllm_engine)
+    assert stats.passes <= len(starts) <= 2 * stats.passes and fake_vllm.BUILT[-1].concurrency == (2, 2)
+    assert stats.passes == {0.0: 3, 2.0: 1}.get(overgenerate, stats.passes)
+    assert all(start["model"] == str(model_dir) for start in starts)
+
+
+def test_vllm_engines_resolve_the_users_model_name_themselves(tiny_model_dir, ray_session, fake_vllm_engine, tmp_path):
+    """The driver hands the engines the name it was given; each resolves it on its own
+    node, and a path that node lacks fails there, saying where a model must be."""
     model_dir = tiny_model_dir()
     expansion, tokens = tiny_expansion(model_dir)
-    table, stats = generate_snippet_table(str(model_dir), expansion, tokens, 6, 4,
-                                          GeneratedDataSource(backend="vllm", min_new_tokens=1))
-    rows = table.to_pylist()
-    # per token, sample 2 of round 0 came back empty and sample 4 of round 1 replaced it
-    assert stats.backend == "vllm" and stats.samples == 2 * 5 and stats.dropped_short == 2
-    assert sum(stats.counts.values()) == len(rows) == 2 * 4 - stats.dropped_not_emitted
-    for row in rows:
-        index = row["token_index"]
-        assert row["input_ids"][:2] == bos_prefix(expansion.tokenizer) + [expansion.new_start + index]
+    source = GeneratedDataSource(backend="vllm", min_new_tokens=1, concurrency=1,
+                                 engine_kwargs={"fake_engine_log": str(fake_vllm_engine)})
+    missing = tmp_path / "not-on-the-gpu-nodes"
+    with pytest.raises(Exception, match="every GPU node"):
+        generate_snippet_table(str(missing), expansion, tokens, 6, 2, source)
+    assert fake_vllm.BUILT[-1].model_source == str(missing)
+
+
+def test_generated_parts_are_what_training_reads_in_the_tables_order(tiny_model_dir, ray_session, fake_vllm_engine,
+                                                                      tmp_path):
+    model_dir = tiny_model_dir()
+    expansion, _ = tiny_expansion(model_dir)
+    source = GeneratedDataSource(backend="vllm", min_new_tokens=2, batch_size=2, concurrency=1,
+                                 engine_kwargs={"fake_engine_log": str(fake_vllm_engine)})
+    generated, stats = generate_snippets_on_ray(str(model_dir), expansion, expansion.tokens, 8, 5, source)
+    table = generated.table()
+    paths = generated.write(str(tmp_path / "parts"))
+    assert paths == sorted(paths) and len(paths) >= 1 and generated.num_rows == table.num_rows == sum(stats.counts.values())
+    read = pa.concat_tables([pq.read_table(p) for p in paths])
+    assert read.to_pylist() == table.to_pylist()
+    snippets = read_snippets(str(tmp_path / "parts"), [t.text for t in expansion.tokens])
+    assert snippets.ids.to_pylist() == table["input_ids"].to_pylist()
+    assert snippets.counts == {t: n for t, n in stats.counts.items() if n}
+    assert set(ORDER) <= set(generated.dataset.schema().names)
 
 
 # --- the CPU backend on SmolLM2 -------------------------------------------------------------
@@ -352,5 +471,39 @@ def test_ray_actor_pool_matches_in_process_and_writes_snippet_parquet(smol, smol
     pq.write_table(table, tmp_path / "snippets.parquet")
     table = pq.read_table(tmp_path / "snippets.parquet")
     assert table.schema.remove_metadata().equals(SNIPPET_SCHEMA)
-    key = lambda r: (r["token_index"], r["input_ids"])  # noqa: E731
-    assert sorted(table.to_pylist(), key=key) == sorted(rows, key=key)
+    assert table.to_pylist() == rows  # the same snippets, in the same order (by round, prompt length, token, sample)
+
+
+def test_the_jobs_top_up_is_written_by_ray_data_after_the_mined_rows(tiny_model_dir, job_corpus_dir, ray_session,
+                                                                     fake_vllm_engine, tmp_path):
+    """The job's snippets stage: mined rows in snippets.parquet, the generated top-up in
+    parts that Ray Data's workers wrote; training reads them in that order, and they are
+    the rows the table path gives for the same shortfall."""
+    from tests.helpers import tiny_job_args
+    from tokdist_ray.job.config import load_config, parse_overrides
+    from tokdist_ray.job.pipeline import GENERATED_PARTS, run_job
+    from tokdist_ray.training.snippet_files import parquet_files
+    from tokdist_ray.vocab.expansion_files import load_expansion
+
+    model_dir = tiny_model_dir()
+    run = tmp_path / "run"
+    args = tiny_job_args(model_dir, job_corpus_dir, run) + [
+        "--snippets.snippets_per_token", "6", "--data.top_up_with_generation", "true", "--generation.backend", "vllm",
+        "--generation.min_new_tokens", "2", "--generation.concurrency", "1"]
+    config = load_config(None, parse_overrides(args))
+    report = run_job(config, stages=("snippets",))["outputs"]["snippets"]["report"]
+    files = parquet_files(pafs.LocalFileSystem(), str(run / "snippets"))
+    assert files[0] == str(run / "snippets" / "snippets.parquet")
+    assert files[1:] and all(f"/{GENERATED_PARTS}/part-" in f for f in files[1:])
+    mined = pq.read_table(files[0])
+    generated = pa.concat_tables([pq.read_table(f) for f in files[1:]])
+    assert set(mined["source"].to_pylist()) == {"corpus"} and set(generated["source"].to_pylist()) == {"generated"}
+    assert report["snippets"] == mined.num_rows + generated.num_rows
+    assert Counter(generated["token"].to_pylist()) == {t: n for t, n in report["generation"]["snippets_per_token"].items() if n}
+
+    expansion = load_expansion(str(run / "tokenizer"))
+    shortfall = report["mining"]["shortfall"]
+    todo = [(i, t) for i, t in enumerate(expansion.tokens) if t.text in shortfall]
+    table, _ = generate_snippet_table(str(model_dir), expansion, [t for _, t in todo], 24, shortfall, config.generation,
+                                      token_indices=[i for i, _ in todo])
+    assert generated.to_pylist() == table.to_pylist()

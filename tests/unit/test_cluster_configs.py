@@ -35,3 +35,26 @@ def test_rayjob_can_be_submitted_and_watched_and_keeps_the_dashboard_private():
     assert head.get("serviceType", "ClusterIP") == "ClusterIP" and not head.get("enableIngress", False)
     assert cluster["authOptions"]["mode"] == "token"
     assert tuple(int(p) for p in cluster["rayVersion"].split(".")[:2]) >= (2, 52), "token auth needs Ray >= 2.52"
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_cluster_images_run_the_cuda_and_ray_the_gpu_extra_installs(name):
+    """The gpu extra's ray[llm] pins vLLM, which pins a torch built for CUDA 13 (Ray 2.60: vllm
+    0.29.0, torch 2.13.0, CUDA 13.0): the nodes run the ray-llm image of a Ray the extra
+    accepts, built for CUDA 13, on hosts whose driver runs CUDA 13 (>= 580)."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    config = yaml.safe_load((REPO / "cluster" / name).read_text())
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    ray_llm = next(Requirement(r) for r in extra if Requirement(r).name == "ray")
+    assert "llm" in ray_llm.extras
+    repository, tag = config["docker"]["image"].split(":")
+    ray_version, python, cuda = tag.split("-")
+    assert repository == "rayproject/ray-llm" and cuda.startswith("cu13") and python.startswith("py3")
+    assert ray_llm.specifier.contains(ray_version)
+    assert not any("worker_image" in node.get("docker", {}) for node in config["available_node_types"].values())
+    if name == "gcp.yaml":
+        for node in config["available_node_types"].values():
+            image = node["node_config"]["disks"][0]["initializeParams"]["sourceImage"]
+            assert int(image.rsplit("nvidia-", 1)[1]) >= 580, image

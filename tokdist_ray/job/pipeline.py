@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -38,6 +39,7 @@ from tokdist_ray.vocab.tokens import read_token_file
 
 log = logging.getLogger("tokdist_ray")
 STAGES = ("tokens", "snippets", "distill", "evaluate")
+GENERATED_PARTS = "snippets_generated"  # sorts after snippets.parquet, so training reads mined rows first
 
 
 # ------------------------------------------------------------------ stage bookkeeping
@@ -150,8 +152,10 @@ def _expected_compression(config: JobConfig, tokenizer, expansion: MergeExpansio
 
 
 def _snippets_stage(config: JobConfig, expansion: MergeExpansion, run_dir: Path) -> dict:
-    """Mine and/or generate on Ray, then write one snippet table that training reads."""
-    from tokdist_ray.data.generation.ray_backend import generate_snippet_table
+    """Mine and/or generate on Ray, then write the snippets that training reads: the mined
+    ones from here, the generated ones from Ray Data's workers (so `run_dir` must be on
+    storage every node sees, as training needs anyway)."""
+    from tokdist_ray.data.generation.ray_backend import generate_snippets_on_ray
     from tokdist_ray.data.mining import mine_corpus
 
     source, snippet = corpus_source(config), config.snippets
@@ -161,13 +165,19 @@ def _snippets_stage(config: JobConfig, expansion: MergeExpansion, run_dir: Path)
         count_bystanders=snippet.count_bystanders)
 
     def generate(tokens, counts, indices):
-        return generate_snippet_table(config.model, expansion, tokens, snippet.snippet_len, counts, config.generation,
-                                      token_indices=indices)
+        return generate_snippets_on_ray(config.model, expansion, tokens, snippet.snippet_len, counts,
+                                        config.generation, token_indices=indices)
 
     snippets = collect_snippets(expansion, snippet.snippets_per_token, mine, generate, config.data.top_up_with_generation)
     out = run_dir / "snippets"
     out.mkdir(parents=True, exist_ok=True)
+    # Training reads every parquet file here in sorted path order: the mined rows
+    # (snippets.parquet), then the generated parts, which Ray Data's workers write
+    # themselves (snippets_generated/part-*.parquet, named in the snippets' order).
+    shutil.rmtree(out / GENERATED_PARTS, ignore_errors=True)  # a rerun's parts replace the last run's
     pq.write_table(snippets.table, out / "snippets.parquet")
+    if snippets.generated is not None:
+        snippets.generated.write(str(out / GENERATED_PARTS))
     write_report(run_dir / "snippets_report.json", snippets.report)
     return {"snippets_path": str(out), "report": snippets.report}
 

@@ -19,10 +19,13 @@ newer to remove its batch dependence too); its snippets differ from the CPU back
 whose kernels differ.
 
 Modules:
-  requests      requests, rounds and stats, shared by every backend
+  requests      requests, rounds in process, stats, the columnar settling, shared by every backend
+  rounds        the round ledger: which samples each token keeps, settled in passes
   sampling      the CPU sampling loop
   local         generate_snippets(model, expansion, ...): in-process, on the model the API holds
-  ray_backend   generate_snippet_table(model_path, ...): a Ray Data stage, transformers on
-                a CPU actor pool, or vLLM via ray.data.llm (vllm_backend)
+  model_source  the model name resolved where an engine runs; stop ids read without weights
+  ray_backend   generate_snippets_on_ray(model_path, ...): Ray Data stages, transformers on a
+                CPU actor pool or vLLM via ray.data.llm (vllm_backend); the snippets stay on
+                the cluster and are written from there (or brought back: generate_snippet_table)
 """
 

@@ -20,18 +20,21 @@ from tokdist_ray.vocab.tokens import NewToken
 
 def generate_snippets(model, expansion, tokens: Sequence[NewToken], snippet_len: int = 50,
                       snippets_per_token: int | dict[str, int] = 100, source: GeneratedDataSource | None = None,
-                      token_indices: Sequence[int] | None = None) -> tuple[list[dict], GenerationStats]:
+                      token_indices: Sequence[int] | None = None,
+                      model_path: str | None = None) -> tuple[list[dict], GenerationStats]:
     """ray_backend.generate_snippet_table's arguments, but on `model` in this process,
     returning snippet rows (SNIPPET_SCHEMA, source="generated", in the expanded
-    tokenizer's ids). `backend="vllm"` hands the work to the Ray Data stage, for the model's own directory;
-    "auto" and "transformers" sample here, on the model as it is (device, dtype).
+    tokenizer's ids), in the Ray backend's order (by round, prompt length, token, sample).
+    `backend="vllm"` hands the work to the Ray Data stage, for `model_path` (the name the
+    model was loaded by, which the GPU nodes resolve themselves; default the model's own
+    directory); "auto" and "transformers" sample here, on the model as it is (device, dtype).
     """
     source = fitted(source, snippet_len)
     if source.backend == "vllm":
         from tokdist_ray.data.generation.ray_backend import generate_snippet_table
 
         table, stats = generate_snippet_table(
-            model.name_or_path, expansion, tokens, snippet_len, snippets_per_token, source, token_indices)
+            model_path or model.name_or_path, expansion, tokens, snippet_len, snippets_per_token, source, token_indices)
         return table.to_pylist(), stats
     tokenizer = expansion.tokenizer
     start = time.perf_counter()

@@ -37,6 +37,8 @@ class GenerationStats(MiningStats):
     samples: int = 0  # samples drawn, kept or not
     dropped_short: int = 0  # cut at EOS before min_new_tokens
     dropped_not_emitted: int = 0  # the expanded tokenizer does not emit the token in the sample
+    spare: int = 0  # samples generated beyond the rounds' (rounds.RoundLedger's spares), never kept
+    passes: int = 0  # starts of the engines or actors (Ray backends)
     backend: str = ""
 
     def as_dict(self, quota: int) -> dict:
@@ -46,6 +48,8 @@ class GenerationStats(MiningStats):
             "samples_generated": self.samples,
             "dropped_short_samples": self.dropped_short,
             "dropped_samples_without_the_token": self.dropped_not_emitted,
+            "spare_samples_generated": self.spare,
+            "engine_passes": self.passes,
         }
 
 
@@ -112,27 +116,46 @@ def sample_table(samples: Iterable[dict], min_new_tokens: int) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
 
 
-def expanded_snippets(samples: Sequence[dict], expansion, snippet_len: int, stats: GenerationStats) -> pa.Table:
-    """Samples (SAMPLE_SCHEMA) as snippets (SNIPPET_SCHEMA): the sample's text encoded by
-    the expanded tokenizer, the rule every snippet follows. A sample in which that
-    tokenizer does not emit the token (the model glued more letters on to the word, and
-    BPE splits the longer word otherwise) is dropped and counted in `stats`."""
-    tokenizer, new_start = expansion.tokenizer, expansion.new_start
-    samples = [{**s, "input_ids": [int(i) for i in s["input_ids"]]} for s in samples]
-    texts = tokenizer.batch_decode([s["input_ids"][s["phrase_start"] :] for s in samples])
+def settled_snippets(samples: pa.Table, tokenizer, new_start: int, snippet_len: int) -> pa.Table:
+    """Samples (SAMPLE_SCHEMA columns, any others carried along) as snippets: the sample's
+    text encoded by the expanded tokenizer, the rule every snippet follows, in SNIPPET_SCHEMA
+    columns plus the carried ones. A sample in which that tokenizer does not emit the token
+    (the model glued more letters on to the word, and BPE splits the longer word otherwise)
+    is left out. Columnar in and out: one batch of Python lists at a time, so that it runs
+    per batch inside Ray Data as well as on the API's samples."""
+    ids, starts = samples["input_ids"].to_pylist(), samples["phrase_start"].to_pylist()
+    texts = tokenizer.batch_decode([list(i[s:]) for i, s in zip(ids, starts)])
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    rows = []
-    for sample, ids in zip(samples, encoded):
-        new_id = new_start + sample["token_index"]
-        settled = new_id in ids and settle(tokenizer.backend_tokenizer, *window_around(ids, ids.index(new_id), 1, snippet_len))
-        if not settled:
-            stats.dropped_not_emitted += 1
-            stats.counts[sample["token"]] -= 1
-            continue
-        prefix = list(sample["input_ids"][: sample["phrase_start"]])
-        window, offset = settled
-        rows.append({**sample, "input_ids": prefix + window, "token_position": len(prefix) + offset})
-    return pa.Table.from_pylist([{k: r[k] for k in SNIPPET_SCHEMA.names} for r in rows], schema=SNIPPET_SCHEMA)
+    keep, snippet_ids, positions = [], [], []
+    for row, (sample, start, index, enc) in enumerate(zip(ids, starts, samples["token_index"].to_pylist(), encoded)):
+        new_id = new_start + index
+        settled = new_id in enc and settle(tokenizer.backend_tokenizer, *window_around(enc, enc.index(new_id), 1, snippet_len))
+        if settled:
+            window, offset = settled
+            keep.append(row)
+            snippet_ids.append(list(sample[:start]) + window)
+            positions.append(start + offset)
+    kept = samples.take(pa.array(keep, pa.int64()))
+    carried = [name for name in kept.column_names if name not in SNIPPET_SCHEMA.names and name != "phrase_start"]
+    columns = {"token": kept["token"], "token_index": kept["token_index"],
+               "input_ids": pa.array(snippet_ids, pa.list_(pa.int32())), "token_position": pa.array(positions, pa.int32()),
+               "source": kept["source"] if "source" in kept.column_names else pa.repeat("generated", len(keep))}
+    table = pa.table(columns).cast(SNIPPET_SCHEMA)
+    for name in carried:
+        table = table.append_column(name, kept[name])
+    return table
+
+
+def expanded_snippets(samples: Sequence[dict], expansion, snippet_len: int, stats: GenerationStats) -> pa.Table:
+    """settled_snippets on sample rows (SAMPLE_SCHEMA dicts) held in this process; the
+    samples left out are counted in `stats`."""
+    table = settled_snippets(pa.Table.from_pylist(list(samples), schema=SAMPLE_SCHEMA), expansion.tokenizer,
+                             expansion.new_start, snippet_len)
+    kept = Counter(table["token"].to_pylist())
+    for token, n in Counter(s["token"] for s in samples).items():
+        stats.dropped_not_emitted += n - kept[token]
+        stats.counts[token] -= n - kept[token]
+    return table
 
 
 def wanted_counts(tokens: Sequence[NewToken], snippets_per_token: int | dict[str, int]) -> dict[str, int]:
