@@ -60,7 +60,6 @@ def test_both_sides_decode_the_same_steps_and_count_new_ids(tiny_model_dir):
 def test_the_original_side_is_the_unexpanded_model(tiny_model_dir):
     """Generating under original_vocabulary gives the ids the model gave before it grew."""
     model_dir = tiny_model_dir(tied=False)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_model(model_dir)
     batch = {"input_ids": torch.tensor([[1, 7, 8, 9]]), "max_new_tokens": 5, "do_sample": False}
     before = model.generate(**batch)
