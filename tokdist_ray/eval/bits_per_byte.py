@@ -93,9 +93,12 @@ def _target_nats(hidden: torch.Tensor, head, targets: torch.Tensor) -> torch.Ten
     weight, bias = head.weight, getattr(head, "bias", None)
     log_norm = torch.full(targets.shape, float("-inf"), device=hidden.device)
     target_logit = torch.zeros(targets.shape, device=hidden.device)
+    hidden = hidden.float()
     for lo in range(0, len(weight), VOCAB_SLICE):
         hi = min(lo + VOCAB_SLICE, len(weight))
-        logits = F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi]).float()
+        # logits in fp32 from a bf16 model's states and rows (exact products, fp32 sums; a
+        # no-op on fp32): bf16 logits, 0.125 apart near 20, would blur the bits per token
+        logits = F.linear(hidden, weight[lo:hi].float(), None if bias is None else bias[lo:hi].float())
         log_norm = torch.logaddexp(log_norm, torch.logsumexp(logits, -1))
         inside = (targets >= lo) & (targets < hi)
         picked = logits.gather(-1, (targets - lo).clamp(0, hi - lo - 1)[..., None]).squeeze(-1)
@@ -188,16 +191,16 @@ def bits_per_byte(model, tokenizer, chunks: Sequence[str], new_start: int | None
     return summarise(token_log_probs(model, tokenizer, chunks, batch_size), new_start)
 
 
-def score_methods(
+def score_chunks(
     model, original_tokenizer, expanded_tokenizer, new_start: int,
     methods: dict[str, tuple[torch.Tensor, torch.Tensor | None]], chunks: Sequence[str], batch_size: int = 8,
-    other_models: dict[str, Callable[[], tuple]] | None = None, log: Callable[[str, dict], None] | None = None,
-) -> dict:
+    other_models: dict[str, Callable[[], tuple]] | None = None, label: str = "",
+) -> dict[str, list[ChunkScore]]:
     """The original model on its own tokenisation, then the model expanded with each
     method's (input rows, output rows or None) on the expanded tokenisation, then each of
     `other_models` (name -> a loader of (model, tokenizer): a model another tool expanded
     from the same original, new ids from new_start) on its own tokenisation, all on the
-    same chunks. Returns {"methods": {name: summary}, "costliest_new_tokens": {name: rows}}.
+    same chunks: {"original": scores, name: scores, ...}, each in chunk order.
 
     `model` itself becomes the expanded model, each method's rows written over the last's:
     no copy of it is made (for an 8B model a copy is 32 GB). A tied model given a method's
@@ -207,24 +210,44 @@ def score_methods(
     from tokdist_ray.vocab.models import ties_word_embeddings
 
     tied = ties_word_embeddings(model)
-    original = token_log_probs(model, original_tokenizer, chunks, batch_size, "bits per byte, original")
-    summaries, costliest = {"original": summarise(original)}, {}
+    scores = {"original": token_log_probs(model, original_tokenizer, chunks, batch_size, f"bits per byte, original{label}")}
+    for name, (input_rows, output_rows) in methods.items():
+        write_method_rows(model, new_start, input_rows, output_rows, tied)
+        scores[name] = token_log_probs(model, expanded_tokenizer, chunks, batch_size, f"bits per byte, {name}{label}")
+    for name, load in (other_models or {}).items():
+        other, tokenizer = load()
+        scores[name] = token_log_probs(other, tokenizer, chunks, batch_size, f"bits per byte, {name}{label}")
+    return scores
 
-    def record(name: str, scores: list[ChunkScore]) -> None:
-        summaries[name] = summarise(scores, new_start)
-        rows = compare_to_original(original, scores, new_start, top_k=None)
+
+def summarise_methods(scores: dict[str, Sequence[ChunkScore]], new_start: int,
+                      log: Callable[[str, dict], None] | None = None) -> dict:
+    """`score_chunks`' scores (of all the chunks, or of consecutive parts of them
+    concatenated in chunk order) as {"methods": {name: summary}, "costliest_new_tokens":
+    {name: rows}}; needs no model."""
+    original = scores["original"]
+    summaries, costliest = {"original": summarise(original)}, {}
+    for name, scored in scores.items():
+        if name == "original":
+            continue
+        summaries[name] = summarise(scored, new_start)
+        rows = compare_to_original(original, scored, new_start, top_k=None)
         summaries[name]["new_token_spans"] = span_totals(rows)
         costliest[name] = rows[:COSTLIEST_KEPT]
         if log is not None:
             log(name, summaries[name])
-
-    for name, (input_rows, output_rows) in methods.items():
-        write_method_rows(model, new_start, input_rows, output_rows, tied)
-        record(name, token_log_probs(model, expanded_tokenizer, chunks, batch_size, f"bits per byte, {name}"))
-    for name, load in (other_models or {}).items():
-        other, tokenizer = load()
-        record(name, token_log_probs(other, tokenizer, chunks, batch_size, f"bits per byte, {name}"))
     return {"methods": summaries, "costliest_new_tokens": costliest}
+
+
+def score_methods(
+    model, original_tokenizer, expanded_tokenizer, new_start: int,
+    methods: dict[str, tuple[torch.Tensor, torch.Tensor | None]], chunks: Sequence[str], batch_size: int = 8,
+    other_models: dict[str, Callable[[], tuple]] | None = None, log: Callable[[str, dict], None] | None = None,
+) -> dict:
+    """`score_chunks`, summarised: {"methods": {name: summary}, "costliest_new_tokens": {name: rows}}."""
+    scores = score_chunks(model, original_tokenizer, expanded_tokenizer, new_start, methods, chunks, batch_size,
+                          other_models)
+    return summarise_methods(scores, new_start, log)
 
 
 COSTLIEST_KEPT = 20  # rows of compare_to_original kept in eval.json per method

@@ -14,6 +14,7 @@ from collections import defaultdict
 from typing import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from tokdist_ray.console import StageProgress
 from tokdist_ray.training.batching import collate
@@ -45,7 +46,100 @@ def _from_first_new_token(student_ids: torch.Tensor, mask: torch.Tensor, new_sta
     return (is_new.cumsum(dim=1) > 0) & mask
 
 
+def _original_log_probs(hidden: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """Log-probabilities over the original vocabulary in fp32, whatever the model's dtype:
+    bf16 logits would be rounded to 3 significant digits (0.125 apart near 20), noise as
+    large as the KL between good rows. An fp32 model computes what it always did."""
+    return torch.log_softmax(F.linear(hidden.float(), *head), -1)
+
+
 @torch.no_grad()
+def drift_sums(
+    model,
+    new_start: int,
+    methods: dict[str, torch.Tensor],
+    examples: Sequence[dict],
+    token_of_example: Sequence[str],
+    target_layer: int = -1,
+    batch_size: int = 16,
+    label: str = "",
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{method: {"overall" or a token: {metric: sum over positions, "positions": count}}}.
+
+    Sums, not means: the sums over disjoint parts of the snippets add up (`add_sums`) to
+    the sums over all of them, whose means (`drift_means`) are the whole's."""
+    distillers = {
+        name: TokenDistiller(model, NewRows(rows), new_start, ("MSE-on-hiddens",), target_layer, mixed_precision=False)
+        for name, rows in methods.items()
+    }
+    anyone = next(iter(distillers.values()))
+    need_target = anyone.target != anyone.n_layers
+    out_head = model.get_output_embeddings()
+    bias = getattr(out_head, "bias", None)
+    # one fp32 copy of the original vocabulary's rows on a bf16 model (none on an fp32 one)
+    head = (out_head.weight[:new_start].float(), None if bias is None else bias[:new_start].float())
+    sums = {name: defaultdict(lambda: defaultdict(float)) for name in methods}
+    progress = StageProgress(f"drift of {len(methods)} methods{label}", len(examples), "held-out snippets")
+    for lo in range(0, len(examples), batch_size):
+        batch = {k: v.to(model.device) for k, v in collate(examples[lo : lo + batch_size]).items()}
+        keep = _from_first_new_token(batch["student_ids"], batch["student_mask"], new_start)
+        t_target, t_final, _ = anyone.hidden_states(need_target, True, input_ids=batch["teacher_ids"])
+
+        def aligned(x):
+            return x.gather(1, batch["teacher_index"][..., None].expand(-1, -1, x.size(-1)))
+
+        t_final = aligned(t_final)
+        t_logp = _original_log_probs(t_final, head)
+        t_target = aligned(t_target) if need_target else t_final
+        for name, d in distillers.items():
+            s_target, s_final, _ = d.hidden_states(need_target, True, inputs_embeds=d.embed_student(batch["student_ids"]))
+            s_target = s_target if need_target else s_final
+            s_logp = _original_log_probs(s_final, head)
+            per_position = {  # in fp32 (no-ops on an fp32 model)
+                "hidden_mse": (s_final.float() - t_final.float()).pow(2).mean(-1),
+                "target_mse": (s_target.float() - t_target.float()).pow(2).mean(-1),
+                "kl": (t_logp.exp() * (t_logp - s_logp)).sum(-1),
+            }
+            for row in range(len(keep)):
+                token = token_of_example[lo + row]
+                n = int(keep[row].sum())
+                for key in ("overall", token):
+                    sums[name][key]["positions"] += n
+                    for metric, values in per_position.items():
+                        sums[name][key][metric] += float(values[row][keep[row]].sum())
+        progress.advance(len(keep))
+    return {name: {key: dict(acc) for key, acc in per_key.items()} for name, per_key in sums.items()}
+
+
+def add_sums(parts: Iterable[dict]) -> dict:
+    """`drift_sums` of disjoint parts of the snippets, added up (keys in the order first seen)."""
+    total: dict = {}
+    for part in parts:
+        for name, per_key in part.items():
+            mine = total.setdefault(name, {})
+            for key, acc in per_key.items():
+                into = mine.setdefault(key, dict.fromkeys(acc, 0.0))
+                for metric, value in acc.items():
+                    into[metric] += value
+    return total
+
+
+def drift_means(sums: dict) -> dict[str, dict]:
+    """{method: {"overall": {metric: mean}, "per_token": {token: {metric: mean}}}} from `drift_sums`."""
+
+    def means(acc):
+        n = max(acc.get("positions", 0), 1)
+        return {m: acc.get(m, 0.0) / n for m in METRICS} | {"positions": int(acc.get("positions", 0))}
+
+    return {
+        name: {
+            "overall": means(acc.get("overall", {})),
+            "per_token": {tok: means(v) for tok, v in acc.items() if tok != "overall"},
+        }
+        for name, acc in sums.items()
+    }
+
+
 def drift(
     model,
     new_start: int,
@@ -59,54 +153,7 @@ def drift(
 
     Means are over positions (per token: over the positions of that token's snippets).
     """
-    distillers = {
-        name: TokenDistiller(model, NewRows(rows), new_start, ("MSE-on-hiddens",), target_layer, mixed_precision=False)
-        for name, rows in methods.items()
-    }
-    anyone = next(iter(distillers.values()))
-    need_target = anyone.target != anyone.n_layers
-    sums = {name: defaultdict(lambda: defaultdict(float)) for name in methods}
-    progress = StageProgress(f"drift of {len(methods)} methods", len(examples), "held-out snippets")
-    for lo in range(0, len(examples), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(examples[lo : lo + batch_size]).items()}
-        keep = _from_first_new_token(batch["student_ids"], batch["student_mask"], new_start)
-        t_target, t_final, _ = anyone.hidden_states(need_target, True, input_ids=batch["teacher_ids"])
-
-        def aligned(x):
-            return x.gather(1, batch["teacher_index"][..., None].expand(-1, -1, x.size(-1)))
-
-        t_final = aligned(t_final)
-        t_logp = torch.log_softmax(anyone.original_logits(t_final).float(), -1)
-        t_target = aligned(t_target) if need_target else t_final
-        for name, d in distillers.items():
-            s_target, s_final, _ = d.hidden_states(need_target, True, inputs_embeds=d.embed_student(batch["student_ids"]))
-            s_target = s_target if need_target else s_final
-            s_logp = torch.log_softmax(d.original_logits(s_final).float(), -1)
-            per_position = {
-                "hidden_mse": (s_final - t_final).pow(2).mean(-1),
-                "target_mse": (s_target - t_target).pow(2).mean(-1),
-                "kl": (t_logp.exp() * (t_logp - s_logp)).sum(-1),
-            }
-            for row in range(len(keep)):
-                token = token_of_example[lo + row]
-                n = int(keep[row].sum())
-                for key in ("overall", token):
-                    sums[name][key]["positions"] += n
-                    for metric, values in per_position.items():
-                        sums[name][key][metric] += float(values[row][keep[row]].sum())
-        progress.advance(len(keep))
-
-    def means(acc):
-        n = max(acc["positions"], 1)
-        return {m: acc[m] / n for m in METRICS} | {"positions": int(acc["positions"])}
-
-    return {
-        name: {
-            "overall": means(acc["overall"]),
-            "per_token": {tok: means(v) for tok, v in acc.items() if tok != "overall"},
-        }
-        for name, acc in sums.items()
-    }
+    return drift_means(drift_sums(model, new_start, methods, examples, token_of_example, target_layer, batch_size))
 
 
 COMPRESSION_SAMPLE_BYTES = 5_000_000  # tokens-per-byte needs no more text than this
