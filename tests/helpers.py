@@ -1,7 +1,10 @@
 """Small builders shared by the engine tests (tiny models only)."""
 
+import torch
 from transformers import AutoTokenizer
 
+from tokdist_ray.config import EvalConfig
+from tokdist_ray.eval.heldout import Evaluation
 from tokdist_ray.training.batching import align_snippets
 from tokdist_ray.training.rows import pre_init_rows
 from tokdist_ray.training.step import NewRows, TokenDistiller
@@ -52,3 +55,34 @@ def run_cli(args, capsys) -> tuple[int, str]:
 
     code = main(["run", *args])
     return code, capsys.readouterr().err
+
+
+def assert_close(actual, expected, rel: float = 1e-5, abs: float = 1e-8, skip: tuple[str, ...] = (), path: str = "") -> None:
+    """Nested dicts and lists equal, floats within tolerance; keys named in `skip` (at any
+    depth) left out, e.g. timings."""
+    import pytest
+
+    if isinstance(expected, dict):
+        keys = [k for k in expected if k not in skip]
+        assert [k for k in actual if k not in skip] == keys, f"{path}: keys differ"
+        for k in keys:
+            assert_close(actual[k], expected[k], rel, abs, skip, f"{path}.{k}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), f"{path}: lengths differ"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_close(a, e, rel, abs, skip, f"{path}[{i}]")
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=rel, abs=abs, nan_ok=True), path
+    else:
+        assert actual == expected, path
+
+
+def tiny_evaluation(model_dir, heldout_dir, **settings) -> Evaluation:
+    """Random new rows (input and output) of the two WORDS on a tiny untied model."""
+    expansion = expand_with_merges(AutoTokenizer.from_pretrained(model_dir), WORDS)
+    generator = torch.Generator().manual_seed(0)
+    rows = {side: 0.05 * torch.randn(len(expansion.tokens), 64, generator=generator) for side in ("input", "output")}
+    settings = {"snippets_per_token": 4, "batch_size": 2, "chunk_bytes": 60, "bits_per_byte_bytes": 500,
+                "generation_steps": 0} | settings
+    return Evaluation(str(model_dir), expansion, rows, EvalConfig(heldout_paths=[str(heldout_dir)], **settings), [],
+                      snippet_len=24)

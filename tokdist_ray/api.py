@@ -171,7 +171,8 @@ class TokenDistillation:
         settings = dataclasses.replace(settings or EvalConfig(), heldout_paths=corpus_paths("heldout_paths", heldout_paths))
         check_writable_dir("out_path", out_path)
         last = self._last
-        evaluation = Evaluation(self.model_path, last.expansion, last.rows, settings,
+        rows = {name: row.detach().cpu() for name, row in last.rows.items()}  # a Ray task may run on another device
+        evaluation = Evaluation(self.model_path, last.expansion, rows, settings,
                                 last.report["training"]["loss_curve"], last.snippet_len, last.target_layer,
                                 last.snippet_seed, self.trust_remote_code)
         return evaluate_export(evaluation, Path(out_path))

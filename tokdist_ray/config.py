@@ -279,8 +279,15 @@ class EvalConfig:
     generation_steps: int = 64
     generation_prompts: int = 8
     prompt_bytes: int = 256  # each prompt's length, in bytes of held-out text
+    # workers that share drift and bits per byte, each one GPU and one copy of the model:
+    # "auto" one per GPU while each gets a few batches, one on the CPUs without GPUs; or a
+    # number (at most the GPUs; on CPUs it splits the largest node's cores between them)
+    num_workers: int | str = "auto"
 
     def __post_init__(self) -> None:
+        if self.num_workers != "auto" and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
+                                           or self.num_workers < 1):
+            raise ConfigError(f"num_workers must be 'auto' or an int >= 1, got {self.num_workers!r}")
         self.heldout_paths = corpus_paths("heldout_paths", self.heldout_paths)
         self.compare_models = corpus_paths("compare_models", self.compare_models)
         for name in ("snippets_per_token", "batch_size", "chunk_bytes", "generation_prompts", "prompt_bytes"):

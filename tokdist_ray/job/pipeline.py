@@ -273,7 +273,8 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
     if "evaluate" in stages and config.eval.heldout_paths:
         distilled = outputs.get("distill") or _finished(ledger, "distill")
         rows = Path(distilled["rows_path"]).read_bytes()  # a re-distilled model is evaluated anew
-        key = _key(key, settings["eval"], distilled, hashlib.sha256(rows).hexdigest())
+        scored = {k: v for k, v in settings["eval"].items() if k != "num_workers"}  # how many share it: same result
+        key = _key(key, scored, distilled, hashlib.sha256(rows).hexdigest())
         outputs["evaluate"] = ledger.run("evaluate", key, lambda: _evaluate_stage(config, expansion, distilled, run_dir))
 
     report = {
