@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+PLOT_TOKENS = 40  # per-token drift: at most this many tokens
+
 
 def write_plots(results: dict, loss_curve: list[dict], out_dir: Path, bits: dict | None = None,
                 generation: dict | None = None) -> list[str]:
@@ -31,7 +33,9 @@ def write_plots(results: dict, loss_curve: list[dict], out_dir: Path, bits: dict
         plt.close(fig)
         written.append(str(out_dir / "compression_vs_bits.png"))
     names = list(results)
-    tokens = sorted(results[names[0]]["per_token"])
+    per_token = results[names[0]]["per_token"]
+    # the tokens with the most held-out positions: a bar per token of thousands is no plot
+    tokens = sorted(sorted(per_token, key=lambda t: (-per_token[t]["positions"], t))[:PLOT_TOKENS])
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(tokens) * len(names) / 2), 4))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
@@ -39,7 +43,8 @@ def write_plots(results: dict, loss_curve: list[dict], out_dir: Path, bits: dict
         ax.bar([x + i * width for x in range(len(tokens))], values, width, label=name)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tokens))], [repr(t) for t in tokens], rotation=60, ha="right")
     ax.set_ylabel("held-out last-layer hidden MSE")
-    ax.set_title("Drift from the original model per new token (lower is better)")
+    ax.set_title("Drift from the original model per new token (lower is better)"
+                 + (f", the {PLOT_TOKENS} most frequent" if len(per_token) > PLOT_TOKENS else ""))
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "drift_per_token.png", dpi=100)
