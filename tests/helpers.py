@@ -45,7 +45,7 @@ def tiny_job_args(model_dir, corpus_dir, run_dir) -> list[str]:
         "--model", str(model_dir), "--run_dir", str(run_dir), "--tokens.list", ",".join(WORDS),
         "--data.paths", str(corpus_dir), "--snippets.snippet_len", "24", "--snippets.snippets_per_token", "4",
         "--training.batch_size", "4", "--distributed.checkpoint_every", "0", "--eval.heldout_paths", str(corpus_dir),
-        "--eval.snippets_per_token", "2",
+        "--eval.snippets_per_token", "2", "--eval.prompt_bytes", "48",  # the documents are about 100 bytes
     ]
 
 

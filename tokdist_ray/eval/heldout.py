@@ -152,24 +152,38 @@ def score_part(evaluation: Evaluation, index: int = 0, count: int = 1) -> dict:
         with_outputs = {name: (inputs, rows.get("output") if name == "token_distillation" else outputs.get(name))
                         for name, inputs in methods.items()}
         chunks = heldout_chunks(texts, settings.chunk_bytes, settings.bits_per_byte_bytes)
-        lo, hi = part(len(chunks), index, count)
+        start, stop = part(len(chunks), index, count)
         others = {Path(d).name: partial(_other_model, d, trust, device, dtype) for d in settings.compare_models}
-        out["bits"] = score_chunks(model, original, expansion.tokenizer, new_start, with_outputs, chunks[lo:hi],
-                                   settings.batch_size, others, label) if hi > lo else {}
+        out["bits"] = score_chunks(model, original, expansion.tokenizer, new_start, with_outputs,
+                                   chunks[start:stop], settings.batch_size, others, label) if stop > start else {}
     if index == 0 and settings.generation_steps:
-        # from chunks, not documents: a corpus file may be one document
-        prompts = prompts_from(heldout_chunks(texts, settings.chunk_bytes), settings.generation_prompts,
-                               settings.prompt_bytes)
-        log.info("generation: %d held-out prompts, %d decode steps each, greedy and sampled, original and expanded",
-                 len(prompts), settings.generation_steps)
         write_method_rows(model, new_start, rows["input"], rows.get("output"), tied)
-        out["generation"] = {
-            "decode_steps_per_prompt": settings.generation_steps,
-            "heldout_new_token_share": heldout_new_token_share(expansion.tokenizer, leading_texts(texts), new_start),
-            **compare_generation(model, original, expansion.tokenizer, new_start, prompts, settings.generation_steps,
-                                 evaluation.seed),
-        }
+        generation = _generation(model, original, expansion, texts, settings, evaluation.seed)
+        if generation is not None:
+            out["generation"] = generation
     return out
+
+
+def _generation(expanded, original_tokenizer, expansion: MergeExpansion, texts: list[str], settings: EvalConfig,
+                seed: int) -> dict | None:
+    """The original against the `expanded` model (Token Distillation's rows written) on
+    held-out prompts; None, with a warning, when no held-out text is long enough for one."""
+    # from chunks, not documents: a corpus file may be one document
+    chunks = heldout_chunks(texts, max(settings.chunk_bytes, 2 * settings.prompt_bytes))
+    prompts = prompts_from(chunks, settings.generation_prompts, settings.prompt_bytes)
+    if not prompts:
+        log.warning("generation: skipped; no held-out text holds eval.prompt_bytes (%d bytes) for a prompt",
+                    settings.prompt_bytes)
+        return None
+    log.info("generation: %d held-out prompts, %d decode steps each, greedy and sampled, original and expanded",
+             len(prompts), settings.generation_steps)
+    new_start = expansion.new_start
+    return {
+        "decode_steps_per_prompt": settings.generation_steps,
+        "heldout_new_token_share": heldout_new_token_share(expansion.tokenizer, leading_texts(texts), new_start),
+        **compare_generation(expanded, original_tokenizer, expansion.tokenizer, new_start, prompts,
+                             settings.generation_steps, seed),
+    }
 
 
 def _write(report: dict, loss_curve: list, out_dir: Path) -> dict:
