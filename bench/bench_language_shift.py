@@ -41,11 +41,8 @@ VARIANTS = {
     "output weight 1": {"training.new_token_output_weight": 1.0},
     "output weight 2": {"training.new_token_output_weight": 2.0},
     "untied": {"training.untie_word_embeddings": True},
-    "untied, first piece": {"training.untie_word_embeddings": True, "training.output_row_init": "first_piece"},
     "all positions": {"training.new_token_output_positions": "all"},
-    "untied, first piece, all positions": {"training.untie_word_embeddings": True,
-                                           "training.output_row_init": "first_piece",
-                                           "training.new_token_output_positions": "all"},
+    "untied, first-piece output rows": {"training.untie_word_embeddings": True, "output.emb_policy": "first_piece"},
     "lr 1e-2": {"training.learning_rate": 1.0e-2},
     "2 epochs": {"training.epochs": 2},
 }

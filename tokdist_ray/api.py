@@ -215,8 +215,7 @@ class TokenDistillation:
     def _distill(self, expansion: MergeExpansion, snippet_ids: list[list[int]], policy: OutputEmbeddingInit,
                  strategy: str, training: DistillationConfig) -> tuple[dict[str, torch.Tensor], object]:
         tokens, new_start = expansion.tokens, expansion.new_start
-        rows = initial_rows(self.model, [t.phrase_ids for t in tokens], policy, strategy, training.untie_word_embeddings,
-                            training.output_row_init)
+        rows = initial_rows(self.model, [t.phrase_ids for t in tokens], policy, strategy, training.untie_word_embeddings)
         distiller = TokenDistiller.from_config(self.model, rows, new_start, training).to(self.device)
         examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), snippet_ids)
         log.info(

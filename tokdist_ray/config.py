@@ -25,7 +25,6 @@ NEW_TOKEN_OUTPUT_LOSS = "KL-on-new-token-outputs"
 LOSS_METHODS = ("MSE-on-hiddens", "MSE-on-logits", "KL-on-logits", "CE", "CE-auto-weighted", NEW_TOKEN_OUTPUT_LOSS)
 LR_SCHEDULES = ("constant", "linear")
 BATCH_GROUPINGS = ("first_new_token", "random")
-OUTPUT_ROW_INITS = ("pre_init", "first_piece")
 NEW_TOKEN_OUTPUT_POSITIONS = ("new_tokens", "all")
 PRE_INIT_STRATEGIES = ("fvt", "adapti-vocab")
 STRATEGIES = ("auto", "ddp", "deepspeed")
@@ -41,6 +40,7 @@ class OutputEmbeddingInit(str, Enum):
     ZERO = "zero"
     SUBTOKEN_MEAN = "subtoken_mean"
     TRAIN_WITH_CE = "train_with_ce"
+    FIRST_PIECE = "first_piece"  # tokdist-ray: the first piece's output row, kept fixed
 
 
 def output_emb_policy(value: OutputEmbeddingInit | str) -> OutputEmbeddingInit:
@@ -139,17 +139,12 @@ class DistillationConfig:
     # tied models: train and export separate output rows for the new tokens (the model is
     # saved untied, one more [vocab, d] table; its original rows are copied bit for bit)
     untie_word_embeddings: bool = False
-    # where trained output rows start: "pre_init" (pre_init_strategy over the pieces'
-    # output rows) or "first_piece" (the first piece's output row)
-    output_row_init: str = "pre_init"
 
     def __post_init__(self) -> None:
         self.loss_methods = loss_methods(self.loss_methods)
         if self.new_token_output_positions not in NEW_TOKEN_OUTPUT_POSITIONS:
             raise ConfigError(f"new_token_output_positions must be one of {NEW_TOKEN_OUTPUT_POSITIONS}, "
                               f"got {self.new_token_output_positions!r}")
-        if self.output_row_init not in OUTPUT_ROW_INITS:
-            raise ConfigError(f"output_row_init must be one of {OUTPUT_ROW_INITS}, got {self.output_row_init!r}")
         if self.batch_grouping not in BATCH_GROUPINGS:
             raise ConfigError(f"batch_grouping must be one of {BATCH_GROUPINGS}, got {self.batch_grouping!r}")
         positive_number("new_token_output_weight", self.new_token_output_weight)

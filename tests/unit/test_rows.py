@@ -29,7 +29,7 @@ def test_long_phrases_do_not_overflow():
     torch.testing.assert_close(rows[0], torch.ones(2))
 
 
-def test_trained_output_rows_start_from_the_first_piece_or_the_pre_init_mix(tiny_model_dir):
+def test_output_rows_from_the_first_piece_stay_fixed_and_others_train_from_the_mix(tiny_model_dir):
     from tokdist_ray.config import OutputEmbeddingInit
     from tokdist_ray.training.rows import initial_rows
     from tokdist_ray.vocab.models import load_model
@@ -37,8 +37,9 @@ def test_trained_output_rows_start_from_the_first_piece_or_the_pre_init_mix(tiny
     model = load_model(tiny_model_dir(tied=True))
     phrases = [[5, 9, 11], [7, 3]]
     table = model.get_input_embeddings().weight
-    first = initial_rows(model, phrases, OutputEmbeddingInit.TRAIN_WITH_CE, "fvt", untie=True, output_init="first_piece")
-    assert first.trains_output and torch.equal(first.output, table[[5, 7]].float())
-    mixed = initial_rows(model, phrases, OutputEmbeddingInit.TRAIN_WITH_CE, "fvt", untie=True)
-    assert torch.allclose(mixed.output[1], table[[7, 3]].float().mean(0))
-    assert torch.equal(first.input, mixed.input)  # the input side does not change
+    first = initial_rows(model, phrases, OutputEmbeddingInit.FIRST_PIECE, "fvt", untie=True)
+    assert not first.trains_output and torch.equal(first.output, table[[5, 7]].float())
+    trained = initial_rows(model, phrases, OutputEmbeddingInit.TRAIN_WITH_CE, "fvt", untie=True)
+    assert trained.trains_output and torch.allclose(trained.output[1], table[[7, 3]].float().mean(0))
+    assert torch.equal(first.input, trained.input)  # the input side does not change
+    assert initial_rows(model, phrases, OutputEmbeddingInit.FIRST_PIECE, "fvt").output is None  # tied, not untied

@@ -62,21 +62,23 @@ def pre_init_rows(
 
 
 def initial_rows(
-    model, phrases: Sequence[Sequence[int]], policy: OutputEmbeddingInit, strategy: PreInitStrategy,
-    untie: bool = False, output_init: str = "pre_init",
+    model, phrases: Sequence[Sequence[int]], policy: OutputEmbeddingInit, strategy: PreInitStrategy, untie: bool = False
 ) -> NewRows:
     """The new rows before training: input rows pre-initialised from the subtokens; an
-    untied model's output rows zero, the subtoken mean, or trained from a start that
-    `output_init` names: "pre_init" (`strategy` over the pieces' output rows) or
-    "first_piece" (the first piece's output row: its logit is the log-probability of the
-    first piece, an upper bound on the phrase's, where the mean of the pieces' rows mixes
-    in logits of pieces that do not come next).
+    untied model's output rows zero, the subtoken mean, the first piece's output row, or
+    pre-initialised and trained.
+
+    The first piece's row gives the new token the logit of its first piece, the
+    log-probability of the phrase's first step, an upper bound on the phrase's own; the
+    subtoken mean mixes in the logits of pieces that do not come next, and rows trained
+    on a few snippets each fit those contexts and generalise worse (bench/README.md,
+    "Language shift").
     A tied model has no output rows of its own unless `untie`: then they start from its
     one table as an untied model's would (`untie_word_embeddings` exports them apart)."""
     inputs = pre_init_rows(model.get_input_embeddings().weight, phrases, strategy, "input")
     if ties_word_embeddings(model) and not untie:
-        if policy is OutputEmbeddingInit.TRAIN_WITH_CE:
-            log.info("tied embeddings: output rows are the input rows (untie_word_embeddings=True trains them apart)")
+        if policy is not OutputEmbeddingInit.ZERO and policy is not OutputEmbeddingInit.SUBTOKEN_MEAN:
+            log.info("tied embeddings: output rows are the input rows (untie_word_embeddings=True sets them apart)")
         return NewRows(inputs)
     head = model.get_output_embeddings()
     if head is None:
@@ -85,8 +87,6 @@ def initial_rows(
         return NewRows(inputs, torch.zeros_like(inputs))
     if policy is OutputEmbeddingInit.SUBTOKEN_MEAN:
         return NewRows(inputs, pre_init_rows(head.weight, phrases, "fvt", "output"))
-    if output_init == "first_piece":
-        outputs = head.weight[torch.tensor([p[0] for p in phrases], device=head.weight.device)].float()
-    else:
-        outputs = pre_init_rows(head.weight, phrases, strategy, "output")
-    return NewRows(inputs, outputs, train_output=True)
+    if policy is OutputEmbeddingInit.FIRST_PIECE:
+        return NewRows(inputs, head.weight[torch.tensor([p[0] for p in phrases], device=head.weight.device)].float())
+    return NewRows(inputs, pre_init_rows(head.weight, phrases, strategy, "output"), train_output=True)

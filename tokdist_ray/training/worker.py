@@ -90,7 +90,7 @@ def parallel_distiller(plan, new_start: int, steps: int, world: int, device: tor
     model = load_model(plan.model_path, dtype=dtype, device=device)
     with _gathered_tables(model, sharded):
         rows = initial_rows(model, [t.phrase_ids for t in plan.tokens], plan.output_emb_policy,
-                            plan.pre_init_strategy, cfg.untie_word_embeddings, cfg.output_row_init)
+                            plan.pre_init_strategy, cfg.untie_word_embeddings)
     distiller = TokenDistiller.from_config(model, rows, new_start, cfg).to(device)
     optimizer, lr_schedule = make_optimizer([p for p in distiller.parameters() if p.requires_grad], cfg, steps)
     if config is None:
