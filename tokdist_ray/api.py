@@ -100,7 +100,7 @@ class TokenDistillation:
         data: GeneratedDataSource | HFDataSource | FileDataSource = GeneratedDataSource(),
         snippet_len: int = 50,
         snippets_per_token: int = 100,
-        output_emb_policy: OutputEmbeddingInit = OutputEmbeddingInit.TRAIN_WITH_CE,
+        output_emb_policy: OutputEmbeddingInit = OutputEmbeddingInit.FIRST_PIECE,
         training: DistillationConfig = DistillationConfig(),
         pre_init_strategy: Literal["fvt", "adapti-vocab"] = "fvt",
         save: bool = False,

@@ -2,9 +2,10 @@
 
 The first block of each class mirrors the reference project's API field for field
 (names, order, defaults), so code written against it runs unchanged; tokdist-ray's own
-options follow. One default differs by measurement: DistillationConfig.loss_methods adds
+options follow. Two defaults differ by measurement: DistillationConfig.loss_methods adds
 KL-on-new-token-outputs to the reference's MSE-on-hiddens (pass ["MSE-on-hiddens"] for
-the reference's). Every setting is validated here, once, and this module imports neither
+the reference's), and an untied model's new output rows are its first pieces' output
+rows (OutputEmbeddingInit.FIRST_PIECE) where the reference trains them (TRAIN_WITH_CE). Every setting is validated here, once, and this module imports neither
 torch nor transformers, so a config is checked before any heavy import or Ray start.
 """
 
@@ -35,7 +36,8 @@ SNIPPET_SEED = 42
 
 
 class OutputEmbeddingInit(str, Enum):
-    """How an untied model's new output rows are set. Tied models reuse the input rows."""
+    """How an untied model's new output rows are set. Tied models reuse the input rows
+    (unless `untie_word_embeddings`)."""
 
     ZERO = "zero"
     SUBTOKEN_MEAN = "subtoken_mean"

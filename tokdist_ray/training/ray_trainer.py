@@ -104,7 +104,7 @@ def distill_distributed(
     out_dir: str | Path,
     training: DistillationConfig = DistillationConfig(),
     dist: DistributedConfig = DistributedConfig(),
-    output_emb_policy: OutputEmbeddingInit | str = OutputEmbeddingInit.TRAIN_WITH_CE,
+    output_emb_policy: OutputEmbeddingInit | str = OutputEmbeddingInit.FIRST_PIECE,
     pre_init_strategy: str = "fvt",
     *,
     distilled: Sequence[str] | None = None,
