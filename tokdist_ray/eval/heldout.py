@@ -88,7 +88,10 @@ def _cpus_per_worker(count: int) -> int:
     import ray
 
     nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-    return max(1, int(max(nodes, default=1)) // count)  # torch in the task uses as many threads
+    # no more than is free: CPUs an actor still holds (a pool another stage left alive)
+    # would otherwise keep the tasks waiting forever
+    free = ray.available_resources().get("CPU", 1)
+    return max(1, int(min(max(nodes, default=1), free)) // count)  # torch in the task uses as many threads
 
 
 def _part_task(evaluation: Evaluation, index: int, count: int) -> dict:
