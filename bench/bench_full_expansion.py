@@ -8,6 +8,10 @@ the positions that trained the new tokens, and the held-out compression, bits pe
 drift against the baselines.
 
     python bench/bench_full_expansion.py [--config jobs/configs/expand_2k_cpu.yaml] [--section.key value ...]
+
+`--build-corpus MB` first writes a corpus of that many MB of Debian's documentation as
+parquet shards into the config's first data path, leaving out its held-out paths
+(bench_mining.build_corpus; once, reused after): jobs/configs/expand_30k_cpu.yaml reads it.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import argparse
 import json
 import statistics
 import subprocess
+import time
 from pathlib import Path
 
+from bench_mining import build_corpus
 from peak_memory import PeakMemory
 
 from tokdist_ray.console import console_logging, quiet_console
@@ -81,10 +87,16 @@ def memory_table(memory: PeakMemory, stages_dir: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="jobs/configs/expand_2k_cpu.yaml")
+    ap.add_argument("--build-corpus", type=float, metavar="MB",
+                    help="first build a corpus of this many MB into the config's first data path")
     args, rest = ap.parse_known_args()
     console_logging()
     quiet_console()
     config = load_config(args.config, parse_overrides(rest))
+    if args.build_corpus:
+        t = time.perf_counter()
+        shards = build_corpus(Path(config.data.paths[0]), args.build_corpus, tuple(config.eval.heldout_paths))
+        print(f"corpus: {len(shards)} shards in {config.data.paths[0]} ({time.perf_counter() - t:.0f} s)", flush=True)
     with PeakMemory() as memory:
         job = run_job(config)
     model_report = json.loads(Path(job["outputs"]["distill"]["report_path"]).read_text())

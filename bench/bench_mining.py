@@ -93,13 +93,13 @@ def _texts_of(path: Path) -> str | None:
     return text if "\0" not in text[:2000] and text.strip() else None
 
 
-def _source_files() -> list[Path]:
+def _source_files(exclude: tuple[str, ...] = ()) -> list[Path]:
     python = sorted(PY_SOURCES.rglob("*.txt"))
     other = sorted(
         p for p in DOC_ROOT.rglob("*")
         if p.is_file() and not p.is_symlink() and "python3.11/html" not in str(p) and not SKIP.search(p.name)
     )
-    return python + other
+    return [p for p in python + other if not str(p).startswith(exclude)]
 
 
 def _documents(text: str) -> list[str]:
@@ -113,14 +113,15 @@ def _documents(text: str) -> list[str]:
     return docs
 
 
-def build_corpus(directory: Path, megabytes: float) -> list[str]:
-    """Parquet shards (column `text`) of >= `megabytes` MB, built once."""
+def build_corpus(directory: Path, megabytes: float, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Parquet shards (column `text`) of >= `megabytes` MB, built once, without the files
+    under `exclude` (held-out text)."""
     done = directory / "DONE"
     if done.exists():
         return sorted(str(p) for p in directory.glob("*.parquet"))
     directory.mkdir(parents=True, exist_ok=True)
     docs, seen, unique = [], set(), 0
-    for path in _source_files():
+    for path in _source_files(exclude):
         text = _texts_of(path)
         digest = text and hashlib.sha1(text.encode()).digest()
         if text and digest not in seen:
