@@ -60,14 +60,14 @@ class Snippets:
         return self.report["snippets_per_token"]
 
 
-def collect_snippets(expansion: MergeExpansion, quota: int, mine: Callable[[], object] | None, generate: Generate,
+def collect_snippets(expansion: MergeExpansion, quota: Quota, mine: Callable[[], object] | None, generate: Generate,
                      top_up: bool) -> Snippets:
     """Mine (`mine() -> data.mining.MiningResult`, None without a corpus), then generate:
     every token's quota without a corpus, or with `top_up` what mining left short. Generated
     snippets that `generate` leaves on the cluster stay there (`Snippets.generated`)."""
     tokens = expansion.tokens
     tables, report, counts, generated = [], {}, Counter(), None
-    shortfall = {t.text: quota for t in tokens}
+    shortfall = {t.text: quota_of(quota, t.text) for t in tokens}
     if mine is not None:
         mined = mine()
         report["mining"] = mined.report()
