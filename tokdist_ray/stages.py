@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import pyarrow as pa
 import torch
 
+from tokdist_ray.data.budget import Quota, quota_of
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA
 from tokdist_ray.report import write_report
 from tokdist_ray.training.checkpoint import ROWS, write_rows
