@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.data.budget import Quota, quota_key, quota_of, quotas_by_index
-from tokdist_ray.data.files import resolve_files
+from tokdist_ray.data.files import compressed, file_kind, resolve_files
 from tokdist_ray.data.miner import TALLY, QuotaBoard, SnippetMiner, TokenizerSpec
 from tokdist_ray.data.mining_cache import cache_key, corpus_spec, read_cache, write_cache
 from tokdist_ray.data.quota import QuotaLedger
@@ -129,6 +129,14 @@ def _progress(stats: MiningStats, ledger: QuotaLedger, started: float, corpus_by
         stats.summary(), stats.bytes / 1e6, f" of {corpus_bytes / 1e6:.1f}" if corpus_bytes else "", rate / 1e6,
         len(ledger.tokens) - ledger.open, len(ledger.tokens), left,
     )
+
+
+def _text_bytes(files) -> int | None:
+    """The corpus's size in bytes of text, for the progress line: known only where every
+    file is plain text (a compressed or parquet file's size says little of its text)."""
+    if files is None or any(compressed(p) or file_kind(p) == "parquet" for p in files.paths):
+        return None
+    return sum(files.sizes)
 
 
 class _BoardWriter:
@@ -225,7 +233,7 @@ def _mine_on_ray(source, spec, expansion, snippet_len, quota, seed, files, ledge
     stream = dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
     try:  # a corpus file that cannot be read fails in a read task: its CorpusFileError, not Ray's tracebacks
         with user_errors_from_ray("ray.data"):
-            return _consume(stream, ledger, board, work, sum(files.sizes) if files is not None else None)
+            return _consume(stream, ledger, board, work, _text_bytes(files))
     finally:
         board.close()
 
@@ -242,7 +250,7 @@ def _mine_in_process(source, spec, expansion, snippet_len, quota, seed, files, l
     work.workers = 1
     miner = SnippetMiner(**_miner_args(spec, expansion, snippet_len, quota, None))
     stream = (miner(block) for block in corpus_blocks(source, seed, files))
-    return _consume(stream, ledger, _OwnBoard(), work, sum(files.sizes) if files is not None else None)
+    return _consume(stream, ledger, _OwnBoard(), work, _text_bytes(files))
 
 
 def _cached(out: str, quota: Quota) -> MiningResult | None:
