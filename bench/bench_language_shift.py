@@ -46,6 +46,7 @@ VARIANTS = {
     "untied, first-piece output rows": {"training.untie_word_embeddings": True, "output.emb_policy": "first_piece"},
     "lr 1e-2": {"training.learning_rate": 1.0e-2},
     "2 epochs": {"training.epochs": 2},
+    "24 snippets per token": {"snippets.snippets_per_token": 24},
     "budget by frequency": {"snippets.budget": "by_frequency"},
     "untied, first-piece output rows, budget by frequency": {
         "training.untie_word_embeddings": True, "output.emb_policy": "first_piece", "snippets.budget": "by_frequency"},
