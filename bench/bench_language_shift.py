@@ -2,7 +2,8 @@
 same tokens, snippets and held-out text.
 
 Runs the job's tokens, snippets and distill stages once per variant in one run_dir (the
-tokens and snippets are shared; each variant distills and exports to its own folder),
+tokens are shared, and the snippets unless a variant changes their budget; each variant
+distills and exports to its own folder),
 then scores every variant's rows, FVT's and AdaptiVocab's on the same held-out chunks in
 one pass, the original scored once. Prints one table: tokens and bits per byte, the
 change over the original, the extra bits each spends on its new tokens against the
@@ -45,6 +46,10 @@ VARIANTS = {
     "untied, first-piece output rows": {"training.untie_word_embeddings": True, "output.emb_policy": "first_piece"},
     "lr 1e-2": {"training.learning_rate": 1.0e-2},
     "2 epochs": {"training.epochs": 2},
+    "24 snippets per token": {"snippets.snippets_per_token": 24},
+    "budget by frequency": {"snippets.budget": "by_frequency"},
+    "untied, first-piece output rows, budget by frequency": {
+        "training.untie_word_embeddings": True, "output.emb_policy": "first_piece", "snippets.budget": "by_frequency"},
 }
 BASELINES = ("fvt",)  # AdaptiVocab and the others: the job's evaluate stage
 STAGES = ("tokens", "snippets", "distill")

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import pyarrow as pa
 import torch
 
+from tokdist_ray.data.budget import Quota, quota_of
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA
 from tokdist_ray.report import write_report
 from tokdist_ray.training.checkpoint import ROWS, write_rows
@@ -60,14 +61,14 @@ class Snippets:
         return self.report["snippets_per_token"]
 
 
-def collect_snippets(expansion: MergeExpansion, quota: int, mine: Callable[[], object] | None, generate: Generate,
+def collect_snippets(expansion: MergeExpansion, quota: Quota, mine: Callable[[], object] | None, generate: Generate,
                      top_up: bool) -> Snippets:
     """Mine (`mine() -> data.mining.MiningResult`, None without a corpus), then generate:
     every token's quota without a corpus, or with `top_up` what mining left short. Generated
     snippets that `generate` leaves on the cluster stay there (`Snippets.generated`)."""
     tokens = expansion.tokens
     tables, report, counts, generated = [], {}, Counter(), None
-    shortfall = {t.text: quota for t in tokens}
+    shortfall = {t.text: quota_of(quota, t.text) for t in tokens}
     if mine is not None:
         mined = mine()
         report["mining"] = mined.report()

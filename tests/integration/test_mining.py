@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -239,6 +240,37 @@ def test_a_snippet_counts_toward_every_new_token_it_holds():
     assert [main_only.offer(i, ids, 1) for i, ids in BYSTANDER_OFFERS] == [[], [], [1], [], [0], [], [2], []]
     assert main_only.counts() == {" a": 2, " b": 2, " c": 2}
     assert main_only.table().num_rows == 6 > ledger.table().num_rows == 4
+
+
+def test_each_token_fills_to_its_own_quota():
+    tokens = [NewToken(" a", (1, 2)), NewToken(" b", (3, 4)), NewToken(" c", (5, 6))]
+    ledger = QuotaLedger(tokens, quota=[1, 3, 0], new_start=100)
+    assert ledger.open == 2  # a token with no budget is never wanted
+    assert [ledger.offer(i, ids, 1) for i, ids in BYSTANDER_OFFERS] == [[0], [], [1], [], [], [], [], []]
+    assert ledger.counts() == {" a": 1, " b": 3, " c": 0} and ledger.open == 0
+    with pytest.raises(ValueError, match="2 quotas for 3 tokens"):
+        QuotaLedger(tokens, quota=[1, 2], new_start=100)
+
+
+def test_each_token_is_mined_to_its_own_quota(frequent_tokens, docs_corpus, tmp_path):
+    texts = [t.text for t in frequent_tokens.tokens]
+    quota = dict(zip(texts, [1, 5] * len(texts)))
+    source = FileDataSource(str(docs_corpus))
+
+    def mine(q, count_bystanders=True):
+        return mine_corpus(source, frequent_tokens, 32, q, out_dir=str(tmp_path), in_process=True,
+                           count_bystanders=count_bystanders)
+
+    spread = mine(quota)
+    assert spread.stats.counts == quota and spread.shortfall == {}
+    # counting main tokens only, each token's snippets are the first of a uniform run's
+    own, uniform = mine(quota, False).table(), mine(5, False).table()
+
+    def of(table, i):
+        return table.filter(pc.equal(table["token_index"], i))["input_ids"].to_pylist()
+
+    assert all(of(own, i) == of(uniform, i)[:quota[t]] for i, t in enumerate(texts))
+    assert own.num_rows == sum(quota.values())
 
 
 def test_a_miner_drops_a_token_it_filled_itself_but_only_for_later_parts(smol_tokenizer):

@@ -40,6 +40,7 @@ from typing import Iterable, Sequence
 
 import ahocorasick
 
+from tokdist_ray.data.budget import quota_at
 from tokdist_ray.data.snippets import settle, window_around
 
 # Where a scan's CPU time goes: the surface search and regions, tokenising regions (with
@@ -246,9 +247,11 @@ class TokenScanner:
         self.phase_seconds = dict.fromkeys(PHASES, 0.0)  # CPU seconds, for the report
         self._ids_seen = 0
 
-    def scan(self, docs: Sequence[str], open_indices: Iterable[int], quota: int | None = None) -> list[Hit]:
+    def scan(self, docs: Sequence[str], open_indices: Iterable[int],
+             quota: int | Sequence[int] | None = None) -> list[Hit]:
         """Every occurrence of an open token in `docs`, ordered by (doc, char_start); with
-        `quota`, only each token's first `quota` distinct windows."""
+        `quota` (one for all, or one per token index), only each token's first `quota`
+        distinct windows."""
         open_set = frozenset(open_indices)
         if not open_set:
             return []
@@ -342,7 +345,7 @@ class TokenScanner:
                 found[start] = (index, window, offset)
         return found, cramped
 
-    def _settled(self, docs, occurrences: list[_Occurrence], quota: int | None) -> list[Hit]:
+    def _settled(self, docs, occurrences: list[_Occurrence], quota: int | Sequence[int] | None) -> list[Hit]:
         """The hits with their windows settled (trimmed until their text encodes back to
         them; dropped where the token would have to go). With a quota, a token's hits are
         settled only until it has `quota` distinct windows: settling encodes each window
@@ -352,7 +355,7 @@ class TokenScanner:
         for occurrence in occurrences:
             hit = occurrence.hit
             windows = taken.setdefault(hit.token_index, set())
-            if quota is not None and len(windows) >= quota:
+            if quota is not None and len(windows) >= quota_at(quota, hit.token_index):
                 continue
             if self.regions and self._cuts.encodes_back(self._tokenizer, docs[hit.doc], hit.window, *occurrence.window_chars):
                 settled = hit.window, hit.token_position

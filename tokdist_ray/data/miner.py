@@ -11,10 +11,12 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tokdist_ray.data.budget import quota_at
 from tokdist_ray.data.corpus_parts import BAD, TEXT
 from tokdist_ray.data.files import EMPTY
 from tokdist_ray.data.matching import TokenScanner
@@ -129,13 +131,14 @@ class _Passed:
 class SnippetMiner:
     """Ray Data UDF: a batch of documents -> candidate snippets plus one tally row."""
 
-    def __init__(self, tokenizer: TokenizerSpec, texts, new_start: int, snippet_len: int, quota: int, board: str | None = None):
+    def __init__(self, tokenizer: TokenizerSpec, texts, new_start: int, snippet_len: int, quota: int | Sequence[int],
+                 board: str | None = None):
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one CPU per miner
         import ray
 
         self._scanner = TokenScanner(tokenizer.load(), texts, new_start, snippet_len)
         self._bos = list(tokenizer.bos)
-        self._quota = quota
+        self._quota = quota  # one for every token, or one per token index (data.budget)
         self._board = BoardReader(board)
         self._all = frozenset(range(len(texts)))
         self._passed: dict[int, _Passed] = {}
@@ -183,6 +186,6 @@ class SnippetMiner:
         passed = self._passed.setdefault(index, _Passed())
         passed.windows.add(hash(snippet))
         passed.last_part = max(passed.last_part, part)
-        if len(passed.windows) >= self._quota:
+        if len(passed.windows) >= quota_at(self._quota, index):
             self._full_after[index] = passed.last_part
             del self._passed[index]

@@ -44,7 +44,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tokdist_ray.config import FileDataSource, HFDataSource
-from tokdist_ray.data.files import resolve_files
+from tokdist_ray.data.budget import Quota, quota_key, quota_of, quotas_by_index
+from tokdist_ray.data.files import compressed, file_kind, resolve_files
 from tokdist_ray.data.miner import TALLY, QuotaBoard, SnippetMiner, TokenizerSpec
 from tokdist_ray.data.mining_cache import cache_key, corpus_spec, read_cache, write_cache
 from tokdist_ray.data.quota import QuotaLedger
@@ -85,14 +86,14 @@ class MinerWork:
 class MiningResult:
     snippets_path: str  # directory of parquet files in SNIPPET_SCHEMA
     stats: MiningStats
-    quota: int
+    quota: Quota
     work: MinerWork = field(default_factory=MinerWork)
     cached: bool = False
 
     @property
     def shortfall(self) -> dict[str, int]:
         """token -> snippets missing to reach the quota."""
-        return {t: self.quota - n for t, n in self.stats.counts.items() if n < self.quota}
+        return {t: quota_of(self.quota, t) - n for t, n in self.stats.short_of(self.quota).items()}
 
     def report(self) -> dict:
         stats = self.stats.as_dict(self.quota)
@@ -128,6 +129,14 @@ def _progress(stats: MiningStats, ledger: QuotaLedger, started: float, corpus_by
         stats.summary(), stats.bytes / 1e6, f" of {corpus_bytes / 1e6:.1f}" if corpus_bytes else "", rate / 1e6,
         len(ledger.tokens) - ledger.open, len(ledger.tokens), left,
     )
+
+
+def _text_bytes(files) -> int | None:
+    """The corpus's size in bytes of text, for the progress line: known only where every
+    file is plain text (a compressed or parquet file's size says little of its text)."""
+    if files is None or any(compressed(p) or file_kind(p) == "parquet" for p in files.paths):
+        return None
+    return sum(files.sizes)
 
 
 class _BoardWriter:
@@ -209,9 +218,10 @@ def mining_dataset(source, seed, files, miner_args: dict, workers: int):
     return dataset if reads_fused(dataset) else through_miners(False)
 
 
-def _miner_args(spec, expansion, snippet_len: int, quota: int, board: str | None) -> dict:
-    return {"tokenizer": spec, "texts": [t.text for t in expansion.tokens], "new_start": expansion.new_start,
-            "snippet_len": snippet_len, "quota": quota, "board": board}
+def _miner_args(spec, expansion, snippet_len: int, quota: Quota, board: str | None) -> dict:
+    texts = [t.text for t in expansion.tokens]
+    return {"tokenizer": spec, "texts": texts, "new_start": expansion.new_start,
+            "snippet_len": snippet_len, "quota": quotas_by_index(quota, texts), "board": board}
 
 
 def _mine_on_ray(source, spec, expansion, snippet_len, quota, seed, files, ledger, work: MinerWork) -> MiningStats:
@@ -223,7 +233,7 @@ def _mine_on_ray(source, spec, expansion, snippet_len, quota, seed, files, ledge
     stream = dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
     try:  # a corpus file that cannot be read fails in a read task: its CorpusFileError, not Ray's tracebacks
         with user_errors_from_ray("ray.data"):
-            return _consume(stream, ledger, board, work, sum(files.sizes) if files is not None else None)
+            return _consume(stream, ledger, board, work, _text_bytes(files))
     finally:
         board.close()
 
@@ -240,10 +250,10 @@ def _mine_in_process(source, spec, expansion, snippet_len, quota, seed, files, l
     work.workers = 1
     miner = SnippetMiner(**_miner_args(spec, expansion, snippet_len, quota, None))
     stream = (miner(block) for block in corpus_blocks(source, seed, files))
-    return _consume(stream, ledger, _OwnBoard(), work, sum(files.sizes) if files is not None else None)
+    return _consume(stream, ledger, _OwnBoard(), work, _text_bytes(files))
 
 
-def _cached(out: str, quota: int) -> MiningResult | None:
+def _cached(out: str, quota: Quota) -> MiningResult | None:
     report = read_cache(out)
     if report is None:
         return None
@@ -262,7 +272,7 @@ def mine_corpus(
     source: FileDataSource | HFDataSource,
     expansion: MergeExpansion,
     snippet_len: int = 50,
-    snippets_per_token: int = 100,
+    snippets_per_token: Quota = 100,
     out_dir: str = "mining",
     seed: int = 0,
     num_workers: int | None = None,
@@ -270,7 +280,8 @@ def mine_corpus(
     count_bystanders: bool = True,
     in_process: bool = False,
 ) -> MiningResult:
-    """Mine up to `snippets_per_token` distinct snippets per token from `source` on the
+    """Mine up to `snippets_per_token` distinct snippets per token (or as many as a
+    mapping token -> snippets says: data.budget) from `source` on the
     running Ray cluster (a local one is started if none is), written to
     `out_dir/mining-<key>/snippets/` in SNIPPET_SCHEMA, in the ids of the expanded
     tokenizer (`expansion.tokenizer`, a fast HF tokenizer). `num_workers` defaults to the cluster's CPUs. `top_up`:
@@ -283,7 +294,7 @@ def mine_corpus(
         raise NoNewTokensError("no new tokens to mine snippets for")
     spec = TokenizerSpec.of(expansion.tokenizer)
     files = resolve_files(source.paths) if isinstance(source, FileDataSource) else None
-    settings = {"snippet_len": snippet_len, "snippets_per_token": snippets_per_token, "seed": seed,
+    settings = {"snippet_len": snippet_len, "snippets_per_token": quota_key(snippets_per_token), "seed": seed,
                 "count_bystanders": count_bystanders}
     out = f"{out_dir.rstrip('/')}/mining-{cache_key(corpus_spec(source, files), spec, tokens, settings)}"
     cached = _cached(out, snippets_per_token)
@@ -292,7 +303,8 @@ def mine_corpus(
         cached.stats.log_shortfall(snippets_per_token, top_up)
         return cached
 
-    ledger = QuotaLedger(tokens, snippets_per_token, expansion.new_start, count_bystanders)
+    ledger = QuotaLedger(tokens, quotas_by_index(snippets_per_token, [t.text for t in tokens]), expansion.new_start,
+                         count_bystanders)
     if in_process:
         work = MinerWork()
         mine = _mine_in_process

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class QuotaLedger:
-    """Each new token's first `quota` distinct snippets in stream order.
+    """Each new token's first `quota` distinct snippets in stream order (`quota`: one
+    number for every token, or one per token in token order: data.budget).
 
     A snippet is taken for its main token, the one it was cut around. With
     `count_bystanders` it also counts toward the quota of every other new token it holds:
@@ -34,7 +35,7 @@ class QuotaLedger:
     in the reference."""
 
     tokens: Sequence[NewToken]
-    quota: int
+    quota: int | Sequence[int]
     new_start: int  # id of tokens[0]; tokens[i] is new_start + i
     count_bystanders: bool = True
     seen: list[set[int]] = field(init=False)  # per token index, hashes of the snippets counted toward its quota
@@ -47,12 +48,15 @@ class QuotaLedger:
 
     def __post_init__(self):
         self.seen = [set() for _ in self.tokens]
-        self.open = len(self.tokens) if self.quota > 0 else 0
+        self._quotas = [self.quota] * len(self.tokens) if isinstance(self.quota, int) else list(self.quota)
+        if len(self._quotas) != len(self.tokens):
+            raise ValueError(f"{len(self._quotas)} quotas for {len(self.tokens)} tokens")
+        self.open = sum(q > 0 for q in self._quotas)
         self._main, self._position, self._ids = array("i"), array("i"), array("i")
         self._offsets = array("q", [0])
 
     def full(self, index: int) -> bool:
-        return len(self.seen[index]) >= self.quota
+        return len(self.seen[index]) >= self._quotas[index]
 
     def offer(self, index: int, ids: Sequence[int], token_position: int) -> list[int]:
         """Take the snippet for token `index` if it has room and has not counted the

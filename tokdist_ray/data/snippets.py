@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import pyarrow as pa
 
+from tokdist_ray.data.budget import Quota, quota_of
 from tokdist_ray.data.files import MISSING_TEXT, NOT_A_STRING
 from tokdist_ray.errors import CorpusError
 
@@ -103,26 +104,31 @@ class MiningStats:
                if set(self.bad_reasons) & {MISSING_TEXT, NOT_A_STRING} else "check that these are the corpus files")
         raise CorpusError(f"none of the corpus's {self.bad_rows} rows has text ({self.summary()}); {fix}")
 
-    def shortfall_note(self, quota: int, top_up: bool = False) -> str | None:
+    def short_of(self, quota: Quota) -> dict[str, int]:
+        """token -> snippets, of the tokens with fewer than their quota."""
+        return {t: c for t, c in self.counts.items() if c < quota_of(quota, t)}
+
+    def shortfall_note(self, quota: Quota, top_up: bool = False) -> str | None:
         """For the console: the tokens left short of `quota` (the first few), and how to
         fill them, or that they will be (`top_up`)."""
-        short = {t: c for t, c in self.counts.items() if c < quota}
+        short = self.short_of(quota)
         if not short:
             return None
         first = ", ".join(f"{t!r} {c}" for t, c in list(short.items())[:5])
-        note = f"{len(short)} of {len(self.counts)} tokens short of {quota} snippets ({first}{', ...' if len(short) > 5 else ''})"
+        wanted = f"{quota} snippets" if isinstance(quota, int) else "their snippet quota"
+        note = f"{len(short)} of {len(self.counts)} tokens short of {wanted} ({first}{', ...' if len(short) > 5 else ''})"
         if top_up:
             return f"{note}; topping them up with generated snippets"
         return (f"{note}; generated snippets can fill them: data.top_up_with_generation: true in a job, "
                 "top_up_with_generation=True in the API")
 
-    def log_shortfall(self, quota: int, top_up: bool = False) -> None:
+    def log_shortfall(self, quota: Quota, top_up: bool = False) -> None:
         """The shortfall note as a warning, or as news when a top-up follows."""
         if note := self.shortfall_note(quota, top_up):
             log.log(logging.INFO if top_up else logging.WARNING, "mining: %s", note)
 
-    def as_dict(self, quota: int) -> dict:
-        short = {t: c for t, c in self.counts.items() if c < quota}
+    def as_dict(self, quota: Quota) -> dict:
+        short = self.short_of(quota)
         return {
             "documents": self.documents,
             "bad_rows": self.bad_rows,

@@ -35,6 +35,7 @@ from tokdist_ray.config import (
     output_emb_policy,
     pre_init_strategy,
 )
+from tokdist_ray.data.budget import BUDGETS
 from tokdist_ray.errors import ConfigError
 
 TOKEN_SOURCES = ("list", "file", "target_tokenizer", "from_corpus")
@@ -92,9 +93,14 @@ class SnippetsConfig:
     # each is trained on it, and at thousands of tokens most snippets hold several
     count_bystanders: bool = True
     seed: int = SNIPPET_SEED
+    # per_token: snippets_per_token each; by_frequency: the same total spread by the tokens'
+    # corpus counts (tokens.from_corpus), within [min_snippets_per_token, 10 x snippets_per_token]
+    budget: str = "per_token"
 
     def __post_init__(self) -> None:
         check_snippet_counts(self.snippet_len, self.snippets_per_token, self.min_snippets_per_token)
+        if self.budget not in BUDGETS:
+            raise ConfigError(f"snippets.budget must be one of {list(BUDGETS)}, got {self.budget!r}")
 
 
 @dataclass

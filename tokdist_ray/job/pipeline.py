@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.console import StageProgress
+from tokdist_ray.data.budget import quota_summary, snippet_quota
 from tokdist_ray.errors import TokdistError
 from tokdist_ray.fingerprint import fingerprint
 from tokdist_ray.job.checks import check_job
@@ -151,6 +152,12 @@ def _expected_compression(config: JobConfig, tokenizer, expansion: MergeExpansio
     return compression(tokenizer, expansion.tokenizer, sample)
 
 
+def _corpus_counts(run_dir: Path) -> dict[str, int]:
+    """Each new token's corpus count, where the tokens stage chose it from the corpus."""
+    tokens = read_report(run_dir / "tokens.json")["tokens"]
+    return {t["token"]: t["corpus_count"] for t in tokens if "corpus_count" in t}
+
+
 def _snippets_stage(config: JobConfig, expansion: MergeExpansion, run_dir: Path) -> dict:
     """Mine and/or generate on Ray, then write the snippets that training reads: the mined
     ones from here, the generated ones from Ray Data's workers (so `run_dir` must be on
@@ -159,8 +166,11 @@ def _snippets_stage(config: JobConfig, expansion: MergeExpansion, run_dir: Path)
     from tokdist_ray.data.mining import mine_corpus
 
     source, snippet = corpus_source(config), config.snippets
+    quota = snippet_quota(snippet.budget, [t.text for t in expansion.tokens], snippet.snippets_per_token,
+                          snippet.min_snippets_per_token,
+                          _corpus_counts(run_dir) if snippet.budget == "by_frequency" else None)
     mine = None if source is None else partial(
-        mine_corpus, source, expansion, snippet.snippet_len, snippet.snippets_per_token, str(run_dir / "mining"),
+        mine_corpus, source, expansion, snippet.snippet_len, quota, str(run_dir / "mining"),
         snippet.seed, config.data.num_workers, top_up=config.data.top_up_with_generation,
         count_bystanders=snippet.count_bystanders)
 
@@ -168,7 +178,8 @@ def _snippets_stage(config: JobConfig, expansion: MergeExpansion, run_dir: Path)
         return generate_snippets_on_ray(config.model, expansion, tokens, snippet.snippet_len, counts,
                                         config.generation, token_indices=indices)
 
-    snippets = collect_snippets(expansion, snippet.snippets_per_token, mine, generate, config.data.top_up_with_generation)
+    snippets = collect_snippets(expansion, quota, mine, generate, config.data.top_up_with_generation)
+    snippets.report["quota"] = {"budget": snippet.budget, **quota_summary(quota)}
     out = run_dir / "snippets"
     out.mkdir(parents=True, exist_ok=True)
     # Training reads every parquet file here in sorted path order: the mined rows

@@ -186,7 +186,8 @@ def tokens_from_spec(spec: str | Sequence[str] | PreTrainedTokenizerBase) -> lis
 def not_distilled_note(entries: Sequence[dict], minimum: int, strategy: str) -> str:
     """For the console: the tokens left undistilled (the first few), in one line."""
     first = ", ".join(f"{e['token']!r} {e['snippets']}" for e in entries[:8])
-    return (f"{len(entries)} new tokens have fewer than {minimum} snippets and keep their {strategy} rows, "
+    have = "no snippet" if minimum == 1 else f"fewer than {minimum} snippets"
+    return (f"{len(entries)} new tokens have {have} and keep their {strategy} rows, "
             f"not distilled ({first}{', ...' if len(entries) > 8 else ''})")
 
 

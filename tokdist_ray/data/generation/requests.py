@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Sequence
 import pyarrow as pa
 
 from tokdist_ray.config import GeneratedDataSource
+from tokdist_ray.data.budget import Quota
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA, MiningStats, bos_prefix, settle, window_around
 from tokdist_ray.vocab.tokens import NewToken
 
@@ -41,7 +42,7 @@ class GenerationStats(MiningStats):
     passes: int = 0  # starts of the engines or actors (Ray backends)
     backend: str = ""
 
-    def as_dict(self, quota: int) -> dict:
+    def as_dict(self, quota: Quota) -> dict:
         return {
             **super().as_dict(quota),
             "backend": self.backend,
