@@ -251,3 +251,76 @@ def test_options_are_checked():
         GgufOptions("q4_0")
     with pytest.raises(ExportError, match="pre-tokenizer"):
         GgufOptions("f16", pre=" ")
+
+
+# --- the API and the job ---------------------------------------------------------------------
+
+
+def test_the_api_writes_a_gguf_beside_the_saved_model(tiny_model_dir, tmp_path):
+    from tokdist_ray import DistillationConfig, FileDataSource, TokenDistillation
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, sentence in enumerate(SENTENCES):
+        (corpus / f"doc{i}.txt").write_text(sentence, encoding="utf-8")
+    td = TokenDistillation(str(tiny_model_dir(tied=False)), device="cpu")
+    with pytest.raises(ExportError, match="q8"):  # checked before any work
+        td.run(WORDS, out_path=str(tmp_path / "x"), save=True, gguf=True, gguf_dtype="q8")
+    with pytest.raises(ValueError, match="save=True"):
+        td.run(WORDS, gguf=True)
+    out = tmp_path / "out"
+    td.run(WORDS, out_path=str(out), data=FileDataSource(str(corpus)), snippet_len=16, snippets_per_token=2,
+           training=DistillationConfig(epochs=1, batch_size=4, log_every=1000), save=True, gguf=True,
+           gguf_dtype="f32")
+
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(load_gguf_model(out).get_output_embeddings().weight, exported.get_output_embeddings().weight)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    gguf_tokenizer = AutoTokenizer.from_pretrained(out, gguf_file=GGUF_FILE)
+    for text in SENTENCES:
+        assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def job_settings(*options):
+    from tokdist_ray.job.config import config_dict, load_config, parse_overrides
+
+    return load_config(None, parse_overrides(["--tokens.list", " a", "--data.paths", "docs", *options])), config_dict
+
+
+def test_the_job_option_reruns_the_export_of_the_same_run_and_leaves_other_runs_keys_alone():
+    from tokdist_ray.errors import ConfigError
+    from tokdist_ray.job import pipeline
+
+    def keys(*options):
+        config, plain = job_settings(*options)
+        return pipeline.distill_keys(plain(config), "snippets-key")
+
+    stage, run = keys()
+    config, plain = job_settings()
+    settings = plain(config)
+    assert config.output.gguf is False  # off by default
+    before = {k: v for k, v in settings["output"].items() if k not in ("gguf", "gguf_dtype", "gguf_pre")}
+    old_run = pipeline._key("snippets-key", {k: v for k, v in settings["training"].items()
+                                             if k not in ("log_every", "time_budget_s")},
+                            before, {k: v for k, v in settings["distributed"].items() if k not in (
+                                "resume", "max_failures", "checkpoint_every", "checkpoint_every_s",
+                                "checkpoint_upload", "keep_checkpoints")})
+    assert (stage, run) == (pipeline._key(old_run, None, None), old_run)  # as before the option existed
+    with_gguf, same_run = keys("--output.gguf", "true")
+    assert same_run == run and with_gguf != stage  # exports the finished run again, with its GGUF
+    assert keys("--output.gguf", "true", "--output.gguf_dtype", "bf16") not in ((stage, run), (with_gguf, run))
+    assert keys("--output.gguf_dtype", "bf16") == (stage, run)  # no GGUF asked for: nothing to redo
+    with pytest.raises(ConfigError, match="gguf_dtype"):
+        job_settings("--output.gguf_dtype", "q4")
+
+
+def test_the_job_refuses_an_unexportable_model_before_it_starts(tiny_tokenizer_dir, tmp_path):
+    from tokdist_ray.job.checks import check_gguf_export
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir(bos=True))
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tokenizer))).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    config, _ = job_settings("--model", str(tmp_path), "--output.gguf", "true")
+    with pytest.raises(ExportError, match="GPT2LMHeadModel"):
+        check_gguf_export(config)
+    check_gguf_export(job_settings("--model", str(tmp_path))[0])  # not asked for: not checked

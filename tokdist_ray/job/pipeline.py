@@ -25,13 +25,14 @@ from tokdist_ray.console import StageProgress
 from tokdist_ray.errors import TokdistError
 from tokdist_ray.fingerprint import fingerprint
 from tokdist_ray.job.checks import check_job
-from tokdist_ray.job.config import JobConfig, config_dict
+from tokdist_ray.job.config import GGUF_OPTIONS, JobConfig, config_dict
 from tokdist_ray.job.lock import RunDirLock
 from tokdist_ray.raycluster import connect
 from tokdist_ray.report import read_report, write_report
 from tokdist_ray.stages import collect_snippets, expand_tokens, split_by_snippets
 from tokdist_ray.training.run_manifest import NOT_IN_RUN_IDENTITY
 from tokdist_ray.vocab.expansion_files import expansion_summary, load_expansion, save_expansion
+from tokdist_ray.vocab.gguf_export import GGUF_FILE, GgufOptions
 from tokdist_ray.vocab.merges import MergeExpansion
 from tokdist_ray.vocab.models import load_tokenizer
 from tokdist_ray.vocab.selection import frequent_fragmented_words
@@ -186,15 +187,20 @@ def distill_keys(settings: dict, upstream: str) -> tuple[str, str]:
     """(the distill stage's fingerprint, the digest its checkpoint run is named by).
 
     The run digest covers what a resumed run must share (run_manifest checks it again),
-    so new settings get a run of their own. A new time_budget_s or out_path reruns the
-    stage on the same run (a longer budget trains on from the last checkpoint, a new
-    out_path exports there); log_every and checkpoint/restart options change nothing."""
+    so new settings get a run of their own. A new time_budget_s, out_path or GGUF option
+    reruns the stage on the same run (a longer budget trains on from the last checkpoint,
+    a new out_path or GGUF option exports again); log_every and checkpoint/restart
+    options change nothing."""
     training = {k: v for k, v in settings["training"].items() if k not in NOT_IN_RUN_IDENTITY}
     operational = ("resume", "max_failures", "checkpoint_every", "checkpoint_every_s", "checkpoint_upload",
                    "keep_checkpoints")
     distributed = {k: v for k, v in settings["distributed"].items() if k not in operational}
-    run = _key(upstream, training, settings["output"], distributed)
-    return _key(run, settings["training"]["time_budget_s"], settings["out_path"]), run
+    output = {k: v for k, v in settings["output"].items() if k not in GGUF_OPTIONS}
+    run = _key(upstream, training, output, distributed)
+    export = [settings["training"]["time_budget_s"], settings["out_path"]]
+    if settings["output"].get("gguf"):  # off, the keys stay those of runs from before the option
+        export.append({k: settings["output"][k] for k in GGUF_OPTIONS})
+    return _key(run, *export), run
 
 
 def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets: dict, run_dir: Path, run_key: str) -> dict:
@@ -220,13 +226,16 @@ def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets: dict,
         "finished": f"the run with these settings finished; continuing from its checkpoint at step {step}, then exporting",
     }[state])
     dist = dataclasses.replace(dist, storage_path=storage, run_name=run_name, resume=state != "new")
+    output = config.output
     result = distill_distributed(
         config.model, snippets["snippets_path"], expansion, config.model_dir, config.training, dist,
-        config.output.emb_policy, config.output.pre_init_strategy, distilled=[t.text for t in distilled],
+        output.emb_policy, output.pre_init_strategy, distilled=[t.text for t in distilled],
         not_distilled=not_distilled, snippets_report=snippets["report"], snippet_len=config.snippets.snippet_len,
+        gguf=GgufOptions(output.gguf_dtype, output.gguf_pre) if output.gguf else None,
     )
+    gguf_path = {"gguf_path": str(result.out_dir / GGUF_FILE)} if output.gguf else {}
     return {"model_dir": str(result.out_dir), "rows_path": str(result.rows_path),
-            "report_path": str(result.report_path), "tokens_not_distilled": not_distilled}
+            "report_path": str(result.report_path), "tokens_not_distilled": not_distilled, **gguf_path}
 
 
 def _evaluate_stage(config: JobConfig, expansion: MergeExpansion, distilled: dict, run_dir: Path) -> dict:

@@ -157,6 +157,15 @@ def check_exportable(config, tokenizer_json: dict, pre: str | None = None) -> tu
     return ARCHITECTURES[name], _pre_tokenizer_name(tokenizer_json, pre)
 
 
+def tokenizer_json_of(tokenizer) -> dict:
+    """A loaded tokenizer's tokenizer.json, as check_exportable reads it."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError("the GGUF export needs a fast (Rust) tokenizer, with a tokenizer.json; this one is "
+                          f"{type(tokenizer).__name__}")
+    return json.loads(backend.to_str())
+
+
 # ------------------------------------------------------------------ the tokenizer
 def _check_byte_level_bpe(tokenizer_json: dict) -> None:
     model = tokenizer_json.get("model") or {}
