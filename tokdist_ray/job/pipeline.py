@@ -276,14 +276,19 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
         key = _key(key, settings["data"], settings["snippets"], settings["generation"])
         outputs["snippets"] = ledger.run("snippets", key, lambda: _snippets_stage(config, expansion, run_dir))
     if "distill" in stages:
+        # the evaluation scores the rows, not the files they are exported as: a GGUF asked for later re-exports
+        # the run (a new distill key) but leaves the evaluation's key as it was
+        trained = distill_keys({**settings, "output": {**settings["output"], "gguf": False}}, key)[0]
         key, run_key = distill_keys(settings, key)
         snippets = outputs["snippets"]
         outputs["distill"] = ledger.run("distill", key, lambda: _distill_stage(config, expansion, snippets, run_dir, run_key))
+        key = trained
     if "evaluate" in stages and config.eval.heldout_paths:
         distilled = outputs.get("distill") or _finished(ledger, "distill")
         rows = Path(distilled["rows_path"]).read_bytes()  # a re-distilled model is evaluated anew
         scored = {k: v for k, v in settings["eval"].items() if k != "num_workers"}  # how many share it: same result
-        key = _key(key, scored, distilled, hashlib.sha256(rows).hexdigest())
+        exported = {k: v for k, v in distilled.items() if k != "gguf_path"}
+        key = _key(key, scored, exported, hashlib.sha256(rows).hexdigest())
         outputs["evaluate"] = ledger.run("evaluate", key, lambda: _evaluate_stage(config, expansion, distilled, run_dir))
 
     report = {
