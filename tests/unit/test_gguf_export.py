@@ -83,7 +83,7 @@ def test_an_expanded_smollm2_reads_back_from_gguf_as_its_hf_export(smollm2_dir, 
 # --- tiny models: dtypes, the head, rope scaling -------------------------------------------
 
 
-def tiny_llama_dir(tmp_path, tokenizer_dir, tied: bool, **config):
+def tiny_llama_dir(tmp_path, tokenizer_dir, tied: bool, shard_size: str = "10GB", **config):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=len(tokenizer) + 3, max_position_embeddings=256,
@@ -91,14 +91,15 @@ def tiny_llama_dir(tmp_path, tokenizer_dir, tied: bool, **config):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**settings | config))  # 3 spare rows past the tokenizer, as models pad
     out = tmp_path / "tiny"
-    model.save_pretrained(out)
+    model.save_pretrained(out, max_shard_size=shard_size)
     tokenizer.save_pretrained(out)
     return out, model
 
 
-@pytest.mark.parametrize("dtype,tied", [("f32", False), ("f16", False), ("bf16", True)])
-def test_tiny_llama_round_trips_in_each_dtype(tiny_tokenizer_dir, tmp_path, dtype, tied):
-    directory, model = tiny_llama_dir(tmp_path, tiny_tokenizer_dir(bos=True), tied)
+@pytest.mark.parametrize("dtype,tied,sharded", [("f32", False, False), ("f16", False, True), ("bf16", True, False)])
+def test_tiny_llama_round_trips_in_each_dtype(tiny_tokenizer_dir, tmp_path, dtype, tied, sharded):
+    directory, model = tiny_llama_dir(tmp_path, tiny_tokenizer_dir(bos=True), tied, "40KB" if sharded else "10GB")
+    assert (directory / "model.safetensors.index.json").is_file() == sharded  # large models come in shards
     export_gguf(directory, directory / GGUF_FILE, dtype)
 
     fields = metadata(directory / GGUF_FILE)
