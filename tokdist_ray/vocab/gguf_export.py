@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,20 +102,22 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, dtype: str = "f16",
     shards = shards_of(model_dir)
     if not shards:
         raise ExportError(f"{model_dir} has no model.safetensors (or index): the GGUF export reads safetensors only")
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ExportError(f"{model_dir} has no tokenizer.json: the GGUF export reads a fast tokenizer's file")
     config = AutoConfig.from_pretrained(model_dir)
     tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     arch, pre = check_exportable(config, tokenizer_json, options.pre)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_file.name}-", suffix=".tmp", dir=out_file.parent)
-    os.close(fd)
+    tmp = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
     try:
         with contextlib.ExitStack() as stack:
             files = {shard: stack.enter_context(safe_open(model_dir / shard, framework="pt")) for shard in shards}
             plan = _tensor_plan(gguf, config, arch, files, options.dtype)
             n_vocab = next(p.shape[0] for p in plan if p.gguf_name == "token_embd.weight")
             writer = gguf.GGUFWriter(tmp, arch.name)
+            stack.callback(writer.close)
             _add_hyperparameters(gguf, writer, config, n_vocab, options.dtype, _model_name(model_dir))
             _add_tokenizer(gguf, writer, tokenizer_json, tokenizer, n_vocab, pre)
             for p in plan:
@@ -126,10 +127,9 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, dtype: str = "f16",
             writer.write_ti_data_to_file()
             for p in plan:  # the order of the header
                 writer.write_tensor_data(p.read(files, config, arch))
-            writer.close()
         os.replace(tmp, out_file)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     log.info("wrote %s (%s, %s, pre-tokenizer %s)", out_file, arch.name, options.dtype, pre)
     return out_file
 
