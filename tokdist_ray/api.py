@@ -53,6 +53,7 @@ from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.step import TokenDistiller, bf16_supported
 from tokdist_ray.vocab.alignment import PieceAligner
 from tokdist_ray.vocab.export import expand_model
+from tokdist_ray.vocab.gguf_export import GgufOptions, check_exportable, tokenizer_json_of
 from tokdist_ray.vocab.merges import MERGES, MergeExpansion
 from tokdist_ray.vocab.models import cache_root, load_model, load_tokenizer
 from tokdist_ray.vocab.tokens import NewToken
@@ -109,6 +110,9 @@ class TokenDistillation:
         top_up_with_generation: bool | GeneratedDataSource = False,
         tokenizer_mode: Literal["merges", "added_tokens"] = MERGES,
         snippet_seed: int = SNIPPET_SEED,
+        gguf: bool = False,
+        gguf_dtype: Literal["f16", "bf16", "f32"] = "f16",
+        gguf_pre: str | None = None,
     ):
         """Select tokens, expand the tokenizer, collect snippets, distill, and return
         (model, tokenizer).
@@ -124,10 +128,13 @@ class TokenDistillation:
         distilled and keep their pre-initialised rows; the report lists them. A corpus
         is mined as the job mines it (`snippet_seed` orders the reading, like the job's
         snippets.seed): the same snippets whether or not Ray runs. `evaluate` then
-        measures the result on held-out text.
+        measures the result on held-out text. `gguf=True` (with save) also writes
+        `out_path/model.gguf` for llama.cpp, its weights in `gguf_dtype`; `gguf_pre` names
+        llama.cpp's pre-tokenizer where the export cannot tell it (vocab/gguf_export.py).
         """
         output_emb_policy, pre_init_strategy = checked_policy(output_emb_policy), checked_strategy(pre_init_strategy)
         self._check(out_path, save, snippet_len, snippets_per_token, min_snippets_per_token, training, data)
+        gguf_options = self._check_gguf(save, gguf_dtype, gguf_pre) if gguf else None
         if self._last is not None:  # a previous run grew self.model: start clean
             self.model = self._load_model()
         timings: dict[str, float] = {}
@@ -154,7 +161,7 @@ class TokenDistillation:
         self._last = _LastRun(expansion, rows, report, snippet_len, training.target_layer, snippet_seed)
         if save:
             with _timed(timings, "export"):
-                save_model(self.model_path, expansion, rows, out_path, report, model=model)
+                save_model(self.model_path, expansion, rows, out_path, report, model=model, gguf=gguf_options)
         return model, expansion.tokenizer
 
     @property
@@ -190,6 +197,14 @@ class TokenDistillation:
         if not isinstance(data, (GeneratedDataSource, HFDataSource, FileDataSource)):
             raise ConfigError(f"data must be GeneratedDataSource, HFDataSource or FileDataSource, not {type(data).__name__}")
         check_target_layer(training.target_layer, self.model.config.get_text_config().num_hidden_layers)
+
+    def _check_gguf(self, save: bool, dtype: str, pre: str | None) -> GgufOptions:
+        """A GGUF export that cannot be written fails now, not after distillation."""
+        if not save:
+            raise ConfigError("gguf=True writes out_path/model.gguf with the saved model: pass save=True and out_path")
+        options = GgufOptions(dtype, pre)
+        check_exportable(self.model.config, tokenizer_json_of(self.tokenizer), pre)
+        return options
 
     def _miner(self, data, expansion: MergeExpansion, snippet_len: int, quota: int, seed: int, top_up):
         """Corpus mining as the job's snippets stage does it: on the running Ray cluster if

@@ -60,6 +60,11 @@ class BackendUnavailableError(TokdistError, RuntimeError):
     """The generation backend that was asked for cannot run here."""
 
 
+class ExportError(TokdistError, ValueError):
+    """The model cannot be written in the format asked for (e.g. GGUF for an architecture
+    the GGUF export does not know)."""
+
+
 class RunConflictError(TokdistError, FileExistsError):
     """A run directory or checkpoint run is in use, or holds a run that cannot be continued."""
 

@@ -24,6 +24,7 @@ from tokdist_ray.data.snippets import SNIPPET_SCHEMA
 from tokdist_ray.report import write_report
 from tokdist_ray.training.checkpoint import ROWS, write_rows
 from tokdist_ray.vocab.export import expand_model, save_expanded
+from tokdist_ray.vocab.gguf_export import GGUF_FILE, GgufOptions, export_gguf
 from tokdist_ray.vocab.merges import ADDED_TOKENS, SKIP, MergeExpansion, expand_with_merges
 from tokdist_ray.vocab.models import load_model, resolve_model_path
 from tokdist_ray.vocab.streamed_export import export_streamed, shards_of
@@ -102,11 +103,13 @@ def split_by_snippets(tokens: Sequence[NewToken], counts: dict[str, int], min_pe
 
 
 def save_model(model_path: str, expansion: MergeExpansion, rows: dict[str, torch.Tensor], out_dir: str | Path,
-               report: dict, model=None) -> Path:
+               report: dict, model=None, gguf: GgufOptions | None = None) -> Path:
     """The expanded model and tokenizer, report.json, and the new rows alone
     (new_rows.safetensors: "input" and, for untied models, "output", fp32). Written from
     the original safetensors shards, one at a time, when the model has them (no process
-    holds the whole model); else `model` (expanded already) or the loaded model is saved."""
+    holds the whole model); else `model` (expanded already) or the loaded model is saved.
+    With `gguf`, also the same model as one GGUF file for llama.cpp, model.gguf, written
+    from the exported directory (streamed too)."""
     rows = {name: row.detach().float().cpu().contiguous() for name, row in rows.items()}
     model_dir = resolve_model_path(model_path)
     if Path(model_dir).is_dir() and shards_of(model_dir):
@@ -120,4 +123,6 @@ def save_model(model_path: str, expansion: MergeExpansion, rows: dict[str, torch
         out = save_expanded(model, expansion.tokenizer, out_dir, report)
     write_rows(out / ROWS, rows)
     log.info("saved the expanded model to %s", out)
+    if gguf is not None:
+        export_gguf(out, out / GGUF_FILE, gguf.dtype, gguf.pre)
     return out

@@ -16,9 +16,24 @@ def check_job(config: JobConfig) -> None:
     check_writable_dir("out_path" if config.out_path else "run_dir (its model/ folder)", config.model_dir)
     # GGUF and bundled models materialise here, once; remote code is refused here, not in a worker
     check_model(config.model, config.training.target_layer, config.trust_remote_code)
+    check_gguf_export(config)
     if not joins_cluster():
         dist = config.distributed
         check_local_workers(dist.num_workers, dist.cpus_per_worker, dist.use_gpu)
+
+
+def check_gguf_export(config: JobConfig) -> None:
+    """With output.gguf, the model must be one the GGUF export writes: known before
+    training, not after it (reads the config and tokenizer, no weights)."""
+    if not config.output.gguf:
+        return
+    from tokdist_ray.preflight import model_config
+    from tokdist_ray.vocab.gguf_export import check_exportable, tokenizer_json_of
+    from tokdist_ray.vocab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    check_exportable(model_config(config.model, config.trust_remote_code), tokenizer_json_of(tokenizer),
+                     config.output.gguf_pre)
 
 
 def check_corpus_paths(config: JobConfig) -> None:

@@ -41,6 +41,8 @@ from tokdist_ray.errors import ConfigError
 TOKEN_SOURCES = ("list", "file", "target_tokenizer", "from_corpus")
 SELECTIONS = ("bpe", "words")
 TOKENIZER_MODES = ("merges", "added_tokens")  # vocab.merges.MODES, without importing transformers
+GGUF_DTYPES = ("f16", "bf16", "f32")  # vocab.gguf_export.DTYPES, without importing torch
+GGUF_OPTIONS = ("gguf", "gguf_dtype", "gguf_pre")  # of OutputConfig: how the model is exported, not trained
 
 
 @dataclass
@@ -109,10 +111,17 @@ class OutputConfig:
     # piece's rows predict the new tokens far better (bench/README.md, "Language shift")
     emb_policy: str = OutputEmbeddingInit.FIRST_PIECE.value
     pre_init_strategy: str = "fvt"
+    # also <out_path>/model.gguf for llama.cpp (Llama, Mistral, Qwen2 with byte-level BPE tokenizers)
+    gguf: bool = False
+    gguf_dtype: str = "f16"  # its 2-D weights: f16, bf16 or f32 (norms are f32 always)
+    gguf_pre: str | None = None  # llama.cpp's pre-tokenizer name, where the export cannot tell it
 
     def __post_init__(self) -> None:  # the API's own checks, so both accept the same values
         output_emb_policy(self.emb_policy)
         pre_init_strategy(self.pre_init_strategy)
+        _one_of("output.gguf_dtype", self.gguf_dtype, GGUF_DTYPES)
+        if self.gguf_pre is not None and not self.gguf_pre.strip():
+            raise ConfigError("output.gguf_pre is empty; name llama.cpp's pre-tokenizer (e.g. llama-bpe) or leave it out")
 
 
 @dataclass

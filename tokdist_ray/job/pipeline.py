@@ -26,13 +26,14 @@ from tokdist_ray.data.budget import quota_summary, snippet_quota
 from tokdist_ray.errors import TokdistError
 from tokdist_ray.fingerprint import fingerprint
 from tokdist_ray.job.checks import check_job
-from tokdist_ray.job.config import JobConfig, config_dict
+from tokdist_ray.job.config import GGUF_OPTIONS, JobConfig, config_dict
 from tokdist_ray.job.lock import RunDirLock
 from tokdist_ray.raycluster import connect
 from tokdist_ray.report import read_report, write_report
 from tokdist_ray.stages import collect_snippets, expand_tokens, split_by_snippets
 from tokdist_ray.training.run_manifest import NOT_IN_RUN_IDENTITY
 from tokdist_ray.vocab.expansion_files import expansion_summary, load_expansion, save_expansion
+from tokdist_ray.vocab.gguf_export import GGUF_FILE, GgufOptions
 from tokdist_ray.vocab.merges import MergeExpansion
 from tokdist_ray.vocab.models import load_tokenizer
 from tokdist_ray.vocab.selection import frequent_fragmented_words
@@ -197,15 +198,20 @@ def distill_keys(settings: dict, upstream: str) -> tuple[str, str]:
     """(the distill stage's fingerprint, the digest its checkpoint run is named by).
 
     The run digest covers what a resumed run must share (run_manifest checks it again),
-    so new settings get a run of their own. A new time_budget_s or out_path reruns the
-    stage on the same run (a longer budget trains on from the last checkpoint, a new
-    out_path exports there); log_every and checkpoint/restart options change nothing."""
+    so new settings get a run of their own. A new time_budget_s, out_path or GGUF option
+    reruns the stage on the same run (a longer budget trains on from the last checkpoint,
+    a new out_path or GGUF option exports again); log_every and checkpoint/restart
+    options change nothing."""
     training = {k: v for k, v in settings["training"].items() if k not in NOT_IN_RUN_IDENTITY}
     operational = ("resume", "max_failures", "checkpoint_every", "checkpoint_every_s", "checkpoint_upload",
                    "keep_checkpoints")
     distributed = {k: v for k, v in settings["distributed"].items() if k not in operational}
-    run = _key(upstream, training, settings["output"], distributed)
-    return _key(run, settings["training"]["time_budget_s"], settings["out_path"]), run
+    output = {k: v for k, v in settings["output"].items() if k not in GGUF_OPTIONS}
+    run = _key(upstream, training, output, distributed)
+    export = [settings["training"]["time_budget_s"], settings["out_path"]]
+    if settings["output"].get("gguf"):  # off, the keys stay those of runs from before the option
+        export.append({k: settings["output"][k] for k in GGUF_OPTIONS})
+    return _key(run, *export), run
 
 
 def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets: dict, run_dir: Path, run_key: str) -> dict:
@@ -231,13 +237,16 @@ def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets: dict,
         "finished": f"the run with these settings finished; continuing from its checkpoint at step {step}, then exporting",
     }[state])
     dist = dataclasses.replace(dist, storage_path=storage, run_name=run_name, resume=state != "new")
+    output = config.output
     result = distill_distributed(
         config.model, snippets["snippets_path"], expansion, config.model_dir, config.training, dist,
-        config.output.emb_policy, config.output.pre_init_strategy, distilled=[t.text for t in distilled],
+        output.emb_policy, output.pre_init_strategy, distilled=[t.text for t in distilled],
         not_distilled=not_distilled, snippets_report=snippets["report"], snippet_len=config.snippets.snippet_len,
+        gguf=GgufOptions(output.gguf_dtype, output.gguf_pre) if output.gguf else None,
     )
+    gguf_path = {"gguf_path": str(result.out_dir / GGUF_FILE)} if output.gguf else {}
     return {"model_dir": str(result.out_dir), "rows_path": str(result.rows_path),
-            "report_path": str(result.report_path), "tokens_not_distilled": not_distilled}
+            "report_path": str(result.report_path), "tokens_not_distilled": not_distilled, **gguf_path}
 
 
 def _evaluate_stage(config: JobConfig, expansion: MergeExpansion, distilled: dict, run_dir: Path) -> dict:
@@ -278,14 +287,19 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
         key = _key(key, settings["data"], settings["snippets"], settings["generation"])
         outputs["snippets"] = ledger.run("snippets", key, lambda: _snippets_stage(config, expansion, run_dir))
     if "distill" in stages:
+        # the evaluation scores the rows, not the files they are exported as: a GGUF asked for later re-exports
+        # the run (a new distill key) but leaves the evaluation's key as it was
+        trained = distill_keys({**settings, "output": {**settings["output"], "gguf": False}}, key)[0]
         key, run_key = distill_keys(settings, key)
         snippets = outputs["snippets"]
         outputs["distill"] = ledger.run("distill", key, lambda: _distill_stage(config, expansion, snippets, run_dir, run_key))
+        key = trained
     if "evaluate" in stages and config.eval.heldout_paths:
         distilled = outputs.get("distill") or _finished(ledger, "distill")
         rows = Path(distilled["rows_path"]).read_bytes()  # a re-distilled model is evaluated anew
         scored = {k: v for k, v in settings["eval"].items() if k != "num_workers"}  # how many share it: same result
-        key = _key(key, scored, distilled, hashlib.sha256(rows).hexdigest())
+        exported = {k: v for k, v in distilled.items() if k != "gguf_path"}
+        key = _key(key, scored, exported, hashlib.sha256(rows).hexdigest())
         outputs["evaluate"] = ledger.run("evaluate", key, lambda: _evaluate_stage(config, expansion, distilled, run_dir))
 
     report = {

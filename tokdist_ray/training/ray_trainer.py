@@ -44,6 +44,7 @@ from tokdist_ray.training.checkpoint import ROWS
 from tokdist_ray.training.run_manifest import RunDirectory, manifest
 from tokdist_ray.training.strategies import choose_strategy
 from tokdist_ray.training.worker import train_worker
+from tokdist_ray.vocab.gguf_export import GgufOptions
 from tokdist_ray.vocab.merges import MergeExpansion
 from tokdist_ray.vocab.models import resolve_model_path
 
@@ -86,6 +87,7 @@ class WorkerPlan:
     # report.json's tokens_not_distilled and snippets sections (stages.collect_snippets' report)
     not_distilled: tuple[dict, ...] = ()
     snippets_report: dict = field(default_factory=dict)
+    gguf: GgufOptions | None = None  # rank 0 also writes out_dir/model.gguf
 
     @property
     def tokens(self):
@@ -113,6 +115,7 @@ def distill_distributed(
     not_distilled: Sequence[dict] = (),
     snippets_report: dict | None = None,
     snippet_len: int = 50,
+    gguf: GgufOptions | None = None,
 ) -> DistributedResult:
     """Learn the rows of the new ids of `expansion` (vocab.merges.expand_with_merges) on
     `dist.num_workers` Ray Train workers from the snippet parquet at `snippets_path`
@@ -124,8 +127,8 @@ def distill_distributed(
     `after_step(step, rank)`, if given, runs on every worker after each optimizer step
     (custom monitoring; fault injection in tests). `not_distilled` and `snippets_report`
     go into report.json as they are (see stages.py); `snippet_len` sizes the activations
-    `strategy="auto"` plans for. Uses the running Ray instance, or
-    starts a local one.
+    `strategy="auto"` plans for; `gguf` has rank 0 write the export as a GGUF too
+    (stages.save_model). Uses the running Ray instance, or starts a local one.
     """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -133,7 +136,8 @@ def distill_distributed(
 
     plan = _plan(model_path, snippets_path, expansion, distilled, out_dir, training, dist, output_emb_policy,
                  pre_init_strategy, snippets_filesystem, after_step)
-    plan = dataclasses.replace(plan, not_distilled=tuple(not_distilled), snippets_report=snippets_report or {})
+    plan = dataclasses.replace(plan, not_distilled=tuple(not_distilled), snippets_report=snippets_report or {},
+                               gguf=gguf)
     connect()
     _warn_if_unplaceable(dist)
     strategy, zero_stage = choose_strategy(dist, plan.model_path, training, len(plan.tokens), snippet_len + 1,

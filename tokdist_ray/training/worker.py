@@ -186,4 +186,4 @@ def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: S
             "weights_held": [r["weights_held"] for r in ranks],  # per rank: share of the frozen model's weights
         },
     )
-    save_model(plan.model_path, plan.expansion, rows, plan.out_dir, report)
+    save_model(plan.model_path, plan.expansion, rows, plan.out_dir, report, gguf=plan.gguf)
