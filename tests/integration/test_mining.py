@@ -470,6 +470,7 @@ def test_hf_dataset_from_local_files(ray_session, doc_texts, doc_expansion, tmp_
 CLUSTER_RUN = """
 import json, sys
 import ray
+import ray.data
 from ray.cluster_utils import Cluster
 from tokdist_ray.config import FileDataSource
 from tokdist_ray.data.mining import mine_corpus
@@ -482,6 +483,9 @@ cluster.add_node(num_cpus=2)
 try:
     ray.init(address=cluster.address)
     cluster.wait_for_nodes()
+    # Ray Data starts a pool's actors without waiting for them all: on a fast machine the
+    # first miner up could read the whole small corpus before the other node's started
+    ray.data.DataContext.get_current().wait_for_min_actors_s = 120
     expansion = expand_with_merges(load_tokenizer(model), json.loads(words))
     result = mine_corpus(FileDataSource(corpus), expansion, 24, 10**6, out_dir=out, num_workers=2)
     alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
