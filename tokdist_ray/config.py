@@ -166,6 +166,28 @@ class DistillationConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
+@dataclass
+class OutputFitConfig:
+    """The new tokens' output rows fitted, after distillation, to text of the corpus: the
+    expanded model's likelihood of that text in its own tokenisation, over the new rows
+    alone (old rows, and the input rows just distilled, stay as they are). A tied model is
+    exported untied: one more [vocab, d] table. Needs a corpus; generated snippets are not
+    natural text (each is written around its token)."""
+
+    enabled: bool = True
+    text_bytes: int = 400_000  # corpus text the fit reads, in 2,000-byte chunks spread over what mining read
+    learning_rate: float = 1e-3
+    max_steps: int = 2000  # Adam steps at most; it stops earlier once its held-back tenth stops improving
+    batch_positions: int = 8192  # positions per step, over all workers
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"output_fit.enabled must be true or false, got {self.enabled!r}")
+        for name in ("text_bytes", "max_steps", "batch_positions"):
+            count_at_least_one(f"output_fit.{name}", getattr(self, name))
+        positive_number("output_fit.learning_rate", self.learning_rate)
+
+
 GENERATION_BACKENDS = ("auto", "vllm", "transformers")
 
 

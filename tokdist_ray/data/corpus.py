@@ -14,6 +14,7 @@ from typing import Iterator
 import pyarrow.fs as pafs
 
 from tokdist_ray.config import FileDataSource, HFDataSource
+from tokdist_ray.data.chunks import split_document
 from tokdist_ray.data.files import BadRow, expand_paths, resolve_files, texts_of_file
 from tokdist_ray.data.hf_stream import open_stream, stream_values
 from tokdist_ray.storage import is_uri
@@ -45,3 +46,26 @@ def documents(source: FileDataSource | HFDataSource) -> Iterator[str | BadRow]:
     if isinstance(source, HFDataSource):
         return hf_documents(source)
     raise TypeError(f"not a corpus source: {type(source).__name__}")
+
+
+FIT_CHUNK_BYTES = 2000
+
+
+def text_sample(source: FileDataSource | HFDataSource, text_bytes: int, stride: int = 1) -> list[str]:
+    """Every `stride`-th chunk of the corpus's documents (cut as held-out text is cut, at
+    most FIT_CHUNK_BYTES each) until `text_bytes` are taken: text spread over the first
+    stride x text_bytes bytes rather than the first documents alone. Rows without text
+    are skipped, as mining skips them."""
+    chunks, taken, seen = [], 0, 0
+    for doc in documents(source):
+        if isinstance(doc, BadRow):
+            continue
+        for chunk in split_document(doc, FIT_CHUNK_BYTES):
+            seen += 1
+            if (seen - 1) % stride:
+                continue
+            chunks.append(chunk)
+            taken += len(chunk.encode("utf-8"))
+            if taken >= text_bytes:
+                return chunks
+    return chunks

@@ -19,12 +19,13 @@ import math
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from tokdist_ray.console import StageProgress
+from tokdist_ray.data.chunks import split_document
 from tokdist_ray.errors import ConfigError
 
 
@@ -36,26 +37,6 @@ class ChunkScore:
     bits: list[float]  # -log2 p(id | start token and every id before it)
 
 
-def _split_document(doc: str, limit: int) -> Iterator[str]:
-    """Contiguous pieces of at most `limit` UTF-8 bytes whose concatenation is `doc`."""
-    data = doc.encode("utf-8")
-    start = 0
-    while len(data) - start > limit:
-        end = start + limit
-        cut = data.rfind(b"\n", start, end) + 1  # after the last line break that fits
-        if cut <= start:
-            # before a space or tab: byte-level BPE attaches it to the word that follows
-            cut = max(data.rfind(b" ", start + 1, end + 1), data.rfind(b"\t", start + 1, end + 1))
-        if cut <= start:
-            cut = end
-            while data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: back off to the character start
-                cut -= 1
-        yield data[start:cut].decode("utf-8")
-        start = cut
-    if start < len(data):
-        yield data[start:].decode("utf-8")
-
-
 def heldout_chunks(texts: Iterable[str], chunk_bytes: int = 2000, max_bytes: int | None = None) -> list[str]:
     """Each document split at line breaks, else before whitespace, else between characters,
     into pieces of at most `chunk_bytes` bytes; the pieces of a document concatenate back to
@@ -65,7 +46,7 @@ def heldout_chunks(texts: Iterable[str], chunk_bytes: int = 2000, max_bytes: int
         raise ConfigError(f"chunk_bytes must be at least 4 (one UTF-8 character), got {chunk_bytes}")
     chunks, total = [], 0
     for doc in texts:
-        for piece in _split_document(doc, chunk_bytes):
+        for piece in split_document(doc, chunk_bytes):
             size = len(piece.encode("utf-8"))
             if max_bytes is not None and total + size > max_bytes:
                 return chunks

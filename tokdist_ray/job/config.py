@@ -29,6 +29,7 @@ from tokdist_ray.config import (
     EvalConfig,
     GeneratedDataSource,
     OutputEmbeddingInit,
+    OutputFitConfig,
     check_snippet_counts,
     corpus_paths,
     count_at_least_one,
@@ -137,6 +138,7 @@ class JobConfig:
     training: DistillationConfig = field(default_factory=DistillationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    output_fit: OutputFitConfig = field(default_factory=OutputFitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property

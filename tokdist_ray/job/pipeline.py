@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.console import StageProgress
 from tokdist_ray.data.budget import quota_summary, snippet_quota
+from tokdist_ray.data.corpus import text_sample
 from tokdist_ray.errors import TokdistError
 from tokdist_ray.fingerprint import fingerprint
 from tokdist_ray.job.checks import check_job
@@ -200,7 +201,7 @@ def distill_keys(settings: dict, upstream: str) -> tuple[str, str]:
     The run digest covers what a resumed run must share (run_manifest checks it again),
     so new settings get a run of their own. A new time_budget_s, out_path or GGUF option
     reruns the stage on the same run (a longer budget trains on from the last checkpoint,
-    a new out_path or GGUF option exports again); log_every and checkpoint/restart
+    new output_fit settings fit the rows again, a new out_path or GGUF option exports again); log_every and checkpoint/restart
     options change nothing."""
     training = {k: v for k, v in settings["training"].items() if k not in NOT_IN_RUN_IDENTITY}
     operational = ("resume", "max_failures", "checkpoint_every", "checkpoint_every_s", "checkpoint_upload",
@@ -208,7 +209,8 @@ def distill_keys(settings: dict, upstream: str) -> tuple[str, str]:
     distributed = {k: v for k, v in settings["distributed"].items() if k not in operational}
     output = {k: v for k, v in settings["output"].items() if k not in GGUF_OPTIONS}
     run = _key(upstream, training, output, distributed)
-    export = [settings["training"]["time_budget_s"], settings["out_path"]]
+    # the output fit follows training: new fit settings fit and export again, from the same run
+    export = [settings["training"]["time_budget_s"], settings["out_path"], settings.get("output_fit")]
     if settings["output"].get("gguf"):  # off, the keys stay those of runs from before the option
         export.append({k: settings["output"][k] for k in GGUF_OPTIONS})
     return _key(run, *export), run
@@ -238,15 +240,32 @@ def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets: dict,
     }[state])
     dist = dataclasses.replace(dist, storage_path=storage, run_name=run_name, resume=state != "new")
     output = config.output
+    fit_text = _fit_text(config, snippets["report"])
     result = distill_distributed(
         config.model, snippets["snippets_path"], expansion, config.model_dir, config.training, dist,
         output.emb_policy, output.pre_init_strategy, distilled=[t.text for t in distilled],
         not_distilled=not_distilled, snippets_report=snippets["report"], snippet_len=config.snippets.snippet_len,
         gguf=GgufOptions(output.gguf_dtype, output.gguf_pre) if output.gguf else None,
+        output_fit=config.output_fit, fit_text=fit_text,
     )
     gguf_path = {"gguf_path": str(result.out_dir / GGUF_FILE)} if output.gguf else {}
     return {"model_dir": str(result.out_dir), "rows_path": str(result.rows_path),
             "report_path": str(result.report_path), "tokens_not_distilled": not_distilled, **gguf_path}
+
+
+def _fit_text(config: JobConfig, snippets_report: dict) -> list[str]:
+    """The corpus text the output fit reads, spread over what mining read; none without a
+    corpus or with the fit off."""
+    source, fit = corpus_source(config), config.output_fit
+    if not fit.enabled:
+        return []
+    if source is None:
+        log.info("output rows are not fitted: the fit needs corpus text, and these snippets are generated")
+        return []
+    mined = snippets_report.get("mining", {}).get("megabytes", 0) * 1e6
+    texts = text_sample(source, fit.text_bytes, stride=max(1, int(mined // fit.text_bytes)))
+    log.info("output fit: %d chunks, %.0f kB of the corpus", len(texts), sum(len(t.encode()) for t in texts) / 1e3)
+    return texts
 
 
 def _evaluate_stage(config: JobConfig, expansion: MergeExpansion, distilled: dict, run_dir: Path) -> dict:

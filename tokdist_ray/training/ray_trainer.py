@@ -28,6 +28,7 @@ from tokdist_ray.config import (
     DistillationConfig,
     DistributedConfig,
     OutputEmbeddingInit,
+    OutputFitConfig,
 )
 from tokdist_ray.config import (
     output_emb_policy as checked_policy,
@@ -88,6 +89,9 @@ class WorkerPlan:
     not_distilled: tuple[dict, ...] = ()
     snippets_report: dict = field(default_factory=dict)
     gguf: GgufOptions | None = None  # rank 0 also writes out_dir/model.gguf
+    # after training, the new output rows are fitted on this corpus text (output_fit.py); () : not fitted
+    output_fit: OutputFitConfig | None = None
+    fit_text: tuple[str, ...] = ()
 
     @property
     def tokens(self):
@@ -116,6 +120,8 @@ def distill_distributed(
     snippets_report: dict | None = None,
     snippet_len: int = 50,
     gguf: GgufOptions | None = None,
+    output_fit: OutputFitConfig | None = None,
+    fit_text: Sequence[str] = (),
 ) -> DistributedResult:
     """Learn the rows of the new ids of `expansion` (vocab.merges.expand_with_merges) on
     `dist.num_workers` Ray Train workers from the snippet parquet at `snippets_path`
@@ -128,7 +134,9 @@ def distill_distributed(
     (custom monitoring; fault injection in tests). `not_distilled` and `snippets_report`
     go into report.json as they are (see stages.py); `snippet_len` sizes the activations
     `strategy="auto"` plans for; `gguf` has rank 0 write the export as a GGUF too
-    (stages.save_model). Uses the running Ray instance, or starts a local one.
+    (stages.save_model). With `output_fit` and `fit_text` (corpus text), the workers fit
+    the new output rows on that text after training (output_fit.py). Uses the running Ray
+    instance, or starts a local one.
     """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -137,7 +145,7 @@ def distill_distributed(
     plan = _plan(model_path, snippets_path, expansion, distilled, out_dir, training, dist, output_emb_policy,
                  pre_init_strategy, snippets_filesystem, after_step)
     plan = dataclasses.replace(plan, not_distilled=tuple(not_distilled), snippets_report=snippets_report or {},
-                               gguf=gguf)
+                               gguf=gguf, output_fit=output_fit if fit_text else None, fit_text=tuple(fit_text))
     connect()
     _warn_if_unplaceable(dist)
     strategy, zero_stage = choose_strategy(dist, plan.model_path, training, len(plan.tokens), snippet_len + 1,

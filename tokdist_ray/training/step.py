@@ -60,6 +60,15 @@ class NewRows(nn.Module):
         return isinstance(self.output, nn.Parameter)
 
 
+def embed_with_new_rows(table: nn.Module, new_rows: torch.Tensor, ids: torch.Tensor, new_start: int) -> torch.Tensor:
+    """Input embeddings of ids in the expanded vocabulary: old ids from the model's own
+    (unresized) table, new ids (>= new_start) from `new_rows`."""
+    is_new = ids >= new_start
+    old = table(ids.masked_fill(is_new, 0))
+    new = new_rows[(ids - new_start).clamp(min=0)].to(old.dtype)
+    return torch.where(is_new[..., None], new, old)
+
+
 def truncated_decoder(decoder: nn.Module, n_layers: int) -> nn.Module:
     """A view of `decoder` that runs only its first `n_layers` layers.
 
@@ -153,10 +162,7 @@ class TokenDistiller(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def embed_student(self, ids: torch.Tensor) -> torch.Tensor:
-        is_new = ids >= self.new_start
-        old = self.model.get_input_embeddings()(ids.masked_fill(is_new, 0))
-        new = self.rows.input[(ids - self.new_start).clamp(min=0)].to(old.dtype)
-        return torch.where(is_new[..., None], new, old)
+        return embed_with_new_rows(self.model.get_input_embeddings(), self.rows.input, ids, self.new_start)
 
     def hidden_states(self, need_target: bool, need_final: bool, cache=None, keep_cache=False, **inputs) -> RunStates:
         """Target-layer and final states (each None when not needed), and the KV cache

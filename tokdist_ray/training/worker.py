@@ -1,7 +1,8 @@
 """A Ray Train worker (TorchTrainer's train_loop_per_worker): reads the snippets, builds
 its strategy, runs the training loop (loop.py) on its slice of every global batch, and
 saves checkpoints to Ray's storage every `checkpoint_every` steps or `checkpoint_every_s`
-seconds and at the end, from which a restarted worker group continues. Rank 0 exports
+seconds and at the end, from which a restarted worker group continues. With fit text, the
+workers then fit the new output rows on it (output_fit.py). Rank 0 exports
 the expanded model and writes report.json.
 """
 
@@ -21,6 +22,7 @@ from tokdist_ray.report import expansion_report
 from tokdist_ray.stages import save_model
 from tokdist_ray.training.checkpoint import Progress, checkpoint_name, read_checkpoint, write_checkpoint
 from tokdist_ray.training.loop import SnippetIds, train_loop
+from tokdist_ray.training.output_fit import fit_on_text
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.schedule import SnippetSchedule, make_optimizer
 from tokdist_ray.training.snippet_files import SnippetSet, read_snippets
@@ -63,11 +65,17 @@ def train_worker(config: dict) -> None:
         save_checkpoint=lambda progress, rows, metrics, last: _save_checkpoint(parallel, plan, progress, rows, rank,
                                                                                metrics, last),
     )
+    trained, fit = final_rows if final_rows is not None else rows, None
+    if plan.output_fit is not None:
+        model = parallel.distiller.model
+        with _gathered_tables(model, held < 1):
+            trained, fit = fit_on_text(model, trained, new_start, plan.expansion.tokenizer, plan.fit_text,
+                                       plan.output_fit, cfg.seed, cfg.mixed_precision, rank, world, parallel.all_reduce)
     ranks = [None] * world  # where each rank ran and the share of the weights it held, for the report
     torch_dist.all_gather_object(ranks, {"node": node_id(), "weights_held": round(held, 4)})
     if rank == 0:
         del parallel
-        _export(plan, final_rows if final_rows is not None else rows, progress, snippets, ranks)
+        _export(plan, trained, progress, snippets, ranks, fit)
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -167,9 +175,10 @@ def _restore(parallel, rank: int) -> tuple[Progress, dict[str, torch.Tensor] | N
     return progress, rows
 
 
-def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: SnippetSet, ranks: list[dict]) -> None:
+def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: SnippetSet, ranks: list[dict],
+            fit: dict | None) -> None:
     """Write the expanded model: its old rows straight from the original files (streamed,
-    shard by shard), the new rows from training."""
+    shard by shard), the new rows from training (and the output fit)."""
     report = expansion_report(
         plan.model_name, plan.expansion, snippets.ids, snippets.counts, progress.history,
         settings={"output_emb_policy": plan.output_emb_policy.value, "pre_init_strategy": plan.pre_init_strategy,
@@ -186,4 +195,5 @@ def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: S
             "weights_held": [r["weights_held"] for r in ranks],  # per rank: share of the frozen model's weights
         },
     )
+    report["output_fit"] = fit if fit is not None else {"skipped": "not asked for, or no corpus text"}
     save_model(plan.model_path, plan.expansion, rows, plan.out_dir, report, gguf=plan.gguf)

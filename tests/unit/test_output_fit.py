@@ -1,0 +1,117 @@
+"""The output fit: its loss, what it learns, what it leaves alone, the corpus text it reads."""
+
+import gzip
+
+import pytest
+import torch
+
+from tests.helpers import SENTENCES, WORDS
+from tokdist_ray.config import FileDataSource, OutputFitConfig
+from tokdist_ray.data.corpus import text_sample
+from tokdist_ray.errors import ConfigError
+from tokdist_ray.training.output_fit import FitPositions, fit_on_text, fit_output_rows, position_losses
+from tokdist_ray.vocab.merges import expand_with_merges
+from tokdist_ray.vocab.models import load_model
+
+
+def _positions(n=4000, d=8, n_old=20, n_new=2, seed=0):
+    """Positions drawn from a known model: targets sampled from softmax([old logits, W* h])."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g)
+    old_rows = torch.randn(n_old, d, generator=g)
+    true_new = torch.randn(n_new, d, generator=g) * 2
+    logits = torch.cat([hidden @ old_rows.T, hidden @ true_new.T], -1)
+    targets = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
+    at = FitPositions(hidden, torch.logsumexp(hidden @ old_rows.T, -1),
+                      torch.where(targets >= n_old, targets - n_old, -1), torch.arange(n) % 10 == 9)
+    return at, old_rows, true_new, logits, targets
+
+
+def test_position_losses_are_the_expanded_models_nll_less_a_constant_at_old_targets():
+    at, old_rows, _, _, targets = _positions(n=50)
+    rows = torch.randn(2, 8)
+    full = torch.cat([at.hidden @ old_rows.T, at.hidden @ rows.T], -1).log_softmax(-1)
+    nll = -full.gather(1, targets[:, None]).squeeze(1)
+    old_target = targets < len(old_rows)
+    # before an old token the frozen part, A - old logit, is left out: it does not depend on the rows
+    constant = at.old_log_norm - (at.hidden @ old_rows.T).gather(1, targets.clamp(max=19)[:, None]).squeeze(1)
+    expected = torch.where(old_target, nll - constant, nll)
+    assert torch.allclose(position_losses(rows, at, torch.arange(50)), expected, atol=1e-5)
+
+
+def test_fit_recovers_the_rows_the_text_was_drawn_from():
+    at, _, true_new, _, _ = _positions()
+    settings = OutputFitConfig(learning_rate=0.05, max_steps=600, batch_positions=1024)
+    start = torch.zeros(2, 8)
+    result = fit_output_rows(start, at, settings, seed=0)
+    held = at.held_back.nonzero().squeeze(1)
+    fitted_loss = position_losses(result.rows, at, held).mean()
+    true_loss = position_losses(true_new, at, held).mean()
+    assert fitted_loss < position_losses(start, at, held).mean() - 0.05
+    assert fitted_loss < true_loss + 0.02  # as good as the true rows on text it did not fit on
+    assert result.summary["held_back_loss_best"] < result.summary["held_back_loss_start"]
+    again = fit_output_rows(start, at, settings, seed=0)
+    assert torch.equal(result.rows, again.rows)  # the same rows from the same seed
+
+
+def test_a_token_that_never_follows_loses_its_mass_and_one_that_does_gets_its_share():
+    at, _, true_new, _, _ = _positions()
+    only_first = FitPositions(at.hidden, at.old_log_norm, torch.where(at.new_target == 1, -1, at.new_target), at.held_back)
+
+    def mass(rows):  # mean probability of each new token over the positions
+        logits = torch.cat([at.old_log_norm[:, None], at.hidden @ rows.T], -1)
+        return logits.softmax(-1)[:, 1:].mean(0)
+
+    start = true_new  # both tokens as likely as in the text drawn from them
+    rows = fit_output_rows(start, only_first, OutputFitConfig(learning_rate=0.05, max_steps=600), 0).rows
+    assert mass(rows)[1] < 0.1 * mass(start)[1]
+    share = (only_first.new_target == 0).float().mean()
+    assert abs(mass(rows)[0] - share) < 0.3 * share
+
+
+def test_fit_without_held_back_text_leaves_the_rows_and_says_why():
+    at, _, _, _, _ = _positions(n=9)  # chunks 0..8: none is held back
+    start = torch.randn(2, 8)
+    result = fit_output_rows(start, at, OutputFitConfig(), 0)
+    assert torch.equal(result.rows, start) and "skipped" in result.summary
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fit_on_text_changes_only_the_new_output_rows(tiny_model_dir, tied):
+    model = load_model(tiny_model_dir(tied=tied))
+    from transformers import AutoTokenizer
+
+    expansion = expand_with_merges(AutoTokenizer.from_pretrained(tiny_model_dir(tied=tied)), WORDS)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n_new, d = len(expansion.tokens), model.config.hidden_size
+    rows = {"input": torch.randn(n_new, d) * 0.02}
+    if not tied:
+        rows["output"] = torch.randn(n_new, d) * 0.02
+    texts = SENTENCES * 4  # 10 % held back: some chunks are
+    fitted, summary = fit_on_text(model, rows, expansion.new_start, expansion.tokenizer, texts,
+                                  OutputFitConfig(max_steps=50), seed=0, mixed_precision=False)
+    assert torch.equal(fitted["input"], rows["input"])
+    assert not torch.equal(fitted["output"], rows.get("output", rows["input"]))
+    assert summary["before_new_tokens"] > 0 and summary["chunks"] == len(texts)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_text_sample_spreads_over_the_corpus_and_skips_rows_without_text(tmp_path):
+    lines = [f"document {i} " + "x" * 20 for i in range(40)]
+    with gzip.open(tmp_path / "docs.jsonl.gz", "wt") as f:
+        for i, line in enumerate(lines):
+            f.write('{"text": null}\n' if i == 3 else f'{{"text": "{line}"}}\n')
+    source = FileDataSource(paths=str(tmp_path / "docs.jsonl.gz"))
+    every_fourth = text_sample(source, text_bytes=10_000, stride=4)
+    kept = [line for i, line in enumerate(lines) if i != 3]
+    assert every_fourth == kept[::4]
+    assert text_sample(source, text_bytes=60, stride=1) == kept[:2]  # stops once it has the bytes
+
+
+def test_output_fit_settings_are_checked():
+    with pytest.raises(ConfigError, match="output_fit.text_bytes"):
+        OutputFitConfig(text_bytes=0)
+    with pytest.raises(ConfigError, match="output_fit.learning_rate"):
+        OutputFitConfig(learning_rate=float("nan"))
+    with pytest.raises(ConfigError, match="output_fit.enabled"):
+        OutputFitConfig(enabled="yes")

@@ -1,0 +1,205 @@
+"""The new tokens' output rows fitted to corpus text, after distillation.
+
+Distillation makes a new token's input row act like its pieces. Its output row decides how
+much probability the expanded model gives the token, at every position. The old rows stay
+frozen, so the old piece sequence keeps its probability: a new token's logit has to be
+high where it follows and low where its first piece is likely but something else follows.
+Rows set from the pieces cannot know that (README, "Language shift": the first piece's row
+predicts the new tokens as well as the original predicted their pieces, yet leaks mass
+onto them everywhere else).
+
+The fit maximises the expanded model's likelihood of corpus text in its own tokenisation
+over the new output rows alone. Every hidden state and old logit is then fixed, and the
+loss is convex in the rows. So the states are computed once, in one pass over the text,
+and the fit takes many cheap steps over them. At a position with state h, old log-normaliser
+A and new logits z = W h, the loss is
+
+    logaddexp(A, logsumexp(z)) - z_y       before a new token y,
+    softplus(logsumexp(z) - A)             before an old token (its old logit is constant).
+
+A tenth of the chunks is held back; the fit keeps the rows that scored best on it, and
+stops once they stop improving.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tokdist_ray.config import OutputFitConfig
+from tokdist_ray.console import StageProgress
+from tokdist_ray.eval.bits_per_byte import VOCAB_SLICE, start_token
+from tokdist_ray.training.step import autocast_context, embed_with_new_rows
+
+log = logging.getLogger("tokdist_ray")
+
+CHUNKS_PER_PASS = 8
+HELD_BACK_EVERY = 10  # every 10th chunk is held back
+CHECK_EVERY = 25  # steps between checks on the held-back chunks
+PATIENCE = 6  # checks without improvement before the fit stops
+
+
+@dataclass
+class FitPositions:
+    """One worker's positions of the fit text: [N] rows each."""
+
+    hidden: torch.Tensor  # [N, d] final states, fp32
+    old_log_norm: torch.Tensor  # [N] logsumexp of the old logits
+    new_target: torch.Tensor  # [N] the next id minus new_start, -1 before an old token
+    held_back: torch.Tensor  # [N] bool: from a held-back chunk
+
+
+def fit_chunk_ids(tokenizer, chunks: Sequence[str], start: int, max_len: int | None) -> list[list[int]]:
+    """Each chunk in the expanded tokenisation after a start token, cut at `max_len` ids."""
+    ids = tokenizer(list(chunks), add_special_tokens=False)["input_ids"]
+    return [[start, *x][:max_len] for x in ids]
+
+
+def _old_log_norm(hidden: torch.Tensor, old_rows: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the old vocabulary, in slices of it (a 128k vocabulary's fp32 logits
+    for a pass of chunks are gigabytes)."""
+    out = torch.full(hidden.shape[:1], float("-inf"), device=hidden.device)
+    for lo in range(0, len(old_rows), VOCAB_SLICE):
+        out = torch.logaddexp(out, torch.logsumexp(hidden @ old_rows[lo : lo + VOCAB_SLICE].float().T, -1))
+    return out
+
+
+@torch.no_grad()
+def collect_positions(model, input_rows: torch.Tensor, new_start: int, chunk_ids: Sequence[list[int]],
+                      chunk_numbers: Sequence[int], passes: int, mixed_precision: bool = True,
+                      progress: bool = True) -> FitPositions:
+    """Final states and old log-normalisers at every position of the chunks (one worker's
+    share; `chunk_numbers` their indices in the whole fit text), with the new tokens
+    embedded from `input_rows`. `passes` forward passes are run whatever the share's size
+    (ZeRO-3 workers must run the same number); passes without chunks run a one-id input."""
+    device = input_rows.device
+    decoder, table = model.get_decoder(), model.get_input_embeddings()
+    old_rows = model.get_output_embeddings().weight[:new_start]
+    parts: list[tuple[torch.Tensor, ...]] = []
+    shown = StageProgress("output fit, reading the text", len(chunk_ids), "chunks") if progress else None
+    for p in range(passes):
+        batch = list(range(p * CHUNKS_PER_PASS, min((p + 1) * CHUNKS_PER_PASS, len(chunk_ids))))
+        seqs = [chunk_ids[i] for i in batch] or [[0]]
+        width = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = True
+        ids, mask = ids.to(device), mask.to(device)
+        with autocast_context(device, mixed_precision):
+            embeds = embed_with_new_rows(table, input_rows, ids, new_start)
+            states = decoder(inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False).last_hidden_state
+        if not batch:
+            continue
+        keep = mask[:, :-1] & mask[:, 1:]
+        hidden = states[:, :-1][keep].float()
+        targets = ids[:, 1:][keep]
+        numbers = torch.tensor([chunk_numbers[i] for i in batch], device=device)[:, None].expand_as(keep)[keep]
+        parts.append((hidden, _old_log_norm(hidden, old_rows), torch.where(targets >= new_start, targets - new_start, -1),
+                      numbers % HELD_BACK_EVERY == HELD_BACK_EVERY - 1))
+        if shown is not None:
+            shown.advance(len(batch))
+    if not parts:
+        d = input_rows.shape[1]
+        return FitPositions(input_rows.new_zeros(0, d), input_rows.new_zeros(0), torch.zeros(0, dtype=torch.long, device=device),
+                            torch.zeros(0, dtype=torch.bool, device=device))
+    return FitPositions(*(torch.cat(column) for column in zip(*parts)))
+
+
+def position_losses(rows: torch.Tensor, at: FitPositions, index: torch.Tensor) -> torch.Tensor:
+    """[len(index)] the loss at those positions (see the module docstring)."""
+    hidden, old, target = at.hidden[index], at.old_log_norm[index], at.new_target[index]
+    logits = hidden @ rows.T
+    new_norm = torch.logsumexp(logits, -1)
+    is_new = target >= 0
+    target_logit = logits.gather(1, target.clamp_min(0)[:, None]).squeeze(1)
+    return torch.where(is_new, torch.logaddexp(old, new_norm) - target_logit, F.softplus(new_norm - old))
+
+
+@dataclass
+class FitResult:
+    rows: torch.Tensor  # [n_new, d] fp32
+    summary: dict  # for report.json
+
+
+def fit_output_rows(initial: torch.Tensor, at: FitPositions, settings: OutputFitConfig, seed: int, rank: int = 0,
+                    world: int = 1, all_reduce: Callable[[torch.Tensor], None] = lambda t: None) -> FitResult:
+    """Adam on the new output rows over the positions, their gradient summed over workers
+    (each holds its own positions; every worker ends with the same rows)."""
+    rows = initial.detach().float().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([rows], lr=settings.learning_rate)
+    train = (~at.held_back).nonzero().squeeze(1)
+    held = at.held_back.nonzero().squeeze(1)
+    generator = torch.Generator(device="cpu").manual_seed(seed + rank)
+    per_worker = max(1, settings.batch_positions // world)
+    counts = torch.tensor([float(len(train)), float(len(held)), float((at.new_target >= 0).sum())], device=rows.device)
+    all_reduce(counts)
+    if counts[0] == 0 or counts[1] == 0:
+        return FitResult(initial.detach().float().clone(), {"skipped": "too little corpus text to fit on"})
+
+    def held_back_loss() -> float:
+        with torch.no_grad():
+            total = torch.stack([position_losses(rows, at, part).sum() for part in held.split(per_worker)]).sum() \
+                if len(held) else rows.new_zeros(())
+        all_reduce(total)
+        return float(total) / float(counts[1])
+
+    rows.grad = torch.zeros_like(rows)
+    start = best = held_back_loss()
+    best_rows, since_best, step = rows.detach().clone(), 0, 0
+    for step in range(1, settings.max_steps + 1):
+        pick = train[torch.randint(len(train), (per_worker,), generator=generator).to(train.device)] if len(train) \
+            else train
+        if len(pick):
+            (position_losses(rows, at, pick).sum() / (per_worker * world)).backward()
+        all_reduce(rows.grad)  # every worker joins, with or without positions of its own
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+        if step % CHECK_EVERY:
+            continue
+        current = held_back_loss()
+        if current < best - 1e-6:  # a diverged (nan) check never counts as the best
+            best, best_rows, since_best = current, rows.detach().clone(), 0
+        else:
+            since_best += 1
+        if rank == 0 and step % (4 * CHECK_EVERY) == 0:
+            log.info("output fit: step %d, held-back loss %.4f nats per position (from %.4f)", step, current, start)
+        if since_best >= PATIENCE:
+            break
+    summary = {"positions": int(counts[0] + counts[1]), "before_new_tokens": int(counts[2]), "steps": step,
+               "held_back_loss_start": round(start, 6), "held_back_loss_best": round(best, 6),
+               "stopped_early": step < settings.max_steps}
+    return FitResult(best_rows, summary)
+
+
+def fit_on_text(model, rows: dict[str, torch.Tensor], new_start: int, tokenizer, texts: Sequence[str],
+                settings: OutputFitConfig, seed: int, mixed_precision: bool = True, rank: int = 0, world: int = 1,
+                all_reduce: Callable[[torch.Tensor], None] = lambda t: None) -> tuple[dict[str, torch.Tensor], dict]:
+    """`rows` ("input", and "output" for untied rows) with "output" fitted on `texts` (the
+    fit text, whole: each of `world` workers reads every world-th chunk), and the fit's
+    summary. The model's own weights are only read."""
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    numbers = list(range(rank, len(texts), world))
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    ids = fit_chunk_ids(tokenizer, [texts[i] for i in numbers], start_token(tokenizer), limit)
+    passes = math.ceil(math.ceil(len(texts) / world) / CHUNKS_PER_PASS)
+    at = collect_positions(model, rows["input"].to(device), new_start, ids, numbers, passes, mixed_precision,
+                           progress=rank == 0)
+    initial = rows.get("output", rows["input"]).to(device)
+    result = fit_output_rows(initial, at, settings, seed, rank, world, all_reduce)
+    if "skipped" in result.summary:
+        log.warning("output fit skipped: %s", result.summary["skipped"]) if rank == 0 else None
+        return rows, result.summary
+    summary = {"chunks": len(texts), "text_bytes": sum(len(t.encode("utf-8")) for t in texts), **result.summary,
+               "seconds": round(time.perf_counter() - started, 3)}
+    if rank == 0:
+        log.info("output fit: %s", summary)
+    return {**rows, "output": result.rows.cpu()}, summary
