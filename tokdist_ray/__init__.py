@@ -14,6 +14,7 @@ _EXPORTS = {
     "GeneratedDataSource": ".config",
     "HFDataSource": ".config",
     "OutputEmbeddingInit": ".config",
+    "OutputFitConfig": ".config",
 }
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
         GeneratedDataSource,
         HFDataSource,
         OutputEmbeddingInit,
+        OutputFitConfig,
     )
 
 __all__ = list(_EXPORTS)

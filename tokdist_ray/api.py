@@ -28,6 +28,7 @@ from tokdist_ray.config import (
     GeneratedDataSource,
     HFDataSource,
     OutputEmbeddingInit,
+    OutputFitConfig,
     check_snippet_counts,
     corpus_paths,
 )
@@ -46,9 +47,10 @@ from tokdist_ray.eval.heldout import Evaluation, evaluate_export
 from tokdist_ray.preflight import check_target_layer, check_writable_dir, model_config
 from tokdist_ray.raycluster import ray_is_running
 from tokdist_ray.report import expansion_report
-from tokdist_ray.stages import collect_snippets, expand_tokens, save_model, split_by_snippets
+from tokdist_ray.stages import collect_snippets, expand_tokens, fit_text, save_model, split_by_snippets
 from tokdist_ray.training.batching import align_snippets
 from tokdist_ray.training.loop import train_local
+from tokdist_ray.training.output_fit import fit_on_text
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.step import TokenDistiller, bf16_supported
 from tokdist_ray.vocab.alignment import PieceAligner
@@ -113,6 +115,7 @@ class TokenDistillation:
         gguf: bool = False,
         gguf_dtype: Literal["f16", "bf16", "f32"] = "f16",
         gguf_pre: str | None = None,
+        output_fit: OutputFitConfig = OutputFitConfig(),
     ):
         """Select tokens, expand the tokenizer, collect snippets, distill, and return
         (model, tokenizer).
@@ -131,9 +134,12 @@ class TokenDistillation:
         measures the result on held-out text. `gguf=True` (with save) also writes
         `out_path/model.gguf` for llama.cpp, its weights in `gguf_dtype`; `gguf_pre` names
         llama.cpp's pre-tokenizer where the export cannot tell it (vocab/gguf_export.py).
+        With a corpus, the new output rows are then fitted to its text (`output_fit`,
+        training/output_fit.py; `OutputFitConfig(enabled=False)` keeps the distilled ones):
+        the returned model of a tied one is untied.
         """
         output_emb_policy, pre_init_strategy = checked_policy(output_emb_policy), checked_strategy(pre_init_strategy)
-        self._check(out_path, save, snippet_len, snippets_per_token, min_snippets_per_token, training, data)
+        self._check(out_path, save, snippet_len, snippets_per_token, min_snippets_per_token, training, data, output_fit)
         gguf_options = self._check_gguf(save, gguf_dtype, gguf_pre) if gguf else None
         if self._last is not None:  # a previous run grew self.model: start clean
             self.model = self._load_model()
@@ -150,6 +156,12 @@ class TokenDistillation:
         snippet_ids = kept["input_ids"].to_pylist()
         with _timed(timings, "distill"):
             rows, history = self._distill(expansion, snippet_ids, output_emb_policy, pre_init_strategy, training)
+        texts = fit_text(None if isinstance(data, GeneratedDataSource) else data, output_fit, snippets.report)
+        fit = None
+        if texts:
+            with _timed(timings, "output_fit"):
+                rows, fit = fit_on_text(self.model, rows, expansion.new_start, expansion.tokenizer, texts, output_fit,
+                                        training.seed, training.mixed_precision)
         model = expand_model(self.model, expansion.new_start, rows["input"], rows.get("output"))
         report = expansion_report(
             self.model_path, expansion, snippet_ids, Counter(kept["token"].to_pylist()), history,
@@ -158,6 +170,7 @@ class TokenDistillation:
                       "training": dict(vars(training))},
             not_distilled=not_distilled, snippets={"source": type(data).__name__, **snippets.report}, timings_s=timings,
         )
+        report["output_fit"] = fit if fit is not None else {"skipped": "not asked for, or no corpus text"}
         self._last = _LastRun(expansion, rows, report, snippet_len, training.target_layer, snippet_seed)
         if save:
             with _timed(timings, "export"):
@@ -185,7 +198,8 @@ class TokenDistillation:
         return evaluate_export(evaluation, Path(out_path))
 
     # ------------------------------------------------------------------ stages
-    def _check(self, out_path, save: bool, snippet_len: int, per_token: int, min_per_token: int, training, data) -> None:
+    def _check(self, out_path, save: bool, snippet_len: int, per_token: int, min_per_token: int, training, data,
+               output_fit) -> None:
         """What can be known before any work, as the job checks it."""
         if save and out_path is None:
             raise ConfigError("out_path must be given when save=True")
@@ -194,6 +208,8 @@ class TokenDistillation:
         check_snippet_counts(snippet_len, per_token, min_per_token)
         if not isinstance(training, DistillationConfig):
             raise ConfigError(f"training must be a DistillationConfig, not {type(training).__name__}")
+        if not isinstance(output_fit, OutputFitConfig):
+            raise ConfigError(f"output_fit must be an OutputFitConfig, not {type(output_fit).__name__}")
         if not isinstance(data, (GeneratedDataSource, HFDataSource, FileDataSource)):
             raise ConfigError(f"data must be GeneratedDataSource, HFDataSource or FileDataSource, not {type(data).__name__}")
         check_target_layer(training.target_layer, self.model.config.get_text_config().num_hidden_layers)

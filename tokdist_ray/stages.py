@@ -1,7 +1,8 @@
 """The stages of an expansion, shared by the Python API (api.py: in process, on the model
 it holds) and the job (job/pipeline.py: on Ray, with stage fingerprints and files):
 
-    expand_tokens -> collect_snippets -> split_by_snippets -> (train) -> report.expansion_report -> save_model
+    expand_tokens -> collect_snippets -> split_by_snippets -> (train) -> fit_text -> (fit the output rows)
+        -> report.expansion_report -> save_model
 
 What differs between the two is passed in: how snippets are mined and generated, and
 where training runs. The rules (which tokens enter as added tokens, when a top-up runs,
@@ -19,7 +20,9 @@ from typing import Callable, Sequence
 import pyarrow as pa
 import torch
 
+from tokdist_ray.config import OutputFitConfig
 from tokdist_ray.data.budget import Quota, quota_of
+from tokdist_ray.data.corpus import text_sample
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA
 from tokdist_ray.report import write_report
 from tokdist_ray.training.checkpoint import ROWS, write_rows
@@ -100,6 +103,21 @@ def split_by_snippets(tokens: Sequence[NewToken], counts: dict[str, int], min_pe
     if not_distilled:
         log.warning(not_distilled_note(not_distilled, min_per_token, pre_init_strategy))
     return distilled, not_distilled
+
+
+def fit_text(source, settings: OutputFitConfig, snippets_report: dict) -> list[str]:
+    """The corpus text the output fit reads (training/output_fit.py), spread over what
+    mining read; none with the fit off or without a corpus (generated snippets are each
+    written around their token, not text as it comes)."""
+    if not settings.enabled:
+        return []
+    if source is None:
+        log.info("output rows are not fitted: the fit needs corpus text, and these snippets are generated")
+        return []
+    mined = snippets_report.get("mining", {}).get("megabytes", 0) * 1e6
+    texts = text_sample(source, settings.text_bytes, stride=max(1, int(mined // settings.text_bytes)))
+    log.info("output fit: %d chunks, %.0f kB of the corpus", len(texts), sum(len(t.encode()) for t in texts) / 1e3)
+    return texts
 
 
 def save_model(model_path: str, expansion: MergeExpansion, rows: dict[str, torch.Tensor], out_dir: str | Path,

@@ -17,7 +17,7 @@ from tokdist_ray import (
     OutputEmbeddingInit,
     TokenDistillation,
 )
-from tokdist_ray.config import EvalConfig
+from tokdist_ray.config import EvalConfig, OutputFitConfig
 from tokdist_ray.errors import ConfigError, ModelNotFoundError, NoNewTokensError
 
 FAST = DistillationConfig(epochs=1, batch_size=4, log_every=1000)
@@ -68,7 +68,9 @@ def test_exported_model_loads_encodes_new_tokens_and_keeps_old_rows(tiny_model_d
         assert model.get_output_embeddings().weight[n_old:].abs().sum() > 0
     assert report["training"]["loss_curve"] and report["timings_s"]["distill"] > 0
     saved = load_file(out / "new_rows.safetensors")  # the rows alone, as the job writes them
-    assert torch.equal(saved["input"], new_rows) and ("output" in saved) == (not tied)
+    # the output fit on the corpus gives every model output rows of its own: a tied one is exported untied
+    assert torch.equal(saved["input"], new_rows) and torch.equal(saved["output"], model.get_output_embeddings().weight[n_old:])
+    assert not model.config.tie_word_embeddings and report["output_fit"]["before_new_tokens"] > 0
 
     if bos and not tied:  # the job's evaluate stage, from the API
         summary = td.evaluate(str(corpus), str(tmp_path / "eval"), EvalConfig(snippets_per_token=2, chunk_bytes=200,
@@ -112,13 +114,21 @@ def test_added_tokens_mode_is_the_references_tokenizer(tiny_model_dir, corpus):
     assert n_old in tok("The Krankenwagens left.", add_special_tokens=False)["input_ids"]  # fires inside longer words
 
 
+def test_a_tied_model_stays_tied_without_the_output_fit(tiny_model_dir, corpus):
+    td = TokenDistillation(str(tiny_model_dir(tied=True)), device="cpu")
+    model, _ = td.run(WORDS, data=FileDataSource(str(corpus)), snippet_len=16, snippets_per_token=2, training=FAST,
+                      output_fit=OutputFitConfig(enabled=False))
+    assert model.config.tie_word_embeddings and "skipped" in td.last_report["output_fit"]
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
 @pytest.mark.parametrize("policy", [OutputEmbeddingInit.ZERO, OutputEmbeddingInit.SUBTOKEN_MEAN])
 def test_output_row_policies_of_untied_models(tiny_model_dir, corpus, policy):
     model_dir = tiny_model_dir(tied=False)
     td = TokenDistillation(str(model_dir), device="cpu")
     head = td.model.get_output_embeddings().weight.detach().clone()
     model, tok = td.run(WORDS, data=FileDataSource(str(corpus)), snippet_len=16, snippets_per_token=3,
-                        output_emb_policy=policy, training=FAST)
+                        output_emb_policy=policy, training=FAST, output_fit=OutputFitConfig(enabled=False))
     n_old = len(td.tokenizer)
     new_out = model.get_output_embeddings().weight[n_old:]
     if policy is OutputEmbeddingInit.ZERO:

@@ -306,7 +306,10 @@ def test_the_job_option_reruns_the_export_of_the_same_run_and_leaves_other_runs_
                             before, {k: v for k, v in settings["distributed"].items() if k not in (
                                 "resume", "max_failures", "checkpoint_every", "checkpoint_every_s",
                                 "checkpoint_upload", "keep_checkpoints")})
-    assert (stage, run) == (pipeline._key(old_run, None, None), old_run)  # as before the option existed
+    # as before the option existed (the output fit's settings follow training: the run is the same)
+    assert (stage, run) == (pipeline._key(old_run, None, None, settings["output_fit"]), old_run)
+    fitted, same = keys("--output_fit.text_bytes", "1000")
+    assert same == run and fitted != stage  # fits the finished run again
     with_gguf, same_run = keys("--output.gguf", "true")
     assert same_run == run and with_gguf != stage  # exports the finished run again, with its GGUF
     assert keys("--output.gguf", "true", "--output.gguf_dtype", "bf16") not in ((stage, run), (with_gguf, run))

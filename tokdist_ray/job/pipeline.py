@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.console import StageProgress
 from tokdist_ray.data.budget import quota_summary, snippet_quota
-from tokdist_ray.data.corpus import text_sample
 from tokdist_ray.errors import TokdistError
 from tokdist_ray.fingerprint import fingerprint
 from tokdist_ray.job.checks import check_job
@@ -31,7 +30,7 @@ from tokdist_ray.job.config import GGUF_OPTIONS, JobConfig, config_dict
 from tokdist_ray.job.lock import RunDirLock
 from tokdist_ray.raycluster import connect
 from tokdist_ray.report import read_report, write_report
-from tokdist_ray.stages import collect_snippets, expand_tokens, split_by_snippets
+from tokdist_ray.stages import collect_snippets, expand_tokens, fit_text, split_by_snippets
 from tokdist_ray.training.run_manifest import NOT_IN_RUN_IDENTITY
 from tokdist_ray.vocab.expansion_files import expansion_summary, load_expansion, save_expansion
 from tokdist_ray.vocab.gguf_export import GGUF_FILE, GgufOptions
@@ -240,32 +239,17 @@ def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets: dict,
     }[state])
     dist = dataclasses.replace(dist, storage_path=storage, run_name=run_name, resume=state != "new")
     output = config.output
-    fit_text = _fit_text(config, snippets["report"])
+    texts = fit_text(corpus_source(config), config.output_fit, snippets["report"])
     result = distill_distributed(
         config.model, snippets["snippets_path"], expansion, config.model_dir, config.training, dist,
         output.emb_policy, output.pre_init_strategy, distilled=[t.text for t in distilled],
         not_distilled=not_distilled, snippets_report=snippets["report"], snippet_len=config.snippets.snippet_len,
         gguf=GgufOptions(output.gguf_dtype, output.gguf_pre) if output.gguf else None,
-        output_fit=config.output_fit, fit_text=fit_text,
+        output_fit=config.output_fit, fit_text=texts,
     )
     gguf_path = {"gguf_path": str(result.out_dir / GGUF_FILE)} if output.gguf else {}
     return {"model_dir": str(result.out_dir), "rows_path": str(result.rows_path),
             "report_path": str(result.report_path), "tokens_not_distilled": not_distilled, **gguf_path}
-
-
-def _fit_text(config: JobConfig, snippets_report: dict) -> list[str]:
-    """The corpus text the output fit reads, spread over what mining read; none without a
-    corpus or with the fit off."""
-    source, fit = corpus_source(config), config.output_fit
-    if not fit.enabled:
-        return []
-    if source is None:
-        log.info("output rows are not fitted: the fit needs corpus text, and these snippets are generated")
-        return []
-    mined = snippets_report.get("mining", {}).get("megabytes", 0) * 1e6
-    texts = text_sample(source, fit.text_bytes, stride=max(1, int(mined // fit.text_bytes)))
-    log.info("output fit: %d chunks, %.0f kB of the corpus", len(texts), sum(len(t.encode()) for t in texts) / 1e3)
-    return texts
 
 
 def _evaluate_stage(config: JobConfig, expansion: MergeExpansion, distilled: dict, run_dir: Path) -> dict:

@@ -78,7 +78,8 @@ def initial_rows(
     inputs = pre_init_rows(model.get_input_embeddings().weight, phrases, strategy, "input")
     if ties_word_embeddings(model) and not untie:
         if policy is not OutputEmbeddingInit.ZERO and policy is not OutputEmbeddingInit.SUBTOKEN_MEAN:
-            log.info("tied embeddings: output rows are the input rows (untie_word_embeddings=True sets them apart)")
+            log.info("tied embeddings: output rows are the input rows in training (the output fit, or "
+                     "untie_word_embeddings=True, sets them apart)")
         return NewRows(inputs)
     head = model.get_output_embeddings()
     if head is None:
