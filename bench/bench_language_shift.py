@@ -31,14 +31,21 @@ from tokdist_ray.data.corpus import documents
 from tokdist_ray.eval.bits_per_byte import heldout_chunks, score_methods
 from tokdist_ray.eval.drift import baseline_rows
 from tokdist_ray.job.config import load_config, parse_overrides
-from tokdist_ray.job.pipeline import run_job
+from tokdist_ray.job.pipeline import corpus_source, run_job
+from tokdist_ray.stages import fit_text
+from tokdist_ray.training.output_fit import fit_on_text
 from tokdist_ray.vocab.expansion_files import load_expansion
 from tokdist_ray.vocab.models import load_model, load_tokenizer
 
 # Each lever alone, against the config's settings ("default").
 VARIANTS = {
     "default": {},
-    "reference": {"training.loss_methods": ["MSE-on-hiddens"]},
+    "no output fit": {"output_fit.enabled": False},
+    "output fit on 100 kB": {"output_fit.text_bytes": 100_000},
+    "output fit on 1 MB": {"output_fit.text_bytes": 1_000_000},
+    # the reference's loss alone, and its rows as the reference leaves them (no output fit)
+    "reference": {"training.loss_methods": ["MSE-on-hiddens"], "output_fit.enabled": False},
+    "reference loss, output fit": {"training.loss_methods": ["MSE-on-hiddens"]},
     "output weight 1": {"training.new_token_output_weight": 1.0},
     "output weight 2": {"training.new_token_output_weight": 2.0},
     "untied": {"training.untie_word_embeddings": True},
@@ -52,6 +59,7 @@ VARIANTS = {
         "training.untie_word_embeddings": True, "output.emb_policy": "first_piece", "snippets.budget": "by_frequency"},
 }
 BASELINES = ("fvt",)  # AdaptiVocab and the others: the job's evaluate stage
+FITTED_BASELINE = "fvt, output fit"  # FVT's input rows with output rows fitted as the job fits them
 STAGES = ("tokens", "snippets", "distill")
 
 
@@ -62,7 +70,16 @@ def distill(config_path: str, common: dict, name: str, overrides: dict, run_dir:
     report = run_job(config, STAGES)
     rows = load_file(report["outputs"]["distill"]["rows_path"])
     return {"rows": (rows["input"], rows.get("output")), "seconds": time.perf_counter() - start,
-            "tokenizer": report["outputs"]["tokens"]["tokenizer_path"], "config": config}
+            "tokenizer": report["outputs"]["tokens"]["tokenizer_path"], "config": config,
+            "snippets_report": report["outputs"]["snippets"]["report"]}
+
+
+def fitted_baseline(model, expansion, input_rows, config, snippets_report) -> tuple:
+    """A baseline's input rows with output rows fitted on the job's fit text, as the job fits them."""
+    texts = fit_text(corpus_source(config), config.output_fit, snippets_report)
+    rows, _ = fit_on_text(model, {"input": input_rows}, expansion.new_start, expansion.tokenizer, texts, config.output_fit,
+                          config.training.seed, config.training.mixed_precision)
+    return rows["input"], rows["output"]
 
 
 def row(name: str, bits: dict, original: dict, seconds: float | None) -> str:
@@ -80,6 +97,7 @@ def main() -> None:
     ap.add_argument("--run-dir", default="runs/bench-language-shift")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--json", help="also write the scores here")
+    ap.add_argument("--fitted-fvt", action="store_true", help="also FVT's input rows with fitted output rows")
     args, rest = ap.parse_known_args()
     console_logging()
     quiet_console()
@@ -93,6 +111,8 @@ def main() -> None:
     chunks = heldout_chunks(texts, config.eval.chunk_bytes, config.eval.bits_per_byte_bytes)
     inputs, outputs = (baseline_rows(model, expansion.tokens, expansion.new_start, side) for side in ("input", "output"))
     methods = {name: run["rows"] for name, run in runs.items()} | {b: (inputs[b], outputs.get(b)) for b in BASELINES}
+    if args.fitted_fvt:
+        methods[FITTED_BASELINE] = fitted_baseline(model, expansion, inputs["fvt"], config, first["snippets_report"])
     scored = score_methods(model, load_tokenizer(config.model), expansion.tokenizer, expansion.new_start, methods,
                            chunks, config.eval.batch_size)["methods"]
 
@@ -103,7 +123,7 @@ def main() -> None:
     print("| variant | tokens/byte | bits/byte | vs original | extra bits on new tokens vs original's on their spans "
           "| bits/byte on new tokens | on the others | distill s |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     print(row("original", scored["original"], scored["original"], None))
-    for name in BASELINES:
+    for name in BASELINES + ((FITTED_BASELINE,) if args.fitted_fvt else ()):
         print(row(name, scored[name], scored["original"], None))
     for name, run in runs.items():
         print(row(f"Token Distillation, {name}", scored[name], scored["original"], run["seconds"]))
