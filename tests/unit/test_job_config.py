@@ -3,6 +3,7 @@ key and the fix; parsing imports neither torch nor transformers."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,10 @@ def test_a_config_file_that_is_not_a_mapping_is_one_clear_error(tmp_path, text):
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(str(path), {"tokens.list": " a"})
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "jobs" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_job_config_loads(path):
+    config = load_config(str(path))
+    assert config.model and config.run_dir

@@ -196,7 +196,8 @@ def fit_on_text(model, rows: dict[str, torch.Tensor], new_start: int, tokenizer,
     initial = rows.get("output", rows["input"]).to(device)
     result = fit_output_rows(initial, at, settings, seed, rank, world, all_reduce)
     if "skipped" in result.summary:
-        log.warning("output fit skipped: %s", result.summary["skipped"]) if rank == 0 else None
+        if rank == 0:
+            log.warning("output fit skipped: %s", result.summary["skipped"])
         return rows, result.summary
     summary = {"chunks": len(texts), "text_bytes": sum(len(t.encode("utf-8")) for t in texts), **result.summary,
                "seconds": round(time.perf_counter() - started, 3)}
