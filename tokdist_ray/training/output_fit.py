@@ -200,7 +200,7 @@ def fit_on_text(model, rows: dict[str, torch.Tensor], new_start: int, tokenizer,
             log.warning("output fit skipped: %s", result.summary["skipped"])
         return rows, result.summary
     summary = {"chunks": len(texts), "text_bytes": sum(len(t.encode("utf-8")) for t in texts), **result.summary,
-               "seconds": round(time.perf_counter() - started, 3)}
+               "seconds": round(time.perf_counter() - started, 3), "settings": dict(vars(settings))}
     if rank == 0:
         log.info("output fit: %s", summary)
     return {**rows, "output": result.rows.cpu()}, summary
