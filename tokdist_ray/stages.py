@@ -105,6 +105,11 @@ def split_by_snippets(tokens: Sequence[NewToken], counts: dict[str, int], min_pe
     return distilled, not_distilled
 
 
+# the fit's text is spread over at most 64 x text_bytes of the corpus (25 MB by default):
+# read again here, as a streamed hub dataset is, it must stay a small share of a large corpus
+FIT_MAX_STRIDE = 64
+
+
 def fit_text(source, settings: OutputFitConfig, snippets_report: dict) -> list[str]:
     """The corpus text the output fit reads (training/output_fit.py), spread over what
     mining read; none with the fit off or without a corpus (generated snippets are each
@@ -115,7 +120,8 @@ def fit_text(source, settings: OutputFitConfig, snippets_report: dict) -> list[s
         log.info("output rows are not fitted: the fit needs corpus text, and these snippets are generated")
         return []
     mined = snippets_report.get("mining", {}).get("megabytes", 0) * 1e6
-    texts = text_sample(source, settings.text_bytes, stride=max(1, int(mined // settings.text_bytes)))
+    stride = min(FIT_MAX_STRIDE, max(1, int(mined // settings.text_bytes)))
+    texts = text_sample(source, settings.text_bytes, stride)
     log.info("output fit: %d chunks, %.0f kB of the corpus", len(texts), sum(len(t.encode()) for t in texts) / 1e3)
     return texts
 
