@@ -50,7 +50,7 @@ from tokdist_ray.report import expansion_report
 from tokdist_ray.stages import collect_snippets, expand_tokens, fit_text, save_model, split_by_snippets
 from tokdist_ray.training.batching import align_snippets
 from tokdist_ray.training.loop import train_local
-from tokdist_ray.training.output_fit import fit_on_text
+from tokdist_ray.training.output_fit import NOT_FITTED, fit_on_text
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.step import TokenDistiller, bf16_supported
 from tokdist_ray.vocab.alignment import PieceAligner
@@ -170,7 +170,7 @@ class TokenDistillation:
                       "training": dict(vars(training))},
             not_distilled=not_distilled, snippets={"source": type(data).__name__, **snippets.report}, timings_s=timings,
         )
-        report["output_fit"] = fit if fit is not None else {"skipped": "not asked for, or no corpus text"}
+        report["output_fit"] = fit if fit is not None else dict(NOT_FITTED)
         self._last = _LastRun(expansion, rows, report, snippet_len, training.target_layer, snippet_seed)
         if save:
             with _timed(timings, "export"):

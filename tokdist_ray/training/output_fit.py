@@ -43,6 +43,7 @@ CHUNKS_PER_PASS = 8
 HELD_BACK_EVERY = 10  # every 10th chunk is held back
 CHECK_EVERY = 25  # steps between checks on the held-back chunks
 PATIENCE = 6  # checks without improvement before the fit stops
+NOT_FITTED = {"skipped": "not asked for, or no corpus text"}  # report.json's output_fit then
 
 
 @dataclass

@@ -22,7 +22,7 @@ from tokdist_ray.report import expansion_report
 from tokdist_ray.stages import save_model
 from tokdist_ray.training.checkpoint import Progress, checkpoint_name, read_checkpoint, write_checkpoint
 from tokdist_ray.training.loop import SnippetIds, train_loop
-from tokdist_ray.training.output_fit import fit_on_text
+from tokdist_ray.training.output_fit import NOT_FITTED, fit_on_text
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.schedule import SnippetSchedule, make_optimizer
 from tokdist_ray.training.snippet_files import SnippetSet, read_snippets
@@ -195,5 +195,5 @@ def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: S
             "weights_held": [r["weights_held"] for r in ranks],  # per rank: share of the frozen model's weights
         },
     )
-    report["output_fit"] = fit if fit is not None else {"skipped": "not asked for, or no corpus text"}
+    report["output_fit"] = fit if fit is not None else dict(NOT_FITTED)
     save_model(plan.model_path, plan.expansion, rows, plan.out_dir, report, gguf=plan.gguf)
