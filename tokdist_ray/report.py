@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tokdist_ray.atomic import atomic_write_text
+
 
 def positions_per_token(snippets: Iterable[Sequence[int]] | pa.ListArray, new_start: int, n_new: int) -> list[int]:
     """How often each new id occurs in the training snippets: the student positions that
@@ -74,7 +76,8 @@ def without_paths(snippets_report: dict) -> dict:
 
 
 def write_report(path: str | Path, report: dict) -> None:
-    Path(path).write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    """Written whole or not at all: a later run trusts what it finds here."""
+    atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False, default=str))
 
 
 def read_report(path: str | Path) -> dict:

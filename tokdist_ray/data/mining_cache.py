@@ -66,9 +66,13 @@ def write_cache(out: str, table: pa.Table, report: dict) -> None:
 
 
 def read_cache(out: str) -> dict | None:
-    """The cached result's report, or None when there is no complete result."""
+    """The cached result's report, or None when there is no complete result (its report
+    cut short by a kill counts as none: mining runs again and writes it anew)."""
     fs, root = location(out)
     if fs.get_file_info(f"{root}/report.json").type != pafs.FileType.File:
         return None
     with fs.open_input_stream(f"{root}/report.json") as f:
-        return json.loads(f.read())
+        try:
+            return json.loads(f.read())
+        except ValueError:
+            return None

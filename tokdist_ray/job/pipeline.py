@@ -10,7 +10,6 @@ so a failed job resubmitted continues where it stopped.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import time
@@ -27,6 +26,7 @@ from tokdist_ray.errors import TokdistError
 from tokdist_ray.fingerprint import fingerprint
 from tokdist_ray.job.checks import check_job
 from tokdist_ray.job.config import GGUF_OPTIONS, JobConfig, config_dict
+from tokdist_ray.job.inputs import content_digest, corpus_files, heldout_files, model_files
 from tokdist_ray.job.lock import RunDirLock
 from tokdist_ray.raycluster import connect
 from tokdist_ray.report import read_report, write_report
@@ -50,21 +50,29 @@ def _key(*parts) -> str:
 
 
 class StageLedger:
-    """Which stages finished, with which inputs, how long they took."""
+    """Which stages finished, with which inputs, how long they took.
+
+    A record is written whole (temp file, then rename) once its stage has finished, and
+    names the files under run_dir relative to it, so a run_dir moved or copied elsewhere
+    reads its own files. A record that cannot be read is set aside and its stage reruns."""
 
     def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
         self.dir = run_dir / "stages"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
         self.skipped: list[str] = []
 
     def done(self, stage: str, key: str) -> dict | None:
-        path = self.dir / f"{stage}.json"
-        if path.is_file():
-            record = json.loads(path.read_text(encoding="utf-8"))
-            if record.get("fingerprint") == key:
-                return record
-        return None
+        record = self._read(stage)
+        return record if record is not None and record.get("fingerprint") == key else None
+
+    def outputs(self, stage: str) -> dict:
+        """A finished stage's outputs, whatever its inputs were."""
+        record = self._read(stage)
+        if record is None:
+            raise TokdistError(f"stage {stage} has not run yet in {self.run_dir}; run it first (tokdist-ray {stage})")
+        return record["outputs"]
 
     def run(self, stage: str, key: str, work: Callable[[], dict]) -> dict:
         record = self.done(stage, key)
@@ -77,9 +85,37 @@ class StageLedger:
         start = time.perf_counter()
         outputs = work()
         self.timings[stage] = round(time.perf_counter() - start, 3)
-        record = {"fingerprint": key, "seconds": self.timings[stage], "outputs": outputs}
+        record = {"fingerprint": key, "seconds": self.timings[stage], "outputs": self.portable(outputs)}
         write_report(self.dir / f"{stage}.json", record)
         return outputs
+
+    def portable(self, outputs: dict) -> dict:
+        """`outputs` with the files under run_dir named relative to it."""
+        return {k: _relative(v, self.run_dir) if k in PATH_OUTPUTS else v for k, v in outputs.items()}
+
+    def _read(self, stage: str) -> dict | None:
+        path = self.dir / f"{stage}.json"
+        if not path.is_file():
+            return None
+        try:
+            record = read_report(path)
+            outputs = record["outputs"]
+        except (ValueError, KeyError, TypeError) as e:  # cut short by a kill, or edited by hand
+            aside = path.with_name(f"{path.name}.unreadable")
+            path.replace(aside)
+            log.warning("stage %s: its record %s is unreadable (%s); set it aside as %s, the stage runs again",
+                        stage, path, type(e).__name__, aside.name)
+            return None
+        record["outputs"] = {k: str(self.run_dir / v) if k in PATH_OUTPUTS else v for k, v in outputs.items()}
+        return record
+
+
+# outputs that name files: kept relative to run_dir in stage records (absolute stays absolute)
+PATH_OUTPUTS = ("tokenizer_path", "tokens_path", "snippets_path", "model_dir", "rows_path", "report_path", "gguf_path")
+
+
+def _relative(path: str, run_dir: Path) -> str:
+    return str(Path(path).relative_to(run_dir)) if Path(path).is_relative_to(run_dir) else path
 
 
 # ------------------------------------------------------------------ stages
@@ -230,7 +266,7 @@ def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets: dict,
     storage = dist.storage_path or str((run_dir / "checkpoints").resolve())
     run_name = f"{dist.run_name}-{run_key[:8]}"
     run = RunDirectory(storage, run_name)
-    state, step = run.state, run.last_checkpoint_step()
+    state, step = run.state, run.resume_step()
     log.info("distillation checkpoints: %s/%s: %s", storage, run_name, {
         "new": "a new run (no run with these settings yet)",
         "stopped": f"resuming the stopped run with these settings from its checkpoint at step {step}" if step
@@ -272,37 +308,50 @@ def run_job(config: JobConfig, stages: tuple[str, ...] = STAGES) -> dict:
         return _run_stages(config, stages, run_dir)
 
 
+def stage_keys(config: JobConfig, settings: dict) -> dict[str, str]:
+    """Each stage's fingerprint before it runs: its settings and what its input files hold
+    (job/inputs.py), chained, so an edited input reruns exactly the stages it feeds. The
+    evaluation's key also takes the rows it scores, known once distillation ends."""
+    corpus = corpus_files(corpus_source(config))
+    from_corpus = [settings["data"], corpus] if config.tokens.from_corpus else None
+    tokens = _key(settings["model"], model_files(config.model), settings["tokens"],
+                  content_digest(config.tokens.file), model_files(config.tokens.target_tokenizer), from_corpus)
+    snippets = _key(tokens, settings["data"], corpus, settings["snippets"], settings["generation"])
+    distill, run = distill_keys(settings, snippets)
+    # the evaluation scores the rows, not the files they are exported as: a GGUF asked for later re-exports
+    # the run (a new distill key) but leaves the evaluation's key as it was
+    trained = distill_keys({**settings, "output": {**settings["output"], "gguf": False}}, snippets)[0]
+    scored = {k: v for k, v in settings["eval"].items() if k != "num_workers"}  # how many share it: same result
+    evaluate = _key(trained, scored, heldout_files(config.eval.heldout_paths))
+    return {"tokens": tokens, "snippets": snippets, "distill": distill, "run": run, "evaluate": evaluate}
+
+
 def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> dict:
     ledger = StageLedger(run_dir)
     settings = config_dict(config)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     start = time.perf_counter()
+    keys = stage_keys(config, settings)
 
-    key = _key(settings["model"], settings["tokens"], settings["data"] if config.tokens.from_corpus else None)
     if config.tokens.from_corpus:
         connect()  # pre-token counts run on Ray Data
-    picked = ledger.run("tokens", key, lambda: _tokens_stage(config, tokenizer, run_dir))
+    picked = ledger.run("tokens", keys["tokens"], lambda: _tokens_stage(config, tokenizer, run_dir))
     expansion = load_expansion(picked["tokenizer_path"])
     outputs = {"tokens": picked}
     connect()  # after a token list is checked, which needs no Ray: a bad one fails at once
 
     if "snippets" in stages or "distill" in stages:
-        key = _key(key, settings["data"], settings["snippets"], settings["generation"])
-        outputs["snippets"] = ledger.run("snippets", key, lambda: _snippets_stage(config, expansion, run_dir))
+        outputs["snippets"] = ledger.run("snippets", keys["snippets"],
+                                         lambda: _snippets_stage(config, expansion, run_dir))
     if "distill" in stages:
-        # the evaluation scores the rows, not the files they are exported as: a GGUF asked for later re-exports
-        # the run (a new distill key) but leaves the evaluation's key as it was
-        trained = distill_keys({**settings, "output": {**settings["output"], "gguf": False}}, key)[0]
-        key, run_key = distill_keys(settings, key)
         snippets = outputs["snippets"]
-        outputs["distill"] = ledger.run("distill", key, lambda: _distill_stage(config, expansion, snippets, run_dir, run_key))
-        key = trained
+        outputs["distill"] = ledger.run(
+            "distill", keys["distill"], lambda: _distill_stage(config, expansion, snippets, run_dir, keys["run"]))
     if "evaluate" in stages and config.eval.heldout_paths:
-        distilled = outputs.get("distill") or _finished(ledger, "distill")
+        distilled = outputs.get("distill") or ledger.outputs("distill")
         rows = Path(distilled["rows_path"]).read_bytes()  # a re-distilled model is evaluated anew
-        scored = {k: v for k, v in settings["eval"].items() if k != "num_workers"}  # how many share it: same result
-        exported = {k: v for k, v in distilled.items() if k != "gguf_path"}
-        key = _key(key, scored, exported, hashlib.sha256(rows).hexdigest())
+        exported = {k: v for k, v in ledger.portable(distilled).items() if k != "gguf_path"}
+        key = _key(keys["evaluate"], exported, hashlib.sha256(rows).hexdigest())
         outputs["evaluate"] = ledger.run("evaluate", key, lambda: _evaluate_stage(config, expansion, distilled, run_dir))
 
     report = {
@@ -316,10 +365,3 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
     write_report(run_dir / "job.json", report)
     log.info("job finished in %.1fs: %s", report["wall_seconds"], ledger.timings)
     return report
-
-
-def _finished(ledger: StageLedger, stage: str) -> dict:
-    records = sorted(ledger.dir.glob(f"{stage}.json"))
-    if not records:
-        raise TokdistError(f"stage {stage} has not run yet in {ledger.dir.parent}; run it first (tokdist-ray {stage})")
-    return json.loads(records[0].read_text(encoding="utf-8"))["outputs"]

@@ -3,11 +3,15 @@ stopped run is resumed, and whether the run finished.
 
     <storage>/<run_name>/tokdist_run.json    settings of the run (written when it starts)
     <storage>/<run_name>/finished.json       written once the model is exported
+
+Ray Train keeps its own record there too, the checkpoint manager's snapshot: which
+checkpoints it registered, and so which one a resumed run starts from.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 import pyarrow.fs
 
@@ -19,6 +23,9 @@ FINISHED = "finished.json"
 # training settings a resumed run may change: how often it logs, how long it may train on
 NOT_IN_RUN_IDENTITY = ("log_every", "time_budget_s")
 CHECKPOINT_PREFIX = "checkpoint_step_"  # + the step, 8 digits: the folders Ray Train writes checkpoints to
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's (ray.train.v2._internal.constants)
+
+log = logging.getLogger("tokdist_ray")
 
 
 def manifest(plan) -> dict:
@@ -69,9 +76,12 @@ class RunDirectory:
             return json.loads(f.read().decode("utf-8"))
 
     def _write(self, name: str, value: dict) -> None:
+        """Written whole: to a temp file, then moved over `name` (a rename on local disks;
+        object stores publish a file only when it is closed)."""
         self.fs.create_dir(self.path, recursive=True)
-        with self.fs.open_output_stream(f"{self.path}/{name}") as f:
+        with self.fs.open_output_stream(f"{self.path}/{name}.partial") as f:
             f.write(json.dumps(value, indent=2).encode("utf-8"))
+        self.fs.move(f"{self.path}/{name}.partial", f"{self.path}/{name}")
 
     @property
     def state(self) -> str:
@@ -80,19 +90,30 @@ class RunDirectory:
             return "new"
         return "finished" if self._exists(FINISHED) else "stopped"
 
-    def last_checkpoint_step(self) -> int | None:
-        """The step of the latest checkpoint Ray Train wrote here, or None."""
-        if self.fs.get_file_info(self.path).type != pyarrow.fs.FileType.Directory:
+    def resume_step(self) -> int | None:
+        """The step of the checkpoint a resumed run starts from: the latest that Ray Train's
+        snapshot registered (a folder written after it, by a run killed before it was
+        registered, is not resumed from). A snapshot that cannot be read (cut short by a
+        kill) would stop every rerun in Ray: it is set aside, and the run starts again."""
+        if not self._exists(RAY_SNAPSHOT):
             return None
-        entries = self.fs.get_file_info(pyarrow.fs.FileSelector(self.path))
-        names = [e.base_name for e in entries if e.type == pyarrow.fs.FileType.Directory]
-        steps = [name[len(CHECKPOINT_PREFIX):] for name in names if name.startswith(CHECKPOINT_PREFIX)]
-        return max((int(step) for step in steps if step.isdigit()), default=None)
+        try:
+            latest = self._read(RAY_SNAPSHOT)["latest_checkpoint_result"] or {}
+            name = latest.get("checkpoint_dir_name", "")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            aside = f"{RAY_SNAPSHOT}.unreadable"
+            self.fs.move(f"{self.path}/{RAY_SNAPSHOT}", f"{self.path}/{aside}")
+            log.warning("Ray Train's checkpoint record %s/%s is unreadable (%s); set it aside as %s: "
+                        "distillation starts again from step 0", self.where, RAY_SNAPSHOT, type(e).__name__, aside)
+            return None
+        step = name[len(CHECKPOINT_PREFIX):]
+        return int(step) if name.startswith(CHECKPOINT_PREFIX) and step.isdigit() else None
 
     def claim(self, settings: dict, resume: bool) -> None:
         """Refuse to mix runs: a new run needs a free name, a resumed one the same settings."""
         state = self.state
         if resume:
+            self.resume_step()  # Ray Train must not find an unreadable snapshot
             if state == "new":
                 raise RunConflictError(
                     f"resume=True but there is no run to resume at {self.where}; check storage_path and run_name"
