@@ -13,7 +13,6 @@ from tokdist_ray.config import HFDataSource
 from tokdist_ray.data.snippets import MiningStats
 from tokdist_ray.errors import ConfigError, CorpusError, TrainingDivergedError, user_error_in
 from tokdist_ray.training.checkpoint import check_finite
-from tokdist_ray.training.run_manifest import RunDirectory
 
 
 @pytest.fixture
@@ -214,15 +213,6 @@ def test_hf_text_files_replace_bytes_that_are_not_utf8_like_local_files(tmp_path
     path.write_bytes(b"caf\xe9 au lait\nsecond line\n")
     source = HFDataSource("text", data_files=str(path))
     assert list(stream_values(open_stream(source), source)) == ["caf\ufffd au lait", "second line"]
-
-
-def test_a_run_stopped_before_its_first_checkpoint_has_none_to_resume_from(tmp_path):
-    run = RunDirectory(str(tmp_path), "distill")
-    assert run.last_checkpoint_step() is None
-    (tmp_path / "distill" / "checkpoint_step_00000040").mkdir(parents=True)
-    (tmp_path / "distill" / "checkpoint_step_00000120").mkdir()
-    (tmp_path / "distill" / "checkpoint_tmp").mkdir()
-    assert run.last_checkpoint_step() == 120
 
 
 def test_a_ray_task_error_gives_the_user_error_it_carries_not_ray_s_traceback():
