@@ -3,6 +3,7 @@ and the cluster YAMLs."""
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -54,6 +55,15 @@ def test_job_stages_are_reused_and_a_lost_stage_reruns(ray_session, tiny_model_d
     assert report["settings"]["training"]["learning_rate"] == 5e-3 and report["distributed"]["resumed_from_steps"] == []
     assert (tmp_path / "run" / "model" / "new_rows.safetensors").read_bytes() != rows_before
     assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 2, "the first run's checkpoints stay"
+
+    # a run_dir copied elsewhere reads its own files, the original gone: nothing reruns
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "run", copy)
+    shutil.rmtree(tmp_path / "run")
+    moved = run_job(load_config(None, parse_overrides(
+        tiny_job_args(model_dir, job_corpus_dir, copy) + ["--training.learning_rate", "5e-3"])))
+    assert moved["stages_reused"] == ["tokens", "snippets", "distill", "evaluate"]
+    assert moved["outputs"]["distill"]["model_dir"] == str(copy / "model")
 
 
 def test_too_few_snippets_is_one_line_not_a_traceback(ray_session, tiny_model_dir, job_corpus_dir, tmp_path, capsys):

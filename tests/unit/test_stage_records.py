@@ -155,3 +155,24 @@ def test_the_run_manifest_is_written_whole(tmp_path):
     run.claim({"lr": 1}, resume=False)
     assert sorted(p.name for p in (tmp_path / "distill").iterdir()) == ["tokdist_run.json"]
     assert json.loads((tmp_path / "distill" / "tokdist_run.json").read_text()) == {"lr": 1}
+
+
+def test_a_job_rerun_after_the_tokens_file_is_edited_uses_the_new_tokens(tiny_model_dir, job_corpus_dir, tmp_path,
+                                                                         ray_starts):
+    from tokdist_ray.job.pipeline import run_job
+
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(" Krankenwagen\n", encoding="utf-8")
+    args = ["--model", str(tiny_model_dir()), "--run_dir", str(tmp_path / "run"), "--tokens.file", str(tokens),
+            "--data.paths", str(job_corpus_dir)]
+    config = load_config(None, parse_overrides(args))
+    run_job(config, ("tokens",))
+    assert [t["token"] for t in json.loads((tmp_path / "run" / "tokens.json").read_text())["tokens"]][:1] == [
+        " Krankenwagen"]
+    assert run_job(config, ("tokens",))["stages_reused"] == ["tokens"]
+
+    _rewrite(tokens, " Schmetterling\n")
+    again = run_job(config, ("tokens",))
+    assert again["stages_reused"] == []
+    assert [t["token"] for t in json.loads((tmp_path / "run" / "tokens.json").read_text())["tokens"]][:1] == [
+        " Schmetterling"]
