@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import gguf
 import pytest
 import torch
 from safetensors import safe_open
@@ -18,7 +19,6 @@ from tokdist_ray.vocab import gguf_export
 from tokdist_ray.vocab.gguf_export import GGUF_FILE, GgufOptions, check_exportable, export_gguf
 from tokdist_ray.vocab.merges import expand_with_merges
 
-gguf = pytest.importorskip("gguf")
 HELD_OUT = "A Schmetterling rested on the roof of the Krankenwagen while 23 children watched from the bridge."
 
 
@@ -233,7 +233,8 @@ def test_an_unknown_pre_tokenizer_is_a_clear_error_unless_named(tiny_model_dir):
 
 
 def test_the_known_regexes_are_the_ones_transformers_reads_gguf_files_with():
-    splits = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping").GGUF_PRE_TOKENIZER_SPLITS
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS as splits
+
     assert splits["llama-bpe"] == gguf_export.LLAMA3_SPLIT
     assert splits["qwen2"] == gguf_export.QWEN2_SPLIT
     assert splits["tekken"] == gguf_export.TEKKEN_SPLIT
