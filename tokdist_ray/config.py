@@ -75,6 +75,12 @@ def positive_number(name: str, value, optional: bool = False) -> None:
         raise ConfigError(f"{name} must be {allowed}, got {value!r}")
 
 
+def has_lone_surrogate(text: str) -> bool:
+    """Half of a surrogate pair alone (from a \\ud800-style escape, or a byte that is not
+    UTF-8 in a command-line argument): no character, which no tokenizer or file takes."""
+    return any("\ud800" <= c <= "\udfff" for c in text)
+
+
 def count_at_least_one(name: str, value, optional: bool = False) -> None:
     """An int >= 1 (or None when `optional`, meaning no limit: 0 is refused, not read as none)."""
     if value is None and optional:
@@ -378,6 +384,13 @@ class DistributedConfig:
             raise bad("run_name", "a non-empty name without '/'")
         positive_number("cpus_per_worker", self.cpus_per_worker)
         positive_number("worker_memory_gb", self.worker_memory_gb, optional=True)
+        # Ray Train takes a FileSystem object; anything else (a string from a YAML job) failed two stages on
+        if self.storage_filesystem is not None and not isinstance(self.storage_filesystem, pyarrow.fs.FileSystem):
+            raise ConfigError(
+                f"DistributedConfig.storage_filesystem must be a pyarrow.fs.FileSystem object, got "
+                f"{self.storage_filesystem!r}; to name remote storage by a string (as a job config must), set "
+                "storage_path to a URI such as s3://bucket/dir and leave storage_filesystem out"
+            )
         if self.storage_filesystem is not None and self.storage_path is None:
             raise ConfigError("DistributedConfig.storage_filesystem needs storage_path (a path on that filesystem)")
 

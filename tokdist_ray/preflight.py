@@ -2,18 +2,24 @@
 
 Config values are checked where the config is built (config.py, job/config.py). This
 module checks what needs the file system, the model's config or the machine: the places
-a run writes, whether the model needs remote code, the target layer against the model's
-depth, and a local run's workers against this machine's CPUs. The API and the job call
-the same checks before they mine, start Ray or load weights.
+a run writes and their free space, whether the model's files are whole and whether it
+needs remote code, the target layer against the model's depth, and a local run's workers
+against this machine's CPUs. The API and the job call the same checks before they mine,
+start Ray or load weights.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from tokdist_ray.errors import ConfigError
+
+GGUF_BYTES = {"f16": 2, "bf16": 2, "f32": 4}  # per weight, of output.gguf_dtype
 
 
 def check_writable_dir(key: str, path: str | os.PathLike) -> None:
@@ -33,9 +39,11 @@ def check_writable_dir(key: str, path: str | os.PathLike) -> None:
 
 
 def model_config(model: str, trust_remote_code: bool = False):
-    """The model's config (config.json only, no weights), refusing remote code unless asked."""
+    """The model's config (config.json only, no weights), its files checked first, refusing
+    remote code unless asked."""
     from tokdist_ray.vocab.models import load_model_config
 
+    check_model_files(model)
     try:
         return load_model_config(model, trust_remote_code)
     except ValueError as e:
@@ -45,6 +53,117 @@ def model_config(model: str, trust_remote_code: bool = False):
             f"model {model!r} needs its own Python code to load (its config names custom classes); "
             "if you trust that code, pass trust_remote_code=True (--trust_remote_code true in a job)"
         ) from None
+
+
+def check_model_files(model: str) -> None:
+    """A local model's config.json is a JSON object and its safetensors shards are whole: a
+    download or copy cut short failed only when a worker loaded it, after mining, naming no file."""
+    directory = _local_model_dir(model)
+    if directory is None:
+        return
+    _json_object(directory / "config.json")
+    for shard in model_shards(directory):
+        safetensors_tensors(shard)
+
+
+def _local_model_dir(model: str) -> Path | None:
+    """The HF directory a model name resolves to (a GGUF is materialised); None for a hub id."""
+    from tokdist_ray.vocab.models import resolve_model_path
+
+    path = Path(resolve_model_path(model))
+    return path if path.is_dir() else None
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ConfigError(f"model file {path} is not valid JSON ({e}); repair it or download the model again") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"model file {path} must hold a JSON object, not {type(value).__name__}; "
+                          "repair it or download the model again")
+    return value
+
+
+def model_shards(directory: Path) -> list[Path]:
+    """A local model's safetensors files: its index's, or model.safetensors; none for a
+    checkpoint in another format."""
+    from tokdist_ray.vocab.streamed_export import INDEX, SINGLE
+
+    if not (directory / INDEX).is_file():
+        return [directory / SINGLE] if (directory / SINGLE).is_file() else []
+    weight_map = _json_object(directory / INDEX).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ConfigError(f"model file {directory / INDEX} has no weight_map; download the model again")
+    shards = [directory / name for name in sorted(set(weight_map.values()))]
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise ConfigError(f"model directory {directory} lacks {missing[0]}"
+                          f"{f' and {len(missing) - 1} more shards' if len(missing) > 1 else ''}, named in {INDEX}; "
+                          "download or copy the model again")
+    return shards
+
+
+def safetensors_tensors(path: Path) -> list[dict]:
+    """The tensor entries ({dtype, shape, data_offsets}) of a safetensors file's header,
+    checked against the file's size: 8 bytes (the header's length, little-endian), the
+    header (JSON), then the data, which must reach the largest end offset."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or 8 + length > size:
+            raise _truncated(path, size, max(8, 8 + length))
+        try:
+            header = json.loads(f.read(length))
+            tensors = [entry for name, entry in header.items() if name != "__metadata__"]
+            end = max((int(entry["data_offsets"][1]) for entry in tensors), default=0)
+        except (ValueError, AttributeError, TypeError, KeyError, IndexError):  # not the format's JSON header
+            raise ConfigError(f"model file {path} is not a safetensors file (its header is not valid); "
+                              "download or copy the model again") from None
+    if 8 + length + end > size:
+        raise _truncated(path, size, 8 + length + end)
+    return tensors
+
+
+def _truncated(path: Path, size: int, needed: int) -> ConfigError:
+    return ConfigError(f"model file {path} is truncated: it has {size} bytes of the {needed} its header describes; "
+                      "download or copy the model again")
+
+
+def check_export_space(key: str, out_dir: str | os.PathLike, model: str, gguf_dtype: str | None = None) -> None:
+    """The export writes a local model's safetensors shards again into `out_dir`, plus a
+    margin of its largest tensor (untying a tied model writes its table twice; new rows
+    grow it), and with GGUF its weights once more in `gguf_dtype`. A full disk found now
+    costs nothing; found after training, it lost the run. Not checked over an earlier
+    export: a rerun may reuse it, writing nothing, which only the stages know."""
+    from tokdist_ray.training.checkpoint import ROWS
+
+    directory = _local_model_dir(model)
+    shards = model_shards(directory) if directory is not None else []
+    out = Path(out_dir).expanduser()
+    if not shards or (out / ROWS).is_file():
+        return
+    tensors = [entry for shard in shards for entry in safetensors_tensors(shard)]
+    needed = sum(s.stat().st_size for s in shards) + max(map(_data_bytes, tensors), default=0)
+    if gguf_dtype is not None:
+        needed += sum(math.prod(t["shape"]) for t in tensors) * GGUF_BYTES[gguf_dtype]
+    free = shutil.disk_usage(next(p for p in (out, *out.parents) if p.exists())).free
+    if free < needed:
+        raise ConfigError(
+            f"{key}: the export into {out} needs about {_gb(needed)} ({needed} bytes: the model's safetensors shards"
+            f"{', its GGUF' if gguf_dtype else ''} and a margin), and its filesystem has {_gb(free)} ({free} bytes) "
+            "free; free space there or name a directory on a larger disk"
+        )
+
+
+def _data_bytes(entry: dict) -> int:
+    start, end = entry["data_offsets"]
+    return end - start
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def check_target_layer(target_layer: int, n_layers: int) -> None:

@@ -2,7 +2,11 @@
 as a user would meet it on the command line or in the API."""
 
 import json
+import os
+import re
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +60,9 @@ def refused(code: int, err: str, *phrases: str) -> str:
     ("training.target_layer", "999", "target_layer 999 is out of range for a model with 2 layers"),
     ("distributed.num_workers", "64", "distributed.num_workers 64 x cpus_per_worker 1 needs 64 CPUs"),
     ("tokens.file", "/etc", "token file /etc is a directory"),
+    ("distributed.storage_filesystem", "s3", "storage_filesystem must be a pyarrow.fs.FileSystem object, got 's3'; "
+                                             "to name remote storage by a string (as a job config must), set "
+                                             "storage_path to a URI such as s3://bucket/dir"),
     ("model", "bundled:nope", "there is no bundled model 'bundled:nope'; the bundled model is bundled:smollm2"),
 ])
 def test_what_can_be_known_before_any_work_is_one_line(job, capsys, ray_starts, key, value, phrase):
@@ -66,6 +73,94 @@ def test_what_can_be_known_before_any_work_is_one_line(job, capsys, ray_starts, 
     refused(code, err, phrase)
     assert not ray_starts
     assert not run_dir.exists(), "nothing may be written for a refused job"
+
+
+def test_a_lone_surrogate_in_a_tokens_file_is_one_line_before_the_run_starts(job, tmp_path, capsys, ray_starts):
+    args, run_dir = job
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text('[" Krankenwagen", " Kranken\\udc00wagen"]', encoding="utf-8")
+    args = [a for a in args if a not in ("--tokens.list", ",".join(WORDS))] + ["--tokens.file", str(tokens)]
+    refused(*run_cli(args, capsys), f"tokens.file: {tokens}: entry 2 (' Kranken\\udc00wagen') holds a lone surrogate",
+            "write the character itself")
+    assert not ray_starts and not run_dir.exists()
+
+
+@pytest.mark.parametrize("config", ["directory", "alias"])
+def test_a_config_file_that_cannot_be_a_job_is_one_line(tmp_path, capsys, config):
+    from tokdist_ray.job.cli import main
+
+    path = tmp_path
+    if config == "alias":
+        path = tmp_path / "job.yaml"
+        path.write_text("training: &t {epochs: 2}\noutput_fit: *t\n", encoding="utf-8")
+    phrase = "is a directory; name a YAML file" if config == "directory" else "uses a YAML alias (*t) at line 2"
+    refused(main(["run", "--config", str(path)]), capsys.readouterr().err, f"config file {path} ", phrase)
+
+
+def broken_model(source, tmp_path, damage: str):
+    """A copy of a saved tiny model with one file damaged as a cut-short download leaves it."""
+    model = tmp_path / "broken-model"
+    shutil.copytree(source, model)
+    weights = model / "model.safetensors"
+    if damage == "truncated_data":
+        os.truncate(weights, weights.stat().st_size - 100)
+    elif damage == "truncated_header":
+        os.truncate(weights, 20)
+    else:  # config.json cut short
+        config = model / "config.json"
+        config.write_text(config.read_text()[:40], encoding="utf-8")
+    return model
+
+
+@pytest.mark.parametrize("damage, phrase", [
+    ("truncated_data", "model.safetensors is truncated: it has {size} bytes of the {needed} its header describes"),
+    ("truncated_header", "model.safetensors is truncated: it has 20 bytes of the {needed} its header describes"),
+    ("config_json", "config.json is not valid JSON ("),
+])
+def test_a_broken_model_file_is_named_before_tokens_and_mining(job, tmp_path, capsys, ray_starts, damage, phrase):
+    # found only when a Ray worker loaded the weights, after tokens and mining, naming no file
+    args, run_dir = job
+    model = broken_model(args[args.index("--model") + 1], tmp_path, damage)
+    weights = model / "model.safetensors"
+    with open(weights, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    size = weights.stat().st_size
+    needed = size + 100 if damage == "truncated_data" else 8 + header
+    line = refused(*run_cli(with_option(args, "model", str(model)), capsys), f"model file {model}/",
+                   phrase.format(size=size, needed=needed), "download" if damage != "config_json" else "repair it")
+    assert not ray_starts and not run_dir.exists()
+    with pytest.raises(ConfigError) as api:  # the API refuses it before it loads weights
+        TokenDistillation(str(model), device="cpu")
+    assert line == f"tokdist-ray: error: {api.value}"
+
+
+def test_an_export_the_disk_cannot_hold_is_refused_before_any_work(job, capsys, ray_starts, monkeypatch):
+    from tokdist_ray import preflight
+
+    args, run_dir = job
+    weights = Path(args[args.index("--model") + 1]) / "model.safetensors"
+    disk = shutil.disk_usage(run_dir.parent)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: disk._replace(free=weights.stat().st_size))
+    line = refused(*run_cli(args, capsys), f"run_dir (its model/ folder): the export into {run_dir / 'model'} needs "
+                   "about", f"and its filesystem has {weights.stat().st_size / 1e6:.1f} MB ({weights.stat().st_size} "
+                   "bytes) free; free space there or name a directory on a larger disk")
+    needed = int(re.search(r"\((\d+) bytes: the model's safetensors shards and a margin\)", line)[1])
+    assert weights.stat().st_size < needed < 2 * weights.stat().st_size
+    assert not ray_starts and not run_dir.exists()
+
+
+def test_free_space_is_not_asked_over_an_earlier_export_a_rerun_may_reuse(tiny_model_dir, tmp_path, monkeypatch):
+    from tokdist_ray import preflight
+
+    weights = tiny_model_dir() / "model.safetensors"
+    out = tmp_path / "model"
+    disk = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: disk._replace(free=weights.stat().st_size))
+    with pytest.raises(ConfigError, match="shards, its GGUF and a margin"):
+        preflight.check_export_space("out_path", out, str(tiny_model_dir()), "f32")
+    out.mkdir()
+    (out / "new_rows.safetensors").write_bytes(b"")  # what marks a finished export
+    preflight.check_export_space("out_path", out, str(tiny_model_dir()), "f32")
 
 
 def test_an_out_path_that_is_a_file_is_refused_before_distilling(job, tmp_path, capsys, ray_starts):

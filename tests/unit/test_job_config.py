@@ -1,11 +1,14 @@
 """The job's config: unknown keys, wrong types and bad values fail at parse time with the
 key and the fix; parsing imports neither torch nor transformers."""
 
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tokdist_ray.errors import ConfigError
 from tokdist_ray.job.config import load_config, parse_overrides
@@ -100,3 +103,56 @@ def test_a_config_file_that_is_not_a_mapping_is_one_clear_error(tmp_path, text):
 def test_every_shipped_job_config_loads(path):
     config = load_config(str(path))
     assert config.model and config.run_dir
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    # each alias is a full copy once walked (config_dict, the stage keys): this took 120 s and 1.3 GB
+    lines = ["distributed:", "  deepspeed_config:", "    a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"    a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    path = tmp_path / "job.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=re.escape(f"config file {path} uses a YAML alias (*a0) at line 4, column 14; "
+                                                    "job configs allow none: write the value out")):
+        load_config(str(path), {"tokens.list": " a", "data.paths": "docs"})
+    assert time.perf_counter() - started < 1
+
+
+def test_a_merge_key_is_an_alias_too(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("base: &base {epochs: 2}\ntraining:\n  <<: *base\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"uses a YAML alias \(\*base\) at line 3"):
+        load_config(str(path))
+
+
+def test_a_config_path_that_is_a_directory_says_so(tmp_path):
+    with pytest.raises(ConfigError, match=f"^config file {tmp_path} is a directory; name a YAML file"):
+        load_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("value", ["s3", {"type": "s3"}])
+def test_a_storage_filesystem_in_a_job_config_asks_for_a_uri(tmp_path, value):
+    # a string passed here and failed two stages on, when Ray Train was handed it
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"distributed": {"storage_path": "bucket/dir", "storage_filesystem": value}}))
+    with pytest.raises(ConfigError, match=re.escape(
+            f"distributed: DistributedConfig.storage_filesystem must be a pyarrow.fs.FileSystem object, got {value!r}; "
+            "to name remote storage by a string (as a job config must), set storage_path to a URI such as "
+            "s3://bucket/dir and leave storage_filesystem out")):
+        load_config(str(path), {"tokens.list": " a", "data.paths": "docs"})
+
+
+def test_the_api_takes_a_pyarrow_filesystem():
+    import pyarrow.fs
+
+    from tokdist_ray.config import DistributedConfig
+
+    fs = pyarrow.fs.LocalFileSystem()
+    assert DistributedConfig(storage_path="/tmp/x", storage_filesystem=fs).storage_filesystem is fs
+
+
+def test_a_token_that_is_not_utf8_on_the_command_line_is_refused():
+    # the shell passes a byte that is not UTF-8 as a lone surrogate (surrogateescape); the run failed on it late
+    with pytest.raises(ConfigError, match=re.escape("tokens: tokens.list: entry 2 (' Kranken\\udcffwagen') holds a "
+                                                    "lone surrogate, which is no character")):
+        load_config(None, parse_overrides(["--tokens.list", " a, Kranken\udcffwagen", "--data.paths", "docs"]))

@@ -1,6 +1,7 @@
 """New-token selection: normalisation, phrase tokenisation, every filter reason."""
 
 import json
+import re
 
 import pytest
 from transformers import AutoTokenizer
@@ -116,3 +117,42 @@ def test_token_files_and_cli_strings(tmp_path):
         read_token_file(bad)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_token_file(tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize("inside", ["\x85", "\u2028", "\u2029", "\x0b", "\x0c", "\x1c", "\r"])
+def test_a_token_file_splits_only_at_line_feeds(tmp_path, inside):
+    # str.splitlines() split " façon\x85x" into " façon" and "x"
+    path = tmp_path / "tokens.txt"
+    path.write_text(f" façon{inside}x\n Krankenwagen\n", encoding="utf-8", newline="")
+    assert read_token_file(path) == [f" façon{inside}x", " Krankenwagen"]
+
+
+def test_a_crlf_token_file_loses_only_its_line_breaks(tmp_path):
+    path = tmp_path / "tokens.txt"
+    path.write_bytes(b" Krankenwagen\r\n\r\nSchmetterling \r\n")
+    assert read_token_file(path) == [" Krankenwagen", "", "Schmetterling "]
+
+
+@pytest.mark.parametrize("name, text", [("tokens.txt", " Krankenwagen\n"), ("tokens.json", '[" Krankenwagen"]')])
+def test_a_byte_order_mark_is_not_part_of_the_first_token(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert read_token_file(path) == [" Krankenwagen"]
+
+
+def test_a_lone_surrogate_in_a_json_token_file_names_the_entry(tmp_path):
+    path = tmp_path / "tokens.json"
+    path.write_text('[" Krankenwagen", " \\ud83d\\ude91", " Kranken\\ud800wagen"]', encoding="utf-8")
+    expected = f"{path}: entry 3 (' Kranken\\ud800wagen') holds a lone surrogate"
+    with pytest.raises(ValueError, match="^" + re.escape(expected)):
+        read_token_file(path)
+    path.write_text('[" \\ud83d\\ude91"]', encoding="utf-8")  # a whole pair is one character
+    assert read_token_file(path) == [" \U0001f691"]
+
+
+def test_a_token_file_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "tokens.txt"
+    path.write_bytes(" Krankenwagen\n caf\xe9\n".encode("latin-1"))
+    expected = f"{path}: line 2 is not UTF-8 (byte 0xe9); save the file as UTF-8"
+    with pytest.raises(ValueError, match="^" + re.escape(expected)):
+        read_token_file(path)

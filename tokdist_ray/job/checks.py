@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tokdist_ray.errors import ConfigError, CorpusNotFoundError
 from tokdist_ray.job.config import JobConfig
-from tokdist_ray.preflight import check_local_workers, check_model, check_writable_dir
+from tokdist_ray.preflight import check_export_space, check_local_workers, check_model, check_writable_dir
 from tokdist_ray.raycluster import joins_cluster
 
 
@@ -13,9 +13,13 @@ def check_job(config: JobConfig) -> None:
     check_corpus_paths(config)
     check_token_file(config)
     check_writable_dir("run_dir", config.run_dir)
-    check_writable_dir("out_path" if config.out_path else "run_dir (its model/ folder)", config.model_dir)
-    # GGUF and bundled models materialise here, once; remote code is refused here, not in a worker
+    export_key = "out_path" if config.out_path else "run_dir (its model/ folder)"
+    check_writable_dir(export_key, config.model_dir)
+    # GGUF and bundled models materialise here, once; remote code and broken files are refused here,
+    # not in a worker
     check_model(config.model, config.training.target_layer, config.trust_remote_code)
+    gguf_dtype = config.output.gguf_dtype if config.output.gguf else None
+    check_export_space(export_key, config.model_dir, config.model, gguf_dtype)
     check_gguf_export(config)
     if not joins_cluster():
         dist = config.distributed

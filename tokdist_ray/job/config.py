@@ -33,6 +33,7 @@ from tokdist_ray.config import (
     check_snippet_counts,
     corpus_paths,
     count_at_least_one,
+    has_lone_surrogate,
     output_emb_policy,
     pre_init_strategy,
 )
@@ -61,6 +62,10 @@ class TokensConfig:
     tokenizer_mode: str = "merges"  # "merges" (BPE merges, the default) or "added_tokens" (the reference's)
 
     def __post_init__(self):
+        for i, token in enumerate(self.list or [], 1):  # it failed after the run had started
+            if has_lone_surrogate(token):
+                raise ConfigError(f"tokens.list: entry {i} ({token!r}) holds a lone surrogate, which is no character "
+                                  "(a byte that is not UTF-8, or half of a \\uXXXX\\uXXXX pair); write it in UTF-8")
         _one_of("tokens.selection", self.selection, SELECTIONS)
         _one_of("tokens.tokenizer_mode", self.tokenizer_mode, TOKENIZER_MODES)
         _at_least_one(self, "min_count", "max_chars", "min_pieces")
@@ -299,19 +304,38 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load, without aliases: each `*name` is a full copy of what it names, so a few
+    lines of nested ones (a "billion laughs") ran for minutes and took gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            alias = self.peek_event()
+            raise ConfigError(f"uses a YAML alias (*{alias.anchor}) at line {alias.start_mark.line + 1}, "
+                              f"column {alias.start_mark.column + 1}; job configs allow none: write the value out")
+        return super().compose_node(parent, index)
+
+
+def _read_yaml(path: str) -> dict:
+    if Path(path).is_dir():
+        raise ConfigError(f"config file {path} is a directory; name a YAML file, e.g. jobs/configs/demo_cpu.yaml")
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_NoAliasLoader) or {}
+    except ConfigError as e:
+        raise ConfigError(f"config file {path} {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections (model:, tokens:, data:, ...), got {tree!r}")
+    return tree
+
+
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
-    tree: dict = {}
-    if path:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must be a mapping of sections (model:, tokens:, data:, ...), got {tree!r}")
+    tree = _read_yaml(path) if path else {}
     overrides = dict(overrides or {})
     if "data.dataset_path" in overrides and "data.source" not in overrides:
         overrides["data.source"] = "hf"  # the reference's --dataset_path means a HF dataset

@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from tokdist_ray.config import has_lone_surrogate
 from tokdist_ray.errors import NoNewTokensError, TooFewSnippetsError
 
 GPT_BPE_SPACE = "Ġ"  # byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM)
@@ -77,18 +78,51 @@ def read_token_file(path: str | Path) -> list[str]:
     """Tokens from a JSON list or a text file with one token per line.
 
     Leading spaces in a text file are part of the token (" Krankenwagen"); only the line
-    break is removed. `Ġ`/`▁` markers are accepted as well.
+    break is removed. `Ġ`/`▁` markers are accepted as well. A UTF-8 byte order mark is
+    not part of the first token.
     """
     path = Path(path)
     if not path.is_file():
         problem = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"token file {path} {problem}; pass a .txt (one token per line) or .json list")
-    if path.suffix == ".json":
-        tokens = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-            raise ValueError(f"{path} must hold a JSON list of strings, e.g. [\" Krankenwagen\", \" Schmetterling\"]")
-        return tokens
-    return path.read_text(encoding="utf-8").splitlines()
+    text = _utf8_text(path)
+    if path.suffix != ".json":
+        return _lines(text)
+    tokens = json.loads(text)
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise ValueError(f"{path} must hold a JSON list of strings, e.g. [\" Krankenwagen\", \" Schmetterling\"]")
+    _refuse_lone_surrogates(path, tokens)
+    return tokens
+
+
+def _utf8_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        problem = f"line {line} is not UTF-8 (byte 0x{data[e.start]:02x})"
+        raise ValueError(f"{path}: {problem}; save the file as UTF-8") from None
+
+
+def _lines(text: str) -> list[str]:
+    """One token per line, split at LF (and CR LF) only: str.splitlines() also splits at
+    U+0085, U+2028, vertical tab, form feed and more, which may be part of a token."""
+    lines = text.split("\n")
+    if lines[-1] == "":  # the last line's line break ends it, it starts no empty token
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def _refuse_lone_surrogates(path: Path, tokens: list[str]) -> None:
+    """A JSON escape can name half of a surrogate pair alone; the run failed on it only
+    after it had started."""
+    for i, token in enumerate(tokens, 1):
+        if has_lone_surrogate(token):
+            raise ValueError(
+                f"{path}: entry {i} ({token!r}) holds a lone surrogate (half of a \\uXXXX\\uXXXX pair), "
+                "which is no character; write the character itself, or both halves of its pair"
+            )
 
 
 def split_token_string(tokens: str) -> list[str]:
