@@ -47,7 +47,7 @@ from tokdist_ray.eval.heldout import Evaluation, evaluate_export
 from tokdist_ray.preflight import check_target_layer, check_writable_dir, model_config
 from tokdist_ray.raycluster import ray_is_running
 from tokdist_ray.report import expansion_report
-from tokdist_ray.stages import collect_snippets, expand_tokens, fit_text, save_model, split_by_snippets
+from tokdist_ray.stages import check_out_dir, collect_snippets, expand_tokens, fit_text, save_model, split_by_snippets
 from tokdist_ray.training.batching import align_snippets
 from tokdist_ray.training.loop import train_local
 from tokdist_ray.training.output_fit import NOT_FITTED, fit_on_text
@@ -205,6 +205,7 @@ class TokenDistillation:
             raise ConfigError("out_path must be given when save=True")
         if save:
             check_writable_dir("out_path", out_path)
+            check_out_dir(out_path)
         check_snippet_counts(snippet_len, per_token, min_per_token)
         if not isinstance(training, DistillationConfig):
             raise ConfigError(f"training must be a DistillationConfig, not {type(training).__name__}")

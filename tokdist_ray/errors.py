@@ -123,3 +123,8 @@ def user_errors_from_ray(*loggers: str) -> Iterator[None]:
     finally:
         for handler in handlers:
             handler.removeFilter(hide)
+
+
+class OutputWriteError(TokdistError, OSError):
+    """An output cannot be written where asked: the disk is full or refuses the write, or
+    the folder is someone's own (never replaced). What was there is left as it was."""

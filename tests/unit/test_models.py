@@ -114,7 +114,7 @@ def test_materialise_once_then_hit_and_lost_race(fake_gguf, monkeypatch):
     other.write_bytes(b"x")
 
     def loses_race(gguf, out):
-        winner = models.cache_root() / "hf-from-gguf" / out.name.split("-", 1)[1].rsplit("-", 1)[0]
+        winner = models.cache_root() / "hf-from-gguf" / out.name[1:].rsplit(".partial-", 1)[0]  # .<name>.partial-*
         winner.mkdir()
         (winner / "config.json").write_text('{"who": "them"}')
         (out / "config.json").write_text('{"who": "us"}')

@@ -20,11 +20,11 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from tokdist_ray.atomic import give_plain_modes, partial_dir
 from tokdist_ray.console import quiet_deepspeed_cpu_notice
 from tokdist_ray.errors import ModelNotFoundError
 
@@ -102,12 +102,12 @@ def materialise_gguf(gguf: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build in a sibling temp dir and rename it into place: a rename is atomic, so a killed run
-    # leaves only a `.tmp-*` dir behind and readers never see a half-written cache. Two processes
+    # leaves only a `.partial-*` dir behind and readers never see a half-written cache. Two processes
     # racing both do the work; the first rename wins and the loser drops its copy.
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    tmp = partial_dir(target)
     try:
         _write_hf_dir_from_gguf(gguf, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache is meant to be shared like any HF dir
+        give_plain_modes(tmp)  # shared like any HF dir (safetensors writes its files 0600)
         try:
             os.replace(tmp, target)
         except OSError:
