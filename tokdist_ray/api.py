@@ -44,7 +44,7 @@ from tokdist_ray.data.mining import mine_corpus
 from tokdist_ray.data.snippets import snippets_to_table
 from tokdist_ray.errors import ConfigError
 from tokdist_ray.eval.heldout import Evaluation, evaluate_export
-from tokdist_ray.preflight import check_target_layer, check_writable_dir, model_config
+from tokdist_ray.preflight import check_export_space, check_target_layer, check_writable_dir, model_config
 from tokdist_ray.raycluster import ray_is_running
 from tokdist_ray.report import expansion_report
 from tokdist_ray.stages import check_out_dir, collect_snippets, expand_tokens, fit_text, save_model, split_by_snippets
@@ -141,6 +141,8 @@ class TokenDistillation:
         output_emb_policy, pre_init_strategy = checked_policy(output_emb_policy), checked_strategy(pre_init_strategy)
         self._check(out_path, save, snippet_len, snippets_per_token, min_snippets_per_token, training, data, output_fit)
         gguf_options = self._check_gguf(save, gguf_dtype, gguf_pre) if gguf else None
+        if save:  # a full disk found now costs nothing; found at the export, it lost the run
+            check_export_space("out_path", out_path, self.model_path, gguf_dtype if gguf else None)
         if self._last is not None:  # a previous run grew self.model: start clean
             self.model = self._load_model()
         timings: dict[str, float] = {}

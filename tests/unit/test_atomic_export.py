@@ -150,6 +150,22 @@ def test_a_folder_that_is_not_an_export_is_refused_before_any_work(export, tiny_
     export(tmp_path / "empty2", seed=1)
 
 
+
+def test_a_job_refuses_a_folder_that_is_not_an_export_before_ray_but_mining_alone_may_use_it(
+        tiny_model_dir, job_corpus_dir, tmp_path, capsys, ray_starts):
+    from tests.helpers import run_cli, tiny_job_args
+    from tokdist_ray.job.checks import check_job
+    from tokdist_ray.job.config import load_config, parse_overrides
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    args = tiny_job_args(tiny_model_dir(tied=False), job_corpus_dir, tmp_path / "run") + ["--out_path", str(mine)]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and f"{mine} is not an earlier export" in err and ray_starts == []
+    assert contents(mine) == {"notes.txt": b"keep me"}
+    check_job(load_config(None, parse_overrides(args)), exports=False)  # `tokdist-ray mine` writes no model there
+
 # --- kills, on atomic_directory itself --------------------------------------------------------
 
 

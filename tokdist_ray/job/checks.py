@@ -9,7 +9,8 @@ from tokdist_ray.preflight import check_export_space, check_local_workers, check
 from tokdist_ray.raycluster import joins_cluster
 
 
-def check_job(config: JobConfig) -> None:
+def check_job(config: JobConfig, exports: bool = True) -> None:
+    """`exports`: whether the stages asked for end in an export (mining alone writes no model)."""
     check_corpus_paths(config)
     check_token_file(config)
     check_writable_dir("run_dir", config.run_dir)
@@ -18,8 +19,12 @@ def check_job(config: JobConfig) -> None:
     # GGUF and bundled models materialise here, once; remote code and broken files are refused here,
     # not in a worker
     check_model(config.model, config.training.target_layer, config.trust_remote_code)
-    gguf_dtype = config.output.gguf_dtype if config.output.gguf else None
-    check_export_space(export_key, config.model_dir, config.model, gguf_dtype)
+    if exports:
+        from tokdist_ray.stages import check_out_dir
+
+        check_out_dir(config.model_dir)  # someone's own folder is refused now, not after training
+        gguf_dtype = config.output.gguf_dtype if config.output.gguf else None
+        check_export_space(export_key, config.model_dir, config.model, gguf_dtype)
     check_gguf_export(config)
     if not joins_cluster():
         dist = config.distributed

@@ -302,7 +302,7 @@ def _evaluate_stage(config: JobConfig, expansion: MergeExpansion, distilled: dic
 def run_job(config: JobConfig, stages: tuple[str, ...] = STAGES) -> dict:
     """Run (or continue) the job; returns the job report, also written to run_dir/job.json.
     One job at a time per run_dir: a second one is refused while the first runs."""
-    check_job(config)
+    check_job(config, exports="distill" in stages)
     run_dir = Path(config.run_dir).expanduser().resolve()
     with RunDirLock(run_dir):
         return _run_stages(config, stages, run_dir)
