@@ -267,12 +267,14 @@ def _distill_stage(config: JobConfig, expansion: MergeExpansion, snippets: dict,
     run_name = f"{dist.run_name}-{run_key[:8]}"
     run = RunDirectory(storage, run_name)
     state, step = run.state, run.resume_step()
-    log.info("distillation checkpoints: %s/%s: %s", storage, run_name, {
-        "new": "a new run (no run with these settings yet)",
-        "stopped": f"resuming the stopped run with these settings from its checkpoint at step {step}" if step
-        else "the run with these settings stopped before its first checkpoint; starting it again from step 0",
-        "finished": f"the run with these settings finished; continuing from its checkpoint at step {step}, then exporting",
-    }[state])
+    if state == "new":
+        plan = "a new run (no run with these settings yet)"
+    elif step is None:
+        plan = f"the run with these settings {state} with no checkpoint to resume from; starting it again from step 0"
+    else:
+        plan = f"the run with these settings {state}; continuing from its checkpoint at step {step}" + (
+            ", then exporting" if state == "finished" else "")
+    log.info("distillation checkpoints: %s/%s: %s", storage, run_name, plan)
     dist = dataclasses.replace(dist, storage_path=storage, run_name=run_name, resume=state != "new")
     output = config.output
     texts = fit_text(corpus_source(config), config.output_fit, snippets["report"])
