@@ -311,3 +311,20 @@ def test_a_target_tokenizers_tokens_enter_by_merges_where_they_can_else_as_added
     assert tokenizer.decode(_ids(tokenizer, text)) == text
     skipping = expand_with_merges(original, target_tokenizer)
     assert skipping.added_tokens == [] and len(skipping.tokens) == len(merged)
+
+
+def test_pieces_of_one_character_keep_tokens_apart_by_text(tiny_tokenizer_dir):
+    """Intermediates that end inside a UTF-8 character all decode to U+FFFD; reports,
+    quotas and snippet counts key tokens by text, so each goes by its own name."""
+    from tokdist_ray.data.matching import spells_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
+    expansion = expand_with_merges(tokenizer, [" 한국어", " 日本語"])
+    backend = tokenizer.backend_tokenizer
+    partial = [t for t in expansion.intermediates
+               if "\ufffd" in expansion.tokenizer.decode([expansion.new_start + expansion.tokens.index(t)])]
+    assert len(partial) >= 2, "the check needs pieces of characters"
+    texts = [t.text for t in expansion.tokens]
+    assert len(set(texts)) == len(texts) and not any("\ufffd" in t for t in texts)
+    assert all(t.text == "".join(backend.id_to_token(i) for i in t.phrase_ids) for t in partial)
+    assert spells_texts(expansion.tokenizer.backend_tokenizer, texts, expansion.new_start)

@@ -148,10 +148,13 @@ def _window_chars(encoding, n: int, region, first: int, end: int) -> tuple[int, 
 
 def spells_texts(tokenizer, texts: Sequence[str], new_start: int) -> bool:
     """Whether every occurrence of a new id is a surface occurrence of its text: no
-    normalizer, and each new id decodes to its token's text exactly."""
+    normalizer, and each new id decodes to its token's text exactly. A piece of a UTF-8
+    character (it decodes to U+FFFD) has no surface to find: its occurrences are counted
+    where other tokens' windows hold it."""
     if tokenizer.normalizer is not None:
         return False
-    return all(tokenizer.decode([new_start + i], skip_special_tokens=False) == t for i, t in enumerate(texts))
+    decoded = (tokenizer.decode([new_start + i], skip_special_tokens=False) for i in range(len(texts)))
+    return all(d == t or "\ufffd" in d for d, t in zip(decoded, texts))
 
 
 class SurfaceMatcher:

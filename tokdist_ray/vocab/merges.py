@@ -270,8 +270,16 @@ def _splice(
     expanded = _tokenizer_from_json(tokenizer, model.spliced(new_vocab, planner.merges))
     if expanded.get_added_vocab() != tokenizer.get_added_vocab():
         raise RuntimeError("splicing merges moved the tokenizer's added tokens to other ids")
-    new_tokens = tokens + [NewToken(surface([s]), planner.entries[s]) for s in intermediates]
+    new_tokens = tokens + [NewToken(_intermediate_text(surface, s), planner.entries[s]) for s in intermediates]
     return MergeExpansion(expanded, MERGES, start, new_tokens, len(tokens), planner.merges, skipped)
+
+
+def _intermediate_text(surface, vocab_string: str) -> str:
+    """An intermediate's surface text. One that ends inside a UTF-8 character has none:
+    it decodes to U+FFFD, as every other such piece does, and reports, quotas and
+    snippet counts key tokens by text; it goes by its vocabulary string, unique to it."""
+    text = surface([vocab_string])
+    return vocab_string if "\ufffd" in text else text
 
 
 def _tokenizer_from_json(tokenizer: PreTrainedTokenizerBase, tokenizer_json: str) -> PreTrainedTokenizerBase:
