@@ -1,7 +1,10 @@
 """The tokdist-ray job: select tokens -> mine/generate snippets -> distill -> export -> evaluate.
 
-    ray job submit --working-dir . -- python jobs/expand_vocab.py --config jobs/configs/demo_cpu.yaml
     python jobs/expand_vocab.py                      # the CPU demo on a local Ray instance
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/expand_vocab.py --config jobs/configs/demo_cpu.yaml --run_dir "$PWD/runs/demo"
+
+(README.md, "Running the job", sets up the head and its token.)
 
 Takes the same options as `tokdist-ray run` (see --help), including the reference
 project's example.py flags. A resubmitted job skips the stages it already finished.

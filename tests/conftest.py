@@ -284,7 +284,10 @@ def _free_port():
 
 @pytest.fixture
 def ray_head():
-    """A separate local Ray head with its dashboard (job server) on 127.0.0.1.
+    """A separate local Ray head with its dashboard (job server) on 127.0.0.1 and token
+    authentication on, set up as the README says: RAY_AUTH_MODE=token for the head and its
+    clients, and the token `ray get-auth-token --generate` writes to ~/.ray/auth_token (in a
+    HOME of its own). Yields (dashboard address, environment for `ray job submit`).
 
     Started with --block in its own process group, so teardown stops exactly this head
     (`ray stop` would stop every Ray instance on the machine, the suite's shared one too).
@@ -293,21 +296,26 @@ def ray_head():
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
     # this interpreter's bin first: CI calls .venv/bin/python without activating the venv
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=path)
+    env = dict(os.environ, RAY_AUTH_MODE="token", HOME=os.path.join(temp, "home"), PATH=path)
+    token = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"], env=env,
+                           check=True, capture_output=True, text=True).stdout
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp}",
-         # own agent ports: the defaults may be held by the suite's other Ray instance
+         # own ports: the defaults may be held by another head on the machine (another test run's)
          f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
          f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        # no drain on SIGTERM: teardown stops the GCS with it, and the drain waited 30 s for it
+        env=dict(env, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 180
         while True:
             try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=5)
+                version = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
+                urllib.request.urlopen(version, timeout=5)
                 break
             except OSError:
                 if time.time() > deadline or head.poll() is not None:

@@ -128,3 +128,7 @@ def user_errors_from_ray(*loggers: str) -> Iterator[None]:
 class OutputWriteError(TokdistError, OSError):
     """An output cannot be written where asked: the disk is full or refuses the write, or
     the folder is someone's own (never replaced). What was there is left as it was."""
+
+
+class RayStartError(TokdistError, RuntimeError):
+    """The job's local Ray instance did not start (Ray's start-up timed out, say)."""

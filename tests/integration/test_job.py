@@ -85,7 +85,9 @@ def _submit(command, env):
     return done
 
 
-def test_ray_job_submit_produces_a_loadable_model(ray_head, tiny_model_dir, job_corpus_dir, tmp_path):
+def test_ray_job_submit_produces_a_loadable_model(ray_head, ray_session, tiny_model_dir, job_corpus_dir, tmp_path):
+    """Submitted with token authentication on, as the README sets it up, beside another Ray
+    instance on the host (ray_session's)."""
     address, env = ray_head
     model_dir = tiny_model_dir(tied=True)
     run_dir = tmp_path / "run"
@@ -95,6 +97,9 @@ def test_ray_job_submit_produces_a_loadable_model(ray_head, tiny_model_dir, job_
               "--", sys.executable, "jobs/expand_vocab.py", *args]
     done = _submit(submit, env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"outputs under {run_dir}\n" in done.stdout
+    # Ray Train's placement-group cleaner finds the job's cluster, not every Ray instance on the host
+    assert "Found multiple active Ray instances" not in done.stdout
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
     tok = AutoTokenizer.from_pretrained(run_dir / "model")

@@ -63,20 +63,35 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, Kubernetes, systemd, `ray job stop`), raised where Ctrl-C raises
+    KeyboardInterrupt, so that the job stops as it does on Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a user mistake prints `tokdist-ray: error: ...` and returns 2, never a traceback."""
     args, rest = parser().parse_known_args(argv)
     quiet_console()  # before Ray and transformers are imported: their logging reads the environment once
+    outer = signal.signal(signal.SIGTERM, _terminate)  # raycluster.connect keeps it over Ray's
     try:
-        return _run(args.command, args.config, rest)
+        code = _run(args.command, args.config, rest)
     except TokdistError as e:
         print(f"tokdist-ray: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ray may pass the interrupt on again while shutting down
+        code = 2
+    except KeyboardInterrupt as stop:
+        # stopping: Ray may pass the interrupt on again while shutting down, and a second signal
+        # would cut short the clean-up of the local instance at exit
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("tokdist-ray: interrupted. Run the same command again to continue: finished stages are reused "
               "and distillation resumes from its last checkpoint.", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+    signal.signal(signal.SIGTERM, outer)
+    return code
 
 
 def _run(command: str, config_path: str | None, rest: list[str]) -> int:
@@ -89,7 +104,8 @@ def _run(command: str, config_path: str | None, rest: list[str]) -> int:
     from tokdist_ray.job.pipeline import run_job
 
     report = run_job(config, COMMANDS[command])
-    print(f"done in {report['wall_seconds']:.1f}s; stages {report['stage_seconds']}; outputs under {config.run_dir}")
+    # the run_dir the job resolved: under `ray job submit` a relative one is in the job's working dir
+    print(f"done in {report['wall_seconds']:.1f}s; stages {report['stage_seconds']}; outputs under {report['run_dir']}")
     return 0
 
 
