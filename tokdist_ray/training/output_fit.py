@@ -160,7 +160,9 @@ def fit_output_rows(initial: torch.Tensor, at: FitPositions, settings: OutputFit
             else train
         if len(pick):
             (position_losses(rows, at, pick).sum() / (per_worker * world)).backward()
-        all_reduce(rows.grad)  # every worker joins, with or without positions of its own
+        # every worker joins, with or without positions of its own. Dense, unlike DDP's exchange
+        # (sparse_exchange.py): each position's normaliser gives every new row a gradient
+        all_reduce(rows.grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
         if step % CHECK_EVERY:

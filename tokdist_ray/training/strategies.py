@@ -4,8 +4,9 @@ process, the API's), DDP, or DeepSpeed ZeRO stage 1-3; and how `strategy="auto"`
 The distributed two average the new rows' gradients over workers, step the optimizer and schedule from
 `schedule.make_optimizer`, hand back the whole fp32 new rows, and save/load their optimizer
 state into a checkpoint directory. Only the new rows train, so gradients, optimizer
-state and all-reduce traffic are O(n_new x d) in every strategy; ZeRO-3 additionally
-shards the frozen model's weights over the workers.
+state and all-reduce traffic are O(n_new x d) in every strategy; DDP sends only the rows
+some worker's batch touched (sparse_exchange.py); ZeRO-3 additionally shards the frozen
+model's weights over the workers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed
 
+from tokdist_ray.training.sparse_exchange import sparse_rows_hook
 from tokdist_ray.training.step import TokenDistiller, truncated_decoder
 
 log = logging.getLogger("tokdist_ray")
@@ -51,7 +53,7 @@ class Local:
 
 class DataParallel(Local):
     """torch DDP: each worker holds the whole frozen model; only the new rows' gradient
-    crosses the network."""
+    crosses the network, and of it only the rows some worker's batch touched."""
 
     name = "ddp"
 
@@ -67,6 +69,7 @@ class DataParallel(Local):
         self.module = DistributedDataParallel(
             distiller, device_ids=[device.index] if device.type == "cuda" else None, **_no_buffer_sync(DistributedDataParallel)
         )
+        self.module.register_comm_hook(None, sparse_rows_hook)
 
     def __call__(self, batch: dict) -> dict:
         return self.module(batch)
