@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tokdist_ray.config import OutputFitConfig
 from tokdist_ray.console import StageProgress
 from tokdist_ray.eval.bits_per_byte import VOCAB_SLICE, start_token
+from tokdist_ray.training.output_side import head_logits
 from tokdist_ray.training.step import autocast_context, embed_with_new_rows
 
 log = logging.getLogger("tokdist_ray")
@@ -67,7 +68,7 @@ def _old_log_norm(hidden: torch.Tensor, old_rows: torch.Tensor) -> torch.Tensor:
     for a pass of chunks are gigabytes)."""
     out = torch.full(hidden.shape[:1], float("-inf"), device=hidden.device)
     for lo in range(0, len(old_rows), VOCAB_SLICE):
-        out = torch.logaddexp(out, torch.logsumexp(hidden @ old_rows[lo : lo + VOCAB_SLICE].float().T, -1))
+        out = torch.logaddexp(out, torch.logsumexp(head_logits(hidden, old_rows[lo : lo + VOCAB_SLICE]), -1))
     return out
 
 
@@ -115,9 +116,9 @@ def collect_positions(model, input_rows: torch.Tensor, new_start: int, chunk_ids
 
 
 def position_losses(rows: torch.Tensor, at: FitPositions, index: torch.Tensor) -> torch.Tensor:
-    """[len(index)] the loss at those positions (see the module docstring)."""
+    """[len(index)] the loss at those positions (see the module docstring), from fp32 logits."""
     hidden, old, target = at.hidden[index], at.old_log_norm[index], at.new_target[index]
-    logits = hidden @ rows.T
+    logits = head_logits(hidden, rows)
     new_norm = torch.logsumexp(logits, -1)
     is_new = target >= 0
     target_logit = logits.gather(1, target.clamp_min(0)[:, None]).squeeze(1)

@@ -15,6 +15,9 @@ student's old logits are the teacher's (they are computed by frozen rows), so th
 softplus(logsumexp(new logits) - log Z_old), whose gradient on a new output row is
 exactly the full KL's. Without it nothing holds a new token's logit down where the token
 does not come next, and the expanded model pays that mass at every other position.
+
+Every LM-head product here is fp32 (`head_logits`), also from a bf16 model under autocast:
+bf16 logits are 0.125 apart near 20, as coarse as the differences these targets carry.
 """
 
 from __future__ import annotations
@@ -22,6 +25,14 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden @ weight.T (+ bias) in fp32, whatever the dtypes and an enclosing autocast
+    (which would compute it in bf16). From a bf16 model's states and rows the products are
+    exact in fp32, so these are the exact logits up to fp32 summation."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
 
 
 class NewTokenPositions(NamedTuple):
@@ -73,10 +84,10 @@ def summed_kl(targets: torch.Tensor, student_logits: torch.Tensor) -> torch.Tens
 def teacher_targets(
     at: NewTokenPositions, teacher_final: torch.Tensor, original_logits: Callable[[torch.Tensor], torch.Tensor], n_new: int
 ) -> torch.Tensor:
-    """Targets from the teacher's final states; the LM head runs only at the positions that
-    predict a piece, never over the whole [batch, seq, vocab]."""
+    """Targets from the teacher's final states (`original_logits`: their fp32 logits); the LM
+    head runs only at the positions that predict a piece, never over the whole [batch, seq, vocab]."""
     log_probs = original_logits(teacher_final[at.batch[:, None].expand_as(at.teacher)[at.valid], at.teacher[at.valid]])
-    log_probs = log_probs.float().log_softmax(-1)
+    log_probs = log_probs.log_softmax(-1)
     piece_log_probs = torch.zeros(at.valid.shape, device=log_probs.device)
     piece_log_probs[at.valid] = log_probs.gather(1, at.pieces[at.valid][:, None]).squeeze(1)
     # the first valid row of each position is its offset 0: rows come out in [P, L] order
@@ -96,9 +107,10 @@ def leaked_kl(
     hidden: torch.Tensor, new_rows: torch.Tensor, original_logits: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
     """KL summed over positions before an old token (`hidden`: their final states,
-    detached), where the target puts no mass on new tokens: it trains only `new_rows`."""
+    detached; `original_logits`: their fp32 logits), where the target puts no mass on new
+    tokens: it trains only `new_rows`."""
     with torch.no_grad():
-        log_norm = torch.cat([torch.logsumexp(original_logits(h).float(), -1)
+        log_norm = torch.cat([torch.logsumexp(original_logits(h), -1)
                               for h in hidden.split(POSITION_CHUNK)]) if len(hidden) else hidden.new_zeros(0)
-    new_log_norm = torch.logsumexp((hidden @ new_rows.to(hidden.dtype).T).float(), -1)
+    new_log_norm = torch.logsumexp(head_logits(hidden, new_rows), -1)
     return torch.nn.functional.softplus(new_log_norm - log_norm).sum()

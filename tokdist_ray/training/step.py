@@ -4,6 +4,10 @@ Only `NewRows` is trainable: an fp32 `[n_new, d]` input table (and, for untied m
 trained with CE, an output table). The model itself is never resized or modified during
 training, so optimizer state and gradients are O(n_new * d) and data-parallel all-reduce
 moves only the new rows' gradient.
+
+Precision: the frozen model may run in bf16 (bf16 weights, or autocast where the hardware
+runs bf16 well); the new rows, their gradients and every LM-head product a loss reads are
+fp32 (`output_side.head_logits`, computed outside autocast).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from tokdist_ray.config import loss_methods as checked_losses
 from tokdist_ray.preflight import check_target_layer
 from tokdist_ray.training.output_side import (
     before_old_tokens,
+    head_logits,
     leaked_kl,
     new_token_positions,
     summed_kl,
@@ -203,14 +208,14 @@ class TokenDistiller(nn.Module):
         return int(min(int(first.min()), student_ids.shape[1] - 1))
 
     def original_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over the original vocabulary only (rows past it are padding or new)."""
+        """fp32 logits over the original vocabulary only (rows past it are padding or new)."""
         head = self.model.get_output_embeddings()
         bias = head.bias[: self.new_start] if getattr(head, "bias", None) is not None else None
-        return F.linear(hidden, head.weight[: self.new_start], bias)
+        return head_logits(hidden, head.weight[: self.new_start], bias)
 
     def full_logits(self, hidden: torch.Tensor, output_rows: torch.Tensor) -> torch.Tensor:
-        new = hidden @ output_rows.to(hidden.dtype).T
-        return torch.cat([self.original_logits(hidden), new], dim=-1).float()
+        """fp32 logits over the expanded vocabulary, the new tokens' from `output_rows`."""
+        return torch.cat([self.original_logits(hidden), head_logits(hidden, output_rows)], dim=-1)
 
     # ------------------------------------------------------------------ the step
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -250,9 +255,9 @@ class TokenDistiller(nn.Module):
             if use_hiddens:
                 parts["MSE-on-hiddens"] = F.mse_loss(s_target[mask].float(), aligned(t_target).float())
             if use_logits:
-                s_logits = self.original_logits(s_final[mask]).float()
+                s_logits = self.original_logits(s_final[mask])
                 with torch.no_grad():
-                    t_logits = self.original_logits(aligned(t_final)).float()
+                    t_logits = self.original_logits(aligned(t_final))
                 if "MSE-on-logits" in self.losses:
                     parts["MSE-on-logits"] = F.mse_loss(s_logits, t_logits)
                 if "KL-on-logits" in self.losses:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed
 
+from tokdist_ray.errors import ConfigError
 from tokdist_ray.training.sparse_exchange import sparse_rows_hook
 from tokdist_ray.training.step import TokenDistiller, truncated_decoder
 
@@ -102,7 +103,9 @@ def _no_buffer_sync(ddp) -> dict:
 
 
 class DeepSpeedZero:
-    """DeepSpeed ZeRO stage 1-3 over the new rows; stage 3 also shards the frozen weights."""
+    """DeepSpeed ZeRO stage 1-3 over the new rows; stage 3 also shards the frozen weights.
+    The engine runs in fp32 (`deepspeed_config`): frozen weights in whatever dtype they were
+    loaded in, rows, their gradients, master copy and AdamW moments in fp32."""
 
     name = "deepspeed"
     _TAG = "state"
@@ -152,18 +155,38 @@ class DeepSpeedZero:
             raise FileNotFoundError(f"no DeepSpeed state under {directory}")
 
 
-def deepspeed_config(stage: int, micro_batch: int, world: int, bf16: bool, overrides: dict | None) -> dict:
+# DeepSpeed's precision modes; any of them on would make the new rows or their gradients 16-bit
+_HALF_PRECISION_MODES = ("bf16", "bfloat16", "fp16")
+
+
+def deepspeed_config(stage: int, micro_batch: int, world: int, overrides: dict | None) -> dict:
+    """The engine's config, `overrides` merged over it.
+
+    DeepSpeed's bf16 mode stays off whatever the weights' dtype. On, DeepSpeed 0.19 casts
+    every parameter of the module to bf16 (the trainable new rows too, unless ZeRO-3
+    partitioned the model at load), and reduces and accumulates gradients in bf16
+    (`communication_data_type` and `data_types.grad_accum_dtype` follow the mode). Off, the
+    engine takes the rows for the fp32 parameters they are: fp32 gradients, reductions,
+    master copy and AdamW moments. The frozen weights are bf16 all the same where the model
+    runs in bf16: loaded in bf16 (partitioned in bf16 under ZeRO-3: worker._zero3_load),
+    with the step under autocast.
+    """
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "train_batch_size": micro_batch * world,
         "zero_optimization": {"stage": stage},
-        "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,  # torch AdamW from schedule.make_optimizer
         "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told; the engine's loop never clips
         "steps_per_print": 1 << 30,
     }
-    return _deep_merge(config, overrides or {})
+    merged = _deep_merge(config, overrides or {})
+    turned_on = [mode for mode in _HALF_PRECISION_MODES if (merged.get(mode) or {}).get("enabled")]
+    if turned_on:
+        raise ConfigError(f"distributed.deepspeed_config turns on DeepSpeed's {turned_on[0]} mode, which would train "
+                          "the new rows in 16 bits; leave it off: the model's weights are bf16 already wherever "
+                          "mixed precision runs in bf16")
+    return merged
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:

@@ -92,9 +92,9 @@ def parallel_distiller(plan, new_start: int, steps: int, world: int, device: tor
     dtype = model_dtype(plan.use_gpu, plan.training.mixed_precision, gpu_runs_bf16=bf16_supported(device))
     cfg = plan.training
     config = None if plan.strategy == "ddp" else deepspeed_config(
-        plan.zero_stage, cfg.batch_size, world, dtype == torch.bfloat16, plan.deepspeed_overrides)
+        plan.zero_stage, cfg.batch_size, world, plan.deepspeed_overrides)
     sharded = config is not None and config["zero_optimization"]["stage"] == 3
-    zero3 = _zero3_load(config) if sharded else None  # alive until the engine exists
+    zero3 = _zero3_load(config, dtype) if sharded else None  # alive until the engine exists
     model = load_model(plan.model_path, dtype=dtype, device=device)
     with _gathered_tables(model, sharded):
         rows = initial_rows(model, [t.phrase_ids for t in plan.tokens], plan.output_emb_policy,
@@ -108,14 +108,17 @@ def parallel_distiller(plan, new_start: int, steps: int, world: int, device: tor
     return parallel
 
 
-def _zero3_load(config: dict):
+def _zero3_load(config: dict, dtype: torch.dtype):
     """While the returned object lives, from_pretrained partitions each weight as it loads
     it (deepspeed.zero.Init through transformers): a worker never holds the whole model."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
     deepspeed.init_distributed()  # joins Ray Train's process group, so the config sees every worker
-    return HfDeepSpeedConfig(config)
+    # zero.Init partitions the weights in the dtype of its config's precision mode, fp32 with
+    # bf16 off (as the engine's is: strategies.deepspeed_config), whatever from_pretrained is
+    # asked for. Naming bf16 here keeps bf16 weights bf16; the engine never sees this copy.
+    return HfDeepSpeedConfig({**config, "bf16": {"enabled": dtype == torch.bfloat16}})
 
 
 def _gathered_tables(model, sharded: bool):
