@@ -391,6 +391,23 @@ class DistributedConfig:
                 f"{self.storage_filesystem!r}; to name remote storage by a string (as a job config must), set "
                 "storage_path to a URI such as s3://bucket/dir and leave storage_filesystem out"
             )
+        check_deepspeed_overrides(self.deepspeed_config)
         if self.storage_filesystem is not None and self.storage_path is None:
             raise ConfigError("DistributedConfig.storage_filesystem needs storage_path (a path on that filesystem)")
 
+
+# DeepSpeed's precision modes; any of them on would make the new rows or their gradients 16-bit
+_HALF_PRECISION_MODES = ("bf16", "bfloat16", "fp16")
+
+
+def check_deepspeed_overrides(overrides: dict | None) -> None:
+    """Overrides of the generated DeepSpeed config may not turn on a 16-bit mode: the engine
+    runs in fp32 (training/strategies.deepspeed_config says why). Checked with the config,
+    before Ray starts, not when a worker builds the engine."""
+    sections = [(overrides or {}).get(mode) for mode in _HALF_PRECISION_MODES]
+    turned_on = [mode for mode, section in zip(_HALF_PRECISION_MODES, sections)
+                 if isinstance(section, dict) and section.get("enabled")]
+    if turned_on:
+        raise ConfigError(f"distributed.deepspeed_config turns on DeepSpeed's {turned_on[0]} mode, which would train "
+                          "the new rows in 16 bits; leave it off: the model's weights are bf16 already wherever "
+                          "mixed precision runs in bf16")

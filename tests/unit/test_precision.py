@@ -119,3 +119,12 @@ def test_deepspeed_keeps_its_16_bit_modes_off():
     for mode in ("bf16", "bfloat16", "fp16"):
         with pytest.raises(ConfigError, match=f"{mode} mode"):
             deepspeed_config(2, micro_batch=2, world=2, overrides={mode: {"enabled": True}})
+
+
+def test_a_job_config_turning_on_a_16_bit_deepspeed_mode_fails_before_any_work(tmp_path):
+    from tokdist_ray.job.config import load_config
+
+    path = tmp_path / "job.yaml"
+    path.write_text("tokens: {list: [' a']}\ndistributed:\n  deepspeed_config:\n    bf16: {enabled: true}\n")
+    with pytest.raises(ConfigError, match="turns on DeepSpeed's bf16 mode"):
+        load_config(str(path))

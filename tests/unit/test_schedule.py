@@ -126,6 +126,11 @@ def test_auto_counts_weights_row_state_and_activations(tiny_model_dir):
     shallow = memory_need(path, torch.float32, 1000, DistillationConfig(batch_size=8, target_layer=1), 51,
                           OutputEmbeddingInit.ZERO)
     assert shallow.activations < frozen_output.activations
+    # 16-bit weights: the head is multiplied in fp32, a copy of it kept for the backward pass
+    half = memory_need(path, torch.bfloat16, 1000, cfg, 51, OutputEmbeddingInit.TRAIN_WITH_CE)
+    vocab = model.config.vocab_size
+    per_token = 8 * 51 * layers * hidden * 34
+    assert half.activations - per_token == need.activations - per_token * 2 + vocab * hidden * 4
     assert pick_strategy(need, worker_bytes=2 * need.total) == ("ddp", None)
     # the weights alone fit, as the old rule counted, but not with the rows' state and activations
     assert pick_strategy(need, worker_bytes=int(1.01 * need.weights / 0.75)) == ("deepspeed", 3)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed
 
-from tokdist_ray.errors import ConfigError
+from tokdist_ray.config import check_deepspeed_overrides
 from tokdist_ray.training.sparse_exchange import sparse_rows_hook
 from tokdist_ray.training.step import TokenDistiller, truncated_decoder
 
@@ -155,9 +155,6 @@ class DeepSpeedZero:
             raise FileNotFoundError(f"no DeepSpeed state under {directory}")
 
 
-# DeepSpeed's precision modes; any of them on would make the new rows or their gradients 16-bit
-_HALF_PRECISION_MODES = ("bf16", "bfloat16", "fp16")
-
 
 def deepspeed_config(stage: int, micro_batch: int, world: int, overrides: dict | None) -> dict:
     """The engine's config, `overrides` merged over it.
@@ -180,13 +177,8 @@ def deepspeed_config(stage: int, micro_batch: int, world: int, overrides: dict |
         "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told; the engine's loop never clips
         "steps_per_print": 1 << 30,
     }
-    merged = _deep_merge(config, overrides or {})
-    turned_on = [mode for mode in _HALF_PRECISION_MODES if (merged.get(mode) or {}).get("enabled")]
-    if turned_on:
-        raise ConfigError(f"distributed.deepspeed_config turns on DeepSpeed's {turned_on[0]} mode, which would train "
-                          "the new rows in 16 bits; leave it off: the model's weights are bf16 already wherever "
-                          "mixed precision runs in bf16")
-    return merged
+    check_deepspeed_overrides(overrides)
+    return _deep_merge(config, overrides or {})
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -264,6 +256,8 @@ def memory_need(model_path: str, dtype: torch.dtype, n_new: int, cfg, tokens_per
     activations = tokens * depth * hidden * ACTIVATION_BYTES_PER_HIDDEN * scale
     if _LOGIT_LOSSES & set(cfg.loss_methods) or trains_output_rows:
         activations += 3 * tokens * (vocab + n_new) * 4  # fp32 logits, student and teacher, and a softmax
+        if dtype.itemsize < 4:  # output_side.head_logits multiplies in fp32: a copy of the head, kept for backward
+            activations += vocab * hidden * 4
     rows = n_new * hidden * ROW_TRAINING_BYTES * (2 if trains_output_rows else 1)
     return MemoryNeed(model_bytes(model_path, dtype), rows, activations)
 
