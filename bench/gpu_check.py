@@ -1,20 +1,31 @@
 """One prepared run of the GPU paths on one GPU, without Ray (bench/gpu_check.sh runs it).
 
-Stages, in order; the first that fails stops the run:
+Stages, in order; the first that fails stops the run. Every training run uses the job's
+default output policy (first_piece: an untied model's new output rows fixed) and checks
+that the training state is fp32 under bf16: the rows, their gradients and the optimizer's
+moments (gpu_check_runs.PrecisionProbe).
 
     step     the single-process loop (strategies.Local) in bf16 on a tiny random Llama:
-             loss finite and lower in the last epoch than in the first, rows fp32
+             loss finite and lower in the last epoch than in the first
     ddp      DDP on 2 ranks (worker.parallel_distiller, as a Ray worker builds it): rows
              equal the single-process loop's on the same global batches
-    zero1-3  DeepSpeed ZeRO stage 1, 2, 3 (skipped when DeepSpeed is not installed): same
+    zero1-3  DeepSpeed ZeRO stage 1, 2, 3 (skipped, saying so, when DeepSpeed is not
+             installed, as on the device machine unless bench/wheels comes along): same
     resume   DDP and ZeRO-3 restarted from their checkpoint at step 8: rows equal the
              uninterrupted runs'
     export   vocab.streamed_export of the trained rows, loaded back by transformers
-    measure  step time, snippets/s and MFU on a Llama-3-8B-shaped model at batch 16 and 32
-             (gpu_check_measure.py gives the FLOP count)
+    fit      the output fit (output_fit.fit_on_text) on a tiny Llama with a trained BPE
+             tokenizer: held-back loss falls, fitted rows fp32, input rows untouched
+    eval     shard 1 of 2 of the held-out evaluation (eval.heldout.score_part) with the
+             fitted rows, and shards.merge of it: drift, bits per byte, generation
+             (gpu_check_text.py; skipped without pyahocorasick)
+    rows     30,000 new rows at Llama-3-8B width (hidden 4096, 128256 vocab, 2 layers):
+             step time, peak memory and MFU
+    measure  step time, snippets/s, peak memory and MFU on a Llama-3-8B-shaped model at
+             batch 16 and 32 (gpu_check_measure.py gives the FLOP count and GPU peaks)
 
 How ranks share the one GPU: gpu_check_runs.py. `--dry-run` runs every stage on the CPU
-(gloo, the tiny model for the measurements too) in about a minute: the tests run it.
+(gloo, tiny models for the measurements too, no MFU) in about two minutes: the tests run it.
 
     bash bench/gpu_check.sh [--dry-run] [--stages ddp,resume] [--fail-at STAGE] [--json PATH]
 
@@ -40,7 +51,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from gpu_check_measure import LLAMA3_8B, build_model, measure, peak_tflops
+from gpu_check_measure import LLAMA3_8B, N_NEW, Measurement, build_model, measure, peak_tflops
 from gpu_check_runs import (
     CHECKPOINT_STEP,
     FAIL_STEP,
@@ -50,13 +61,17 @@ from gpu_check_runs import (
     RankedRun,
     backend,
     export_round_trip,
+    fail_if_injected,
     losses,
+    read_precision,
     read_result,
+    require_fp32,
     rows_gap,
     tiny_check_data,
     train_ranks,
     train_single_process,
 )
+from gpu_check_text import EVAL_SHARDS, TextModel, build_text_model, evaluation_shard, fit_output
 
 from tokdist_ray.training.checkpoint import checkpoint_name, read_rows
 from tokdist_ray.training.step import bf16_supported
@@ -66,6 +81,8 @@ from tokdist_ray.training.step import bf16_supported
 GAP_TOLERANCE = {"fp32": 1e-4, "bf16": 0.1}
 RESUME_TOLERANCE = {"fp32": 1e-6, "bf16": 1e-2}  # the same shapes in the same order
 SKIPPED, PASSED, FAILED, NOT_RUN = "skipped", "passed", "failed", "not run"
+WIDE_ROWS = 30_000  # the mission's new tokens
+WIDE = {**LLAMA3_8B, "num_hidden_layers": 2}  # Llama-3-8B's width (embedding, LM head, layers) at little depth
 
 
 @dataclass
@@ -75,12 +92,21 @@ class Check:
     args: argparse.Namespace
     data: CheckData
     work: Path
+    peak: float | None  # the GPU's dense bf16 TFLOP/s, None where unknown
     ran: set[str] = field(default_factory=set)
-    measurements: list = field(default_factory=list)  # gpu_check_measure.Measurement
+    measurements: list[tuple[str, Measurement]] = field(default_factory=list)  # (the model's shape, one batch's)
+    fitted_rows: dict | None = None  # the fit stage's rows, which eval scores
+    _text: TextModel | None = None
 
     @property
     def precision(self) -> str:
         return "bf16" if self.data.training.mixed_precision and bf16_supported(self.data.device) else "fp32"
+
+    def text(self) -> TextModel:
+        """The tiny text model that fit and eval share, made on first use."""
+        if self._text is None:
+            self._text = build_text_model(self.work / "text")
+        return self._text
 
 
 @dataclass
@@ -93,7 +119,15 @@ class Stage:
 
 def no_deepspeed(check: Check) -> str | None:
     if importlib.util.find_spec("deepspeed") is None:
-        return "DeepSpeed is not installed: bash bench/gpu_check.sh --prepare here, then carry bench/wheels"
+        return ("DeepSpeed is not installed (the device machine's image has none): ZeRO not checked; "
+                "bash bench/gpu_check.sh --prepare here, then carry bench/wheels")
+    return None
+
+
+def no_aho_corasick(check: Check) -> str | None:
+    if importlib.util.find_spec("ahocorasick") is None:
+        return ("pyahocorasick is not installed (the evaluation mines held-out snippets with it): "
+                "bash bench/gpu_check.sh --prepare here, then carry bench/wheels")
     return None
 
 
@@ -109,10 +143,10 @@ def run_step(check: Check) -> tuple[str, dict]:
         raise AssertionError(f"loss did not fall: first epoch {first:.5g}, last epoch {last:.5g}")
     if check.data.use_gpu and (info["model_dtype"] != "bfloat16" or not info["autocast_bf16"]):
         raise AssertionError(f"the GPU step is not bf16: {info}")
-    if info["rows_dtype"] != "float32":
-        raise AssertionError(f"new rows are {info['rows_dtype']}, not fp32 masters")
+    require_fp32(info["precision"], "single process")
     detail = (f"loss {first:.4g} -> {last:.4g} (mean of first and last epoch, {len(curve)} steps); "
-              f"model {info['model_dtype']}, rows {info['rows_dtype']}, bf16 autocast {'on' if info['autocast_bf16'] else 'off'}")
+              f"model {info['model_dtype']}, rows, grads and moments fp32, "
+              f"bf16 autocast {'on' if info['autocast_bf16'] else 'off'}")
     return detail, {**info, "loss_curve": losses(progress)}
 
 
@@ -122,8 +156,12 @@ def ranked_stage(strategy: str, zero_stage: int | None) -> Callable[[Check], tup
         name = strategy if strategy == "ddp" else f"zero{zero_stage}"
         checkpoint_every = CHECKPOINT_STEP if name in ("ddp", "zero3") else 0  # resumed from by `resume`
         train_ranks(check.data, RankedRun(strategy, zero_stage, world, str(check.work / name), checkpoint_every))
-        return compare(check, check.work / name, check.work / "step", GAP_TOLERANCE,
-                       f"{world} rank{'s' if world > 1 else ''} over {backend(check.data.use_gpu, world)}", "the single-process loop's")
+        precision = read_precision(check.work / name)
+        require_fp32(precision, name)
+        detail, metrics = compare(check, check.work / name, check.work / "step", GAP_TOLERANCE,
+                                  f"{world} rank{'s' if world > 1 else ''} over {backend(check.data.use_gpu, world)}",
+                                  "the single-process loop's")
+        return detail + "; rows, grads and moments fp32", {**metrics, "precision": precision}
 
     return run
 
@@ -132,6 +170,7 @@ def run_resume(check: Check) -> tuple[str, dict]:
     details, metrics = [], {}
     for name in ("ddp", "zero3"):
         if name not in check.ran:
+            details.append(f"{name}: not checked, its stage did not run")
             continue
         world = 2 if name == "ddp" else check.args.zero_ranks
         strategy, stage = ("ddp", None) if name == "ddp" else ("deepspeed", 3)
@@ -163,18 +202,52 @@ def run_export(check: Check) -> tuple[str, dict]:
     return f"{info['vocab']} rows in and out, old rows unchanged, {info['bytes'] / 1e6:.1f} MB", info
 
 
+def run_fit(check: Check) -> tuple[str, dict]:
+    fail_if_injected(1, 0)  # the fit has no loop steps of ours: --fail-at fit fails it here
+    check.fitted_rows, summary = fit_output(check.text(), check.data.device)
+    detail = (f"held-back loss {summary['held_back_loss_start']:.4g} -> {summary['held_back_loss_best']:.4g} over "
+              f"{summary['positions']} positions in {summary['steps']} steps; fitted rows fp32, input rows untouched")
+    return detail, summary
+
+
+def run_eval(check: Check) -> tuple[str, dict]:
+    fail_if_injected(1, 0)
+    shard, report = evaluation_shard(check.text(), check.fitted_rows)
+    drift, bits = report["methods"], report["bits_per_byte"]["methods"]
+    detail = (f"shard 1 of {EVAL_SHARDS} on {shard['device']}: {shard['heldout_snippets']} held-out snippets, drift "
+              f"(hidden MSE) {drift['token_distillation']['overall']['hidden_mse']:.4g} vs FVT "
+              f"{drift['fvt']['overall']['hidden_mse']:.4g}, bits/byte {bits['token_distillation']['bits_per_byte']:.3f} vs "
+              f"original {bits['original']['bits_per_byte']:.3f}, generation measured")
+    return detail, {"heldout_snippets": shard["heldout_snippets"], "drift": drift,
+                    "bits_per_byte": {name: b["bits_per_byte"] for name, b in bits.items()}}
+
+
+def run_rows(check: Check) -> tuple[str, dict]:
+    config = TINY if check.args.dry_run else WIDE
+    return measured(check, config, "tiny" if check.args.dry_run else "Llama-3-8B width, 2 layers",
+                    check.args.batches[:1], WIDE_ROWS)
+
+
 def run_measure(check: Check) -> tuple[str, dict]:
-    device = check.data.device
     config = TINY if check.args.dry_run else LLAMA3_8B
-    model = build_model(config, device, torch.bfloat16 if check.data.use_gpu else torch.float32)
-    peak = peak_tflops(device, check.args.peak_tflops)
-    results = measure(model, check.args.batches, check.args.steps, check.args.warmup, peak)
-    check.measurements = results
-    shape = "tiny" if check.args.dry_run else "Llama-3-8B-shaped"
-    parts = [f"batch {m.batch}: {m.seconds_per_step:.3f} s, {m.snippets_per_s:.1f} snippets/s"
-             + (f", MFU {m.mfu:.1%}" if m.mfu is not None else "") for m in results]
-    return f"{shape}: " + "; ".join(parts), {"model": config, "peak_tflops": peak,
-                                             "measurements": [m.as_dict() for m in results]}
+    return measured(check, config, "tiny" if check.args.dry_run else "Llama-3-8B-shaped", check.args.batches)
+
+
+def measured(check: Check, config: dict, shape: str, batches: list[int], n_new: int = N_NEW) -> tuple[str, dict]:
+    """Steps timed on a random model of `config` (bf16 on the GPU), their state checked fp32."""
+    model = build_model(config, check.data.device, torch.bfloat16 if check.data.use_gpu else torch.float32)
+    results = measure(model, batches, check.args.steps, check.args.warmup, check.peak, n_new)
+    for m in results:
+        require_fp32(m.precision, f"{shape}, batch {m.batch}")
+    check.measurements += [(shape, m) for m in results]
+    parts = [f"batch {m.batch}: {m.seconds_per_step:.3f} s, {m.snippets_per_s:.1f} snippets/s, MFU {mfu_text(m)}"
+             + (f", peak {m.peak_memory_gb:.1f} GB" if m.peak_memory_gb is not None else "") for m in results]
+    return f"{shape}, {n_new} new rows: " + "; ".join(parts) + "; rows, grads and moments fp32", {
+        "model": config, "peak_tflops": check.peak, "measurements": [m.as_dict() for m in results]}
+
+
+def mfu_text(m: Measurement) -> str:
+    return f"{m.mfu:.1%}" if m.mfu is not None else "unknown"
 
 
 STAGES = [
@@ -183,6 +256,9 @@ STAGES = [
     *(Stage(f"zero{s}", ("step",), ranked_stage("deepspeed", s), no_deepspeed) for s in (1, 2, 3)),
     Stage("resume", ("ddp", "zero3"), run_resume),
     Stage("export", ("step",), run_export),
+    Stage("fit", (), run_fit),
+    Stage("eval", ("fit",), run_eval, no_aho_corasick),
+    Stage("rows", (), run_rows),
     Stage("measure", (), run_measure),
 ]
 
@@ -235,18 +311,18 @@ def run_stages(check: Check, stages: list[Stage]) -> list[dict]:
     return results
 
 
-def print_summary(results: list[dict], measurements) -> None:
+def print_summary(results: list[dict], measurements: list[tuple[str, Measurement]], peak: float | None) -> None:
     print(f"\n{'stage':8} {'status':8} {'seconds':>8}  detail")
     for r in results:
         print(f"{r['stage']:8} {r['status']:8} {r['seconds']:8.1f}  {r['detail']}")
     if measurements:
-        print(f"\n{'batch':>5} {'s/step':>8} {'snippets/s':>10} {'TFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6} "
-              f"{'prefix skipped':>14} {'peak GB':>8}")
-        for m in measurements:
-            mfu = f"{m.mfu:.1%}" if m.mfu is not None else "-"
+        print(f"\nMFU against {f'{peak:g} TFLOP/s' if peak else 'an unknown peak'} (dense bf16)")
+        print(f"{'model':26} {'new rows':>8} {'batch':>5} {'s/step':>8} {'snippets/s':>10} {'TFLOP/step':>10} "
+              f"{'TFLOP/s':>8} {'MFU':>7} {'prefix skipped':>14} {'peak GB':>8}")
+        for shape, m in measurements:
             memory = f"{m.peak_memory_gb:.1f}" if m.peak_memory_gb is not None else "-"
-            print(f"{m.batch:5d} {m.seconds_per_step:8.3f} {m.snippets_per_s:10.1f} {m.tflop_per_step:10.2f} "
-                  f"{m.tflops:8.1f} {mfu:>6} {m.prefix_skipped:14.1%} {memory:>8}")
+            print(f"{shape:26} {m.n_new:8d} {m.batch:5d} {m.seconds_per_step:8.3f} {m.snippets_per_s:10.1f} "
+                  f"{m.tflop_per_step:10.2f} {m.tflops:8.1f} {mfu_text(m):>7} {m.prefix_skipped:14.1%} {memory:>8}")
 
 
 def environment(check: Check) -> dict:
@@ -260,6 +336,7 @@ def environment(check: Check) -> dict:
         "torch": torch.__version__, "transformers": transformers.__version__,
         "deepspeed": importlib.metadata.version("deepspeed") if spec else None,
         "precision": check.precision,
+        "peak_tflops": check.peak if check.peak else "unknown",
     }
 
 
@@ -274,7 +351,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (at least 1)")
     parser.add_argument("--zero-ranks", type=int, choices=(1, 2), default=1,
                         help="ZeRO ranks; 2 share the GPU over gloo (see gpu_check_runs.py)")
-    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (known: H100, H200)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the GPU's dense bf16 peak (known: H100, H200, A100, L40S; MFU is unknown elsewhere)")
     args = parser.parse_args(argv)
     args.steps = args.steps or (2 if args.dry_run else 10)
     if args.warmup < 1:
@@ -291,11 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if args.dry_run else "cuda")  # read when a rank imports DeepSpeed
     stages = selected(args.stages)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
-        check = Check(args, tiny_check_data(Path(work), use_gpu=not args.dry_run), Path(work))
+        data = tiny_check_data(Path(work), use_gpu=not args.dry_run)
+        check = Check(args, data, Path(work), peak_tflops(data.device, args.peak_tflops))
         env = environment(check)
         print(" ".join(f"{k} {v}" for k, v in env.items()), flush=True)
         results = run_stages(check, stages)
-    print_summary(results, check.measurements)
+    print_summary(results, check.measurements, check.peak)
     passed = all(r["status"] in (PASSED, SKIPPED) for r in results)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,14 @@
-"""Step time, snippets/s and MFU of the distillation step, measured by bench/gpu_check.py on
-a Llama-3-8B-shaped model (random weights from its config, bf16 on the GPU) with the
-product's loop under strategies.Local and the default DistillationConfig (MSE on the last
-layer's hidden states and the new-token output loss; an untied model's output rows trained).
+"""Step time, snippets/s, memory and MFU of the distillation step, measured by
+bench/gpu_check.py on Llama-3-8B-shaped models (random weights from a config, bf16 on the
+GPU) with the product's loop under strategies.Local, the default DistillationConfig (MSE on
+the last layer's hidden states and the new-token output loss) and the default output policy
+(first_piece: an untied model's new output rows fixed), the training state's dtypes checked
+(gpu_check_runs.PrecisionProbe).
 
 FLOPs of a step are counted from that step's batch as TokenDistiller.forward runs it, 2 per
 multiply-add, matmuls only:
 
-    F = 2·P·N_teacher + 4·P·N_student + 2·d·(V·Q + (2·(V + n) + n)·K)
+    F = 2·P·N_teacher + 4·P·N_student + 2·d·(V·Q + (2·(V + n) + n·o)·K)
 
     P          matmul weights of the decoder layers: L·(d·(q + 2·kv) + q·d + 3·d·ff),
                q = heads·head_dim, kv = kv_heads·head_dim
@@ -15,13 +17,14 @@ multiply-add, matmuls only:
                a forward pass and a backward pass for the input gradients only (the
                weights are frozen, so no weight-gradient matmuls): 2·P + 2·P a position
     K          student positions followed by a new token: the LM head over the V old and
-               n new rows runs forward, backward to the hidden state, and backward to the
-               n new output rows
+               n new rows runs forward, backward to the hidden state, and (o = 1 where the
+               output rows train, 0 for first_piece's fixed rows) backward to the n new rows
     Q          teacher positions that predict a piece of those new tokens: the LM head
                over the V old rows, forward
 
 Left out: attention scores (about 4·T·d per position and layer, under 0.5% of F at T = 51)
-and elementwise ops. MFU = F / step time / the GPU's dense bf16 peak.
+and elementwise ops. MFU = F / step time / the GPU's dense bf16 peak (PEAK_TFLOPS, by the
+name torch gives the GPU; unknown elsewhere, unless --peak-tflops says it).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import torch
-from gpu_check_runs import POLICY, fail_if_injected, synthetic_snippets
+from gpu_check_runs import POLICY, PrecisionProbe, fail_if_injected, synthetic_snippets
 
 from tokdist_ray.config import DistillationConfig
 from tokdist_ray.training.batching import collate
@@ -47,7 +50,10 @@ from tokdist_ray.vocab.alignment import PieceAligner
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=False)
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # SXM, dense bf16 (the spec sheets' figure without sparsity)
+# Dense bf16 TFLOP/s (the spec sheets' figure without sparsity), by a part of the name torch
+# gives the GPU; the first that matches counts, so the PCIe and NVL parts come first.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200 NVL", 835.0), ("H200", 989.0),
+               ("A100", 312.0), ("L40S", 362.0))
 SNIPPET_LEN = 50  # ids after BOS, the snippets stage's default
 N_NEW = 512
 
@@ -63,16 +69,19 @@ class Measurement:
     mfu: float | None  # None where the GPU's peak is unknown
     prefix_skipped: float  # share of student positions taken from the teacher's prefix
     peak_memory_gb: float | None
+    n_new: int  # new rows trained
+    precision: dict  # PrecisionProbe's report
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    """The GPU's dense bf16 peak: `given`, else the table's; None where neither knows it."""
     if given or device.type != "cuda":
         return given
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
 
 def build_model(config: dict, device: torch.device, dtype: torch.dtype):
@@ -85,14 +94,14 @@ def build_model(config: dict, device: torch.device, dtype: torch.dtype):
     return model.eval().requires_grad_(False)
 
 
-def measure(model, batches: list[int], steps: int, warmup: int, peak: float | None) -> list[Measurement]:
-    return [_measure_batch(model, batch, steps, warmup, peak) for batch in batches]
+def measure(model, batches: list[int], steps: int, warmup: int, peak: float | None, n_new: int = N_NEW) -> list[Measurement]:
+    return [_measure_batch(model, batch, steps, warmup, peak, n_new) for batch in batches]
 
 
-def _measure_batch(model, batch: int, steps: int, warmup: int, peak: float | None) -> Measurement:
+def _measure_batch(model, batch: int, steps: int, warmup: int, peak: float | None, n_new: int) -> Measurement:
     device = model.device
     vocab = model.config.vocab_size
-    phrases, snippet_lists = synthetic_snippets(vocab, N_NEW, (warmup + steps) * batch, SNIPPET_LEN, seed=batch)
+    phrases, snippet_lists = synthetic_snippets(vocab, n_new, (warmup + steps) * batch, SNIPPET_LEN, seed=batch)
     cfg = DistillationConfig(batch_size=batch)
     snippets = SnippetIds(pa.array(snippet_lists, pa.list_(pa.int32())), PieceAligner(phrases, vocab))
     schedule = SnippetSchedule.for_run(snippets.student_ids, vocab, cfg)
@@ -109,23 +118,25 @@ def _measure_batch(model, batch: int, steps: int, warmup: int, peak: float | Non
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    progress, _ = train_loop(Local(distiller, optimizer, lr_schedule), snippets, schedule, cfg, after_step=after_step)
+    local, probe = Local(distiller, optimizer, lr_schedule), PrecisionProbe(distiller)
+    progress, _ = train_loop(local, snippets, schedule, cfg, after_step=after_step)
     bad = [p for p in progress.history.loss_curve if not torch.isfinite(torch.tensor(p["loss"]))]
     if bad:
         raise AssertionError(f"batch {batch}: loss not finite at {bad}")
     seconds = [b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:])]
     counts = [StepCounts.of(distiller, collate(snippets.examples(schedule.global_indices(s))))
               for s in range(warmup, warmup + steps)]
-    flops = [step_flops(model.config, len(phrases), c) for c in counts]
+    flops = [step_flops(model.config, len(phrases), c, distiller.rows.trains_output) for c in counts]
     achieved = sum(flops) / sum(seconds) / 1e12
     median = statistics.median(seconds)
     skipped = sum(c.n_skipped for c in counts) / sum(c.n_skipped + c.n_student for c in counts)
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    del distiller, optimizer
+    precision = probe.report(local)
+    del distiller, optimizer, local
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return Measurement(batch, steps, median, batch / median, statistics.mean(flops) / 1e12, achieved,
-                       achieved / peak if peak else None, skipped, memory)
+                       achieved / peak if peak else None, skipped, memory, len(phrases), precision)
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,7 @@ def decoder_matmul_weights(config) -> int:
     return config.num_hidden_layers * (d * (q + 2 * kv) + q * d + 3 * d * ff)
 
 
-def step_flops(config, n_new: int, c: StepCounts) -> float:
+def step_flops(config, n_new: int, c: StepCounts, output_rows_train: bool) -> float:
     p, d, v = decoder_matmul_weights(config), config.hidden_size, config.vocab_size
-    return 2 * p * c.n_teacher + 4 * p * c.n_student + 2 * d * (v * c.q + (2 * (v + n_new) + n_new) * c.k)
+    head = 2 * (v + n_new) + (n_new if output_rows_train else 0)
+    return 2 * p * c.n_teacher + 4 * p * c.n_student + 2 * d * (v * c.q + head * c.k)

@@ -17,6 +17,8 @@ asked for (--zero-ranks 2). Sharding over two ranks is tested on CPU
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -49,7 +51,9 @@ from tokdist_ray.vocab.models import load_model
 from tokdist_ray.vocab.tokens import NewToken
 
 FAIL_STEP = "TOKDIST_GPU_CHECK_FAIL_STEP"  # set by gpu_check.py --fail-at for the stage it names
-POLICY = OutputEmbeddingInit.TRAIN_WITH_CE  # the default for an untied model such as Llama-3
+# the job's default for an untied model such as Llama-3 (job.config.OutputConfig): the first
+# piece's output rows, kept fixed, so the input rows are the only trainable table
+POLICY = OutputEmbeddingInit.FIRST_PIECE
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False)
 # 24 snippets at a global batch of 4: 6 steps an epoch, 18 in all; the checkpoint at step 8
@@ -59,6 +63,7 @@ TRAINING = DistillationConfig(epochs=3, batch_size=4, learning_rate=1e-2, seed=3
                               warmup_ratio=0.2, log_every=1)
 CHECKPOINT_STEP = 8
 INITIAL_ROWS = "initial_rows.safetensors"
+PRECISION = "precision.json"  # a run's PrecisionProbe report
 
 
 class InjectedFailure(RuntimeError):
@@ -69,6 +74,44 @@ def fail_if_injected(step: int, rank: int) -> None:
     """An `after_step` hook: raise at the step that FAIL_STEP names (stops a stage on purpose)."""
     if os.environ.get(FAIL_STEP) == str(step):
         raise InjectedFailure(f"failure injected at step {step} on rank {rank} (--fail-at)")
+
+
+class PrecisionProbe:
+    """The dtypes that steps leave the training state in: the trainable rows, their
+    gradients (as autograd hands them to the rows, before DeepSpeed or DDP take them over)
+    and the optimizer's moments. The design keeps all three fp32 under bf16 (fp32 master
+    rows); `require_fp32` checks a report."""
+
+    def __init__(self, distiller: TokenDistiller):
+        self.rows = list(distiller.rows.parameters())  # fixed output rows are a buffer, not a parameter
+        self.grads: set[str] = set()
+        for param in self.rows:
+            param.register_hook(lambda grad: self.grads.add(dtype_name(grad.dtype)))
+
+    def report(self, strategy) -> dict[str, list[str]]:
+        state = innermost_optimizer(strategy).state.values()
+        return {"rows": sorted({dtype_name(p.dtype) for p in self.rows}), "grads": sorted(self.grads),
+                "moments": sorted({dtype_name(t.dtype) for s in state for t in s.values() if torch.is_tensor(t) and t.dim()})}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def innermost_optimizer(strategy) -> torch.optim.Optimizer:
+    """The torch optimizer that holds the moments: the strategy's own, or the one DeepSpeed's
+    ZeRO optimizer wraps (over its fp32 partitions)."""
+    optimizer = strategy.engine.optimizer if hasattr(strategy, "engine") else strategy.optimizer
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def require_fp32(report: dict[str, list[str]], label: str) -> None:
+    wrong = {part: dtypes for part, dtypes in report.items() if dtypes != ["float32"]}
+    if wrong:
+        raise AssertionError(f"{label}: the training state must be fp32 (rows, their gradients, the optimizer's "
+                             f"moments); got {wrong} (an empty list: none seen)")
 
 
 @dataclass(frozen=True)
@@ -135,11 +178,11 @@ def train_single_process(data: CheckData, out: Path) -> dict:
     optimizer, lr_schedule = make_optimizer([p for p in distiller.parameters() if p.requires_grad], data.training,
                                             schedule.total_steps(data.training))
     torch.manual_seed(data.training.seed)
-    progress, final = train_loop(Local(distiller, optimizer, lr_schedule), data.snippet_ids(), schedule,
-                                 data.training, after_step=fail_if_injected)
+    local = Local(distiller, optimizer, lr_schedule)
+    probe = PrecisionProbe(distiller)
+    progress, final = train_loop(local, data.snippet_ids(), schedule, data.training, after_step=fail_if_injected)
     _write_result(out, progress, final)
-    return {"model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "rows_dtype": str(rows.input.dtype).removeprefix("torch."),
+    return {"model_dtype": dtype_name(next(model.parameters()).dtype), "precision": probe.report(local),
             "autocast_bf16": data.training.mixed_precision and bf16_supported(data.device)}
 
 
@@ -207,6 +250,7 @@ def _rank_main(rank: int, data: CheckData, run: RankedRun, port: int) -> None:
         schedule = data.schedule()
         torch.manual_seed(cfg.seed)
         parallel = parallel_distiller(plan, data.new_start, schedule.total_steps(cfg), run.world, data.device)
+        probe = PrecisionProbe(parallel.distiller)
         progress = read_checkpoint(Path(run.resume_from), parallel, rank)[0] if run.resume_from else None
         out = Path(run.out)
 
@@ -220,6 +264,7 @@ def _rank_main(rank: int, data: CheckData, run: RankedRun, port: int) -> None:
                                      save_checkpoint=save if run.checkpoint_every else None)
         if rank == 0:
             _write_result(out, progress, final)
+            (out / PRECISION).write_text(json.dumps(probe.report(parallel)))
         # leave together: a rank that tore gloo down while the other still wrote aborted once
         # in CI ("terminate called without an active exception", SIGABRT)
         torch.distributed.barrier()
@@ -238,15 +283,24 @@ def read_result(out: Path) -> tuple[dict[str, torch.Tensor], Progress]:
     return read_rows(out / ROWS), read_progress(out)
 
 
+def read_precision(out: Path) -> dict[str, list[str]]:
+    return json.loads((out / PRECISION).read_text())
+
+
 def losses(progress: Progress) -> list[float]:
     return [point["loss"] for point in progress.history.loss_curve]
 
 
 def rows_gap(rows: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> float:
     """How far `rows` are from `reference`, as a share of how far training moved the
-    reference from the initial rows (Frobenius norms; the worse of input and output)."""
-    return max(float((rows[k] - reference[k]).norm() / (reference[k] - initial[k]).norm().clamp_min(1e-12))
-               for k in reference)
+    reference from the initial rows (Frobenius norms; the worse of input and output). A
+    table that training left as it was (first_piece's output rows) must come back exactly:
+    any difference is an infinite gap."""
+    def gap(name: str) -> float:
+        moved, off = (reference[name] - initial[name]).norm(), (rows[name] - reference[name]).norm()
+        return float(off / moved) if moved > 0 else (0.0 if off == 0 else math.inf)
+
+    return max(gap(name) for name in reference)
 
 
 def export_round_trip(data: CheckData, rows: dict[str, torch.Tensor], out: Path) -> dict:

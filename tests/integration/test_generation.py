@@ -1,10 +1,13 @@
 """Generated snippets: request planning, seeded sampling, EOS cuts, top-up, the Ray Data CPU
 actor pool on the real SmolLM2, and the vLLM path through ray.data.llm's own processor with a
-fake engine (tests/fake_vllm.py), compared with the driver-side path it replaced."""
+fake engine seeded as vLLM's are (tests/fake_vllm_seeded.py), compared with the driver-side
+path it replaced on the samples the engines drew. The vLLM backend's plain functions and
+settings: tests/unit/test_vllm_settings.py."""
 
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -12,14 +15,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig
 
-from tests import fake_vllm
+from tests import fake_vllm, fake_vllm_seeded
 from tests.helpers import SENTENCES, WORDS
 from tokdist_ray import FileDataSource, GeneratedDataSource, TokenDistillation, api
 from tokdist_ray.config import DistillationConfig
 from tokdist_ray.data.generation import ray_backend as generation
-from tokdist_ray.data.generation import vllm_backend as vllm_generation
 from tokdist_ray.data.generation.local import generate_snippets
 from tokdist_ray.data.generation.ray_backend import (
     ORDER,
@@ -209,59 +211,6 @@ def test_in_process_vllm_request_fails_clearly_without_vllm(tiny_model_dir, monk
         generate_snippets(load_model(model_dir), expansion, tokens, 8, 2, GeneratedDataSource(backend="vllm"))
 
 
-# --- vLLM requests and outputs (no vLLM needed) ---------------------------------------------
-
-
-def test_vllm_sampling_params_are_plain_sampling_per_row_seed():
-    source = GeneratedDataSource(temperature=0.9, top_p=0.95)
-    params = vllm_generation.sampling_params(source, snippet_len=12, stop=[2, 7])
-    assert params == {"n": 1, "temperature": 0.9, "top_p": 0.95, "top_k": -1, "max_tokens": 12,
-                      "stop_token_ids": [2, 7], "detokenize": False}
-    assert vllm_generation.sampling_params(GeneratedDataSource(top_k=40), 12, [2])["top_k"] == 40
-    request = {"prompt_ids": np.array([1, 5, 6]), "seed": 99}
-    row = vllm_generation.vllm_request(request, params)
-    assert row["tokenized_prompt"] == [1, 5, 6] and row["sampling_params"] == {**params, "seed": 99}
-
-
-def test_vllm_output_is_cut_at_eos_and_flagged_short():
-    row = {"token": " x", "token_index": 1, "sample_index": 4, "seed": 3, "prompt_ids": np.array([1, 9]),
-           "phrase_start": 1, "generated_tokens": np.array([5, 6, 2]), "generated_text": "", "num_input_tokens": 2}
-    sample = vllm_generation.vllm_sample(row, stop=[2], min_new_tokens=2)
-    assert sample == {"token": " x", "token_index": 1, "sample_index": 4, "phrase_start": 1, "input_ids": [1, 9, 5, 6],
-                      "short": False}
-    assert vllm_generation.vllm_sample(row, stop=[2], min_new_tokens=3)["short"]
-
-
-def test_vllm_engine_settings_reach_the_processor_config():
-    source = GeneratedDataSource(tensor_parallel_size=2, dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.5,
-                                 batch_size=16, engine_kwargs={"enforce_eager": True})
-    config = vllm_generation.processor_config("bundled:smollm2", source, replicas=3)
-    # the user's name, resolved by each engine on its node; a fixed pool of 3 (an int would autoscale 1..3)
-    assert config.model_source == "bundled:smollm2" and config.concurrency == (3, 3) and config.batch_size == 16
-    assert config.get_concurrency(autoscaling_enabled=True) == {"min_size": 3, "max_size": 3}
-    kwargs = config.engine_kwargs
-    assert (kwargs["tensor_parallel_size"], kwargs["dtype"], kwargs["max_model_len"], kwargs["gpu_memory_utilization"],
-            kwargs["enforce_eager"]) == (2, "bfloat16", 512, 0.5, True)
-    assert "max_model_len" not in vllm_generation.engine_kwargs(GeneratedDataSource())
-    assert not (config.chat_template_stage or config.tokenize_stage or config.detokenize_stage)
-
-
-def test_vllm_replicas_default_to_the_cluster_gpus_per_replica(monkeypatch):
-    import ray
-
-    nodes = [{"Alive": True, "Resources": {"CPU": 16, "GPU": 4, "accelerator_type:L40S": 1}},
-             {"Alive": True, "Resources": {"CPU": 16, "GPU": 3, "accelerator_type:A100": 1}},
-             {"Alive": False, "Resources": {"GPU": 8}}, {"Alive": True, "Resources": {"CPU": 32}}]
-    monkeypatch.setattr(ray, "nodes", lambda: nodes)
-    replicas = vllm_generation.engine_replicas
-    assert replicas(GeneratedDataSource()) == 7
-    assert replicas(GeneratedDataSource(tensor_parallel_size=2)) == 2 + 1  # a replica's GPUs sit on one node
-    assert replicas(GeneratedDataSource(accelerator_type="L40S")) == 4
-    assert replicas(GeneratedDataSource(concurrency=2)) == 2
-    monkeypatch.setattr(ray, "nodes", lambda: nodes[3:])
-    assert replicas(GeneratedDataSource()) == 1
-
-
 def old_expanded_snippets(samples, expansion, snippet_len, stats):
     """The driver-side settling the columnar path replaced, as it was, for reference."""
     tokenizer, new_start = expansion.tokenizer, expansion.new_start
@@ -282,11 +231,12 @@ def old_expanded_snippets(samples, expansion, snippet_len, stats):
     return pa.Table.from_pylist([{k: r[k] for k in SNIPPET_SCHEMA.names} for r in rows], schema=SNIPPET_SCHEMA)
 
 
-def old_driver_path(expansion, tokens, snippet_len, per_token, source, vocab_size, stop):
+def old_driver_path(expansion, tokens, snippet_len, per_token, source, generated, stop, token_indices=None):
     """The path before the columnar one: rounds of requests, every sample collected and
-    settled on the driver, with the fake engine's continuations."""
+    settled on the driver, with the continuations the engines drew (`generated`:
+    fake_vllm_seeded.generated)."""
     source = fitted(source, snippet_len)
-    params = vllm_generation.sampling_params(source, snippet_len, stop)
+    indices = list(token_indices) if token_indices is not None else list(range(len(tokens)))
     wanted, prefix = wanted_counts(tokens, per_token), bos_prefix(expansion.tokenizer)
     stats = GenerationStats(counts={t.text: 0 for t in tokens})
     next_sample, samples = {t.text: 0 for t in tokens}, []
@@ -294,9 +244,9 @@ def old_driver_path(expansion, tokens, snippet_len, per_token, source, vocab_siz
         missing = {t: n - stats.counts[t] for t, n in wanted.items() if stats.counts[t] < n}
         if not missing:
             break
-        requests = plan_requests(tokens, missing, next_sample, prefix, source.seed, list(range(len(tokens))))
-        rows = [sample_row({**r, "continuation": cut_at_eos(fake_vllm.fake_continuation(
-            r["prompt_ids"], {**params, "seed": r["seed"]}, vocab_size), stop)}, source.min_new_tokens) for r in requests]
+        requests = plan_requests(tokens, missing, next_sample, prefix, source.seed, indices)
+        rows = [sample_row({**r, "continuation": cut_at_eos(generated[(r["token_index"], r["sample_index"])], stop)},
+                           source.min_new_tokens) for r in requests]
         rows = [r for r in rows if r is not None]
         samples += rows
         stats.samples += len(requests)
@@ -310,13 +260,14 @@ def old_driver_path(expansion, tokens, snippet_len, per_token, source, vocab_siz
 
 @pytest.fixture
 def fake_vllm_engine(monkeypatch, tmp_path):
-    """ray.data.llm with the fake engine; yields the directory where each engine start is recorded."""
+    """ray.data.llm with the seeded fake engine; yields the directory where each engine
+    start and every sample it drew are recorded."""
     import ray.data.llm
 
-    monkeypatch.setattr(generation, "vllm_installed", lambda: True)
-    monkeypatch.setattr(ray.data.llm, "build_processor", fake_vllm.fake_build_processor)
-    log = tmp_path / "engine-starts"
+    log = tmp_path / "engines"
     log.mkdir()
+    monkeypatch.setattr(generation, "vllm_installed", lambda: True)
+    monkeypatch.setattr(ray.data.llm, "build_processor", partial(fake_vllm_seeded.build_processor, record_to=str(log)))
     yield log
 
 
@@ -326,13 +277,11 @@ def test_columnar_vllm_path_gives_the_snippets_and_rows_of_the_driver_path(tiny_
     model_dir = tiny_model_dir()
     expansion, _ = tiny_expansion(model_dir)
     tokens = expansion.tokens  # the words and the intermediate merges they need: several prompt lengths
-    source = GeneratedDataSource(backend="vllm", min_new_tokens=2, batch_size=4, concurrency=2, overgenerate=overgenerate,
-                                 engine_kwargs={"fake_engine_log": str(fake_vllm_engine)})
+    source = GeneratedDataSource(backend="vllm", min_new_tokens=2, batch_size=4, concurrency=2, overgenerate=overgenerate)
     stop = stop_ids(expansion.tokenizer, GenerationConfig.from_pretrained(model_dir))
-    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-    expected, old_stats = old_driver_path(expansion, tokens, 8, 6, source, vocab, stop)
 
     table, stats = generate_snippet_table(str(model_dir), expansion, tokens, 8, 6, source)
+    expected, old_stats = old_driver_path(expansion, tokens, 8, 6, source, fake_vllm_seeded.generated(fake_vllm_engine), stop)
     assert table.schema.equals(SNIPPET_SCHEMA) and expected.num_rows > len(tokens)
     assert table.to_pylist() == expected.to_pylist()  # the same rows, in the same order
     assert stats.counts == old_stats.counts and stats.samples == old_stats.samples
@@ -350,8 +299,7 @@ def test_vllm_engines_resolve_the_users_model_name_themselves(tiny_model_dir, ra
     node, and a path that node lacks fails there, saying where a model must be."""
     model_dir = tiny_model_dir()
     expansion, tokens = tiny_expansion(model_dir)
-    source = GeneratedDataSource(backend="vllm", min_new_tokens=1, concurrency=1,
-                                 engine_kwargs={"fake_engine_log": str(fake_vllm_engine)})
+    source = GeneratedDataSource(backend="vllm", min_new_tokens=1, concurrency=1)
     missing = tmp_path / "not-on-the-gpu-nodes"
     with pytest.raises(Exception, match="every GPU node"):
         generate_snippet_table(str(missing), expansion, tokens, 6, 2, source)
@@ -362,8 +310,7 @@ def test_generated_parts_are_what_training_reads_in_the_tables_order(tiny_model_
                                                                       tmp_path):
     model_dir = tiny_model_dir()
     expansion, _ = tiny_expansion(model_dir)
-    source = GeneratedDataSource(backend="vllm", min_new_tokens=2, batch_size=2, concurrency=1,
-                                 engine_kwargs={"fake_engine_log": str(fake_vllm_engine)})
+    source = GeneratedDataSource(backend="vllm", min_new_tokens=2, batch_size=2, concurrency=1)
     generated, stats = generate_snippets_on_ray(str(model_dir), expansion, expansion.tokens, 8, 5, source)
     table = generated.table()
     paths = generated.write(str(tmp_path / "parts"))
@@ -478,7 +425,7 @@ def test_the_jobs_top_up_is_written_by_ray_data_after_the_mined_rows(tiny_model_
                                                                      fake_vllm_engine, tmp_path):
     """The job's snippets stage: mined rows in snippets.parquet, the generated top-up in
     parts that Ray Data's workers wrote; training reads them in that order, and they are
-    the rows the table path gives for the same shortfall."""
+    the rows the driver-side path settles from the samples the engines drew."""
     from tests.helpers import tiny_job_args
     from tokdist_ray.job.config import load_config, parse_overrides
     from tokdist_ray.job.pipeline import GENERATED_PARTS, run_job
@@ -504,6 +451,7 @@ def test_the_jobs_top_up_is_written_by_ray_data_after_the_mined_rows(tiny_model_
     expansion = load_expansion(str(run / "tokenizer"))
     shortfall = report["mining"]["shortfall"]
     todo = [(i, t) for i, t in enumerate(expansion.tokens) if t.text in shortfall]
-    table, _ = generate_snippet_table(str(model_dir), expansion, [t for _, t in todo], 24, shortfall, config.generation,
-                                      token_indices=[i for i, _ in todo])
+    stop = stop_ids(expansion.tokenizer, GenerationConfig.from_pretrained(model_dir))
+    table, _ = old_driver_path(expansion, [t for _, t in todo], 24, shortfall, config.generation,
+                               fake_vllm_seeded.generated(fake_vllm_engine), stop, token_indices=[i for i, _ in todo])
     assert generated.to_pylist() == table.to_pylist()

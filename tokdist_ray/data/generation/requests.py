@@ -1,5 +1,8 @@
 """Generation requests and rounds, shared by every backend: one request per sample with
-its own seed, samples cut at EOS, too-short samples dropped and replaced in later rounds."""
+its own seed, samples cut at EOS, too-short samples dropped and replaced in later rounds.
+The transformers backend draws each sample from its seed; vLLM engines draw every request
+from one seed per engine start instead, and leave the requests' seeds unread
+(vllm_backend: why, and what stays reproducible)."""
 
 from __future__ import annotations
 

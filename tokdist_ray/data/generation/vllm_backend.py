@@ -3,18 +3,48 @@
 Checked against Ray 2.60's `ray.data.llm` (the `gpu` extra needs Ray >= 2.54: nested stage
 configs came in 2.52, rows with `tokenized_prompt` and no `prompt` in 2.54):
   - a row reaches the engine as `tokenized_prompt` (token ids, so no tokenizer stage) and
-    `sampling_params` (the keyword arguments of `vllm.SamplingParams`, one seed per row);
+    `sampling_params` (the keyword arguments of `vllm.SamplingParams`, the same for every row);
   - every input column is carried through to the postprocess step, which reads the
     engine's `generated_tokens`;
-  - `vLLMEngineProcessorConfig(model_source, engine_kwargs, concurrency, batch_size, ...)`
-    with the chat-template, tokenize and detokenize stages off. An int `concurrency` n is an
-    autoscaling pool of 1..n engines for the vLLM stage; we pass (n, n), a fixed pool, with
-    n = the cluster's GPUs per `tensor_parallel_size` unless set. Each replica asks Ray for
-    `tensor_parallel_size` GPUs on one node, so replicas spread over the GPU nodes;
+  - `vLLMEngineProcessorConfig(model_source, engine_kwargs, concurrency, batch_size,
+    max_concurrent_batches, ...)` with the chat-template, tokenize and detokenize stages
+    off. `engine_kwargs` go to `vllm.AsyncEngineArgs` in each engine actor; `batch_size`
+    rows make one call of the engine stage, and each engine takes `max_concurrent_batches`
+    calls at once. An int `concurrency` n is an autoscaling pool of 1..n engines; we pass
+    (n, n), a fixed pool, with n = the cluster's GPUs per `tensor_parallel_size` unless
+    set. Each replica asks Ray for `tensor_parallel_size` GPUs on one node, so replicas
+    spread over the GPU nodes;
   - the engine resolves `model_source` where it runs: we swap the processor's engine UDF
     for a subclass that first turns the user's model name into this node's path
     (model_source.engine_model_path), so a bundled or GGUF model materialises on each GPU
     node and the driver's paths never reach them.
+
+Engines sized for snippets (engine_settings): a snippet is BOS, the phrase and
+`snippet_len` generated ids, so `max_model_len` is that plus a margin for the prompt
+(vLLM would otherwise size every engine for the model's whole context, 128k ids for
+Llama 3.1, and refuse to start where one such sequence's KV cache does not fit). Short
+sequences let an engine decode many at once (`max_num_seqs`), and the processor's batches
+are sized so that the engine always has that many in hand (processor_batch_size).
+
+Seeds and reproducibility. A request carries no seed: vLLM samples the requests that have
+their own seed one by one (and off its fast top-k/top-p kernels), and a snippet needs no
+stream of its own. Instead each engine gets one seed when it starts (`engine_seed`), fresh
+for every engine and every pass (each pass starts its engines), so no two engines repeat
+each other's draws (vLLM's default seed, 0 for every engine, would: samples of one phrase
+on two engines, or in two passes, would come out alike).
+  - Reproducible, for the same config, tokens, model and vLLM version: the requests (which
+    samples of which tokens, their prompts, in which pass), the sampling settings, which
+    samples are kept, and the order of the snippets given the samples.
+  - Not reproducible: the generated ids. An engine draws for all its requests from one
+    stream, in the order its scheduler batches them, and ray.data.llm hands it several
+    batches at once from asyncio, so the draw a request gets depends on timing, replicas
+    and passes; and the seeds are new every run. Two runs give different snippets from
+    the same distribution. (vLLM itself promises repeatable output only offline, with
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 or batch invariance, on the same hardware and
+    version: docs.vllm.ai, "Reproducibility".)
+The transformers backend keeps a seed per sample (requests.sample_seed): the same seed,
+model and settings give the same snippets whatever the batching, actors or passes.
+
 The functions here are plain (no vLLM import), so they are tested without a GPU; only the
 engine actors that Ray starts import vLLM.
 """
@@ -23,6 +53,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import secrets
 from functools import partial
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -30,20 +62,35 @@ from tokdist_ray.config import GeneratedDataSource
 from tokdist_ray.data.generation.model_source import engine_model_path
 from tokdist_ray.data.generation.ray_backend import RAW_SAMPLE_SCHEMA, raw_sample
 from tokdist_ray.data.generation.requests import GPU_EXTRA_HINT, cut_at_eos
-from tokdist_ray.errors import BackendUnavailableError
+from tokdist_ray.errors import BackendUnavailableError, ConfigError
 
 if TYPE_CHECKING:
     import ray.data
 
 log = logging.getLogger("tokdist_ray")
 
-# Request columns that travel through the engine to the postprocess step.
-REQUEST_COLUMNS = ("token", "token_index", "sample_index", "seed", "prompt_ids", "phrase_start")
 ENGINE_STAGE = "vLLMEngineStage"  # the name ray.data.llm's processor gives its engine stage
+# Room for a prompt (BOS and the new token's original pieces; a new token is rarely more
+# than 20). A longer one fails its request, saying to set generation.max_model_len.
+PROMPT_IDS = 64
+# Sequences an engine decodes at once: vLLM's own offline default on GPUs of 70 GB or more,
+# set so that every GPU kind and engine gets it (vLLM's defaults depend on both). Long
+# snippets get fewer, so that all of them together hold at most KV_TOKENS ids of KV cache, a
+# 128k-context sequence's worth: past what the cache holds, vLLM preempts sequences and
+# computes them again.
+MAX_SEQUENCES = 1024
+KV_TOKENS = 128 * 1024
+# Ids one engine step may compute, per sequence decoding: vLLM's offline ratio on large GPUs
+# (16,384 per 1,024 sequences), room for the prompts of the sequences that join a step.
+STEP_IDS_PER_SEQUENCE = 16
+# Batches an engine works on at once (Ray's default, named because batch sizes follow from
+# it): while one batch's last sequences finish, the others keep the engine full.
+BATCHES_IN_FLIGHT = 8
 
 
 def sampling_params(source: GeneratedDataSource, snippet_len: int, stop: Sequence[int]) -> dict:
-    """Plain sampling, as on the CPU backend: no penalties, EOS as the only stop."""
+    """Plain sampling, as on the CPU backend: no penalties, EOS as the only stop, no seed of
+    its own (the engine's seed draws for every request: the module docstring)."""
     return {
         "n": 1,
         "temperature": source.temperature,
@@ -55,10 +102,16 @@ def sampling_params(source: GeneratedDataSource, snippet_len: int, stop: Sequenc
     }
 
 
-def vllm_request(request: dict, params: dict) -> dict:
-    """The columns the engine stage reads, added to a request row."""
-    return {"tokenized_prompt": [int(i) for i in request["prompt_ids"]],
-            "sampling_params": {**params, "seed": int(request["seed"])}}
+def vllm_request(request: dict, params: dict, max_model_len: int) -> dict:
+    """The columns the engine stage reads, added to a request row. A prompt that leaves no
+    room for the snippet fails here: vLLM would cut the sample short at max_model_len."""
+    prompt = [int(i) for i in request["prompt_ids"]]
+    if len(prompt) + params["max_tokens"] > max_model_len:
+        raise ConfigError(
+            f"the prompt of {request['token']!r} is {len(prompt)} ids, and with {params['max_tokens']} generated "
+            f"ids it does not fit the vLLM engines' max_model_len of {max_model_len}: set generation.max_model_len "
+            f"to at least {len(prompt) + params['max_tokens']}")
+    return {"tokenized_prompt": prompt, "sampling_params": params}
 
 
 def vllm_sample(row: dict, stop: Sequence[int], min_new_tokens: int) -> dict:
@@ -67,8 +120,20 @@ def vllm_sample(row: dict, stop: Sequence[int], min_new_tokens: int) -> dict:
     return raw_sample(row, cut_at_eos(row["generated_tokens"], stop), min_new_tokens)
 
 
-def engine_kwargs(source: GeneratedDataSource) -> dict:
+def engine_settings(snippet_len: int) -> dict:
+    """vLLM engine arguments sized for snippets of `snippet_len` generated ids."""
+    max_model_len = snippet_len + PROMPT_IDS
+    sequences = max(1, min(MAX_SEQUENCES, KV_TOKENS // max_model_len))
+    return {"max_model_len": max_model_len, "max_num_seqs": sequences,
+            "max_num_batched_tokens": sequences * STEP_IDS_PER_SEQUENCE}
+
+
+def engine_kwargs(source: GeneratedDataSource, snippet_len: int) -> dict:
+    """The engines' arguments: the source's settings over engine_settings, its
+    `max_model_len` and `engine_kwargs` over those. Each engine adds its own seed
+    (on_engine_node), in place of any given here."""
     kwargs = {
+        **engine_settings(snippet_len),
         "tensor_parallel_size": source.tensor_parallel_size,
         "dtype": source.dtype,
         "gpu_memory_utilization": source.gpu_memory_utilization,
@@ -76,6 +141,30 @@ def engine_kwargs(source: GeneratedDataSource) -> dict:
     if source.max_model_len is not None:
         kwargs["max_model_len"] = source.max_model_len
     return {**kwargs, **source.engine_kwargs}
+
+
+def processor_batch_size(source: GeneratedDataSource, max_num_seqs: int) -> int:
+    """Rows per call of the engine stage: enough that the engine's BATCHES_IN_FLIGHT calls
+    hold twice the sequences it decodes at once (Ray warns below once), so it stays full
+    while each batch's last sequences finish; `source.batch_size` if larger."""
+    return max(source.batch_size, math.ceil(2 * max_num_seqs / BATCHES_IN_FLIGHT))
+
+
+def processor_config(model_path: str, source: GeneratedDataSource, replicas: int, snippet_len: int):
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    kwargs = engine_kwargs(source, snippet_len)
+    return vLLMEngineProcessorConfig(
+        model_source=str(model_path),  # the user's name: each engine resolves it on its node
+        engine_kwargs=kwargs,
+        concurrency=(replicas, replicas),  # a fixed pool: an int would be an autoscaling 1..n
+        batch_size=processor_batch_size(source, int(kwargs["max_num_seqs"])),
+        max_concurrent_batches=BATCHES_IN_FLIGHT,
+        accelerator_type=source.accelerator_type,
+        chat_template_stage=False,  # prompts are token ids already
+        tokenize_stage=False,
+        detokenize_stage=False,  # snippets are ids; text is never needed
+    )
 
 
 def engine_replicas(source: GeneratedDataSource) -> int:
@@ -95,34 +184,26 @@ def engine_replicas(source: GeneratedDataSource) -> int:
     return replicas
 
 
-def processor_config(model_path: str, source: GeneratedDataSource, replicas: int):
-    from ray.data.llm import vLLMEngineProcessorConfig
-
-    return vLLMEngineProcessorConfig(
-        model_source=str(model_path),  # the user's name: each engine resolves it on its node
-        engine_kwargs=engine_kwargs(source),
-        concurrency=(replicas, replicas),  # a fixed pool: an int would be an autoscaling 1..n
-        batch_size=source.batch_size,
-        accelerator_type=source.accelerator_type,
-        chat_template_stage=False,  # prompts are token ids already
-        tokenize_stage=False,
-        detokenize_stage=False,  # snippets are ids; text is never needed
-    )
+def engine_seed() -> int:
+    """A fresh seed for one engine start; below 2**32, as numpy's global seed must be."""
+    return secrets.randbits(32)
 
 
 def on_engine_node(engine_udf: type) -> type:
     """`engine_udf` (the processor's engine class) with its `model` resolved on the node that
-    constructs it, before the engine loads it."""
+    constructs it and a seed of its own (engine_seed), before the engine loads the model."""
 
     class NodeModelEngine(engine_udf):
-        def __init__(self, *args, model: str, **kwargs):
-            super().__init__(*args, model=engine_model_path(model), **kwargs)
+        def __init__(self, *args, model: str, engine_kwargs: dict, **kwargs):
+            seeded = {**engine_kwargs, "seed": engine_seed()}  # a copy: Ray Data keys the actor by its kwargs
+            log.info("vLLM engine seed %d", seeded["seed"])
+            super().__init__(*args, model=engine_model_path(model), engine_kwargs=seeded, **kwargs)
 
     NodeModelEngine.__name__ = NodeModelEngine.__qualname__ = engine_udf.__name__  # Ray Data names the operator so
     return NodeModelEngine
 
 
-def resolve_model_on_engine_nodes(processor) -> None:
+def prepare_engines_on_their_nodes(processor) -> None:
     try:
         stage = processor.get_stage_by_name(ENGINE_STAGE)
     except (AttributeError, ValueError) as e:
@@ -153,13 +234,15 @@ def vllm_stage(model_path: str, source: GeneratedDataSource, snippet_len: int, s
     except ImportError as e:
         raise BackendUnavailableError(f"ray.data.llm does not import ({e}): {GPU_EXTRA_HINT}") from e
 
+    config = processor_config(model_path, source, replicas, snippet_len)
     with _quiet_driver_config_lookup():
         processor = build_processor(
-            processor_config(model_path, source, replicas),
-            preprocess=partial(vllm_request, params=sampling_params(source, snippet_len, stop)),
+            config,
+            preprocess=partial(vllm_request, params=sampling_params(source, snippet_len, stop),
+                               max_model_len=int(config.engine_kwargs["max_model_len"])),
             postprocess=partial(vllm_sample, stop=list(stop), min_new_tokens=source.min_new_tokens),
         )
-    resolve_model_on_engine_nodes(processor)
+    prepare_engines_on_their_nodes(processor)
 
     def apply(requests: "ray.data.Dataset") -> "ray.data.Dataset":
         return processor(requests).map_batches(
