@@ -201,17 +201,20 @@ GENERATION_BACKENDS = ("auto", "vllm", "transformers")
 class GeneratedDataSource:
     """Snippets written by the model itself, starting from each new token's phrase."""
 
+    # seeds each sample of the transformers backend (the same snippets whatever the
+    # batching); vLLM engines draw a fresh seed each (data/generation/vllm_backend.py)
     seed: int = 42
     # --- tokdist-ray additions ---
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k cut, plain sampling
-    batch_size: int = 64  # prompts per batch: one CPU decode batch, or one vLLM processor batch
+    batch_size: int = 64  # prompts per CPU decode batch; for vLLM a floor, raised to keep the engines full
     min_new_tokens: int = 8  # shorter samples (cut early at EOS) are dropped and counted; capped at snippet_len
     refill_rounds: int = 2  # extra rounds that replace dropped samples
     # Ray backends: spare samples per token in a pass, as a share of the samples it asks for,
     # so that the refill rounds settle without another pass (each pass starts the engines or
-    # actors again). The snippets do not depend on it; 0 runs one pass per round.
+    # actors again). The transformers backend's snippets do not depend on it; 0 runs one
+    # pass per round.
     overgenerate: float = 0.1
     # "auto": vLLM when it is installed and the cluster has GPUs, else transformers on CPU actors.
     # The in-process API path treats "auto" as "transformers" on the model it already holds.
@@ -223,7 +226,7 @@ class GeneratedDataSource:
     dtype: str = "auto"  # weights dtype of the vLLM engines and of the CPU actors
     # vLLM engine settings
     tensor_parallel_size: int = 1  # GPUs per replica
-    max_model_len: int | None = None  # None: the model's own limit
+    max_model_len: int | None = None  # None: snippet_len + 64, room for BOS and the phrase
     gpu_memory_utilization: float = 0.9
     accelerator_type: str | None = None  # e.g. "H100": pin replicas to one GPU type
     engine_kwargs: dict = field(default_factory=dict)  # any further vllm.EngineArgs
