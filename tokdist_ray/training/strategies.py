@@ -16,11 +16,21 @@ import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed
 
 from tokdist_ray.config import check_deepspeed_overrides
+from tokdist_ray.training.checkpoint import (
+    MOMENTS,
+    cpu_copies,
+    join_optimizer_state,
+    read_slices,
+    slice_of,
+    split_optimizer_state,
+    write_slice,
+)
 from tokdist_ray.training.sparse_exchange import sparse_rows_hook
 from tokdist_ray.training.step import TokenDistiller, truncated_decoder
 
@@ -78,20 +88,29 @@ class DataParallel(Local):
     def all_reduce(self, tensor: torch.Tensor) -> None:
         torch.distributed.all_reduce(tensor)
 
-    def save(self, directory: Path, rank: int) -> None:
-        if rank == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-            torch.save(
-                {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()},
-                directory / "optimizer.pt",
-            )
+    def save(self, directory: Path, rank: int, world: int) -> Callable[[], None]:
+        """Copies, now, of this rank's share of the optimizer state; returned, the writer of its
+        files (for any thread). Every rank holds the whole state under DDP, so each writes a
+        slice of the per-row moments, and rank 0 the small rest (step counts, hyperparameters
+        and the schedule's state) to optimizer.pt."""
+        moments, rest = split_optimizer_state(self.optimizer.state_dict())
+        share = cpu_copies(slice_of(moments, rank, world))  # AdamW updates its moments in place
+        small = {"optimizer": rest, "schedule": copy.deepcopy(self.schedule.state_dict())} if rank == 0 else None
+
+        def write() -> None:
+            write_slice(directory, MOMENTS, share, rank, world)
+            if small is not None:
+                torch.save(small, directory / "optimizer.pt")
+
+        return write
 
     @torch.no_grad()
     def load(self, directory: Path, rows: dict[str, torch.Tensor]) -> None:
+        """The rows and the optimizer state, its moments joined from every rank's slices."""
         for name, value in rows.items():
             getattr(self.distiller.rows, name).copy_(value)
         state = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(join_optimizer_state(state["optimizer"], read_slices(directory, MOMENTS)))
         self.schedule.load_state_dict(state["schedule"])
 
 
@@ -145,9 +164,11 @@ class DeepSpeedZero:
             rows[name] = (full if full is not None else param.data).detach().float().cpu().clone()
         return rows
 
-    def save(self, directory: Path, rank: int) -> None:
-        # collective: every rank writes its own optimizer shard; the frozen model is left out
+    def save(self, directory: Path, rank: int, world: int) -> Callable[[], None]:
+        # collective: every rank writes its own optimizer shard, now, as DeepSpeed reads its
+        # live partitioned state; the frozen model is left out
         self.engine.save_checkpoint(str(directory), tag=self._TAG, exclude_frozen_parameters=True)
+        return lambda: None  # nothing left for the background thread
 
     def load(self, directory: Path, rows: dict[str, torch.Tensor]) -> None:
         path, _ = self.engine.load_checkpoint(str(directory), tag=self._TAG, load_module_strict=False)

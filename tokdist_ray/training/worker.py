@@ -1,7 +1,8 @@
 """A Ray Train worker (TorchTrainer's train_loop_per_worker): reads the snippets, builds
 its strategy, runs the training loop (loop.py) on its slice of every global batch, and
 saves checkpoints to Ray's storage every `checkpoint_every` steps or `checkpoint_every_s`
-seconds and at the end, from which a restarted worker group continues. With fit text, the
+seconds and at the end (each rank its share, written in the background: checkpoint.py),
+from which a restarted worker group continues. With fit text, the
 workers then fit the new output rows on it (output_fit.py). Rank 0 exports
 the expanded model and writes report.json.
 """
@@ -9,8 +10,8 @@ the expanded model and writes report.json.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as torch_dist
@@ -20,7 +21,7 @@ from tokdist_ray.errors import TooFewSnippetsError
 from tokdist_ray.raycluster import node_id
 from tokdist_ray.report import expansion_report
 from tokdist_ray.stages import save_model
-from tokdist_ray.training.checkpoint import Progress, checkpoint_name, read_checkpoint, write_checkpoint
+from tokdist_ray.training.checkpoint import Checkpointer, Progress, checkpoint_name, read_checkpoint
 from tokdist_ray.training.loop import SnippetIds, train_loop
 from tokdist_ray.training.output_fit import NOT_FITTED, fit_on_text
 from tokdist_ray.training.rows import initial_rows
@@ -59,12 +60,15 @@ def train_worker(config: dict) -> None:
     # Ray gets metrics with each checkpoint only: every ray.train.report waits until the
     # controller (polling every few seconds) took the previous one, so a report per log
     # interval would stall fast steps. Progress lines and the loss curve need no Ray.
-    progress, final_rows = train_loop(
-        parallel, SnippetIds(snippets.ids, aligner), schedule, cfg, progress, rank=rank, world=world,
-        checkpoint_every=plan.checkpoint_every, checkpoint_every_s=plan.checkpoint_every_s, after_step=plan.after_step,
-        save_checkpoint=lambda progress, rows, metrics, last: _save_checkpoint(parallel, plan, progress, rows, rank,
-                                                                               metrics, last),
-    )
+    checkpoints = Checkpointer(parallel, rank, world, _report, in_background=plan.checkpoint_upload == "async")
+    try:
+        progress, final_rows = train_loop(
+            parallel, SnippetIds(snippets.ids, aligner), schedule, cfg, progress, rank=rank, world=world,
+            checkpoint_every=plan.checkpoint_every, checkpoint_every_s=plan.checkpoint_every_s,
+            after_step=_polling(checkpoints, plan.after_step), save_checkpoint=checkpoints.save,
+        )
+    finally:
+        checkpoints.close()
     trained, fit = final_rows if final_rows is not None else rows, None
     if plan.output_fit is not None:
         model = parallel.distiller.model
@@ -143,24 +147,26 @@ def weights_held_share(model) -> float:
     return held / full
 
 
-def _save_checkpoint(parallel, plan, progress: Progress, rows: dict[str, torch.Tensor], rank: int, report: dict,
-                     last: bool) -> None:
-    """Write this rank's part of the checkpoint and hand it to Ray Train, which uploads it
-    to storage: in the background under checkpoint_upload "async" (Ray deletes the local
-    copy once uploaded), while training waits for the last one, which the export follows."""
+def _polling(checkpoints: Checkpointer, after_step: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
+    """The loop's after_step: publish a checkpoint written in the background, then the plan's hook."""
+    def after(step: int, rank: int) -> None:
+        checkpoints.poll()
+        if after_step is not None:
+            after_step(step, rank)
+
+    return after
+
+
+def _report(directory: Path, step: int, metrics: dict, wait: bool) -> None:
+    """Hand this rank's written part of a checkpoint to Ray Train, which merges every rank's
+    files into one directory in storage and deletes the local copy once uploaded: while
+    training goes on, or, with `wait`, before it does (the last one, which the export
+    follows). Every rank calls it at the same step (Checkpointer): a barrier in Ray Train."""
     import ray.train
 
-    directory = Path(tempfile.mkdtemp(prefix="tokdist-ckpt-"))
-    write_checkpoint(directory, parallel, progress, rows, rank)
-    size = torch.tensor(float(sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())), device=parallel.device)
-    parallel.all_reduce(size)
-    background = plan.checkpoint_upload == "async" and not last
-    if rank == 0:
-        log.info("checkpoint at step %d: %.1f MB%s", progress.step, size.item() / 1e6,
-                 ", uploading in the background" if background else "")
-    mode = ray.train.CheckpointUploadMode.ASYNC if background else ray.train.CheckpointUploadMode.SYNC
-    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                     checkpoint_dir_name=checkpoint_name(progress.step), checkpoint_upload_mode=mode,
+    mode = ray.train.CheckpointUploadMode.SYNC if wait else ray.train.CheckpointUploadMode.ASYNC
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                     checkpoint_dir_name=checkpoint_name(step), checkpoint_upload_mode=mode,
                      delete_local_checkpoint_after_upload=True)
 
 
