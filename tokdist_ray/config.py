@@ -338,8 +338,8 @@ class DistributedConfig:
     (default 3). Checkpoints go to `storage_path` (local path or URI such as
     s3://bucket/dir; default: `<out_dir>.checkpoints` next to the output) under
     `run_name` every `checkpoint_every` steps and/or `checkpoint_every_s` seconds, and at
-    the end; `checkpoint_upload="async"` uploads them while training goes on (the last one
-    is always waited for). `resume=True` continues that run from its latest checkpoint.
+    the end, each worker writing its slice of the rows; `checkpoint_upload="async"` writes
+    and uploads them while training goes on (the last one is always waited for). `resume=True` continues that run from its latest checkpoint.
     """
 
     num_workers: int = 1
@@ -348,7 +348,7 @@ class DistributedConfig:
     zero_stage: int | None = None
     checkpoint_every: int = 100  # steps; 0: only at the end
     checkpoint_every_s: float | None = None  # also once this many seconds passed since the last one
-    checkpoint_upload: str = "async"  # "async": training goes on while Ray uploads; "sync": it waits
+    checkpoint_upload: str = "async"  # "async": training goes on while it is written and uploaded; "sync": it waits
     storage_path: str | None = None
     storage_filesystem: pyarrow.fs.FileSystem | None = None
     run_name: str = "distill"
