@@ -28,7 +28,8 @@ from tokdist_ray.job.checks import check_job
 from tokdist_ray.job.config import GGUF_OPTIONS, JobConfig, config_dict
 from tokdist_ray.job.inputs import content_digest, corpus_files, heldout_files, model_files
 from tokdist_ray.job.lock import RunDirLock
-from tokdist_ray.raycluster import connect
+from tokdist_ray.job.shared_run_dir import check_run_dir_shared
+from tokdist_ray.raycluster import connect, joins_cluster
 from tokdist_ray.report import read_report, write_report
 from tokdist_ray.stages import collect_snippets, expand_tokens, fit_text, split_by_snippets
 from tokdist_ray.training.run_manifest import NOT_IN_RUN_IDENTITY
@@ -334,6 +335,9 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     start = time.perf_counter()
     keys = stage_keys(config, settings)
+    if joins_cluster():  # before any work: a node-local run_dir would fail stages later
+        connect()
+        check_run_dir_shared(run_dir)
 
     if config.tokens.from_corpus:
         connect()  # pre-token counts run on Ray Data

@@ -8,6 +8,7 @@ single-process loop nor an exact resume position.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -33,7 +34,9 @@ class SnippetSet:
 def parquet_files(fs: pyarrow.fs.FileSystem, root: str) -> list[str]:
     info = fs.get_file_info(root)
     if info.type == pyarrow.fs.FileType.NotFound:
-        raise CorpusNotFoundError(f"snippets path {root!r} does not exist; run the snippets stage first or fix the path")
+        raise CorpusNotFoundError(
+            f"snippets path {root!r} does not exist on {socket.gethostname()}; run the snippets stage first or fix "
+            "the path (on a cluster, run_dir must be on a filesystem every node mounts at the same path)")
     if info.type == pyarrow.fs.FileType.File:
         return [root]
     found = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
