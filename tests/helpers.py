@@ -1,6 +1,8 @@
 """Small builders shared by the engine tests (tiny models only)."""
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from transformers import AutoTokenizer
 
 from tokdist_ray.config import EvalConfig
@@ -86,3 +88,19 @@ def tiny_evaluation(model_dir, heldout_dir, **settings) -> Evaluation:
                 "generation_steps": 0} | settings
     return Evaluation(str(model_dir), expansion, rows, EvalConfig(heldout_paths=[str(heldout_dir)], **settings), [],
                       snippet_len=24)
+
+
+def in_gloo_ranks(world: int, directory, job, *args) -> list:
+    """`job(rank, *args)` in `world` processes of one gloo group (no Ray): what each rank
+    returned, in rank order. `job` must be a module-level function (it is pickled)."""
+    mp.spawn(_rank_main, args=(world, str(directory), job, args), nprocs=world)
+    return [torch.load(f"{directory}/result{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def _rank_main(rank: int, world: int, directory: str, job, args) -> None:
+    torch.set_num_threads(1)  # several processes on a shared machine
+    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world)
+    try:
+        torch.save(job(rank, *args), f"{directory}/result{rank}.pt")
+    finally:
+        dist.destroy_process_group()

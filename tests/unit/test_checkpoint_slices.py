@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
 
-from tests.helpers import tiny_setup
+from tests.helpers import in_gloo_ranks, tiny_setup
 from tokdist_ray.config import DistillationConfig
 from tokdist_ray.training import checkpoint, strategies
 from tokdist_ray.training.checkpoint import (
@@ -82,21 +81,6 @@ def test_an_incomplete_or_mixed_checkpoint_fails_in_one_line(tmp_path):
 
 
 # ---------------------------------------------------------- DDP on gloo processes
-def _in_ranks(world: int, directory: Path, job, *args) -> list[dict]:
-    """`job(rank, *args)` in `world` gloo processes: what each rank returned."""
-    mp.spawn(_rank_main, args=(world, str(directory), job, args), nprocs=world)
-    return [torch.load(directory / f"result{rank}.pt", weights_only=False) for rank in range(world)]
-
-
-def _rank_main(rank: int, world: int, directory: str, job, args) -> None:
-    torch.set_num_threads(1)  # several processes on a shared machine
-    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world)
-    try:
-        torch.save(job(rank, *args), f"{directory}/result{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 class _Rows(nn.Module):
     def __init__(self, seed: int):
         super().__init__()
@@ -153,7 +137,7 @@ def _read_and_step(rank: int, directory: str) -> dict:
 
 
 def test_each_rank_writes_its_share_and_another_world_size_resumes_bit_for_bit(tmp_path):
-    writers = _in_ranks(2, tmp_path, _train_and_write, str(tmp_path))
+    writers = in_gloo_ranks(2, tmp_path, _train_and_write, str(tmp_path))
     written = writers[0]["written"]
     assert_same_bits(writers[1]["written"], written)  # DDP: the same state on every rank
     moments = {f"{param}.{key}": value for param, state in written["optimizer"]["state"].items()
@@ -174,7 +158,7 @@ def test_each_rank_writes_its_share_and_another_world_size_resumes_bit_for_bit(t
     for rank in range(2):
         shutil.copytree(tmp_path / f"rank{rank}", merged, dirs_exist_ok=True)
     (tmp_path / "readers").mkdir()
-    readers = _in_ranks(3, tmp_path / "readers", _read_and_step, str(merged))
+    readers = in_gloo_ranks(3, tmp_path / "readers", _read_and_step, str(merged))
     for reader in readers:
         assert reader["step"] == STEPS
         assert_same_bits(reader["loaded"], written)

@@ -7,11 +7,10 @@ import contextlib
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tests.helpers import tiny_setup
+from tests.helpers import in_gloo_ranks, tiny_setup
 from tokdist_ray.config import NEW_TOKEN_OUTPUT_LOSS
 from tokdist_ray.training.batching import collate
 from tokdist_ray.training.output_fit import FitPositions, position_losses
@@ -19,21 +18,6 @@ from tokdist_ray.training.sparse_exchange import sparse_rows_hook, touched_rows
 from tokdist_ray.training.strategies import DataParallel
 
 WORLD = 2
-
-
-def _run_ranks(directory, job, *args) -> list[dict]:
-    """`job(rank, *args)` in WORLD gloo processes: what each rank returned."""
-    mp.spawn(_rank_main, args=(str(directory), job, args), nprocs=WORLD)
-    return [torch.load(directory / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
-
-
-def _rank_main(rank: int, directory: str, job, args) -> None:
-    torch.set_num_threads(1)  # two processes on a shared machine
-    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=WORLD)
-    try:
-        torch.save(job(rank, *args), f"{directory}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
@@ -103,7 +87,7 @@ def _exchange_chosen(rank: int) -> dict:
 
 @pytest.fixture(scope="module")
 def chosen(tmp_path_factory):
-    return _run_ranks(tmp_path_factory.mktemp("chosen"), _exchange_chosen)
+    return in_gloo_ranks(WORLD, tmp_path_factory.mktemp("chosen"), _exchange_chosen)
 
 
 def test_sparse_exchange_equals_the_dense_all_reduce_bit_for_bit(chosen):
@@ -166,7 +150,7 @@ def _distiller_gradients(rank: int, model_dirs: dict[bool, str]) -> dict:
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory, tiny_model_dir):
     model_dirs = {tied: str(tiny_model_dir(tied=tied)) for tied in (True, False)}
-    return _run_ranks(tmp_path_factory.mktemp("distilled"), _distiller_gradients, model_dirs)
+    return in_gloo_ranks(WORLD, tmp_path_factory.mktemp("distilled"), _distiller_gradients, model_dirs)
 
 
 @pytest.mark.parametrize("case", CASES)
