@@ -31,9 +31,12 @@ LOCAL_RUN = textwrap.dedent("""
     node = ray._private.worker._global_node
     worker_tmp = ray.get(ray.remote(lambda: os.environ["TMPDIR"]).remote())
     # the state API inside a worker (Ray Train's placement-group cleaner uses it) finds this
-    # instance although another one runs on the machine
-    actors = ray.get(ray.remote(lambda: len(ray.util.state.list_actors(raise_on_missing_output=False))).remote())
-    assert "RAY_API_SERVER_ADDRESS" not in os.environ and actors >= 0
+    # instance, with its actors, although another one runs on the machine
+    marker = ray.remote(type("Marker", (), {})).options(name="tokdist-marker").remote()
+    ray.get(marker.__ray_ready__.remote())
+    names = ray.get(ray.remote(lambda: [a.name for a in ray.util.state.list_actors(raise_on_missing_output=False)])
+                    .remote())
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ and "tokdist-marker" in names, names
     me = psutil.Process()  # every process of the instance descends from this one
     listening = [[c.laddr.ip, c.laddr.port] for p in [me, *me.children(recursive=True)]
                  for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
