@@ -209,12 +209,6 @@ def _remove_local_instance(root: str) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def cluster_cpus() -> int:
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
 def node_id() -> str:
     """The Ray node this process runs on ("local" outside Ray): reports say where work ran."""
     import ray

@@ -8,10 +8,10 @@
 
 Pipeline: read the corpus (corpus_dataset) -> SnippetMiner actors, the expanded tokenizer
 and one TokenScanner each, built once (`ActorPoolStrategy`, one CPU each, as many as the
-cluster has CPUs; local files are read inside them) -> the driver takes each token's
-first `snippets_per_token` distinct windows in stream order (a window counts toward the
-quota of every new token it holds: QuotaLedger) and stops reading once every token has
-them.
+cluster's CPU nodes hold once it has grown: tokdist_ray.capacity; local files are read
+inside them) -> the driver takes each token's first `snippets_per_token` distinct windows
+in stream order (a window counts toward the quota of every new token it holds:
+QuotaLedger) and stops reading once every token has them.
 
 Determinism: the stream order is fixed by the seed (corpus_dataset) and kept
 (`preserve_order`); a miner passes on, per batch and token, its first
@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tokdist_ray.capacity import cluster_capacity, wait_for_nodes
 from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.data.budget import Quota, quota_key, quota_of, quotas_by_index
 from tokdist_ray.data.files import compressed, file_kind, resolve_files
@@ -52,7 +53,7 @@ from tokdist_ray.data.quota import QuotaLedger
 from tokdist_ray.data.ray_corpus import MINER_CPUS, corpus_blocks, corpus_dataset
 from tokdist_ray.data.snippets import MiningStats
 from tokdist_ray.errors import NoNewTokensError, user_errors_from_ray
-from tokdist_ray.raycluster import cluster_cpus, connect
+from tokdist_ray.raycluster import connect
 from tokdist_ray.storage import location
 
 if TYPE_CHECKING:  # mining actors import this module: keep transformers out of them
@@ -238,6 +239,15 @@ def _mine_on_ray(source, spec, expansion, snippet_len, quota, seed, files, ledge
         board.close()
 
 
+def _miners(num_workers: int | None) -> int:
+    """`num_workers`, or a miner per CPU the cluster's CPU nodes have once it has grown; waits
+    until the first of them has a node (an autoscaling cluster starts with none)."""
+    capacity = cluster_capacity()
+    workers = num_workers or capacity.cpu_workers(MINER_CPUS)
+    wait_for_nodes("mining", {"CPU": MINER_CPUS}, workers, capacity)
+    return workers
+
+
 class _OwnBoard:
     """In process the miner needs no board: it drops tokens it has filled itself."""
 
@@ -284,7 +294,8 @@ def mine_corpus(
     mapping token -> snippets says: data.budget) from `source` on the
     running Ray cluster (a local one is started if none is), written to
     `out_dir/mining-<key>/snippets/` in SNIPPET_SCHEMA, in the ids of the expanded
-    tokenizer (`expansion.tokenizer`, a fast HF tokenizer). `num_workers` defaults to the cluster's CPUs. `top_up`:
+    tokenizer (`expansion.tokenizer`, a fast HF tokenizer). `num_workers` defaults to the CPUs
+    of the cluster's CPU nodes, counted at the most its autoscaler can launch. `top_up`:
     generated snippets will fill tokens left short (only changes what the log says).
     `count_bystanders`: a snippet counts toward every new token it holds (QuotaLedger).
     `in_process`: mine in this process, without Ray (a small run, where starting Ray
@@ -310,7 +321,7 @@ def mine_corpus(
         mine = _mine_in_process
     else:
         connect()
-        work, mine = MinerWork(workers=num_workers or cluster_cpus()), _mine_on_ray
+        work, mine = MinerWork(workers=_miners(num_workers)), _mine_on_ray
     stats = mine(source, spec, expansion, snippet_len, snippets_per_token, seed, files, ledger, work)
     stats.require_text(source.text_column)
     stats.counts = ledger.counts()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tokdist_ray.capacity import Capacity, cluster_capacity, wait_for_nodes
 from tokdist_ray.config import SNIPPET_SEED, EvalConfig, FileDataSource
 from tokdist_ray.console import quiet_worker, worker_env
 from tokdist_ray.data.corpus import documents
@@ -57,9 +58,10 @@ def evaluate_export(evaluation: Evaluation, out_dir: Path) -> dict:
     (teacher ids) and by the expanded one with each method's rows; eval.json, eval.md and
     the plots written to `out_dir` here, from the workers' results.
 
-    The workers run where models run: on a Ray cluster with GPUs, one task per GPU
-    (`shards.worker_count`), each loading the model once, the snippets and chunks split
-    between them (`shards.part`); without GPUs one task on the CPUs of the largest node.
+    The workers run where models run: on a Ray cluster with GPUs (up, or node types its
+    autoscaler can launch: tokdist_ray.capacity), one task per GPU (`shards.worker_count`),
+    each loading the model once, the snippets and chunks split between them (`shards.part`);
+    without GPUs one task on the CPUs of the largest node.
     This process loads no weights. Without Ray, one worker here."""
     parts = _on_ray(evaluation) if ray_is_running() else [score_part(evaluation)]
     return _write(merge(parts, evaluation.expansion.new_start), evaluation.loss_curve, out_dir)
@@ -68,9 +70,11 @@ def evaluate_export(evaluation: Evaluation, out_dir: Path) -> dict:
 def _on_ray(evaluation: Evaluation) -> list[dict]:
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    capacity = cluster_capacity()  # GPUs an autoscaler can launch count too: a cluster may start with none up
+    gpus = capacity.gpu_replicas()
     count = worker_count(evaluation.settings, len(evaluation.expansion.tokens), gpus)
-    resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": _cpus_per_worker(count)}
+    resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": _cpus_per_worker(count, capacity)}
+    wait_for_nodes("evaluation", {"GPU": 1, "CPU": 1} if gpus else {"CPU": resources["num_cpus"]}, count, capacity)
     log.info("evaluation: %d worker(s), each %s", count, resources)
     task = ray.remote(_part_task).options(**resources, scheduling_strategy="SPREAD",
                                           runtime_env={"env_vars": worker_env()})
@@ -84,14 +88,13 @@ def _on_ray(evaluation: Evaluation) -> list[dict]:
         raise
 
 
-def _cpus_per_worker(count: int) -> int:
+def _cpus_per_worker(count: int, capacity: Capacity) -> int:
     import ray
 
-    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-    # no more than is free: CPUs an actor still holds (a pool another stage left alive)
-    # would otherwise keep the tasks waiting forever
-    free = ray.available_resources().get("CPU", 1)
-    return max(1, int(min(max(nodes, default=1), free)) // count)  # torch in the task uses as many threads
+    # no more than is free or a node the autoscaler launches has: CPUs an actor still holds
+    # (a pool another stage left alive) would otherwise keep the tasks waiting forever
+    free = max(ray.available_resources().get("CPU", 1), capacity.largest_launchable_cpu_node())
+    return max(1, int(min(capacity.largest_cpu_node(), free)) // count)  # torch in the task uses as many threads
 
 
 def _part_task(evaluation: Evaluation, index: int, count: int) -> dict:

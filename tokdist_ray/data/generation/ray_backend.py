@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from tokdist_ray.capacity import Capacity, cluster_capacity, wait_for_nodes
 from tokdist_ray.config import GeneratedDataSource
 from tokdist_ray.data.generation.model_source import engine_model_path, generation_config
 from tokdist_ray.data.generation.requests import (
@@ -67,10 +68,12 @@ def vllm_installed() -> bool:
 
 
 def cluster_has_gpus() -> bool:
+    """Whether the cluster has GPU nodes or its autoscaler can launch them (an autoscaling
+    cluster starts with none up); without Ray, whether this machine has a GPU."""
     import ray
 
     if ray.is_initialized():
-        return ray.cluster_resources().get("GPU", 0) > 0
+        return cluster_capacity().gpu_replicas() > 0
     import torch
 
     return torch.cuda.is_available()
@@ -280,12 +283,6 @@ def snippet_counts(snippets: "ray.data.Dataset") -> Counter:
     return counts
 
 
-def cluster_cpus() -> int:
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
 def run_passes(stage: Callable, ledger: RoundLedger, tokens: dict[int, NewToken], prefix: list[int],
                source: GeneratedDataSource, workers: int) -> list:
     """Generate until the ledger settles; each pass's samples stay in the object store."""
@@ -310,14 +307,39 @@ def run_passes(stage: Callable, ledger: RoundLedger, tokens: dict[int, NewToken]
 
 def generation_stage(backend: str, model_path: str, source: GeneratedDataSource, snippet_len: int,
                      stop: list[int]) -> tuple[Callable, int]:
-    """(requests -> samples, the number of engines or actors)."""
+    """(requests -> samples, the number of engines or actors), once the first of them has a node."""
     if backend == "vllm":
-        from tokdist_ray.data.generation.vllm_backend import engine_replicas, vllm_stage
+        from tokdist_ray.data.generation.vllm_backend import vllm_stage
 
-        replicas = engine_replicas(source)
+        capacity = cluster_capacity()
+        replicas = vllm_replicas(source, capacity)
+        # with no GPU up or to launch there is nothing to wait for: the engines go where the
+        # processor config places them
+        if capacity.gpu_replicas(source.tensor_parallel_size, source.accelerator_type):
+            wait_for_nodes("generation (vLLM)", replica_bundle(source), replicas, capacity)
         return vllm_stage(model_path, source, snippet_len, stop, replicas), replicas
     actors = source.concurrency or 1  # actors resolve the model themselves: a bundled one materialises on each node
+    wait_for_nodes("generation (transformers)", {"CPU": source.num_cpus_per_actor}, actors,
+                   setting="generation.num_cpus_per_actor")
     return transformers_stage(model_path, source, snippet_len, stop, actors), actors
+
+
+def replica_bundle(source: GeneratedDataSource) -> dict[str, float]:
+    """What one vLLM replica needs of one node: its GPUs, of `accelerator_type` if set."""
+    pinned = {f"accelerator_type:{source.accelerator_type}": 0.001} if source.accelerator_type else {}
+    return {"GPU": source.tensor_parallel_size, **pinned}
+
+
+def vllm_replicas(source: GeneratedDataSource, capacity: Capacity) -> int:
+    """`source.concurrency`, or as many replicas as the cluster's GPU nodes hold once its
+    autoscaler has launched all it can: per node, its GPUs (of `accelerator_type`, if set)
+    divided by `tensor_parallel_size`; at least 1."""
+    if source.concurrency is not None:
+        return int(source.concurrency)
+    replicas = max(1, capacity.gpu_replicas(source.tensor_parallel_size, source.accelerator_type))
+    log.info("vLLM: %d engine replica(s) of %d GPU(s) each (generation.concurrency sets another number)",
+             replicas, source.tensor_parallel_size)
+    return replicas
 
 
 def settled(passes: list, expansion, snippet_len: int, cuts: dict[int, list[int]], ranks: dict[int, int],
@@ -332,7 +354,7 @@ def settled(passes: list, expansion, snippet_len: int, cuts: dict[int, list[int]
         SnippetSettler, batch_format="pyarrow", batch_size=max(batch_size, 256),
         fn_constructor_kwargs={"tokenizer": expansion.tokenizer, "new_start": expansion.new_start,
                                "snippet_len": snippet_len, "cuts": cuts, "ranks": ranks},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cluster_cpus()),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cluster_capacity().cpu_workers(1)),
     ).materialize()
 
 
@@ -350,8 +372,8 @@ def generate_snippets_on_ray(
     per-token counts. `snippets_per_token` may be a dict token -> count (a top-up).
 
     The backend follows `source.backend`: vLLM replicas (`concurrency` of them, by default
-    one per `tensor_parallel_size` GPUs) through ray.data.llm, or a pool of `concurrency`
-    CPU actors running the transformers sampling loop."""
+    one per `tensor_parallel_size` GPUs the cluster has or can launch) through ray.data.llm,
+    or a pool of `concurrency` CPU actors running the transformers sampling loop."""
     import ray
 
     from tokdist_ray.raycluster import connect
