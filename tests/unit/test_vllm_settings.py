@@ -132,20 +132,17 @@ def test_our_engine_class_leaves_the_stages_resources_as_ray_derived_them():
     assert stage.map_batches_kwargs == {"num_cpus": 0.5}
 
 
-def test_vllm_replicas_default_to_the_cluster_gpus_per_replica(monkeypatch):
-    import ray
+def test_vllm_replicas_default_to_the_cluster_gpus_per_replica():
+    from tokdist_ray.capacity import Capacity
+    from tokdist_ray.data.generation.ray_backend import vllm_replicas
 
-    nodes = [{"Alive": True, "Resources": {"CPU": 16, "GPU": 4, "accelerator_type:L40S": 1}},
-             {"Alive": True, "Resources": {"CPU": 16, "GPU": 3, "accelerator_type:A100": 1}},
-             {"Alive": False, "Resources": {"GPU": 8}}, {"Alive": True, "Resources": {"CPU": 32}}]
-    monkeypatch.setattr(ray, "nodes", lambda: nodes)
-    replicas = vllm_backend.engine_replicas
-    assert replicas(GeneratedDataSource()) == 7
-    assert replicas(GeneratedDataSource(tensor_parallel_size=2)) == 2 + 1  # a replica's GPUs sit on one node
-    assert replicas(GeneratedDataSource(accelerator_type="L40S")) == 4
-    assert replicas(GeneratedDataSource(concurrency=2)) == 2
-    monkeypatch.setattr(ray, "nodes", lambda: nodes[3:])
-    assert replicas(GeneratedDataSource()) == 1
+    nodes = Capacity(nodes=({"CPU": 16, "GPU": 4, "accelerator_type:L40S": 1},
+                            {"CPU": 16, "GPU": 3, "accelerator_type:A100": 1}, {"CPU": 32}))
+    assert vllm_replicas(GeneratedDataSource(), nodes) == 7
+    assert vllm_replicas(GeneratedDataSource(tensor_parallel_size=2), nodes) == 2 + 1  # a replica's GPUs: one node
+    assert vllm_replicas(GeneratedDataSource(accelerator_type="L40S"), nodes) == 4
+    assert vllm_replicas(GeneratedDataSource(concurrency=2), nodes) == 2
+    assert vllm_replicas(GeneratedDataSource(), Capacity(nodes=({"CPU": 32},))) == 1
 
 
 # --- model names ---------------------------------------------------------------------------

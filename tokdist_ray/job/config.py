@@ -84,7 +84,8 @@ class DataConfig:
     revision: str | None = None
     max_docs: int | None = None
     top_up_with_generation: bool = False  # fill tokens the corpus leaves short
-    num_workers: int | None = None  # mining actors; default: the cluster's CPUs
+    # mining actors; default: the CPUs of the nodes up, or of the CPU node types an autoscaler can launch
+    num_workers: int | None = None
 
     def __post_init__(self) -> None:
         self.paths = corpus_paths("paths", self.paths)

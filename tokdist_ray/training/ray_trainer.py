@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import pyarrow.fs
 
+from tokdist_ray.capacity import cluster_capacity, wait_for_nodes
 from tokdist_ray.config import (
     DistillationConfig,
     DistributedConfig,
@@ -147,7 +148,7 @@ def distill_distributed(
     plan = dataclasses.replace(plan, not_distilled=tuple(not_distilled), snippets_report=snippets_report or {},
                                gguf=gguf, output_fit=output_fit if fit_text else None, fit_text=tuple(fit_text))
     connect()
-    _warn_if_unplaceable(dist)
+    _wait_for_workers(dist)
     strategy, zero_stage = choose_strategy(dist, plan.model_path, training, len(plan.tokens), snippet_len + 1,
                                            plan.output_emb_policy)
     plan = dataclasses.replace(plan, strategy=strategy, zero_stage=zero_stage)
@@ -188,17 +189,17 @@ def distill_distributed(
     return DistributedResult(out, out / ROWS, out / "report.json", checkpoint, read_report(out / "report.json"))
 
 
-def _warn_if_unplaceable(dist: DistributedConfig) -> None:
-    """A cluster that lacks the workers' resources makes Ray Train wait, perhaps for an
-    autoscaler; say so once, in our words. (A local run was checked before it started.)"""
-    import ray
-
-    have = ray.cluster_resources()
-    need = {"CPU": dist.num_workers * dist.cpus_per_worker, **({"GPU": dist.num_workers} if dist.use_gpu else {})}
-    short = [f"{have.get(k, 0):g} of the {v:g} {k}s" for k, v in need.items() if have.get(k, 0) < v]
-    if short:
-        log.warning("the cluster has %s that %d workers need; Ray Train waits until it has them (an autoscaler "
-                    "may add nodes): lower distributed.num_workers if it cannot grow", ", ".join(short), dist.num_workers)
+def _wait_for_workers(dist: DistributedConfig) -> None:
+    """Ray Train waits for its workers' resources for ever: ask an autoscaler for them here,
+    refuse in one line what no node type holds, and say so once when the cluster, grown as
+    far as it can, holds fewer workers than asked for. (A local run was checked before.)"""
+    bundle = {"CPU": dist.cpus_per_worker, **({"GPU": 1} if dist.use_gpu else {})}
+    capacity = cluster_capacity()
+    wait_for_nodes("distillation", bundle, dist.num_workers, capacity, setting="distributed.cpus_per_worker")
+    room = capacity.gpu_replicas() if dist.use_gpu else capacity.cpu_workers(dist.cpus_per_worker)
+    if room < dist.num_workers:
+        log.warning("the cluster holds %d of the %d distillation workers of %s, even grown as far as it can; Ray Train "
+                    "waits for them: lower distributed.num_workers", room, dist.num_workers, bundle)
 
 
 def _fit(trainer):

@@ -174,23 +174,6 @@ def processor_config(model_source: str, source: GeneratedDataSource, replicas: i
     )
 
 
-def engine_replicas(source: GeneratedDataSource) -> int:
-    """`source.concurrency`, or as many replicas as the cluster's nodes hold: per node, its
-    GPUs (of `accelerator_type`, if set) divided by `tensor_parallel_size`; at least 1. An
-    autoscaling cluster whose GPU nodes are not up yet counts none: set concurrency there."""
-    if source.concurrency is not None:
-        return int(source.concurrency)
-    import ray
-
-    wanted = f"accelerator_type:{source.accelerator_type}" if source.accelerator_type else None
-    per_node = [int(node["Resources"].get("GPU", 0)) // source.tensor_parallel_size
-                for node in ray.nodes() if node.get("Alive") and (wanted is None or wanted in node["Resources"])]
-    replicas = max(1, sum(per_node))
-    log.info("vLLM: %d engine replica(s) of %d GPU(s) each (generation.concurrency sets another number)",
-             replicas, source.tensor_parallel_size)
-    return replicas
-
-
 def engine_seed() -> int:
     """A fresh seed for one engine start; below 2**32, as numpy's global seed must be."""
     return secrets.randbits(32)
