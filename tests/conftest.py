@@ -34,6 +34,7 @@ Layout and markers
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -276,10 +277,15 @@ def ray_session():
         ray.shutdown()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free now: their sockets are held open together while chosen (one
+    by one, the system may hand out the same port twice, and `ray start` refuses a port named
+    for two of its processes)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 @pytest.fixture
@@ -292,7 +298,7 @@ def ray_head():
     Started with --block in its own process group, so teardown stops exactly this head
     (`ray stop` would stop every Ray instance on the machine, the suite's shared one too).
     """
-    port, dash, agent, grpc, metrics, runtime_env = (_free_port() for _ in range(6))
+    port, dash, agent, grpc, metrics, runtime_env = free_ports(6)
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
     # this interpreter's bin first: CI calls .venv/bin/python without activating the venv
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])

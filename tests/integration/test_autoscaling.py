@@ -14,16 +14,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_ports
 from tests.helpers import SENTENCES, WORDS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -34,12 +34,6 @@ NODE_TYPES = {
     "cpu": {"resources": CPU_NODE, "node_config": {}, "min_workers": 0, "max_workers": 2},
     "gpu": {"resources": GPU_NODE, "node_config": {}, "min_workers": 0, "max_workers": 1},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(gcs_address: str) -> dict:
@@ -63,49 +57,69 @@ def _config(gcs_address: str) -> dict:
 def autoscaling_cluster():
     """An empty autoscaling cluster (a head with 0 CPUs); yields its GCS address and the
     environment its drivers run in."""
-    import ray
-
     temp = tempfile.mkdtemp(prefix="as", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port = _free_port()
-    address = f"{ray._private.services.get_node_ip_address()}:{port}"
-    config = os.path.join(temp, "autoscaling.json")
-    with open(config, "w") as f:
-        json.dump(_config(address), f)
     env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", HF_HUB_OFFLINE="1",
                RAY_AUTH_MODE="disabled",  # its drivers need no token
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
     env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--num-cpus=0",
-         f"--autoscaling-config={config}", f"--temp-dir={temp}", "--disable-usage-stats",
-         # a dashboard, as a cloud head has: Ray Train's placement-group cleaner asks its state API
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
-         # own ports: the defaults may be held by another head on the machine
-         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"],
-        env=dict(env, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0"), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    head, address = None, None
     try:
-        _wait_for_head(head, temp)
+        head, address = _start_head(temp, env)
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        if head is not None:
+            os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
         _kill_left(temp)  # worker nodes the autoscaler started, should any outlive the head
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _wait_for_head(head: subprocess.Popen, temp: str) -> None:
-    """Until `ray start` writes the head's address, which it does once the head is up."""
-    deadline = time.monotonic() + 120
+def _start_head(temp: str, env: dict) -> tuple[subprocess.Popen, str]:
+    """The head, with the fake provider's config: (its process, its GCS address). Its ports
+    are probed free just before it binds them, and another process may take one first: it is
+    started again once, on other ports."""
+    import ray
+
+    for attempt in range(2):
+        port, dashboard, agent, agent_grpc, metrics, runtime_env = free_ports(6)
+        address = f"{ray._private.services.get_node_ip_address()}:{port}"
+        config = os.path.join(temp, "autoscaling.json")
+        with open(config, "w") as f:
+            json.dump(_config(address), f)
+        log = os.path.join(temp, f"head-{attempt}.log")
+        with open(log, "w") as out:
+            head = subprocess.Popen(
+                [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+                 "--num-cpus=0", f"--autoscaling-config={config}", f"--temp-dir={temp}", "--disable-usage-stats",
+                 # a dashboard, as a cloud head has: Ray Train's placement-group cleaner asks its state API
+                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                 # own ports: the defaults may be held by another head on the machine
+                 f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                 f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}"],
+                env=dict(env, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0"), stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        if _head_up(head, temp):
+            return head, address
+        _kill_left(temp)  # what the failed start left
+    raise RuntimeError("the autoscaling cluster's head did not come up: " + Path(log).read_text()[-3000:])
+
+
+def _head_up(head: subprocess.Popen, temp: str) -> bool:
+    """Whether the head came up (`ray start` writes its address once it is), False if it
+    exited first."""
+    deadline = time.monotonic() + 180
     while not os.path.exists(os.path.join(temp, "ray_current_cluster")):
-        if head.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the autoscaling cluster's head did not come up")
+        if head.poll() is not None:
+            return False
+        if time.monotonic() > deadline:
+            os.killpg(head.pid, signal.SIGKILL)
+            raise RuntimeError("the autoscaling cluster's head did not come up in 180 s")
         time.sleep(0.5)
+    return True
 
 
 def _kill_left(temp: str) -> None:

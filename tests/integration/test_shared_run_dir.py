@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO_ROOT, _free_port
+from tests.conftest import REPO_ROOT, free_ports
 from tests.helpers import tiny_job_args
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -26,11 +26,13 @@ sys.exit(main(["run", *json.loads(sys.argv[1])]))
 """
 
 
-def _node_ports() -> list[str]:
+NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+              "metrics-export-port", "runtime-env-agent-port")
+
+
+def _node_ports(ports: list[int]) -> list[str]:
     """Ports of its own for every Ray process of a node: two nodes share this machine."""
-    names = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-             "metrics-export-port", "runtime-env-agent-port")
-    return [f"--{name}={_free_port()}" for name in names]
+    return [f"--{name}={port}" for name, port in zip(NODE_PORTS, ports, strict=True)]
 
 
 def _start(command: list[str], env: dict) -> subprocess.Popen:
@@ -65,12 +67,14 @@ def test_a_run_dir_one_node_cannot_see_is_one_line_before_any_work(tiny_model_di
     path = os.pathsep.join([str(REPO_ROOT), os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "RAY_AUTH_MODE": "disabled", "PATH": path, "PYTHONPATH": str(REPO_ROOT)}
-    port, temp = _free_port(), tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths
+    port, *ports = free_ports(1 + 2 * len(NODE_PORTS))
+    temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths
     address = f"127.0.0.1:{port}"
     head = _start([*RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                   f"--temp-dir={temp}", "--disable-usage-stats", *_node_ports()], env)
+                   f"--temp-dir={temp}", "--disable-usage-stats", *_node_ports(ports[:len(NODE_PORTS)])], env)
     # the second node sees an empty tmpfs where the runs are: its own storage, not the driver's
-    blind_node = " ".join([*RAY, "start", f"--address={address}", "--block", "--num-cpus=1", *_node_ports()])
+    blind_node = " ".join([*RAY, "start", f"--address={address}", "--block", "--num-cpus=1",
+                           *_node_ports(ports[len(NODE_PORTS):])])
     node = _start(["unshare", "-m", "--propagation", "private", "sh", "-c",
                    f"mount -t tmpfs none {runs} && exec {blind_node}"], env)
     try:
