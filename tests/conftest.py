@@ -201,8 +201,9 @@ def smollm2_dir() -> Path:
 def docs_corpus() -> Path:
     """Root of the Python 3.11 docs' reStructuredText sources (about 500 .rst.txt files, 11 MB)."""
     if not DOCS_SOURCES.is_dir() or not any(DOCS_SOURCES.rglob("*.txt")):  # a failure: a skip would pass green
-        pytest.fail(f"English corpus missing: {DOCS_SOURCES} not found; install it with "
-                    "`apt-get install python3.11-doc` (scripts/install.sh does)", pytrace=False)
+        pytest.fail(f"English corpus missing: {DOCS_SOURCES} not found (Debian package python3.11-doc); install it "
+                    "with `apt-get install -y --no-install-recommends python3.11-doc`, or run `bash scripts/install.sh`, "
+                    "which installs it with the French manuals", pytrace=False)
     return DOCS_SOURCES
 
 
@@ -262,7 +263,10 @@ def ray_starts(monkeypatch) -> list:
 def ray_session():
     """One local Ray instance for the session. `address="local"` always starts a fresh one, so a
     stale /tmp/ray/ray_current_cluster or a RAY_ADDRESS in the environment cannot hijack tests."""
-    ray = pytest.importorskip("ray")
+    try:  # a dependency: missing, it must fail every Ray test, not skip them green
+        import ray
+    except ImportError as e:
+        pytest.fail(f"Ray does not import ({e}); install the package with `bash scripts/install.sh`", pytrace=False)
     # Workers do not inherit the driver's sys.path; the package is not necessarily installed.
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     context = ray.init(

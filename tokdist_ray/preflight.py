@@ -6,6 +6,10 @@ a run writes and their free space, whether the model's files are whole and wheth
 needs remote code, the target layer against the model's depth, and a local run's workers
 against this machine's CPUs. The API and the job call the same checks before they mine,
 start Ray or load weights.
+
+Layering (pyproject.toml's import-linter contract): preflight sits below training, data and
+the export, above vocab, since training calls it; it imports only vocab and the base
+modules, so it names the files it looks for itself.
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ from pathlib import Path
 from tokdist_ray.errors import ConfigError
 
 GGUF_BYTES = {"f16": 2, "bf16": 2, "f32": 4}  # per weight, of output.gguf_dtype
+# The Hugging Face format's weight files (transformers' SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME)
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# The file only a finished export has (training.checkpoint.ROWS, the export's atomic_directory
+# marker); tests/unit/test_layering.py checks that the two names agree
+EXPORT_MARKER = "new_rows.safetensors"
 
 
 def check_writable_dir(key: str, path: str | os.PathLike) -> None:
@@ -88,8 +98,6 @@ def _json_object(path: Path) -> dict:
 def model_shards(directory: Path) -> list[Path]:
     """A local model's safetensors files: its index's, or model.safetensors; none for a
     checkpoint in another format."""
-    from tokdist_ray.vocab.streamed_export import INDEX, SINGLE
-
     if not (directory / INDEX).is_file():
         return [directory / SINGLE] if (directory / SINGLE).is_file() else []
     weight_map = _json_object(directory / INDEX).get("weight_map")
@@ -137,12 +145,10 @@ def check_export_space(key: str, out_dir: str | os.PathLike, model: str, gguf_dt
     grow it), and with GGUF its weights once more in `gguf_dtype`. A full disk found now
     costs nothing; found after training, it lost the run. Not checked over an earlier
     export: a rerun may reuse it, writing nothing, which only the stages know."""
-    from tokdist_ray.training.checkpoint import ROWS
-
     directory = _local_model_dir(model)
     shards = model_shards(directory) if directory is not None else []
     out = Path(out_dir).expanduser()
-    if not shards or (out / ROWS).is_file():
+    if not shards or (out / EXPORT_MARKER).is_file():
         return
     tensors = [entry for shard in shards for entry in safetensors_tensors(shard)]
     needed = sum(s.stat().st_size for s in shards) + max(map(_data_bytes, tensors), default=0)

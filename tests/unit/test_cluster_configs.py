@@ -153,8 +153,16 @@ BROKEN = {
         ClusterConfigError,
         r"gpu_trainers \(.*\) declares resources \{\}",
     ),
-    "GPU type without GPU": (drop_gpu, ClusterConfigError, r"gpu_trainers .* declares resources"),
-    "CPU count off": (set_resources("cpu_miners", {"CPU": 1}), ClusterConfigError, r"cpu_miners .* declares"),
+    "GPU type without GPU": (
+        drop_gpu,
+        ClusterConfigError,
+        r"gpu_trainers \([^)]*\) declares resources \{(?![^}]*'GPU')[^}]*\}; the machine offers \{.*'GPU': 4",
+    ),
+    "CPU count off": (
+        set_resources("cpu_miners", {"CPU": 1}),
+        ClusterConfigError,
+        r"cpu_miners \([^)]*\) declares resources \{'CPU': 1\}; the machine offers \{'CPU': (32|44),",
+    ),
     "misspelt machine type key": (misspell_machine_key, ClusterConfigError, r"cpu_miners: machine type None"),
     "no shared mount": (drop_mount, ClusterConfigError, r"head: no initialization command mounts"),
     "container without the mount": (drop_container_mount, ClusterConfigError, r"container does not see"),

@@ -19,7 +19,8 @@ newer to remove its batch dependence too); its snippets differ from the CPU back
 whose kernels differ.
 
 Modules:
-  requests      requests, rounds in process, stats, the columnar settling, shared by every backend
+  requests      requests, rounds in process, stats, the columnar settling, the Ray backends'
+                raw samples: shared by every backend
   rounds        the round ledger: which samples each token keeps, settled in passes
   sampling      the CPU sampling loop
   local         generate_snippets(model, expansion, ...): in-process, on the model the API holds
@@ -27,5 +28,7 @@ Modules:
   ray_backend   generate_snippets_on_ray(model_path, ...): Ray Data stages, transformers on a
                 CPU actor pool or vLLM via ray.data.llm (vllm_backend); the snippets stay on
                 the cluster and are written from there (or brought back: generate_snippet_table)
+  vllm_backend  the vLLM stage (ray.data.llm); it imports no other backend (pyproject.toml's
+                import-linter contract keeps these modules in layers, without cycles)
 """
 

@@ -33,6 +33,8 @@ from tokdist_ray.data.generation.requests import (
     GPU_EXTRA_HINT,
     GenerationStats,
     fitted,
+    raw_sample,
+    raw_table,
     sample_seed,
     settled_snippets,
     stop_ids,
@@ -49,16 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tokdist_ray")
 
-# What an engine or actor returns per request: short samples (cut at EOS before
-# min_new_tokens) keep no ids, only their flag, which the round ledger needs.
-RAW_SAMPLE_SCHEMA = pa.schema([
-    ("token", pa.string()),
-    ("token_index", pa.int32()),
-    ("sample_index", pa.int32()),
-    ("phrase_start", pa.int32()),
-    ("input_ids", pa.list_(pa.int32())),  # [BOS] + phrase + continuation, original ids
-    ("short", pa.bool_()),
-])
 ORDER = ["round", "rank", "sample_index"]  # the snippets' order; rank: the token's (prompt length, index) place
 ORDER_SCHEMA = pa.schema([("round", pa.int32()), ("rank", pa.int32()), ("sample_index", pa.int32())])
 
@@ -93,20 +85,7 @@ def resolve_backend(requested: str) -> str:
     return "vllm" if vllm_installed() and cluster_has_gpus() else "transformers"
 
 
-# ------------------------------------------------------------------ requests and samples
-def raw_sample(request: dict, continuation: Sequence[int], min_new_tokens: int) -> dict:
-    """A request and its continuation as a RAW_SAMPLE_SCHEMA row."""
-    short = len(continuation) < min_new_tokens
-    return {"token": request["token"], "token_index": int(request["token_index"]),
-            "sample_index": int(request["sample_index"]), "phrase_start": int(request["phrase_start"]),
-            "input_ids": [] if short else [int(i) for i in request["prompt_ids"]] + [int(i) for i in continuation],
-            "short": short}
-
-
-def raw_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=RAW_SAMPLE_SCHEMA)
-
-
+# ------------------------------------------------------------------ requests
 def request_chunks(tokens: dict[int, NewToken], ranges: dict[int, tuple[int, int]], prefix: list[int],
                    chunk: int) -> list[dict]:
     """One item per at most `chunk` samples of one token, by prompt length then token index

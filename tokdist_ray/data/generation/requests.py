@@ -34,6 +34,17 @@ SAMPLE_SCHEMA = pa.schema(
         ("source", pa.string()),
     ]
 )
+# What an engine or actor returns per request, on the Ray backends (the CPU actors of
+# ray_backend, the vLLM engines of vllm_backend): short samples (cut at EOS before
+# min_new_tokens) keep no ids, only their flag, which the round ledger needs.
+RAW_SAMPLE_SCHEMA = pa.schema([
+    ("token", pa.string()),
+    ("token_index", pa.int32()),
+    ("sample_index", pa.int32()),
+    ("phrase_start", pa.int32()),
+    ("input_ids", pa.list_(pa.int32())),  # [BOS] + phrase + continuation, original ids
+    ("short", pa.bool_()),
+])
 
 
 @dataclass
@@ -118,6 +129,19 @@ def sample_row(sample: dict, min_new_tokens: int) -> dict | None:
 def sample_table(samples: Iterable[dict], min_new_tokens: int) -> pa.Table:
     rows = [row for s in samples if (row := sample_row(s, min_new_tokens)) is not None]
     return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+
+
+def raw_sample(request: dict, continuation: Sequence[int], min_new_tokens: int) -> dict:
+    """A request and its continuation as a RAW_SAMPLE_SCHEMA row."""
+    short = len(continuation) < min_new_tokens
+    return {"token": request["token"], "token_index": int(request["token_index"]),
+            "sample_index": int(request["sample_index"]), "phrase_start": int(request["phrase_start"]),
+            "input_ids": [] if short else [int(i) for i in request["prompt_ids"]] + [int(i) for i in continuation],
+            "short": short}
+
+
+def raw_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=RAW_SAMPLE_SCHEMA)
 
 
 def settled_snippets(samples: pa.Table, tokenizer, new_start: int, snippet_len: int) -> pa.Table:

@@ -65,8 +65,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from tokdist_ray.config import GeneratedDataSource
 from tokdist_ray.data.generation.model_source import engine_model_path, ray_model_source
-from tokdist_ray.data.generation.ray_backend import RAW_SAMPLE_SCHEMA, raw_sample
-from tokdist_ray.data.generation.requests import GPU_EXTRA_HINT, cut_at_eos
+from tokdist_ray.data.generation.requests import GPU_EXTRA_HINT, RAW_SAMPLE_SCHEMA, cut_at_eos, raw_sample
 from tokdist_ray.errors import BackendUnavailableError, ConfigError
 
 if TYPE_CHECKING:
@@ -120,7 +119,7 @@ def vllm_request(request: dict, params: dict, max_model_len: int) -> dict:
 
 
 def vllm_sample(row: dict, stop: Sequence[int], min_new_tokens: int) -> dict:
-    """A request row back as a sample (ray_backend.RAW_SAMPLE_SCHEMA): the generated ids up
+    """A request row back as a sample (requests.RAW_SAMPLE_SCHEMA): the generated ids up
     to the first stop id (vLLM may keep the stop id itself in `generated_tokens`)."""
     return raw_sample(row, cut_at_eos(row["generated_tokens"], stop), min_new_tokens)
 
@@ -222,7 +221,7 @@ def _quiet_driver_config_lookup():
 
 def vllm_stage(model_path: str, source: GeneratedDataSource, snippet_len: int, stop: Sequence[int],
                replicas: int) -> Callable[["ray.data.Dataset"], "ray.data.Dataset"]:
-    """requests -> samples (ray_backend.RAW_SAMPLE_SCHEMA), short ones flagged."""
+    """requests -> samples (requests.RAW_SAMPLE_SCHEMA), short ones flagged."""
     try:
         from ray.data.llm import build_processor
     except ImportError as e:
