@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -49,8 +48,10 @@ from tokdist_ray.raycluster import ray_is_running
 from tokdist_ray.report import expansion_report
 from tokdist_ray.stages import check_out_dir, collect_snippets, expand_tokens, fit_text, save_model, split_by_snippets
 from tokdist_ray.training.batching import align_snippets
+from tokdist_ray.training.distilled_rows import DistilledRows, FittedRows, positions_per_token, training_record
+from tokdist_ray.training.fit_hook import OutputFit
 from tokdist_ray.training.loop import train_local
-from tokdist_ray.training.output_fit import NOT_FITTED, fit_on_text
+from tokdist_ray.training.output_fit import NOT_FITTED
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.step import TokenDistiller, bf16_supported
 from tokdist_ray.vocab.alignment import PieceAligner
@@ -155,24 +156,23 @@ class TokenDistillation:
         distilled, not_distilled = split_by_snippets(expansion.tokens, snippets.counts, min_snippets_per_token,
                                                      pre_init_strategy)
         kept = snippets.table.filter(pc.is_in(snippets.table["token"], pa.array([t.text for t in distilled], pa.string())))
-        snippet_ids = kept["input_ids"].to_pylist()
         with _timed(timings, "distill"):
-            rows, history = self._distill(expansion, snippet_ids, output_emb_policy, pre_init_strategy, training)
+            trained = self._distill(expansion, kept, output_emb_policy, pre_init_strategy, training)
         texts = fit_text(None if isinstance(data, GeneratedDataSource) else data, output_fit, snippets.report)
-        fit = None
+        fitted = FittedRows(trained.rows, dict(NOT_FITTED))
         if texts:
             with _timed(timings, "output_fit"):
-                rows, fit = fit_on_text(self.model, rows, expansion.new_start, expansion.tokenizer, texts, output_fit,
-                                        training.seed, training.mixed_precision)
+                fitted = OutputFit(output_fit, tuple(texts))(self.model, trained.rows, expansion, training)
+        rows = fitted.rows
         model = expand_model(self.model, expansion.new_start, rows["input"], rows.get("output"))
         report = expansion_report(
-            self.model_path, expansion, snippet_ids, Counter(kept["token"].to_pylist()), history,
+            self.model_path, expansion, trained.record,
             settings={"snippet_len": snippet_len, "snippets_per_token": snippets_per_token, "snippet_seed": snippet_seed,
                       "output_emb_policy": output_emb_policy.value, "pre_init_strategy": pre_init_strategy,
                       "training": dict(vars(training))},
             not_distilled=not_distilled, snippets={"source": type(data).__name__, **snippets.report}, timings_s=timings,
+            output_fit=fitted.summary,
         )
-        report["output_fit"] = fit if fit is not None else dict(NOT_FITTED)
         self._last = _LastRun(expansion, rows, report, snippet_len, training.target_layer, snippet_seed)
         if save:
             with _timed(timings, "export"):
@@ -246,19 +246,23 @@ class TokenDistillation:
 
         return generate
 
-    def _distill(self, expansion: MergeExpansion, snippet_ids: list[list[int]], policy: OutputEmbeddingInit,
-                 strategy: str, training: DistillationConfig) -> tuple[dict[str, torch.Tensor], object]:
+    def _distill(self, expansion: MergeExpansion, snippets: pa.Table, policy: OutputEmbeddingInit,
+                 strategy: str, training: DistillationConfig) -> DistilledRows:
         tokens, new_start = expansion.tokens, expansion.new_start
+        snippet_ids = snippets["input_ids"].combine_chunks()
         rows = initial_rows(self.model, [t.phrase_ids for t in tokens], policy, strategy, training.untie_word_embeddings)
         distiller = TokenDistiller.from_config(self.model, rows, new_start, training).to(self.device)
-        examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), snippet_ids)
+        examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), snippet_ids.to_pylist())
         log.info(
             "distilling %d tokens on %d snippets (%s, bf16 %s)", len(tokens), len(examples), self.device,
             "on" if training.mixed_precision and bf16_supported(self.device) else "off",
         )
         history = train_local(distiller, examples, training)
         trained = {"input": rows.input, **({"output": rows.output} if rows.output is not None else {})}
-        return {name: row.detach() for name, row in trained.items()}, history
+        counts = pc.value_counts(snippets["token"]).to_pylist()
+        record = training_record(history.as_dict(), {c["values"]: c["counts"] for c in counts},
+                                 positions_per_token(snippet_ids, new_start, len(tokens)))
+        return DistilledRows({name: row.detach() for name, row in trained.items()}, record)
 
 
 @dataclass

@@ -3,27 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
+from typing import Sequence
 
 from tokdist_ray.atomic import atomic_write_text
-
-
-def positions_per_token(snippets: Iterable[Sequence[int]] | pa.ListArray, new_start: int, n_new: int) -> list[int]:
-    """How often each new id occurs in the training snippets: the student positions that
-    train its row in one epoch (an intermediate or a frequent token also occurs in other
-    tokens' snippets, so this can far exceed its snippet count). Snippets as lists or as
-    one Arrow list array."""
-    if isinstance(snippets, pa.ListArray):
-        ids = pc.list_flatten(snippets).to_numpy()
-        return np.bincount(ids[ids >= new_start] - new_start, minlength=n_new)[:n_new].tolist()
-    counts = Counter(i for ids in snippets for i in ids if i >= new_start)
-    return [counts.get(new_start + k, 0) for k in range(n_new)]
 
 
 def tokens_added(tokens: Sequence, new_start: int, snippet_counts: dict[str, int],
@@ -46,25 +29,26 @@ def public_model_name(model: str) -> str:
     return path.name
 
 
-def expansion_report(model: str, expansion, snippet_ids: Sequence[Sequence[int]], snippet_counts: dict[str, int],
-                     history, settings: dict, not_distilled: list[dict], snippets: dict, **sections) -> dict:
+def expansion_report(model: str, expansion, record: dict, settings: dict, not_distilled: list[dict], snippets: dict,
+                     **sections) -> dict:
     """report.json of an expanded model, the API's and the job's alike: its new tokens with
-    ids, snippet counts and the positions that trained them, the training history, the
-    settings, the tokenizer, the tokens skipped or not distilled, the snippets report
-    (without local paths), then any further sections (timings, distributed...)."""
+    ids, snippet counts and the positions that trained them, the training history
+    (`record`: training.distilled_rows.training_record), the settings, the tokenizer, the
+    tokens skipped or not distilled, the snippets report (without local paths), then where
+    training ran, when it ran on Ray, and any further sections (output_fit, timings...)."""
     from tokdist_ray.vocab.expansion_files import expansion_summary
 
     tokens, new_start = expansion.tokens, expansion.new_start
     return {
         "model": public_model_name(model),
-        "tokens_added": tokens_added(tokens, new_start, snippet_counts,
-                                     positions_per_token(snippet_ids, new_start, len(tokens))),
-        "training": history.as_dict(),
+        "tokens_added": tokens_added(tokens, new_start, record["snippet_counts"], record["positions_per_token"]),
+        "training": record["training"],
         "settings": settings,
         "tokenizer": expansion_summary(expansion),
         "tokens_skipped": expansion.skipped,
         "tokens_not_distilled": not_distilled,
         "snippets": without_paths(snippets),
+        **({"distributed": record["distributed"]} if "distributed" in record else {}),
         **sections,
     }
 

@@ -1,12 +1,17 @@
 """The stages of an expansion, shared by the Python API (api.py: in process, on the model
 it holds) and the job (job/pipeline.py: on Ray, with stage fingerprints and files):
 
-    expand_tokens -> collect_snippets -> split_by_snippets -> (train) -> fit_text -> (fit the output rows)
-        -> report.expansion_report -> save_model
+    tokens     expand_tokens                          -> vocab.merges.MergeExpansion
+    snippets   collect_snippets                       -> Snippets
+    distill    split_by_snippets, then training       -> training.distilled_rows.DistilledRows
+    fit        fit_text, then training.fit_hook.OutputFit (on the distillation's workers)
+                                                      -> training.distilled_rows.FittedRows
+    export     report.expansion_report, save_model    -> the expanded model's folder
+    evaluate   eval.heldout.evaluate_export           -> eval.json, eval.md
 
-What differs between the two is passed in: how snippets are mined and generated, and
-where training runs. The rules (which tokens enter as added tokens, when a top-up runs,
-which tokens are distilled, what report.json holds) live here once.
+What differs between the two runners is passed in: how snippets are mined and generated,
+and where training runs. The rules (which tokens enter as added tokens, when a top-up
+runs, which tokens are distilled, what report.json holds) live here once.
 """
 
 from __future__ import annotations

@@ -432,7 +432,8 @@ def test_the_jobs_top_up_is_written_by_ray_data_after_the_mined_rows(tiny_model_
     the rows the driver-side path settles from the samples the engines drew."""
     from tests.helpers import tiny_job_args
     from tokdist_ray.job.config import load_config, parse_overrides
-    from tokdist_ray.job.pipeline import GENERATED_PARTS, run_job
+    from tokdist_ray.job.pipeline import run_job
+    from tokdist_ray.job.stages import GENERATED_PARTS
     from tokdist_ray.training.snippet_files import parquet_files
     from tokdist_ray.vocab.expansion_files import load_expansion
 

@@ -16,6 +16,7 @@ from tests.helpers import WORDS, tiny_job_args
 from tokdist_ray.job.config import load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parents[2]
+ALL_STAGES = ["tokens", "snippets", "distill", "fit", "export", "evaluate"]
 
 
 def test_job_stages_are_reused_and_a_lost_stage_reruns(ray_session, tiny_model_dir, job_corpus_dir, tmp_path):
@@ -36,14 +37,29 @@ def test_job_stages_are_reused_and_a_lost_stage_reruns(ray_session, tiny_model_d
     assert generation["original"]["greedy"]["decode_steps"] == generation["expanded"]["greedy"]["decode_steps"] > 0
     assert "new_token_share" in generation["expanded"]["sampled"] and "Generation from held-out prompts" in eval_md
     again = run_job(config)
-    assert again["stages_reused"] == ["tokens", "snippets", "distill", "evaluate"]
+    assert again["stages_reused"] == ALL_STAGES
     # as if the job died during distillation: its stage record never got written
     (tmp_path / "run" / "stages" / "distill.json").unlink()
     third = run_job(config)
-    # distillation reruns, resuming from its final checkpoint; identical rows keep the evaluation
-    assert third["stages_reused"] == ["tokens", "snippets", "evaluate"]
-    report = json.loads((tmp_path / "run" / "model" / "report.json").read_text())
-    assert report["distributed"]["resumed_from_steps"], "the rerun should resume from the final checkpoint"
+    # distillation reruns, resuming from its final checkpoint; identical rows keep the later stages
+    assert third["stages_reused"] == ["tokens", "snippets", "fit", "export", "evaluate"]
+    record = json.loads((tmp_path / "run" / "rows" / "training.json").read_text())
+    assert record["distributed"]["resumed_from_steps"], "the rerun should resume from the final checkpoint"
+
+    # a new output-fit setting refits the finished run's rows on its workers: no training step again
+    distilled = (tmp_path / "run" / "rows" / "distilled_rows.safetensors").read_bytes()
+    refit = run_job(load_config(None, parse_overrides(
+        tiny_job_args(model_dir, job_corpus_dir, tmp_path / "run") + ["--output_fit.max_steps", "7"])))
+    assert refit["stages_reused"] == ["tokens", "snippets", "distill"]
+    assert json.loads((tmp_path / "run" / "model" / "report.json").read_text())["output_fit"]["settings"]["max_steps"] == 7
+    assert (tmp_path / "run" / "rows" / "distilled_rows.safetensors").read_bytes() == distilled
+    # a new out_path exports again, and only that
+    moved_out = run_job(load_config(None, parse_overrides(
+        tiny_job_args(model_dir, job_corpus_dir, tmp_path / "run") + ["--output_fit.max_steps", "7", "--out_path",
+                                                                      str(tmp_path / "elsewhere")])))
+    assert moved_out["stages_reused"] == ["tokens", "snippets", "distill", "fit", "evaluate"]
+    assert (tmp_path / "elsewhere" / "new_rows.safetensors").read_bytes() == \
+        (tmp_path / "run" / "model" / "new_rows.safetensors").read_bytes()
 
     # a finished run with a new setting is a new run: no error, fresh checkpoints, new rows
     rows_before = (tmp_path / "run" / "model" / "new_rows.safetensors").read_bytes()
@@ -62,8 +78,8 @@ def test_job_stages_are_reused_and_a_lost_stage_reruns(ray_session, tiny_model_d
     shutil.rmtree(tmp_path / "run")
     moved = run_job(load_config(None, parse_overrides(
         tiny_job_args(model_dir, job_corpus_dir, copy) + ["--training.learning_rate", "5e-3"])))
-    assert moved["stages_reused"] == ["tokens", "snippets", "distill", "evaluate"]
-    assert moved["outputs"]["distill"]["model_dir"] == str(copy / "model")
+    assert moved["stages_reused"] == ALL_STAGES
+    assert moved["outputs"]["export"]["model_dir"] == str(copy / "model")
 
 
 def test_too_few_snippets_is_one_line_not_a_traceback(ray_session, tiny_model_dir, job_corpus_dir, tmp_path, capsys):
@@ -116,4 +132,4 @@ def test_ray_job_submit_produces_a_loadable_model(ray_head, ray_session, tiny_mo
     resubmitted = _submit(submit, env)
     assert resubmitted.returncode == 0, resubmitted.stderr[-3000:]
     job = json.loads((run_dir / "job.json").read_text())
-    assert job["stages_reused"] == ["tokens", "snippets", "distill", "evaluate"]
+    assert job["stages_reused"] == ALL_STAGES

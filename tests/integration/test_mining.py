@@ -521,7 +521,7 @@ def test_the_api_and_the_job_mine_the_same_snippets_with_or_without_ray(ray_sess
     from tests.helpers import SENTENCES, WORDS
     from tokdist_ray import DistillationConfig, TokenDistillation, api
     from tokdist_ray.job.config import DataConfig, JobConfig, SnippetsConfig, TokensConfig
-    from tokdist_ray.job.pipeline import _snippets_stage
+    from tokdist_ray.job.stages import gather_snippets
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -543,5 +543,5 @@ def test_the_api_and_the_job_mine_the_same_snippets_with_or_without_ray(ray_sess
 
     config = JobConfig(model=str(tiny_model_dir()), run_dir=str(tmp_path / "job"), tokens=TokensConfig(list=WORDS),
                        data=DataConfig(paths=[str(corpus)]), snippets=SnippetsConfig(snippet_len=12, snippets_per_token=2))
-    job = _snippets_stage(config.validate(), expand_with_merges(tokdist.tokenizer, WORDS), tmp_path / "job")
+    job = gather_snippets(config.validate(), expand_with_merges(tokdist.tokenizer, WORDS), tmp_path / "job")
     assert pq.read_table(job["snippets_path"]).equals(alone.table())

@@ -19,7 +19,10 @@ from tokdist_ray.config import DistillationConfig, DistributedConfig, OutputEmbe
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.snippets import snippets_to_table
 from tokdist_ray.errors import RunConflictError
+from tokdist_ray.stages import save_model
 from tokdist_ray.training.batching import align_snippets
+from tokdist_ray.training.distilled_rows import read_distilled, read_fitted
+from tokdist_ray.training.fit_hook import OutputFit
 from tokdist_ray.training.loop import train_local
 from tokdist_ray.training.ray_trainer import distill_distributed
 from tokdist_ray.training.rows import initial_rows
@@ -98,7 +101,7 @@ def run(setup, out: Path, training: DistillationConfig = TRAINING, after_step=No
     return distill_distributed(
         str(model_dir), str(snippets_dir), expansion, out, training=training,
         dist=DistributedConfig(num_workers=WORKERS, **dist), output_emb_policy=POLICY, after_step=after_step,
-        output_fit=fit, fit_text=DOCUMENTS if fit else (),
+        output_fit=OutputFit(fit, tuple(DOCUMENTS)) if fit else None,
     )
 
 
@@ -127,40 +130,42 @@ class CrashOnce:
         os._exit(1)
 
 
-def assert_matches_reference(result, reference, output_fitted: bool = False) -> None:
-    from safetensors.torch import load_file
-
+def assert_matches_reference(result, reference, setup) -> None:
     ref_rows, ref_history = reference
-    rows = load_file(result.rows_path)
+    rows = read_distilled(result.rows_dir).rows
     torch.testing.assert_close(rows["input"], ref_rows["input"], **ROWS_TOLERANCE)
-    if not output_fitted:
-        torch.testing.assert_close(rows["output"], ref_rows["output"], rtol=0, atol=0)
-    else:
-        assert not torch.equal(rows["output"], ref_rows["output"])
-    assert not torch.equal(rows["input"], initial_input_rows(result)), "training did not move the rows"
-    curve = result.report["training"]["loss_curve"]
+    torch.testing.assert_close(rows["output"], ref_rows["output"], rtol=0, atol=0)
+    if result.fitted:
+        fitted = read_fitted(result.rows_dir).rows
+        assert torch.equal(fitted["input"], rows["input"]) and not torch.equal(fitted["output"], ref_rows["output"])
+    assert not torch.equal(rows["input"], initial_input_rows(setup)), "training did not move the rows"
+    curve = result.record["training"]["loss_curve"]
     assert [p["step"] for p in curve] == [p["step"] for p in ref_history.loss_curve] == list(range(1, 9))
     torch.testing.assert_close(
         torch.tensor([p["loss"] for p in curve]), torch.tensor([p["loss"] for p in ref_history.loss_curve]),
         rtol=1e-5, atol=1e-7,
     )
-    assert result.report["training"]["snippets"] == 2 * 13
+    assert result.record["training"]["snippets"] == 2 * 13
 
 
-def initial_input_rows(result) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(result.out_dir)  # its old rows are the base model's, bit for bit
-    phrases = [t["phrase_ids"] for t in result.report["tokens_added"]]
-    return initial_rows(model, phrases, POLICY, "fvt").input.detach()
+def initial_input_rows(setup) -> torch.Tensor:
+    model_dir, expansion, _ = setup
+    return initial_rows(load_model(model_dir), [t.phrase_ids for t in expansion.tokens], POLICY, "fvt").input.detach()
 
 
-def assert_old_rows_unchanged(result, model_dir) -> None:
+def assert_exported_with_old_rows_unchanged(result, setup, out: Path) -> None:
+    """The export stage writes the run's rows after the base model's, bit for bit."""
+    model_dir, expansion, _ = setup
+    rows = (read_fitted if result.fitted else read_distilled)(result.rows_dir).rows
+    save_model(str(model_dir), expansion, rows, out, {"test": True})
     original = AutoModelForCausalLM.from_pretrained(model_dir)
-    expanded = AutoModelForCausalLM.from_pretrained(result.out_dir)
+    expanded = AutoModelForCausalLM.from_pretrained(out)
     n_old = original.get_input_embeddings().weight.shape[0]
-    assert expanded.get_input_embeddings().weight.shape[0] == n_old + len(result.report["tokens_added"])
+    assert expanded.get_input_embeddings().weight.shape[0] == n_old + len(expansion.tokens)
     assert torch.equal(expanded.get_input_embeddings().weight[:n_old], original.get_input_embeddings().weight)
     assert torch.equal(expanded.get_output_embeddings().weight[:n_old], original.get_output_embeddings().weight)
-    tokenizer = AutoTokenizer.from_pretrained(result.out_dir)
+    assert torch.equal(expanded.get_input_embeddings().weight[n_old:], rows["input"])
+    tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer(WORDS[0], add_special_tokens=False)["input_ids"] == [n_old]
 
 
@@ -183,11 +188,11 @@ def test_zero2_equals_single_process(ray_session, setup, reference, tmp_path, mo
     # a checkpoint after every step by the clock, uploaded while training goes on
     result = run(relative, tmp_path / "out", strategy="deepspeed", zero_stage=2, checkpoint_every=0,
                  checkpoint_every_s=1e-9, checkpoint_upload="async")
-    assert result.checkpoint_path.endswith(f"checkpoint_step_{result.report['training']['steps']:08d}")
-    report = result.report["distributed"]
+    assert result.checkpoint_path.endswith(f"checkpoint_step_{result.record['training']['steps']:08d}")
+    report = result.record["distributed"]
     assert (report["strategy"], report["zero_stage"], report["global_batch"], report["resumed_from_steps"]) == ("deepspeed", 2, 4, [])
-    assert_matches_reference(result, reference())
-    assert_old_rows_unchanged(result, setup[0])
+    assert_matches_reference(result, reference(), setup)
+    assert_exported_with_old_rows_unchanged(result, setup, tmp_path / "model")
 
 
 def test_zero3_replaces_a_dead_worker_and_equals_single_process(ray_session, setup, reference, tmp_path):
@@ -199,16 +204,17 @@ def test_zero3_replaces_a_dead_worker_and_equals_single_process(ray_session, set
     result = run(setup, tmp_path / "out", training, crash, fit=OutputFitConfig(max_steps=50, batch_positions=64),
                  checkpoint_every=3, checkpoint_upload="sync", max_failures=1, **ZERO3)
     assert (tmp_path / "crashed").exists()
-    report = result.report["distributed"]
+    report = result.record["distributed"]
     assert (report["strategy"], report["zero_stage"], report["resumed_from_steps"]) == ("deepspeed", 3, [3])
     # partitioned as loaded: each of the 2 workers holds about half the weights
     assert all(0.45 <= share <= 0.55 for share in report["weights_held"]), report["weights_held"]
     # steps 4-5 were redone from the checkpoint at step 3; the loss curve shows each step,
     # and so each global batch of snippets, exactly once
-    assert_matches_reference(result, reference(training), output_fitted=True)
-    assert_old_rows_unchanged(result, setup[0])
-    fit = result.report["output_fit"]
-    tokenizer = AutoTokenizer.from_pretrained(result.out_dir)
+    assert result.fitted
+    assert_matches_reference(result, reference(training), setup)
+    assert_exported_with_old_rows_unchanged(result, setup, tmp_path / "model")
+    fit = read_fitted(result.rows_dir).summary
+    tokenizer = setup[1].tokenizer
     assert fit["chunks"] == len(DOCUMENTS)  # every position of every document, over both workers
     assert fit["positions"] == sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in DOCUMENTS)
     assert fit["held_back_loss_best"] < fit["held_back_loss_start"]
@@ -221,16 +227,16 @@ def test_ddp_resumes_a_stopped_job_and_equals_single_process(ray_session, setup,
     ddp = dict(strategy="ddp", checkpoint_every=3, checkpoint_upload="sync", storage_path=storage)
     with pytest.raises(TrainingFailedError):
         run(setup, tmp_path / "out", after_step=CrashOnce(5, 0, str(tmp_path / "crashed")), **ddp)
-    assert not (tmp_path / "out" / "report.json").exists()
+    assert not (tmp_path / "out").exists()
 
     with pytest.raises(RunConflictError, match="a stopped run already exists.*resume=True"):
         run(setup, tmp_path / "out", **ddp)
     result = run(setup, tmp_path / "out", resume=True, **ddp)
-    report = result.report["distributed"]
+    report = result.record["distributed"]
     assert (report["strategy"], report["global_batch"], report["resumed_from_steps"]) == ("ddp", 4, [3])
     assert report["weights_held"] == [1.0, 1.0]
-    assert_matches_reference(result, reference())
-    assert_old_rows_unchanged(result, setup[0])
+    assert_matches_reference(result, reference(), setup)
+    assert_exported_with_old_rows_unchanged(result, setup, tmp_path / "model")
 
     zero2 = dict(strategy="deepspeed", zero_stage=2, storage_path=storage, resume=True)
     with pytest.raises(RunConflictError, match=r"settings differ from it: \[.strategy., .zero_stage.\]"):

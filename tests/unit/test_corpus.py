@@ -75,7 +75,7 @@ def test_tokens_from_corpus_read_bytes_that_are_not_utf8(tiny_tokenizer_dir, tmp
     from transformers import AutoTokenizer
 
     from tokdist_ray.job.config import DataConfig, JobConfig, TokensConfig
-    from tokdist_ray.job.pipeline import candidate_tokens
+    from tokdist_ray.job.stages import candidate_tokens
 
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"text": "A Krankenwagen at the caf\xe9, a Krankenwagen at the station."}\n')

@@ -289,32 +289,30 @@ def job_settings(*options):
     return load_config(None, parse_overrides(["--tokens.list", " a", "--data.paths", "docs", *options])), config_dict
 
 
-def test_the_job_option_reruns_the_export_of_the_same_run_and_leaves_other_runs_keys_alone():
+def test_the_job_option_exports_again_and_leaves_the_runs_keys_as_before_the_option():
     from tokdist_ray.errors import ConfigError
     from tokdist_ray.job import pipeline
 
     def keys(*options):
         config, plain = job_settings(*options)
-        return pipeline.distill_keys(plain(config), "snippets-key")
+        return pipeline.stage_keys(config, plain(config))
 
-    stage, run = keys()
     config, plain = job_settings()
     settings = plain(config)
     assert config.output.gguf is False  # off by default
     before = {k: v for k, v in settings["output"].items() if k not in ("gguf", "gguf_dtype", "gguf_pre")}
-    old_run = pipeline._key("snippets-key", {k: v for k, v in settings["training"].items()
-                                             if k not in ("log_every", "time_budget_s")},
+    old_run = pipeline._key(keys()["snippets"], {k: v for k, v in settings["training"].items()
+                                                 if k not in ("log_every", "time_budget_s")},
                             before, {k: v for k, v in settings["distributed"].items() if k not in (
                                 "resume", "max_failures", "checkpoint_every", "checkpoint_every_s",
                                 "checkpoint_upload", "keep_checkpoints")})
-    # as before the option existed (the output fit's settings follow training: the run is the same)
-    assert (stage, run) == (pipeline._key(old_run, None, None, settings["output_fit"]), old_run)
-    fitted, same = keys("--output_fit.text_bytes", "1000")
-    assert same == run and fitted != stage  # fits the finished run again
-    with_gguf, same_run = keys("--output.gguf", "true")
-    assert same_run == run and with_gguf != stage  # exports the finished run again, with its GGUF
-    assert keys("--output.gguf", "true", "--output.gguf_dtype", "bf16") not in ((stage, run), (with_gguf, run))
-    assert keys("--output.gguf_dtype", "bf16") == (stage, run)  # no GGUF asked for: nothing to redo
+    plain_keys = keys()
+    assert plain_keys["run"] == old_run  # checkpoint runs from before the option are resumed, not redone
+    with_gguf = keys("--output.gguf", "true")
+    assert [k for k in plain_keys if plain_keys[k] != with_gguf[k]] == ["export"]
+    assert keys("--output.gguf", "true", "--output.gguf_dtype", "bf16")["export"] not in (
+        plain_keys["export"], with_gguf["export"])
+    assert keys("--output.gguf_dtype", "bf16") == plain_keys  # no GGUF asked for: nothing to redo
     with pytest.raises(ConfigError, match="gguf_dtype"):
         job_settings("--output.gguf_dtype", "q4")
 

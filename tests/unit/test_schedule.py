@@ -152,7 +152,7 @@ def test_a_workers_arrow_snippets_give_the_schedule_and_counts_of_python_lists(t
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tokdist_ray.report import positions_per_token
+    from tokdist_ray.training.distilled_rows import positions_per_token
     from tokdist_ray.training.snippet_files import read_snippets
 
     rng = random.Random(0)
@@ -168,6 +168,7 @@ def test_a_workers_arrow_snippets_give_the_schedule_and_counts_of_python_lists(t
     for arrow in (snippets.ids, snippets.ids.slice(7, 50)):  # a slice's offsets start past 0
         python = arrow.to_pylist()
         assert first_new_positions(arrow, NEW_START) == first_new_positions(python, NEW_START)
-        assert positions_per_token(arrow, NEW_START, 3) == positions_per_token(python, NEW_START, 3)
+        assert positions_per_token(arrow, NEW_START, 3) == [sum(i == NEW_START + k for ids in python for i in ids)
+                                                            for k in range(3)]
     cfg = DistillationConfig(batch_size=8, seed=3)
     assert SnippetSchedule.for_run(snippets.ids, NEW_START, cfg) == SnippetSchedule.for_run(lists, NEW_START, cfg)

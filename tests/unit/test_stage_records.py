@@ -11,7 +11,8 @@ import pytest
 
 from tokdist_ray.data.mining_cache import read_cache
 from tokdist_ray.job.config import config_dict, load_config, parse_overrides
-from tokdist_ray.job.pipeline import StageLedger, stage_keys
+from tokdist_ray.job.ledger import StageLedger
+from tokdist_ray.job.pipeline import stage_keys
 from tokdist_ray.training.run_manifest import RAY_SNAPSHOT, RunDirectory
 
 STAGE_KEYS = ("tokens", "snippets", "distill", "run", "evaluate")

@@ -6,7 +6,7 @@ import json
 from transformers import AutoTokenizer
 
 from tokdist_ray.job.config import DataConfig, EvalConfig, JobConfig, TokensConfig
-from tokdist_ray.job.pipeline import _tokens_stage
+from tokdist_ray.job.stages import select_tokens
 from tokdist_ray.vocab.bpe_training import continue_bpe, pre_token_counts
 from tokdist_ray.vocab.expansion_files import load_expansion
 from tokdist_ray.vocab.merges import expand_with_merges
@@ -19,7 +19,7 @@ def test_continued_bpe_tokens_and_the_saved_tokenizer(tiny_tokenizer_dir, job_co
         tokens=TokensConfig(from_corpus=6, min_count=3), data=DataConfig(paths=[str(job_corpus_dir)]),
         eval=EvalConfig(heldout_paths=[str(job_corpus_dir)]),
     ).validate()
-    outputs = _tokens_stage(config, tokenizer, tmp_path)
+    outputs = select_tokens(config, tokenizer, tmp_path)
 
     texts = [p.read_text() for p in sorted(job_corpus_dir.iterdir())]
     learned = continue_bpe(tokenizer, pre_token_counts(tokenizer, texts), 6, min_count=3)

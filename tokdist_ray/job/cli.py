@@ -14,23 +14,25 @@ import typing
 
 from tokdist_ray.console import quiet_console
 from tokdist_ray.errors import ConfigError, TokdistError
-from tokdist_ray.job.config import REFERENCE_FLAGS, JobConfig, load_config, parse_overrides
+from tokdist_ray.job.config import REFERENCE_FLAGS, STAGES, JobConfig, load_config, parse_overrides
 
-COMMANDS = {
-    "run": ("tokens", "snippets", "distill", "evaluate"),
+COMMANDS = {  # each runs its stages in order, reusing those finished with the same inputs
+    "run": STAGES,
     "mine": ("tokens", "snippets"),
     "generate": ("tokens", "snippets"),
     "distill": ("tokens", "snippets", "distill"),
-    "export": ("tokens", "snippets", "distill"),
-    "eval": ("tokens", "snippets", "distill", "evaluate"),
+    "fit": ("tokens", "snippets", "distill", "fit"),
+    "export": ("tokens", "snippets", "distill", "fit", "export"),
+    "eval": ("tokens", "snippets", "distill", "fit", "evaluate"),
 }
 HELP = {
-    "run": "every stage: select tokens, mine/generate snippets, distill, export, evaluate",
+    "run": "every stage: select tokens, mine/generate snippets, distill, fit the output rows, export, evaluate",
     "mine": "select tokens and mine corpus snippets (data.source files|hf)",
     "generate": "select tokens and generate snippets with the model (no corpus)",
-    "distill": "everything up to the distilled, exported model",
-    "export": "same as distill: the expanded model is exported when distillation ends",
-    "eval": "evaluate the expanded model on eval.heldout_paths (runs missing stages first)",
+    "distill": "everything up to the distilled rows (run_dir/rows)",
+    "fit": "everything up to the output rows fitted on corpus text (output_fit)",
+    "export": "everything up to the expanded model written to out_path",
+    "eval": "evaluate the expanded rows on eval.heldout_paths (runs missing stages first)",
 }
 
 

@@ -1,24 +1,27 @@
 """Distributed distillation on Ray Train: the driver.
 
     expansion = expand_with_merges(load_tokenizer("bundled:smollm2"), [" Krankenwagen", ...])
-    result = distill_distributed(
-        "bundled:smollm2", "snippets/", expansion, "out/",
+    run = distill_distributed(
+        "bundled:smollm2", "snippets/", expansion, "rows/",
         training=DistillationConfig(batch_size=8),            # per worker
         dist=DistributedConfig(num_workers=4, use_gpu=True, strategy="auto", checkpoint_every=200),
     )
+    read_distilled(run.rows_dir).rows["input"]             # the new input rows
 
 The driver validates the arguments, picks the strategy (strategies.choose_strategy),
 claims the run in checkpoint storage (run_manifest), and starts a TorchTrainer whose
-workers run worker.train_worker. Rank 0 exports the expanded model and writes
-report.json; Ray's `Result.metrics` is not relied on.
+workers run worker.train_worker. Rank 0 writes the rows and their record to `rows_dir`
+(distilled_rows.py); Ray's `Result.metrics` is not relied on. The export is a stage of
+its own (stages.save_model).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,7 +32,6 @@ from tokdist_ray.config import (
     DistillationConfig,
     DistributedConfig,
     OutputEmbeddingInit,
-    OutputFitConfig,
 )
 from tokdist_ray.config import (
     output_emb_policy as checked_policy,
@@ -40,13 +42,12 @@ from tokdist_ray.config import (
 from tokdist_ray.console import worker_env
 from tokdist_ray.errors import user_error_in
 from tokdist_ray.raycluster import connect
-from tokdist_ray.report import read_report
 from tokdist_ray.storage import absolute
-from tokdist_ray.training.checkpoint import ROWS
+from tokdist_ray.training.distilled_rows import TRAINING_RECORD
+from tokdist_ray.training.fit_hook import OutputFit
 from tokdist_ray.training.run_manifest import RunDirectory, manifest
 from tokdist_ray.training.strategies import choose_strategy
 from tokdist_ray.training.worker import train_worker
-from tokdist_ray.vocab.gguf_export import GgufOptions
 from tokdist_ray.vocab.merges import MergeExpansion
 from tokdist_ray.vocab.models import resolve_model_path
 
@@ -54,12 +55,11 @@ log = logging.getLogger("tokdist_ray")
 
 
 @dataclass
-class DistributedResult:
-    out_dir: Path  # the expanded HF model directory
-    rows_path: Path  # new_rows.safetensors: "input" (and "output") rows, fp32
-    report_path: Path
+class DistilledRun:
+    rows_dir: Path  # distilled_rows.py: the rows, training.json, and the fitted rows with an output fit
+    record: dict  # training.json
+    fitted: bool  # the output fit ran on the workers: fitted_rows.safetensors, output_fit.json
     checkpoint_path: str | None  # the final checkpoint in storage
-    report: dict
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class WorkerPlan:
     snippets_filesystem: pyarrow.fs.FileSystem | None
     expansion: MergeExpansion  # every new id gets a row; shipped by value, rank 0 exports its tokenizer
     distilled: tuple[str, ...]  # the tokens whose snippets are trained on (the others keep their initial rows)
-    out_dir: str
+    rows_dir: str  # rank 0 writes the rows here (distilled_rows.py)
     training: DistillationConfig  # batch_size per worker
     num_workers: int
     use_gpu: bool
@@ -86,13 +86,7 @@ class WorkerPlan:
     output_emb_policy: OutputEmbeddingInit
     pre_init_strategy: str
     after_step: Callable[[int, int], None] | None = None
-    # report.json's tokens_not_distilled and snippets sections (stages.collect_snippets' report)
-    not_distilled: tuple[dict, ...] = ()
-    snippets_report: dict = field(default_factory=dict)
-    gguf: GgufOptions | None = None  # rank 0 also writes out_dir/model.gguf
-    # after training, the new output rows are fitted on this corpus text (output_fit.py); () : not fitted
-    output_fit: OutputFitConfig | None = None
-    fit_text: tuple[str, ...] = ()
+    output_fit: OutputFit | None = None  # run on the workers after training
 
     @property
     def tokens(self):
@@ -108,7 +102,7 @@ def distill_distributed(
     model_path: str,
     snippets_path: str,
     expansion: MergeExpansion,
-    out_dir: str | Path,
+    rows_dir: str | Path,
     training: DistillationConfig = DistillationConfig(),
     dist: DistributedConfig = DistributedConfig(),
     output_emb_policy: OutputEmbeddingInit | str = OutputEmbeddingInit.FIRST_PIECE,
@@ -117,36 +111,29 @@ def distill_distributed(
     distilled: Sequence[str] | None = None,
     snippets_filesystem: pyarrow.fs.FileSystem | None = None,
     after_step: Callable[[int, int], None] | None = None,
-    not_distilled: Sequence[dict] = (),
-    snippets_report: dict | None = None,
     snippet_len: int = 50,
-    gguf: GgufOptions | None = None,
-    output_fit: OutputFitConfig | None = None,
-    fit_text: Sequence[str] = (),
-) -> DistributedResult:
+    output_fit: OutputFit | None = None,
+) -> DistilledRun:
     """Learn the rows of the new ids of `expansion` (vocab.merges.expand_with_merges) on
     `dist.num_workers` Ray Train workers from the snippet parquet at `snippets_path`
-    (data.snippets.SNIPPET_SCHEMA, in the expanded tokenizer's ids), then export the
-    expanded model and tokenizer to `out_dir` (a path rank 0 can write: local, or a
-    shared filesystem on a cluster). Only the snippets of the `distilled` tokens (default:
-    all) are trained on; the others keep their pre-initialised rows.
+    (data.snippets.SNIPPET_SCHEMA, in the expanded tokenizer's ids); rank 0 writes them
+    with their record to `rows_dir` (a path rank 0 can write: local, or a shared
+    filesystem on a cluster). Only the snippets of the `distilled` tokens (default: all)
+    are trained on; the others keep their pre-initialised rows.
 
     `after_step(step, rank)`, if given, runs on every worker after each optimizer step
-    (custom monitoring; fault injection in tests). `not_distilled` and `snippets_report`
-    go into report.json as they are (see stages.py); `snippet_len` sizes the activations
-    `strategy="auto"` plans for; `gguf` has rank 0 write the export as a GGUF too
-    (stages.save_model). With `output_fit` and `fit_text` (corpus text), the workers fit
-    the new output rows on that text after training (output_fit.py). Uses the running Ray
-    instance, or starts a local one.
+    (custom monitoring; fault injection in tests). `snippet_len` sizes the activations
+    `strategy="auto"` plans for. With `output_fit` (fit_hook.OutputFit), the workers then
+    fit the new output rows on its text. Uses the running Ray instance, or starts a local
+    one.
     """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    plan = _plan(model_path, snippets_path, expansion, distilled, out_dir, training, dist, output_emb_policy,
+    plan = _plan(model_path, snippets_path, expansion, distilled, rows_dir, training, dist, output_emb_policy,
                  pre_init_strategy, snippets_filesystem, after_step)
-    plan = dataclasses.replace(plan, not_distilled=tuple(not_distilled), snippets_report=snippets_report or {},
-                               gguf=gguf, output_fit=output_fit if fit_text else None, fit_text=tuple(fit_text))
+    plan = dataclasses.replace(plan, output_fit=output_fit)
     connect()
     _wait_for_workers(dist)
     strategy, zero_stage = choose_strategy(dist, plan.model_path, training, len(plan.tokens), snippet_len + 1,
@@ -183,10 +170,10 @@ def distill_distributed(
         if (user_error := user_error_in(e)) is not None:
             raise user_error from None
         raise
-    out = Path(plan.out_dir)
-    run.mark_finished(str(out))
+    rows = Path(plan.rows_dir)
+    run.mark_finished(str(rows))
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    return DistributedResult(out, out / ROWS, out / "report.json", checkpoint, read_report(out / "report.json"))
+    return DistilledRun(rows, json.loads((rows / TRAINING_RECORD).read_text()), output_fit is not None, checkpoint)
 
 
 def _wait_for_workers(dist: DistributedConfig) -> None:
@@ -230,7 +217,7 @@ def _quiet_train_logs(train) -> dict:
     return {"logging_config": config(log_level="WARNING")} if config is not None else {}
 
 
-def _plan(model_path, snippets_path, expansion, distilled, out_dir, training, dist, output_emb_policy,
+def _plan(model_path, snippets_path, expansion, distilled, rows_dir, training, dist, output_emb_policy,
           pre_init_strategy, snippets_fs, after_step) -> WorkerPlan:
     """Validate the arguments up front, before any worker starts."""
     if not isinstance(training, DistillationConfig):
@@ -243,7 +230,7 @@ def _plan(model_path, snippets_path, expansion, distilled, out_dir, training, di
     distilled = tuple(texts if distilled is None else distilled)
     if not set(distilled) <= set(texts):
         raise ValueError(f"distilled tokens not in the expansion: {sorted(set(distilled) - set(texts))[:5]}")
-    out = Path(out_dir).expanduser().resolve()
+    out = Path(rows_dir).expanduser().resolve()
     storage = dist.storage_path or str(out.parent / f"{out.name}.checkpoints")
     if dist.storage_filesystem is None:
         storage = absolute(storage)
@@ -252,7 +239,7 @@ def _plan(model_path, snippets_path, expansion, distilled, out_dir, training, di
         snippets_path = absolute(snippets_path)
     return WorkerPlan(
         model_path=resolve_model_path(model_path), model_name=model_path, snippets_path=snippets_path,
-        snippets_filesystem=snippets_fs, expansion=expansion, distilled=distilled, out_dir=str(out), training=training,
+        snippets_filesystem=snippets_fs, expansion=expansion, distilled=distilled, rows_dir=str(out), training=training,
         num_workers=dist.num_workers, use_gpu=dist.use_gpu, strategy=dist.strategy, zero_stage=dist.zero_stage,
         deepspeed_overrides=dist.deepspeed_config, checkpoint_every=dist.checkpoint_every,
         checkpoint_every_s=dist.checkpoint_every_s, checkpoint_upload=dist.checkpoint_upload, storage=storage,

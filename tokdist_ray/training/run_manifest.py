@@ -2,7 +2,7 @@
 stopped run is resumed, and whether the run finished.
 
     <storage>/<run_name>/tokdist_run.json    settings of the run (written when it starts)
-    <storage>/<run_name>/finished.json       written once the model is exported
+    <storage>/<run_name>/finished.json       written once the rows are written
 
 Ray Train keeps its own record there too, the checkpoint manager's snapshot: which
 checkpoints it registered, and so which one a resumed run starts from.
@@ -132,5 +132,5 @@ class RunDirectory:
             )
         self._write(MANIFEST, settings)
 
-    def mark_finished(self, out_dir: str) -> None:
-        self._write(FINISHED, {"model_dir": out_dir})
+    def mark_finished(self, rows_dir: str) -> None:
+        self._write(FINISHED, {"rows_dir": rows_dir})

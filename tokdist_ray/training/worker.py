@@ -2,9 +2,9 @@
 its strategy, runs the training loop (loop.py) on its slice of every global batch, and
 saves checkpoints to Ray's storage every `checkpoint_every` steps or `checkpoint_every_s`
 seconds and at the end (each rank its share, written in the background: checkpoint.py),
-from which a restarted worker group continues. With fit text, the
-workers then fit the new output rows on it (output_fit.py). Rank 0 exports
-the expanded model and writes report.json.
+from which a restarted worker group continues. With the pipeline's output fit
+(fit_hook.OutputFit), the workers then fit the new output rows on the model they hold.
+Rank 0 writes the rows and their record to the plan's rows_dir (distilled_rows.py).
 """
 
 from __future__ import annotations
@@ -19,11 +19,15 @@ import torch.distributed as torch_dist
 from tokdist_ray.console import quiet_worker
 from tokdist_ray.errors import TooFewSnippetsError
 from tokdist_ray.raycluster import node_id
-from tokdist_ray.report import expansion_report
-from tokdist_ray.stages import save_model
 from tokdist_ray.training.checkpoint import Checkpointer, Progress, checkpoint_name, read_checkpoint
+from tokdist_ray.training.distilled_rows import (
+    DistilledRows,
+    positions_per_token,
+    training_record,
+    write_distilled,
+    write_fitted,
+)
 from tokdist_ray.training.loop import SnippetIds, train_loop
-from tokdist_ray.training.output_fit import NOT_FITTED, fit_on_text
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.schedule import SnippetSchedule, make_optimizer
 from tokdist_ray.training.snippet_files import SnippetSet, read_snippets
@@ -69,17 +73,18 @@ def train_worker(config: dict) -> None:
         )
     finally:
         checkpoints.close()
-    trained, fit = final_rows if final_rows is not None else rows, None
+    trained, fitted = final_rows if final_rows is not None else rows, None
     if plan.output_fit is not None:
         model = parallel.distiller.model
         with _gathered_tables(model, held < 1):
-            trained, fit = fit_on_text(model, trained, new_start, plan.expansion.tokenizer, plan.fit_text,
-                                       plan.output_fit, cfg.seed, cfg.mixed_precision, rank, world, parallel.all_reduce)
+            fitted = plan.output_fit(model, trained, plan.expansion, cfg, rank, world, parallel.all_reduce)
     ranks = [None] * world  # where each rank ran and the share of the weights it held, for the report
     torch_dist.all_gather_object(ranks, {"node": node_id(), "weights_held": round(held, 4)})
     if rank == 0:
-        del parallel
-        _export(plan, trained, progress, snippets, ranks, fit)
+        rows_dir = Path(plan.rows_dir)
+        write_distilled(rows_dir, DistilledRows(trained, _record(plan, progress, snippets, ranks)))
+        if fitted is not None:
+            write_fitted(rows_dir, fitted)
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -184,15 +189,11 @@ def _restore(parallel, rank: int) -> tuple[Progress, dict[str, torch.Tensor] | N
     return progress, rows
 
 
-def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: SnippetSet, ranks: list[dict],
-            fit: dict | None) -> None:
-    """Write the expanded model: its old rows straight from the original files (streamed,
-    shard by shard), the new rows from training (and the output fit)."""
-    report = expansion_report(
-        plan.model_name, plan.expansion, snippets.ids, snippets.counts, progress.history,
-        settings={"output_emb_policy": plan.output_emb_policy.value, "pre_init_strategy": plan.pre_init_strategy,
-                  "training": dict(vars(plan.training))},
-        not_distilled=list(plan.not_distilled), snippets=plan.snippets_report,
+def _record(plan, progress: Progress, snippets: SnippetSet, ranks: list[dict]) -> dict:
+    """training.json: the history, what trained each token, and where each rank ran."""
+    return training_record(
+        progress.history.as_dict(), snippets.counts,
+        positions_per_token(snippets.ids, plan.expansion.new_start, len(plan.tokens)),
         distributed={
             "strategy": plan.strategy,
             "zero_stage": plan.zero_stage,
@@ -204,5 +205,3 @@ def _export(plan, rows: dict[str, torch.Tensor], progress: Progress, snippets: S
             "weights_held": [r["weights_held"] for r in ranks],  # per rank: share of the frozen model's weights
         },
     )
-    report["output_fit"] = fit if fit is not None else dict(NOT_FITTED)
-    save_model(plan.model_path, plan.expansion, rows, plan.out_dir, report, gguf=plan.gguf)
