@@ -3,7 +3,8 @@
 import torch
 from transformers import AutoTokenizer
 
-from tokdist_ray.eval.drift import baseline_rows, compression, drift, markdown_table, relative_to
+from tokdist_ray.eval.compression import compression
+from tokdist_ray.eval.drift import baseline_rows, drift, markdown_table, relative_to
 from tokdist_ray.vocab.models import load_model
 from tokdist_ray.vocab.tokens import select_new_tokens
 

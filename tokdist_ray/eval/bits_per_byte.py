@@ -15,10 +15,13 @@ new tokens' logits are -inf there.
 
 from __future__ import annotations
 
+import logging
 import math
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -27,6 +30,16 @@ import torch.nn.functional as F
 from tokdist_ray.console import StageProgress
 from tokdist_ray.data.chunks import split_document
 from tokdist_ray.errors import ConfigError
+from tokdist_ray.eval import shards
+from tokdist_ray.eval.drift import baseline_rows
+from tokdist_ray.eval.metrics import Metric, Part
+from tokdist_ray.eval.plots import pyplot, save
+from tokdist_ray.training.output_side import VOCAB_SLICE
+from tokdist_ray.vocab.export import write_method_rows
+from tokdist_ray.vocab.models import load_model, load_tokenizer, ties_word_embeddings
+from tokdist_ray.vocab.special import start_token
+
+log = logging.getLogger("tokdist_ray")
 
 
 @dataclass
@@ -53,18 +66,6 @@ def heldout_chunks(texts: Iterable[str], chunk_bytes: int = 2000, max_bytes: int
             chunks.append(piece)
             total += size
     return chunks
-
-
-def start_token(tokenizer) -> int:
-    # A fixed first token conditions the first real token, as at training time; tokenizers
-    # without a BOS (Qwen) start documents after an EOS.
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise ConfigError("the tokenizer has neither a BOS nor an EOS token to start each held-out chunk with")
-    return start
-
-
-VOCAB_SLICE = 16_384  # logits held at once: [batch, positions, VOCAB_SLICE], not the whole vocabulary
 
 
 def _target_nats(hidden: torch.Tensor, head, targets: torch.Tensor) -> torch.Tensor:
@@ -187,9 +188,6 @@ def score_chunks(
     no copy of it is made (for an 8B model a copy is 32 GB). A tied model given a method's
     own output rows is untied once (one more [vocab, d] table); later methods without
     them get output rows equal to their input rows, as tied."""
-    from tokdist_ray.vocab.export import write_method_rows
-    from tokdist_ray.vocab.models import ties_word_embeddings
-
     tied = ties_word_embeddings(model)
     scores = {"original": token_log_probs(model, original_tokenizer, chunks, batch_size, f"bits per byte, original{label}")}
     for name, (input_rows, output_rows) in methods.items():
@@ -324,3 +322,73 @@ def costliest_table(rows: Sequence[dict]) -> str:
     lines += [f"| {repr(r['token']).replace('|', chr(92) + '|')} | {r['occurrences']} | {r['mean_bits_expanded']:.2f} | {r['mean_bits_original']:.2f} | "
               f"{r['total_extra_bits']:+.1f} |" for r in rows]
     return "\n".join(lines)
+
+
+def plot_against_compression(methods: dict, out_dir: Path) -> str:
+    """Each model's bits per byte against its tokens per byte (`methods`: {name: `summarise`})."""
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    for name, summary in methods.items():
+        ax.scatter(summary["tokens_per_byte"], summary["bits_per_byte"], label=name)
+    ax.set_xlabel("tokens per byte (lower: better compression)")
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.set_title("Held-out text, each model on its own tokenizer")
+    ax.legend(fontsize="small")
+    return save(fig, out_dir / "compression_vs_bits.png")
+
+
+def _other_model(directory: str, trust_remote_code: bool, device: str, dtype: torch.dtype):
+    """eval.compare_models' (model, tokenizer), on the worker's device in its dtype."""
+    return (load_model(directory, dtype=dtype, device=device, trust_remote_code=trust_remote_code),
+            load_tokenizer(directory, trust_remote_code=trust_remote_code))
+
+
+class BitsPerByte(Metric):
+    """Each worker scores its run of consecutive held-out chunks (every worker cuts the same
+    ones) with every model; the per-chunk scores, concatenated in chunk order, are
+    summarised once. Writes each method's rows into the worker's model in turn."""
+
+    name = "bits_per_byte"
+
+    def score(self, part: Part) -> dict:
+        evaluation, settings = part.evaluation, part.evaluation.settings
+        if not settings.bits_per_byte_bytes:
+            return {}
+        expansion, new_start = evaluation.expansion, evaluation.expansion.new_start
+        outputs = baseline_rows(part.model, expansion.tokens, new_start, side="output")
+        methods = {name: (inputs, part.rows.get("output") if name == "token_distillation" else outputs.get(name))
+                   for name, inputs in part.methods.items()}
+        chunks = heldout_chunks(part.texts, settings.chunk_bytes, settings.bits_per_byte_bytes)
+        start, stop = shards.part(len(chunks), part.index, part.count)
+        others = {Path(d).name: partial(_other_model, d, evaluation.trust_remote_code, part.device, part.dtype)
+                  for d in settings.compare_models}
+        return {"bits": score_chunks(part.model, part.original, expansion.tokenizer, new_start, methods,
+                                     chunks[start:stop], settings.batch_size, others, part.label) if stop > start else {}}
+
+    def merge(self, parts: list[dict], new_start: int) -> dict:
+        if "bits" not in parts[0]:
+            return {}
+        scores: dict[str, list] = {}
+        for p in parts:
+            for name, scored in p["bits"].items():
+                scores.setdefault(name, []).extend(scored)
+        chunks = scores.get("original", [])
+        log.info("bits per byte: %d held-out chunks, %d bytes, %d methods", len(chunks),
+                 sum(len(c.text.encode("utf-8")) for c in chunks), len(scores))
+        return {"bits_per_byte": summarise_methods(
+            scores or {"original": []}, new_start,
+            log=lambda name, summary: log.info("  %s: %.4f bits/byte", name, summary["bits_per_byte"]))}
+
+    def work(self, part: dict) -> dict:
+        return {"chunks": len(part.get("bits", {}).get("original", []))}
+
+    def sections(self, report: dict) -> list[str]:
+        if "bits_per_byte" not in report:
+            return []
+        bits = report["bits_per_byte"]
+        return ["## Bits per byte on held-out text, each model on its own tokenizer\n\n" + markdown_table(bits["methods"]),
+                "## New tokens that cost Token Distillation the most bits against the original's pieces\n\n"
+                + costliest_table(bits["costliest_new_tokens"]["token_distillation"][:10])]
+
+    def plots(self, report: dict, out_dir: Path) -> list[str]:
+        methods = report.get("bits_per_byte", {}).get("methods")
+        return [plot_against_compression(methods, out_dir)] if methods else []

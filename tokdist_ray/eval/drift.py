@@ -10,20 +10,32 @@ the first new token are identical by construction and would only dilute the aver
 
 from __future__ import annotations
 
+import logging
+import random
 from collections import defaultdict
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from tokdist_ray.console import StageProgress
-from tokdist_ray.training.batching import collate
+from tokdist_ray.data.local_mining import mine_snippets
+from tokdist_ray.errors import TooFewSnippetsError
+from tokdist_ray.eval import shards
+from tokdist_ray.eval.compression import compression, leading_texts  # noqa: F401  job.stages imports them from here
+from tokdist_ray.eval.metrics import Evaluation, Metric, Part
+from tokdist_ray.eval.plots import pyplot, save
+from tokdist_ray.training.batching import align_snippets, collate
 from tokdist_ray.training.rows import pre_init_rows
 from tokdist_ray.training.step import NewRows, TokenDistiller
+from tokdist_ray.vocab.alignment import PieceAligner
 from tokdist_ray.vocab.models import ties_word_embeddings
 from tokdist_ray.vocab.tokens import NewToken
 
-METRICS = ("hidden_mse", "target_mse", "kl")
+log = logging.getLogger("tokdist_ray")
+
+MEASURES = ("hidden_mse", "target_mse", "kl")  # per position, summed, averaged
 
 
 def baseline_rows(model, tokens: Sequence[NewToken], new_start: int, side: str = "input") -> dict[str, torch.Tensor]:
@@ -129,7 +141,7 @@ def drift_means(sums: dict) -> dict[str, dict]:
 
     def means(acc):
         n = max(acc.get("positions", 0), 1)
-        return {m: acc.get(m, 0.0) / n for m in METRICS} | {"positions": int(acc.get("positions", 0))}
+        return {m: acc.get(m, 0.0) / n for m in MEASURES} | {"positions": int(acc.get("positions", 0))}
 
     return {
         name: {
@@ -156,35 +168,11 @@ def drift(
     return drift_means(drift_sums(model, new_start, methods, examples, token_of_example, target_layer, batch_size))
 
 
-COMPRESSION_SAMPLE_BYTES = 5_000_000  # tokens-per-byte needs no more text than this
-
-
-def leading_texts(texts: Iterable, max_bytes: int = COMPRESSION_SAMPLE_BYTES) -> list[str]:
-    """The first texts (strings only) holding about `max_bytes` of UTF-8."""
-    sample, size = [], 0
-    for text in texts:
-        if size >= max_bytes:
-            break
-        if isinstance(text, str):
-            sample.append(text)
-            size += len(text.encode("utf-8"))
-    return sample
-
-
-def compression(original_tokenizer, expanded_tokenizer, texts: Sequence[str]) -> dict[str, float]:
-    """Tokens per byte of held-out text before and after adding the new tokens."""
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    before = sum(len(ids) for ids in original_tokenizer(list(texts), add_special_tokens=False)["input_ids"])
-    after = sum(len(ids) for ids in expanded_tokenizer(list(texts), add_special_tokens=False)["input_ids"])
-    return {"bytes": n_bytes, "tokens_before": before, "tokens_after": after,
-            "tokens_per_byte_before": before / n_bytes, "tokens_per_byte_after": after / n_bytes}
-
-
 def relative_to(results: dict[str, dict], baseline: str = "fvt") -> dict[str, dict[str, float]]:
     """Each method's overall metrics divided by the baseline's (lower is better)."""
     base = results[baseline]["overall"]
     return {
-        name: {m: r["overall"][m] / base[m] if base[m] else float("nan") for m in METRICS}
+        name: {m: r["overall"][m] / base[m] if base[m] else float("nan") for m in MEASURES}
         for name, r in results.items()
     }
 
@@ -202,3 +190,77 @@ def markdown_table(results: dict[str, dict], baseline: str = "fvt") -> str:
             f"{ratios[name]['hidden_mse']:.3f} | {ratios[name]['kl']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def heldout_snippets(evaluation: Evaluation, texts: list[str], log_sample: bool) -> list[dict]:
+    """Every held-out snippet drift reads (a seeded sample with eval.max_snippets): the
+    same list in every worker."""
+    settings = evaluation.settings
+    snippets, _ = mine_snippets(texts, evaluation.expansion, evaluation.snippet_len, settings.snippets_per_token)
+    if not snippets:
+        raise TooFewSnippetsError("none of the new tokens occurs in eval.heldout_paths; point it at held-out text that uses them")
+    if settings.max_snippets and len(snippets) > settings.max_snippets:
+        keep = sorted(random.Random(evaluation.seed).sample(range(len(snippets)), settings.max_snippets))
+        if log_sample:
+            log.info("drift: a sample of %d of the %d held-out snippets (eval.max_snippets)", len(keep), len(snippets))
+        snippets = [snippets[i] for i in keep]
+    return snippets
+
+
+PLOT_TOKENS = 40  # per-token drift: at most this many tokens
+
+
+def plot_per_token(results: dict, out_dir: Path) -> str:
+    """Last-layer hidden-state drift per new token, a bar per method."""
+    names = list(results)
+    per_token = results[names[0]]["per_token"]
+    # the tokens with the most held-out positions: a bar per token of thousands is no plot
+    tokens = sorted(sorted(per_token, key=lambda t: (-per_token[t]["positions"], t))[:PLOT_TOKENS])
+    fig, ax = pyplot().subplots(figsize=(max(6, 0.6 * len(tokens) * len(names) / 2), 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [results[name]["per_token"][t]["hidden_mse"] for t in tokens]
+        ax.bar([x + i * width for x in range(len(tokens))], values, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tokens))], [repr(t) for t in tokens], rotation=60, ha="right")
+    ax.set_ylabel("held-out last-layer hidden MSE")
+    ax.set_title("Drift from the original model per new token (lower is better)"
+                 + (f", the {PLOT_TOKENS} most frequent" if len(per_token) > PLOT_TOKENS else ""))
+    ax.legend()
+    return save(fig, out_dir / "drift_per_token.png")
+
+
+class Drift(Metric):
+    """Each worker sums drift over its run of whole batches of the held-out snippets (every
+    worker mines the same ones); the sums add up to the undivided run's."""
+
+    name = "drift"
+    page = 1  # its table closes eval.md, and so the log of it: drift is what Token Distillation minimises
+
+    def score(self, part: Part) -> dict:
+        evaluation, settings = part.evaluation, part.evaluation.settings
+        tokens, new_start = evaluation.expansion.tokens, evaluation.expansion.new_start
+        snippets = heldout_snippets(evaluation, part.texts, log_sample=part.index == 0)
+        lo, hi = shards.part(len(snippets), part.index, part.count, settings.batch_size)
+        examples = align_snippets(PieceAligner.for_tokens(tokens, new_start), [s["input_ids"] for s in snippets[lo:hi]])
+        log.info("drift: %d held-out snippets%s, %d methods", len(examples),
+                 f" of {len(snippets)}{part.label}" if part.count > 1 else "", len(part.methods))
+        return {"heldout_snippets": len(examples),
+                "drift": drift_sums(part.model, new_start, part.methods, examples, [s["token"] for s in snippets[lo:hi]],
+                                    evaluation.target_layer, settings.batch_size, part.label)}
+
+    def merge(self, parts: list[dict], new_start: int) -> dict:
+        results = drift_means(add_sums(p["drift"] for p in parts))
+        return {"heldout_snippets": sum(p["heldout_snippets"] for p in parts), "methods": results,
+                "relative_to_fvt": relative_to(results)}
+
+    def work(self, part: dict) -> dict:
+        return {"heldout_snippets": part["heldout_snippets"]}
+
+    def sections(self, report: dict) -> list[str]:
+        return ["## Drift from the original at aligned positions (lower is better)\n\n" + markdown_table(report["methods"])]
+
+    def plots(self, report: dict, out_dir: Path) -> list[str]:
+        return [plot_per_token(report["methods"], out_dir)]
+
+    def summary(self, report: dict) -> dict:
+        return {"relative_to_fvt": report["relative_to_fvt"]["token_distillation"]}

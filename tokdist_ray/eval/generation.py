@@ -10,13 +10,22 @@ text; hence the new-token share of generated ids next to that of the held-out en
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from tokdist_ray.eval.bits_per_byte import start_token
+from tokdist_ray.eval.bits_per_byte import heldout_chunks
+from tokdist_ray.eval.compression import leading_texts
+from tokdist_ray.eval.metrics import Metric, Part
+from tokdist_ray.eval.plots import pyplot, save
+from tokdist_ray.vocab.export import write_method_rows
+from tokdist_ray.vocab.special import start_token
+
+log = logging.getLogger("tokdist_ray")
 
 MODES = {"greedy": {"do_sample": False}, "sampled": {"do_sample": True, "temperature": 0.8, "top_p": 0.95}}
 
@@ -157,3 +166,58 @@ def ratios(original: dict, expanded: dict) -> dict:
            for mode in MODES}
     out["prefill_bytes_per_s"] = expanded["prefill_bytes_per_s"] / original["prefill_bytes_per_s"]
     return out
+
+
+def plot_speed(report: dict, out_dir: Path) -> str:
+    """Bytes per decode step and per second, original against expanded, per mode."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(8, 3.5))
+    for ax, metric, label in zip(axes, ("bytes_per_step", "bytes_per_s"), ("bytes of text per decode step",
+                                                                              "bytes of text per second")):
+        for i, side in enumerate(("original", "expanded")):
+            ax.bar([x + 0.4 * i for x in range(len(MODES))], [report[side][m][metric] for m in MODES], 0.4, label=side)
+        ax.set_xticks([x + 0.2 for x in range(len(MODES))], list(MODES))
+        ax.set_ylabel(label)
+    axes[0].legend()
+    fig.suptitle("Generation from held-out prompts (higher is better)")
+    return save(fig, out_dir / "generation.png")
+
+
+class Generation(Metric):
+    """The original against the expanded model (Token Distillation's rows written) on
+    held-out prompts, on the first worker only: timings are not split."""
+
+    name = "generation"
+
+    def score(self, part: Part) -> dict:
+        evaluation, settings = part.evaluation, part.evaluation.settings
+        if part.index or not settings.generation_steps:
+            return {}
+        expansion, new_start = evaluation.expansion, evaluation.expansion.new_start
+        # from chunks, not documents: a corpus file may be one document
+        chunks = heldout_chunks(part.texts, max(settings.chunk_bytes, 2 * settings.prompt_bytes))
+        prompts = prompts_from(chunks, settings.generation_prompts, settings.prompt_bytes)
+        if not prompts:
+            log.warning("generation: skipped; no held-out text holds eval.prompt_bytes (%d bytes) for a prompt",
+                        settings.prompt_bytes)
+            return {}
+        write_method_rows(part.model, new_start, part.rows["input"], part.rows.get("output"), part.tied)
+        log.info("generation: %d held-out prompts, %d decode steps each, greedy and sampled, original and expanded",
+                 len(prompts), settings.generation_steps)
+        return {"generation": {
+            "decode_steps_per_prompt": settings.generation_steps,
+            "heldout_new_token_share": heldout_new_token_share(expansion.tokenizer, leading_texts(part.texts), new_start),
+            **compare_generation(part.model, part.original, expansion.tokenizer, new_start, prompts,
+                                 settings.generation_steps, evaluation.seed),
+        }}
+
+    def merge(self, parts: list[dict], new_start: int) -> dict:
+        return {"generation": parts[0]["generation"]} if "generation" in parts[0] else {}
+
+    def sections(self, report: dict) -> list[str]:
+        if "generation" not in report:
+            return []
+        return ["## Generation from held-out prompts, the same decode steps (expanded: Token Distillation's rows)\n\n"
+                + markdown_table(report["generation"])]
+
+    def plots(self, report: dict, out_dir: Path) -> list[str]:
+        return [plot_speed(report["generation"], out_dir)] if "generation" in report else []

@@ -1,23 +1,20 @@
 """The evaluation split over workers, and put back together.
 
 Every worker reads the same held-out text, mines the same snippets and cuts the same
-chunks, then takes its part of each: a run of whole drift batches, a run of consecutive
-chunks (`part`). It returns drift sums (not means) and per-chunk scores; `merge` adds the
-sums and concatenates the scores in chunk order, so that the report is the one a single
-worker writes (up to the order of float additions). Part 0 also measures compression and
-generation (timed, so never split). Merging needs no model: the driver does it.
+chunks, then takes its part of each metric's work: a run of whole drift batches, a run of
+consecutive chunks (`part`). It returns sums (not means) and per-chunk scores; `merge`
+hands every part to each registered metric, which adds the sums and concatenates the
+scores in chunk order, so that the report is the one a single worker writes (up to the
+order of float additions). Part 0 alone measures what is timed or cheap (generation,
+compression). Merging needs no model: the driver does it.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 
 from tokdist_ray.config import EvalConfig
-from tokdist_ray.eval.bits_per_byte import summarise_methods
-from tokdist_ray.eval.drift import add_sums, drift_means, relative_to
-
-log = logging.getLogger("tokdist_ray")
+from tokdist_ray.eval.metrics import registered
 
 # "auto" gives each worker at least this many batches of drift or bits-per-byte work:
 # fewer would spend more time loading the model than scoring with it
@@ -50,31 +47,19 @@ def part(n_items: int, index: int, count: int, unit: int = 1) -> tuple[int, int]
 
 
 def merge(parts: list[dict], new_start: int) -> dict:
-    """The workers' results (`heldout.score_part`, any order) as eval.json's report."""
+    """The workers' results (`heldout.score_part`, any order) as eval.json's report: where
+    they ran, each registered metric's entries in turn, and what each worker did."""
     parts = sorted(parts, key=lambda p: p["part"])
-    first = parts[0]
-    results = drift_means(add_sums(p["drift"] for p in parts))
-    report = {
-        "node": first["node"],
-        "device": first["device"],
-        "heldout_snippets": sum(p["heldout_snippets"] for p in parts),
-        "methods": results,
-        "relative_to_fvt": relative_to(results),
-        "compression": first["compression"],
-    }
-    if "bits" in first:
-        scores: dict[str, list] = {}
-        for p in parts:
-            for name, scored in p["bits"].items():
-                scores.setdefault(name, []).extend(scored)
-        chunks = scores.get("original", [])
-        log.info("bits per byte: %d held-out chunks, %d bytes, %d methods", len(chunks),
-                 sum(len(c.text.encode("utf-8")) for c in chunks), len(scores))
-        report["bits_per_byte"] = summarise_methods(
-            scores or {"original": []}, new_start,
-            log=lambda name, summary: log.info("  %s: %.4f bits/byte", name, summary["bits_per_byte"]))
-    if "generation" in first:
-        report["generation"] = first["generation"]
-    report["workers"] = [{"node": p["node"], "device": p["device"], "heldout_snippets": p["heldout_snippets"],
-                          "chunks": len(p.get("bits", {}).get("original", []))} for p in parts]
+    metrics = registered()
+    report = {"node": parts[0]["node"], "device": parts[0]["device"]}
+    for metric in metrics:
+        report |= metric.merge(parts, new_start)
+    report["workers"] = [_worker(p, metrics) for p in parts]
     return report
+
+
+def _worker(part: dict, metrics: list) -> dict:
+    entry = {"node": part["node"], "device": part["device"]}
+    for metric in metrics:
+        entry |= metric.work(part)
+    return entry

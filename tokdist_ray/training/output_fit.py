@@ -34,9 +34,9 @@ import torch.nn.functional as F
 
 from tokdist_ray.config import OutputFitConfig
 from tokdist_ray.console import StageProgress
-from tokdist_ray.eval.bits_per_byte import VOCAB_SLICE, start_token
-from tokdist_ray.training.output_side import head_logits
+from tokdist_ray.training.output_side import VOCAB_SLICE, head_logits
 from tokdist_ray.training.step import autocast_context, embed_with_new_rows
+from tokdist_ray.vocab.special import start_token
 
 log = logging.getLogger("tokdist_ray")
 

@@ -26,6 +26,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+VOCAB_SLICE = 16_384  # logits held at once: [batch, positions, VOCAB_SLICE], not the whole vocabulary
+
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """hidden @ weight.T (+ bias) in fp32, whatever the dtypes and an enclosing autocast
