@@ -51,7 +51,8 @@ def test_job_stages_are_reused_and_a_lost_stage_reruns(ray_session, tiny_model_d
     refit = run_job(load_config(None, parse_overrides(
         tiny_job_args(model_dir, job_corpus_dir, tmp_path / "run") + ["--output_fit.max_steps", "7"])))
     assert refit["stages_reused"] == ["tokens", "snippets", "distill"]
-    assert json.loads((tmp_path / "run" / "model" / "report.json").read_text())["output_fit"]["settings"]["max_steps"] == 7
+    fit = json.loads((tmp_path / "run" / "stages" / "fit.json").read_text())["outputs"]["summary"]
+    assert json.loads((tmp_path / "run" / "model" / "report.json").read_text())["output_fit"] == fit
     assert (tmp_path / "run" / "rows" / "distilled_rows.safetensors").read_bytes() == distilled
     # a new out_path exports again, and only that
     moved_out = run_job(load_config(None, parse_overrides(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tokdist_ray.config import FileDataSource, HFDataSource
+from tokdist_ray.config import FileDataSource, HFDataSource, output_emb_policy
 from tokdist_ray.console import StageProgress, worker_env
 from tokdist_ray.data.budget import quota_summary, snippet_quota
 from tokdist_ray.job.config import JobConfig
@@ -202,7 +202,7 @@ def export_model(config: JobConfig, expansion: MergeExpansion, snippets: dict, d
     record = read_report(Path(distilled["rows_dir"]) / TRAINING_RECORD)
     report = expansion_report(
         config.model, expansion, record,
-        settings={"output_emb_policy": config.output.emb_policy.value,
+        settings={"output_emb_policy": output_emb_policy(config.output.emb_policy).value,
                   "pre_init_strategy": config.output.pre_init_strategy, "training": dict(vars(config.training))},
         not_distilled=distilled["tokens_not_distilled"], snippets=snippets["report"], output_fit=fitted["summary"],
     )
