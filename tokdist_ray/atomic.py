@@ -13,6 +13,7 @@ safetensors, which writes through such a temp file.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import secrets
 import shutil
@@ -46,6 +47,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
     """`atomic_write_bytes` for text."""
     atomic_write_bytes(path, text.encode(encoding))
+
+
+def write_json(path: str | os.PathLike, record: dict) -> None:
+    """A JSON record (a report, a stage record), written whole or not at all."""
+    atomic_write_text(path, json.dumps(record, indent=2, ensure_ascii=False, default=str))
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 @contextmanager

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
-
-from tokdist_ray.atomic import atomic_write_text
 
 
 def tokens_added(tokens: Sequence, new_start: int, snippet_counts: dict[str, int],
@@ -57,12 +54,3 @@ def without_paths(snippets_report: dict) -> dict:
     """The snippets report as a published model carries it: the run's local files left out."""
     mining = {k: v for k, v in snippets_report.get("mining", {}).items() if k != "snippets_path"}
     return snippets_report | ({"mining": mining} if "mining" in snippets_report else {})
-
-
-def write_report(path: str | Path, report: dict) -> None:
-    """Written whole or not at all: a later run trusts what it finds here."""
-    atomic_write_text(path, json.dumps(report, indent=2, ensure_ascii=False, default=str))
-
-
-def read_report(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -27,13 +27,12 @@ import pyarrow as pa
 import torch
 from safetensors import SafetensorError
 
-from tokdist_ray.atomic import atomic_directory, check_replaceable
+from tokdist_ray.atomic import atomic_directory, check_replaceable, write_json
 from tokdist_ray.config import OutputFitConfig
 from tokdist_ray.data.budget import Quota, quota_of
 from tokdist_ray.data.corpus import text_sample
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA
 from tokdist_ray.errors import OutputWriteError, TokdistError
-from tokdist_ray.report import write_report
 from tokdist_ray.training.checkpoint import ROWS, write_rows
 from tokdist_ray.vocab.export import expand_model, save_expanded
 from tokdist_ray.vocab.gguf_export import GGUF_FILE, GgufOptions, export_gguf
@@ -158,7 +157,7 @@ def save_model(model_path: str, expansion: MergeExpansion, rows: dict[str, torch
             if streamed:
                 export_streamed(model_dir, expansion.new_start, rows, partial)
                 expansion.tokenizer.save_pretrained(partial)
-                write_report(partial / "report.json", report)
+                write_json(partial / "report.json", report)
             else:
                 save_expanded(model, expansion.tokenizer, partial, report)
             write_rows(partial / ROWS, rows)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tokdist_ray.atomic import write_json
 from tokdist_ray.capacity import Capacity, cluster_capacity, wait_for_nodes
 from tokdist_ray.config import FileDataSource
 from tokdist_ray.console import quiet_worker, worker_env
@@ -20,7 +21,6 @@ from tokdist_ray.eval.metrics import Evaluation, Part, registered
 from tokdist_ray.eval.plots import loss_curve_plot
 from tokdist_ray.eval.shards import merge, worker_count
 from tokdist_ray.raycluster import node_id, ray_is_running
-from tokdist_ray.report import write_report
 from tokdist_ray.vocab.models import load_model, load_tokenizer, ties_word_embeddings
 
 log = logging.getLogger("tokdist_ray")
@@ -105,7 +105,7 @@ def _write(report: dict, loss_curve: list, out_dir: Path) -> dict:
     metrics = registered()
     on_page = sorted(metrics, key=lambda metric: metric.page)
     text = "\n\n".join(section for metric in on_page for section in metric.sections(report))
-    write_report(out_dir / "eval.json", report)
+    write_json(out_dir / "eval.json", report)
     (out_dir / "eval.md").write_text(text + "\n", encoding="utf-8")
     log.info("held-out evaluation:\n%s", text)
     plots = [path for metric in on_page for path in metric.plots(report, out_dir)] + loss_curve_plot(loss_curve, out_dir)

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from tokdist_ray.atomic import read_json, write_json
 from tokdist_ray.errors import TokdistError
-from tokdist_ray.report import read_report, write_report
 
 log = logging.getLogger("tokdist_ray")
 
@@ -51,7 +51,7 @@ class StageLedger:
         outputs = work()
         self.timings[stage] = round(time.perf_counter() - start, 3)
         record = {"fingerprint": key, "seconds": self.timings[stage], "outputs": self.portable(outputs)}
-        write_report(self.dir / f"{stage}.json", record)
+        write_json(self.dir / f"{stage}.json", record)
         return outputs
 
     def portable(self, outputs: dict) -> dict:
@@ -63,7 +63,7 @@ class StageLedger:
         if not path.is_file():
             return None
         try:
-            record = read_report(path)
+            record = read_json(path)
             outputs = record["outputs"]
         except (ValueError, KeyError, TypeError) as e:  # cut short by a kill, or edited by hand
             aside = path.with_name(f"{path.name}.unreadable")

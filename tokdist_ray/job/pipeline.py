@@ -16,6 +16,7 @@ import logging
 import time
 from pathlib import Path
 
+from tokdist_ray.atomic import write_json
 from tokdist_ray.fingerprint import fingerprint
 from tokdist_ray.job.checks import check_job
 from tokdist_ray.job.config import GGUF_OPTIONS, STAGES, JobConfig, config_dict
@@ -34,7 +35,6 @@ from tokdist_ray.job.stages import (
     select_tokens,
 )
 from tokdist_ray.raycluster import connect, joins_cluster
-from tokdist_ray.report import write_report
 from tokdist_ray.training.run_manifest import NOT_IN_RUN_IDENTITY
 from tokdist_ray.vocab.expansion_files import load_expansion
 from tokdist_ray.vocab.models import load_tokenizer
@@ -143,6 +143,6 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
         "outputs": outputs,
         "config": settings,
     }
-    write_report(run_dir / "job.json", report)
+    write_json(run_dir / "job.json", report)
     log.info("job finished in %.1fs: %s", report["wall_seconds"], ledger.timings)
     return report

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from tokdist_ray.atomic import read_json, write_json
 from tokdist_ray.config import FileDataSource, HFDataSource, output_emb_policy
 from tokdist_ray.console import StageProgress, worker_env
 from tokdist_ray.data.budget import quota_summary, snippet_quota
 from tokdist_ray.job.config import JobConfig
-from tokdist_ray.report import expansion_report, read_report, write_report
+from tokdist_ray.report import expansion_report
 from tokdist_ray.stages import collect_snippets, expand_tokens, fit_text, save_model, split_by_snippets
 from tokdist_ray.training.distilled_rows import DISTILLED_ROWS, FIT_RECORD, FITTED_ROWS, TRAINING_RECORD
 from tokdist_ray.training.fit_hook import OutputFit
@@ -79,7 +80,7 @@ def select_tokens(config: JobConfig, tokenizer, run_dir: Path) -> dict:
     save_expansion(expansion, run_dir / "tokenizer")
     path = run_dir / "tokens.json"
     summary = expansion_summary(expansion)
-    write_report(path, {
+    write_json(path, {
         **summary,
         "tokens": [{"token": t.text, "id": expansion.new_start + i, "pieces": list(t.phrase_ids),
                     "pieces_text": [tokenizer.decode([p]) for p in t.phrase_ids],
@@ -104,7 +105,7 @@ def _expected_compression(config: JobConfig, tokenizer, expansion: MergeExpansio
 
 def _corpus_counts(run_dir: Path) -> dict[str, int]:
     """Each new token's corpus count, where the tokens stage chose it from the corpus."""
-    tokens = read_report(run_dir / "tokens.json")["tokens"]
+    tokens = read_json(run_dir / "tokens.json")["tokens"]
     return {t["token"]: t["corpus_count"] for t in tokens if "corpus_count" in t}
 
 
@@ -139,7 +140,7 @@ def gather_snippets(config: JobConfig, expansion: MergeExpansion, run_dir: Path)
     pq.write_table(snippets.table, out / "snippets.parquet")
     if snippets.generated is not None:
         snippets.generated.write(str(out / GENERATED_PARTS))
-    write_report(run_dir / "snippets_report.json", snippets.report)
+    write_json(run_dir / "snippets_report.json", snippets.report)
     return {"snippets_path": str(out), "report": snippets.report}
 
 
@@ -189,7 +190,7 @@ def fitted_rows(rows_dir: str, fit: OutputFit | None) -> dict:
     the distilled ones as they are."""
     if fit is None:
         return {"rows_path": str(Path(rows_dir) / DISTILLED_ROWS), "summary": dict(NOT_FITTED)}
-    return {"rows_path": str(Path(rows_dir) / FITTED_ROWS), "summary": read_report(Path(rows_dir) / FIT_RECORD)}
+    return {"rows_path": str(Path(rows_dir) / FITTED_ROWS), "summary": read_json(Path(rows_dir) / FIT_RECORD)}
 
 
 def export_model(config: JobConfig, expansion: MergeExpansion, snippets: dict, distilled: dict, fitted: dict) -> dict:
@@ -199,7 +200,7 @@ def export_model(config: JobConfig, expansion: MergeExpansion, snippets: dict, d
 
     from tokdist_ray.training.checkpoint import ROWS, read_rows
 
-    record = read_report(Path(distilled["rows_dir"]) / TRAINING_RECORD)
+    record = read_json(Path(distilled["rows_dir"]) / TRAINING_RECORD)
     report = expansion_report(
         config.model, expansion, record,
         settings={"output_emb_policy": output_emb_policy(config.output.emb_policy).value,
@@ -221,7 +222,7 @@ def export_model(config: JobConfig, expansion: MergeExpansion, snippets: dict, d
 def evaluate_rows(config: JobConfig, expansion: MergeExpansion, distilled: dict, fitted: dict, run_dir: Path) -> dict:
     from tokdist_ray.eval.heldout import Evaluation, evaluate_export
 
-    loss_curve = read_report(Path(distilled["rows_dir"]) / TRAINING_RECORD)["training"]["loss_curve"]
+    loss_curve = read_json(Path(distilled["rows_dir"]) / TRAINING_RECORD)["training"]["loss_curve"]
     evaluation = Evaluation(config.model, expansion, fitted["rows_path"], config.eval, loss_curve,
                             config.snippets.snippet_len, config.training.target_layer, config.snippets.seed,
                             config.trust_remote_code)

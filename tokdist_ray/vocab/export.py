@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tokdist_ray.report import write_report
+from tokdist_ray.atomic import write_json
 from tokdist_ray.vocab.models import ties_word_embeddings
 
 
@@ -63,5 +63,5 @@ def save_expanded(model, tokenizer, out_path: str | Path, report: dict | None = 
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     if report is not None:
-        write_report(out / "report.json", report)
+        write_json(out / "report.json", report)
     return out
