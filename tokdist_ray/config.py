@@ -19,11 +19,8 @@ from typing import Callable, Sequence
 import pyarrow.fs
 
 from tokdist_ray.errors import ConfigError
+from tokdist_ray.training.losses import LOSSES, NEW_TOKEN_OUTPUT_LOSS  # torch-free: the names and what they read
 
-# tokdist-ray's addition to the reference's losses: the student's next-token distribution
-# before each new token, against the teacher's with the phrase's probability moved onto it
-NEW_TOKEN_OUTPUT_LOSS = "KL-on-new-token-outputs"
-LOSS_METHODS = ("MSE-on-hiddens", "MSE-on-logits", "KL-on-logits", "CE", "CE-auto-weighted", NEW_TOKEN_OUTPUT_LOSS)
 LR_SCHEDULES = ("constant", "linear")
 BATCH_GROUPINGS = ("first_new_token", "random")
 NEW_TOKEN_OUTPUT_POSITIONS = ("new_tokens", "all")
@@ -56,10 +53,10 @@ def output_emb_policy(value: OutputEmbeddingInit | str) -> OutputEmbeddingInit:
 
 def loss_methods(value: Sequence[str] | str) -> tuple[str, ...]:
     methods = (value,) if isinstance(value, str) else tuple(value)  # one method given as a bare string
-    unknown = [m for m in methods if m not in LOSS_METHODS]
+    unknown = [m for m in methods if m not in LOSSES]
     if unknown or not methods:
-        raise ConfigError(f"unknown loss method(s) {unknown or '(none given)'}; choose from {LOSS_METHODS}")
-    others = ("MSE-on-hiddens", "MSE-on-logits", "KL-on-logits", NEW_TOKEN_OUTPUT_LOSS)
+        raise ConfigError(f"unknown loss method(s) {unknown or '(none given)'}; choose from {tuple(LOSSES)}")
+    others = tuple(m for m in LOSSES if m not in ("CE", "CE-auto-weighted"))
     if "CE-auto-weighted" in methods and not set(methods) & set(others):
         raise ConfigError(f"CE-auto-weighted scales CE to another loss: combine it with one of {others}")
     return methods

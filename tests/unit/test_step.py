@@ -5,10 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import tiny_setup
-from tokdist_ray.config import LOSS_METHODS, NEW_TOKEN_OUTPUT_LOSS, DistillationConfig
+from tokdist_ray.config import NEW_TOKEN_OUTPUT_LOSS, DistillationConfig
 from tokdist_ray.training import step as distill
 from tokdist_ray.training.batching import collate
 from tokdist_ray.training.loop import train_local
+from tokdist_ray.training.losses import LOSSES
 from tokdist_ray.training.schedule import make_optimizer
 
 
@@ -53,7 +54,7 @@ def test_target_layer_out_of_range_is_a_clear_error(tiny_model_dir):
         tiny_setup(tiny_model_dir(tied=True), target_layer=5)
 
 
-@pytest.mark.parametrize("losses", [[m] for m in LOSS_METHODS if m != "CE-auto-weighted"] + [["MSE-on-hiddens", "CE-auto-weighted"]])
+@pytest.mark.parametrize("losses", [[m] for m in LOSSES if m != "CE-auto-weighted"] + [["MSE-on-hiddens", "CE-auto-weighted"]])
 @pytest.mark.parametrize("tied", [True, False])
 def test_every_loss_trains_only_the_new_rows(tiny_model_dir, losses, tied):
     distiller, examples, _ = tiny_setup(tiny_model_dir(tied=tied), losses=losses)

@@ -17,30 +17,20 @@ import copy
 from typing import NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tokdist_ray.config import NEW_TOKEN_OUTPUT_LOSS, DistillationConfig
+from tokdist_ray.config import DistillationConfig
 from tokdist_ray.config import loss_methods as checked_losses
 from tokdist_ray.preflight import check_target_layer
-from tokdist_ray.training.output_side import (
-    before_old_tokens,
-    head_logits,
-    leaked_kl,
-    new_token_positions,
-    summed_kl,
-    teacher_targets,
-)
+from tokdist_ray.training.losses import LOSSES, Loss, OutputRowsCE, States, depths
+from tokdist_ray.training.output_side import head_logits
 from tokdist_ray.vocab.models import cache_argument
-
-_LOGIT_LOSSES = {"MSE-on-logits", "KL-on-logits"}
 
 
 class RunStates(NamedTuple):
     target: torch.Tensor | None
     final: torch.Tensor | None
     cache: object = None
-_CE_LOSSES = {"CE", "CE-auto-weighted"}
 
 
 class NewRows(nn.Module):
@@ -122,9 +112,10 @@ class TokenDistiller(nn.Module):
     """Computes the distillation loss of a batch (see batch.collate for its tensors).
 
     Student: the merged ids, new ids (>= new_start) embedded from `rows.input`.
-    Teacher: the original ids, run without grad. Both stop at the target layer unless a
-    loss needs logits; the LM head runs only for logit and CE losses, and for the
-    new-token output loss only at the positions before a new token.
+    Teacher: the original ids, run without grad. Each runs only what the chosen losses read
+    (losses.LOSSES: their `needs`): both stop at the target layer unless a loss reads final
+    states, and the teacher runs only for a loss that compares against it. The loss is the
+    sum of the losses' weighted terms, in LOSSES' order.
     An untied model's trainable output rows learn from their own CE, or, with the
     new-token output loss, from the teacher instead.
     """
@@ -218,26 +209,26 @@ class TokenDistiller(nn.Module):
         return torch.cat([self.original_logits(hidden), head_logits(hidden, output_rows)], dim=-1)
 
     # ------------------------------------------------------------------ the step
+    def terms(self) -> list[Loss]:
+        """The chosen losses in LOSSES' order; then the output rows' own CE, where they train
+        and no chosen loss trains them."""
+        chosen = [loss for name, loss in LOSSES.items() if name in self.losses]
+        if self.rows.trains_output and not any(loss.trains_output_rows for loss in chosen):
+            chosen.append(OutputRowsCE())
+        return chosen
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = self.rows.input.device
         student_ids = batch["student_ids"].to(device)
         mask = batch["student_mask"].to(device)
-        index = batch["teacher_index"].to(device)
-        use_hiddens = "MSE-on-hiddens" in self.losses
-        use_logits = bool(_LOGIT_LOSSES & set(self.losses))
-        use_ce = bool(_CE_LOSSES & set(self.losses))
-        use_new_outputs = NEW_TOKEN_OUTPUT_LOSS in self.losses
-        train_output_with_ce = self.rows.trains_output and not use_new_outputs
-
-        def aligned(teacher: torch.Tensor) -> torch.Tensor:
-            picked = teacher.gather(1, index[..., None].expand(-1, -1, teacher.size(-1)))
-            return picked[mask]
-
-        teacher_final = use_logits or use_new_outputs
-        student_final = teacher_final or use_ce or train_output_with_ce
-        run_teacher = use_hiddens or teacher_final
-        # reuse the teacher's prefix only when both ran the same layers
-        reuse = self.reuse_prefix and run_teacher and (teacher_final == student_final or self.target == self.n_layers)
+        teacher_ids = batch["teacher_ids"].to(device)
+        terms = self.terms()
+        student_target, student_final = depths(terms, of_teacher=False)
+        teacher_target, teacher_final = depths(terms, of_teacher=True)
+        run_teacher = teacher_target or teacher_final
+        # reuse the teacher's prefix only when it ran the states the student needs, to the same layers
+        reuse = (self.reuse_prefix and run_teacher and (teacher_target or not student_target)
+                 and (teacher_final == student_final or self.target == self.n_layers))
         split = self.shared_prefix(student_ids, mask) if reuse else 0
 
         parts: dict[str, torch.Tensor] = {}
@@ -245,55 +236,13 @@ class TokenDistiller(nn.Module):
             teacher = None
             if run_teacher:
                 with torch.no_grad():
-                    teacher = self.hidden_states(
-                        use_hiddens, teacher_final, keep_cache=split > 0, input_ids=batch["teacher_ids"].to(device)
-                    )
-                t_target, t_final = teacher.target, teacher.final
-            s_target, s_final, _ = self.student_states(student_ids, mask, teacher, split, use_hiddens, student_final)
-
+                    teacher = self.hidden_states(teacher_target, teacher_final, keep_cache=split > 0, input_ids=teacher_ids)
+            student = self.student_states(student_ids, mask, teacher, split, student_target, student_final)
+            states = States(self, student_ids, mask, teacher_ids, batch["teacher_index"].to(device), student, teacher)
             loss = torch.zeros((), device=device)
-            if use_hiddens:
-                parts["MSE-on-hiddens"] = F.mse_loss(s_target[mask].float(), aligned(t_target).float())
-            if use_logits:
-                s_logits = self.original_logits(s_final[mask])
-                with torch.no_grad():
-                    t_logits = self.original_logits(aligned(t_final))
-                if "MSE-on-logits" in self.losses:
-                    parts["MSE-on-logits"] = F.mse_loss(s_logits, t_logits)
-                if "KL-on-logits" in self.losses:
-                    parts["KL-on-logits"] = F.kl_div(
-                        F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), reduction="batchmean", log_target=True
-                    )
-            if use_new_outputs:
-                at = new_token_positions(student_ids, mask, batch["teacher_ids"].to(device), index, self.new_start)
-                target_dists = teacher_targets(at, t_final, self.original_logits, len(self.rows.input))
-                out_rows = self.rows.input if self.tied else self.rows.output
-                s_logits = self.full_logits(s_final[at.batch, at.student], out_rows)
-                summed = summed_kl(target_dists, s_logits)
-                if self.new_token_output_positions == "all":
-                    leaking = s_final[:, :-1][before_old_tokens(student_ids, mask, self.new_start)].detach()
-                    summed = summed + leaked_kl(leaking, out_rows, self.original_logits)
-                parts[NEW_TOKEN_OUTPUT_LOSS] = summed / mask.sum()
-            for name, value in parts.items():
-                loss = loss + (self.new_token_output_weight * value if name == NEW_TOKEN_OUTPUT_LOSS else value)
-
-            if use_ce or train_output_with_ce:
-                targets = student_ids[:, 1:][mask[:, 1:]]
-                positions = mask[:, 1:]
-            if use_ce:
-                # an untied model's output rows learn only from their own CE term below
-                out_rows = self.rows.input if self.tied else self.rows.output.detach()
-                ce = F.cross_entropy(self.full_logits(s_final[:, :-1][positions], out_rows), targets)
-                parts["CE"] = ce
-                if "CE" in self.losses:
-                    loss = loss + ce
-                if "CE-auto-weighted" in self.losses:
-                    loss = loss + ce * (loss.detach() / ce.detach().clamp_min(1e-12))
-            if train_output_with_ce:
-                # gradient reaches only the output rows: hidden states are detached
-                hidden = s_final[:, :-1][positions].detach()
-                parts["CE-output-rows"] = F.cross_entropy(self.full_logits(hidden, self.rows.output), targets)
-                loss = loss + parts["CE-output-rows"]
+            for term in terms:
+                parts[term.part] = value = term.compute(states)
+                loss = loss + term.weighted(value, loss, states)
 
         # the share of the student's positions taken from the teacher's prefix, not run
         skipped = mask[:, :split].sum() / mask.sum()

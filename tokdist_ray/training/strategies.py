@@ -31,6 +31,7 @@ from tokdist_ray.training.checkpoint import (
     split_optimizer_state,
     write_slice,
 )
+from tokdist_ray.training.losses import LOGITS, needed
 from tokdist_ray.training.sparse_exchange import sparse_rows_hook
 from tokdist_ray.training.step import TokenDistiller, truncated_decoder
 
@@ -233,7 +234,6 @@ ROW_TRAINING_BYTES = 16
 # Activation bytes per token, layer and hidden unit kept for the backward pass of a
 # decoder layer in 16-bit (Korthikanti et al. 2022, without attention scores: SDPA).
 ACTIVATION_BYTES_PER_HIDDEN = 34
-_LOGIT_LOSSES = {"MSE-on-logits", "KL-on-logits", "CE", "CE-auto-weighted"}
 
 
 @dataclass(frozen=True)
@@ -275,7 +275,7 @@ def memory_need(model_path: str, dtype: torch.dtype, n_new: int, cfg, tokens_per
     tokens = cfg.batch_size * tokens_per_snippet
     scale = max(1, dtype.itemsize // 2)  # the per-token figure is for 16-bit activations
     activations = tokens * depth * hidden * ACTIVATION_BYTES_PER_HIDDEN * scale
-    if _LOGIT_LOSSES & set(cfg.loss_methods) or trains_output_rows:
+    if LOGITS in needed(cfg.loss_methods) or trains_output_rows:
         activations += 3 * tokens * (vocab + n_new) * 4  # fp32 logits, student and teacher, and a softmax
         if dtype.itemsize < 4:  # output_side.head_logits multiplies in fp32: a copy of the head, kept for backward
             activations += vocab * hidden * 4
