@@ -51,6 +51,7 @@ from tokdist_ray.training.batching import align_snippets
 from tokdist_ray.training.distilled_rows import DistilledRows, FittedRows, positions_per_token, training_record
 from tokdist_ray.training.fit_hook import OutputFit
 from tokdist_ray.training.loop import train_local
+from tokdist_ray.training.losses import check_methods
 from tokdist_ray.training.output_fit import NOT_FITTED
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.step import TokenDistiller, bf16_supported
@@ -211,6 +212,7 @@ class TokenDistillation:
         check_snippet_counts(snippet_len, per_token, min_per_token)
         if not isinstance(training, DistillationConfig):
             raise ConfigError(f"training must be a DistillationConfig, not {type(training).__name__}")
+        check_methods(training.loss_methods)
         if not isinstance(output_fit, OutputFitConfig):
             raise ConfigError(f"output_fit must be an OutputFitConfig, not {type(output_fit).__name__}")
         if not isinstance(data, (GeneratedDataSource, HFDataSource, FileDataSource)):

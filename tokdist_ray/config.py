@@ -5,8 +5,11 @@ The first block of each class mirrors the reference project's API field for fiel
 options follow. Two defaults differ by measurement: DistillationConfig.loss_methods adds
 KL-on-new-token-outputs to the reference's MSE-on-hiddens (pass ["MSE-on-hiddens"] for
 the reference's), and an untied model's new output rows are its first pieces' output
-rows (OutputEmbeddingInit.FIRST_PIECE) where the reference trains them (TRAIN_WITH_CE). Every setting is validated here, once, and this module imports neither
-torch nor transformers, so a config is checked before any heavy import or Ray start.
+rows (OutputEmbeddingInit.FIRST_PIECE) where the reference trains them (TRAIN_WITH_CE).
+Every setting is validated here, once, except the loss names, which the registry of
+losses checks (training/losses.py: `check_methods`, called by the API, the job and the
+trainer before any work). This module imports neither torch nor transformers, so a
+config is checked before any heavy import or Ray start.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from typing import Callable, Sequence
 import pyarrow.fs
 
 from tokdist_ray.errors import ConfigError
-from tokdist_ray.training.losses import LOSSES, NEW_TOKEN_OUTPUT_LOSS  # torch-free: the names and what they read
 
+NEW_TOKEN_OUTPUT_LOSS = "KL-on-new-token-outputs"  # training/losses.py: NewTokenOutputKL
 LR_SCHEDULES = ("constant", "linear")
 BATCH_GROUPINGS = ("first_new_token", "random")
 NEW_TOKEN_OUTPUT_POSITIONS = ("new_tokens", "all")
@@ -52,14 +55,9 @@ def output_emb_policy(value: OutputEmbeddingInit | str) -> OutputEmbeddingInit:
 
 
 def loss_methods(value: Sequence[str] | str) -> tuple[str, ...]:
-    methods = (value,) if isinstance(value, str) else tuple(value)  # one method given as a bare string
-    unknown = [m for m in methods if m not in LOSSES]
-    if unknown or not methods:
-        raise ConfigError(f"unknown loss method(s) {unknown or '(none given)'}; choose from {tuple(LOSSES)}")
-    others = tuple(m for m in LOSSES if m not in ("CE", "CE-auto-weighted"))
-    if "CE-auto-weighted" in methods and not set(methods) & set(others):
-        raise ConfigError(f"CE-auto-weighted scales CE to another loss: combine it with one of {others}")
-    return methods
+    """The loss names as a tuple (one may be given as a bare string); training/losses.py
+    checks them against its registry."""
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def positive_number(name: str, value, optional: bool = False) -> None:

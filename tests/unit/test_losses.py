@@ -7,10 +7,11 @@ import torch
 from tests.helpers import tiny_setup
 from tokdist_ray.config import NEW_TOKEN_OUTPUT_LOSS, DistillationConfig, OutputEmbeddingInit
 from tokdist_ray.errors import ConfigError
+from tokdist_ray.job.config import load_config, parse_overrides
 from tokdist_ray.training import output_side
 from tokdist_ray.training import step as distill
 from tokdist_ray.training.batching import collate
-from tokdist_ray.training.losses import FINAL, LOGITS, LOSSES, TARGET, Loss
+from tokdist_ray.training.losses import FINAL, LOGITS, LOSSES, TARGET, Loss, check_methods
 from tokdist_ray.training.strategies import memory_need
 
 
@@ -68,11 +69,15 @@ def test_the_losses_declare_what_they_read(tiny_model_dir, monkeypatch, name, ru
 @pytest.mark.parametrize("methods,unknown", [(["MSE", "CE"], ["MSE"]), (["mse-on-hiddens"], ["mse-on-hiddens"]),
                                              ([], "(none given)")])
 def test_unknown_loss_names_are_refused_with_the_known_ones(tiny_model_dir, methods, unknown):
-    for build in (lambda: DistillationConfig(loss_methods=methods),
-                  lambda: tiny_setup(tiny_model_dir(tied=True), losses=methods)):
+    # refused before any work: as the job's config is loaded, as the API's run checks it, by the step itself
+    job = ["--tokens.list", " a", "--data.paths", "docs", "--training.loss_methods", ",".join(methods)]
+    for build in ([lambda: load_config(None, parse_overrides(job))] if methods else []) + [
+            lambda: check_methods(DistillationConfig(loss_methods=methods).loss_methods),
+            lambda: tiny_setup(tiny_model_dir(tied=True), losses=methods)]:
         with pytest.raises(ConfigError) as caught:
             build()
-        assert str(caught.value) == f"unknown loss method(s) {unknown}; choose from {tuple(LOSSES)}"
+        assert str(caught.value).removeprefix("training: ") == \
+            f"unknown loss method(s) {unknown}; choose from {tuple(LOSSES)}"
     assert NEW_TOKEN_OUTPUT_LOSS in LOSSES and "CE-auto-weighted" in str(caught.value)
 
 
@@ -90,7 +95,7 @@ def test_a_registered_loss_is_validated_computed_and_planned(tiny_model_dir, mon
     monkeypatch.setitem(LOSSES, StudentLogSumExp.name, StudentLogSumExp())
     methods = ["MSE-on-hiddens", StudentLogSumExp.name]
     cfg = DistillationConfig(loss_methods=methods, batch_size=4)
-    assert "toy-logsumexp" in str(pytest.raises(ConfigError, DistillationConfig, loss_methods=["toy"]).value)
+    assert "toy-logsumexp" in str(pytest.raises(ConfigError, check_methods, ["toy"]).value)
 
     distiller, examples, _ = tiny_setup(tiny_model_dir(tied=True), losses=methods)
     batch = collate(examples)

@@ -39,6 +39,7 @@ from tokdist_ray.config import (
 )
 from tokdist_ray.data.budget import BUDGETS
 from tokdist_ray.errors import ConfigError
+from tokdist_ray.training.losses import check_methods
 
 TOKEN_SOURCES = ("list", "file", "target_tokenizer", "from_corpus")
 SELECTIONS = ("bpe", "words")
@@ -172,6 +173,10 @@ class JobConfig:
             raise ConfigError("data.dataset_path is required for data.source: hf (e.g. HuggingFaceFW/fineweb-2)")
         if self.tokens.from_corpus and self.data.source == "generated":
             raise ConfigError("tokens.from_corpus needs a corpus; set data.source to files or hf")
+        try:
+            check_methods(self.training.loss_methods)
+        except ConfigError as e:
+            raise ConfigError(f"training: {e}") from None
         return self
 
 

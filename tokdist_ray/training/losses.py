@@ -9,14 +9,17 @@ validation read the same registry.
 To add a loss: write its class here, add it to LOSSES (above CE-auto-weighted), and test
 it in tests/unit/test_losses.py (its formula in `_formulas`).
 
-No torch at import: config.py validates loss names against LOSSES before any heavy import,
-so the computations import torch where they run.
+No torch at import: the job and the API check loss names against LOSSES (check_methods)
+before any heavy import, so the computations import torch where they run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+from tokdist_ray.config import NEW_TOKEN_OUTPUT_LOSS
+from tokdist_ray.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -134,7 +137,7 @@ class NewTokenOutputKL(Loss):
     moved onto it (output_side.py). Its LM head runs only at those positions, so it does not
     read LOGITS; its sum over them is averaged over all student positions, like the MSE."""
 
-    name, needs = "KL-on-new-token-outputs", frozenset({FINAL})
+    name, needs = NEW_TOKEN_OUTPUT_LOSS, frozenset({FINAL})
     trains_output_rows = True
 
     def compute(self, states: States) -> torch.Tensor:
@@ -210,7 +213,17 @@ LOSSES: dict[str, Loss] = {loss.name: loss for loss in (
     CE(),
     CEAutoWeighted(),  # last: it scales CE to the terms above it
 )}
-NEW_TOKEN_OUTPUT_LOSS = NewTokenOutputKL.name
+
+
+def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    """`methods` (DistillationConfig.loss_methods) if every name is registered and they combine."""
+    unknown = [m for m in methods if m not in LOSSES]
+    if unknown or not methods:
+        raise ConfigError(f"unknown loss method(s) {unknown or '(none given)'}; choose from {tuple(LOSSES)}")
+    others = tuple(m for m in LOSSES if m not in ("CE", "CE-auto-weighted"))
+    if "CE-auto-weighted" in methods and not set(methods) & set(others):
+        raise ConfigError(f"CE-auto-weighted scales CE to another loss: combine it with one of {others}")
+    return tuple(methods)
 
 
 def needed(names: Iterable[str]) -> frozenset[str]:

@@ -45,6 +45,7 @@ from tokdist_ray.raycluster import connect
 from tokdist_ray.storage import absolute
 from tokdist_ray.training.distilled_rows import TRAINING_RECORD
 from tokdist_ray.training.fit_hook import OutputFit
+from tokdist_ray.training.losses import check_methods
 from tokdist_ray.training.run_manifest import RunDirectory, manifest
 from tokdist_ray.training.strategies import choose_strategy
 from tokdist_ray.training.worker import train_worker
@@ -224,6 +225,7 @@ def _plan(model_path, snippets_path, expansion, distilled, rows_dir, training, d
         raise TypeError(f"training must be a DistillationConfig, not {type(training).__name__}")
     if not isinstance(dist, DistributedConfig):
         raise TypeError(f"dist must be a DistributedConfig, not {type(dist).__name__}")
+    check_methods(training.loss_methods)
     if not isinstance(expansion, MergeExpansion) or not expansion.tokens:
         raise ValueError("expansion must be a MergeExpansion with new tokens (see vocab.merges.expand_with_merges)")
     texts = [t.text for t in expansion.tokens]

@@ -20,9 +20,8 @@ import torch
 from torch import nn
 
 from tokdist_ray.config import DistillationConfig
-from tokdist_ray.config import loss_methods as checked_losses
 from tokdist_ray.preflight import check_target_layer
-from tokdist_ray.training.losses import LOSSES, Loss, OutputRowsCE, States, depths
+from tokdist_ray.training.losses import LOSSES, Loss, OutputRowsCE, States, check_methods, depths
 from tokdist_ray.training.output_side import head_logits
 from tokdist_ray.vocab.models import cache_argument
 
@@ -132,7 +131,7 @@ class TokenDistiller(nn.Module):
         new_token_output_positions: str = "new_tokens",
     ):
         super().__init__()
-        loss_methods = checked_losses(loss_methods)
+        loss_methods = check_methods(loss_methods)
         self.model = model
         self.rows = rows
         self.new_start = new_start
