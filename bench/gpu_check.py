@@ -13,7 +13,7 @@ moments (gpu_check_runs.PrecisionProbe).
              installed, as on the device machine unless bench/wheels comes along): same
     resume   DDP and ZeRO-3 restarted from their checkpoint at step 8: rows equal the
              uninterrupted runs'
-    export   vocab.streamed_export of the trained rows, loaded back by transformers
+    export   export.streamed of the trained rows, loaded back by transformers
     fit      the output fit (output_fit.fit_on_text) on a tiny Llama with a trained BPE
              tokenizer: held-back loss falls, fitted rows fp32, input rows untouched
     eval     shard 1 of 2 of the held-out evaluation (eval.heldout.score_part) with the
@@ -73,8 +73,9 @@ from gpu_check_runs import (
 )
 from gpu_check_text import EVAL_SHARDS, TextModel, build_text_model, evaluation_shard, fit_output
 
-from tokdist_ray.training.checkpoint import checkpoint_name, read_rows
+from tokdist_ray.training.checkpoint import checkpoint_name
 from tokdist_ray.training.step import bf16_supported
+from tokdist_ray.vocab.weights import read_rows
 
 # Rows of two runs may differ by this share of how far training moved them: fp32 round-off,
 # or bf16 (kernels picked by batch shape, DeepSpeed's bf16 copy of the rows) when autocast is on.

@@ -30,16 +30,14 @@ import pyarrow as pa
 import torch
 
 from tokdist_ray.config import DistillationConfig, OutputEmbeddingInit
+from tokdist_ray.export.model import ROWS
 from tokdist_ray.training.checkpoint import (
-    ROWS,
     Progress,
     checkpoint_name,
     read_checkpoint,
     read_progress,
-    read_rows,
     write_checkpoint,
     write_progress,
-    write_rows,
 )
 from tokdist_ray.training.loop import SnippetIds, train_loop
 from tokdist_ray.training.rows import initial_rows
@@ -49,6 +47,7 @@ from tokdist_ray.training.strategies import Local, model_dtype
 from tokdist_ray.vocab.alignment import PieceAligner
 from tokdist_ray.vocab.models import load_model
 from tokdist_ray.vocab.tokens import NewToken
+from tokdist_ray.vocab.weights import read_rows, write_rows
 
 FAIL_STEP = "TOKDIST_GPU_CHECK_FAIL_STEP"  # set by gpu_check.py --fail-at for the stage it names
 # the job's default for an untied model such as Llama-3 (job.config.OutputConfig): the first
@@ -304,12 +303,12 @@ def rows_gap(rows: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], 
 
 
 def export_round_trip(data: CheckData, rows: dict[str, torch.Tensor], out: Path) -> dict:
-    """Write the tiny model with `rows` by vocab.streamed_export, load it back with
+    """Write the tiny model with `rows` by export.streamed, load it back with
     transformers and check every row: old rows as they were, new rows as trained, and a
     forward pass over new ids."""
     from transformers import AutoModelForCausalLM
 
-    from tokdist_ray.vocab.streamed_export import export_streamed
+    from tokdist_ray.export.streamed import export_streamed
 
     fail_if_injected(1, 0)  # the export has no steps: --fail-at export fails it here
     exported = export_streamed(data.model_dir, data.new_start, rows, out)

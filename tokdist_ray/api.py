@@ -43,10 +43,13 @@ from tokdist_ray.data.mining import mine_corpus
 from tokdist_ray.data.snippets import snippets_to_table
 from tokdist_ray.errors import ConfigError
 from tokdist_ray.eval.heldout import Evaluation, evaluate_export
+from tokdist_ray.export.gguf import GgufOptions, check_exportable, tokenizer_json_of
+from tokdist_ray.export.hf import expand_model
+from tokdist_ray.export.model import check_out_dir, save_model
 from tokdist_ray.preflight import check_export_space, check_target_layer, check_writable_dir, model_config
 from tokdist_ray.raycluster import ray_is_running
 from tokdist_ray.report import expansion_report
-from tokdist_ray.stages import check_out_dir, collect_snippets, expand_tokens, fit_text, save_model, split_by_snippets
+from tokdist_ray.stages import collect_snippets, expand_tokens, fit_text, split_by_snippets
 from tokdist_ray.training.batching import align_snippets
 from tokdist_ray.training.distilled_rows import DistilledRows, FittedRows, positions_per_token, training_record
 from tokdist_ray.training.fit_hook import OutputFit
@@ -56,8 +59,6 @@ from tokdist_ray.training.output_fit import NOT_FITTED
 from tokdist_ray.training.rows import initial_rows
 from tokdist_ray.training.step import TokenDistiller, bf16_supported
 from tokdist_ray.vocab.alignment import PieceAligner
-from tokdist_ray.vocab.export import expand_model
-from tokdist_ray.vocab.gguf_export import GgufOptions, check_exportable, tokenizer_json_of
 from tokdist_ray.vocab.merges import MERGES, MergeExpansion
 from tokdist_ray.vocab.models import cache_root, load_model, load_tokenizer
 from tokdist_ray.vocab.tokens import NewToken
@@ -135,7 +136,7 @@ class TokenDistillation:
         snippets.seed): the same snippets whether or not Ray runs. `evaluate` then
         measures the result on held-out text. `gguf=True` (with save) also writes
         `out_path/model.gguf` for llama.cpp, its weights in `gguf_dtype`; `gguf_pre` names
-        llama.cpp's pre-tokenizer where the export cannot tell it (vocab/gguf_export.py).
+        llama.cpp's pre-tokenizer where the export cannot tell it (export/gguf.py).
         With a corpus, the new output rows are then fitted to its text (`output_fit`,
         training/output_fit.py; `OutputFitConfig(enabled=False)` keeps the distilled ones):
         the returned model of a tied one is untied.

@@ -27,7 +27,7 @@ GGUF_BYTES = {"f16": 2, "bf16": 2, "f32": 4}  # per weight, of output.gguf_dtype
 # The Hugging Face format's weight files (transformers' SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME)
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-# The file only a finished export has (training.checkpoint.ROWS, the export's atomic_directory
+# The file only a finished export has (export.model.ROWS, the export's atomic_directory
 # marker); tests/unit/test_layering.py checks that the two names agree
 EXPORT_MARKER = "new_rows.safetensors"
 

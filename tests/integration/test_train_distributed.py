@@ -19,7 +19,7 @@ from tokdist_ray.config import DistillationConfig, DistributedConfig, OutputEmbe
 from tokdist_ray.data.local_mining import mine_snippets
 from tokdist_ray.data.snippets import snippets_to_table
 from tokdist_ray.errors import RunConflictError
-from tokdist_ray.stages import save_model
+from tokdist_ray.export.model import save_model
 from tokdist_ray.training.batching import align_snippets
 from tokdist_ray.training.distilled_rows import read_distilled, read_fitted
 from tokdist_ray.training.fit_hook import OutputFit

@@ -17,9 +17,8 @@ from tests.helpers import WORDS
 from tokdist_ray import atomic
 from tokdist_ray.atomic import atomic_directory, atomic_write_text
 from tokdist_ray.errors import OutputWriteError, TokdistError
-from tokdist_ray.stages import save_model
-from tokdist_ray.training.checkpoint import ROWS
-from tokdist_ray.vocab.gguf_export import GGUF_FILE, GgufOptions, export_gguf
+from tokdist_ray.export.gguf import GGUF_FILE, GgufOptions, export_gguf
+from tokdist_ray.export.model import ROWS, save_model
 from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.models import materialise_gguf
 
@@ -64,7 +63,7 @@ def test_a_reexport_that_fails_midway_leaves_the_previous_export_as_it_was(expor
 
     def fail(*args, **kwargs):
         raise Killed  # after the shards, the tokenizer and report.json were written
-    monkeypatch.setattr("tokdist_ray.stages.write_rows", fail)
+    monkeypatch.setattr("tokdist_ray.export.model.write_rows", fail)
     with pytest.raises(Killed):
         export(out, seed=2)
 
@@ -109,9 +108,9 @@ def test_the_gguf_cache_has_plain_modes(tiny_model_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("where,error", [
-    ("tokdist_ray.vocab.streamed_export.save_file",  # what safetensors raises for ENOSPC
+    ("tokdist_ray.export.streamed.save_file",  # what safetensors raises for ENOSPC
      SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")),
-    ("tokdist_ray.stages.export_gguf", OSError(28, "No space left on device", "model.gguf")),
+    ("tokdist_ray.export.model.export_gguf", OSError(28, "No space left on device", "model.gguf")),
 ])
 def test_a_full_disk_is_one_clear_error_and_the_previous_export_stays(export, tmp_path, monkeypatch, where, error):
     out = tmp_path / "model"

@@ -17,7 +17,7 @@ from tokdist_ray.eval.bits_per_byte import (
     summarise,
     token_log_probs,
 )
-from tokdist_ray.vocab.export import expand_model
+from tokdist_ray.export.hf import expand_model
 from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.models import load_model
 
@@ -214,7 +214,7 @@ def test_methods_and_another_tools_model_dir_are_scored_on_the_same_chunks(tiny_
     (no copy), and a saved model directory (as another tool would hand it over) on its
     own tokenizer."""
     from tokdist_ray.eval.bits_per_byte import score_methods
-    from tokdist_ray.vocab.export import save_expanded
+    from tokdist_ray.export.hf import save_expanded
 
     model_dir = tiny_model_dir(tied=True)
     model, tokenizer = load_model(model_dir), AutoTokenizer.from_pretrained(model_dir)

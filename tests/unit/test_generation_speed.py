@@ -12,7 +12,7 @@ from tokdist_ray.eval.generation import (
     original_vocabulary,
     prompts_from,
 )
-from tokdist_ray.vocab.export import expand_model
+from tokdist_ray.export.hf import expand_model
 from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.models import load_model
 

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from tests.helpers import SENTENCES, WORDS
 from tokdist_ray.errors import ExportError
-from tokdist_ray.stages import save_model
-from tokdist_ray.vocab import gguf_export
-from tokdist_ray.vocab.gguf_export import GGUF_FILE, GgufOptions, check_exportable, export_gguf
+from tokdist_ray.export import gguf as gguf_export
+from tokdist_ray.export.gguf import GGUF_FILE, GgufOptions, check_exportable, export_gguf
+from tokdist_ray.export.model import save_model
 from tokdist_ray.vocab.merges import expand_with_merges
 
 HELD_OUT = "A Schmetterling rested on the roof of the Krankenwagen while 23 children watched from the bridge."

@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import WORDS
-from tokdist_ray import stages
 from tokdist_ray.errors import ModelNotFoundError
-from tokdist_ray.stages import save_model
-from tokdist_ray.vocab.export import expand_model
+from tokdist_ray.export import model as export_model
+from tokdist_ray.export.hf import expand_model
+from tokdist_ray.export.model import save_model
 from tokdist_ray.vocab.merges import expand_with_merges
-from tokdist_ray.vocab.streamed_export import INDEX, shards_of
+from tokdist_ray.vocab.weights import INDEX, shards_of
 
 REPO = "tiny-org/tiny-llama"
 COMMIT = hashlib.sha1(b"tiny-llama").hexdigest()
@@ -55,8 +55,8 @@ def whole_model_load_refused(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the export loaded the whole model")
 
-    monkeypatch.setattr(stages, "load_model", refuse)
-    monkeypatch.setattr(stages, "expand_model", refuse)
+    monkeypatch.setattr(export_model, "load_model", refuse)
+    monkeypatch.setattr(export_model, "expand_model", refuse)
 
 
 def cache_repo(cache: Path, files: dict[str, bytes], listed: dict[str, int] | None = None) -> None:

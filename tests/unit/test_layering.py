@@ -54,7 +54,7 @@ def test_the_contracts_catch_upward_imports_cycles_and_imports_between_siblings(
     _append(package / "errors.py", "\n\ndef _upward():\n    from tokdist_ray.job import cli  # noqa: F401\n")
     _append(package / "data" / "generation" / "vllm_backend.py",
             "\n\ndef _back_to_the_driver():\n    from tokdist_ray.data.generation import ray_backend  # noqa: F401\n")
-    # tokdist_ray.export: training's independent sibling, checked once the package exists
+    # tokdist_ray.export: training's independent sibling
     _append(package / "export" / "__init__.py", "\n\ndef _sideways():\n    import tokdist_ray.training.rows  # noqa: F401\n")
 
     run = lint_imports(tmp_path)
@@ -75,7 +75,7 @@ def test_the_file_names_preflight_keeps_below_training_are_their_owners():
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
     from tokdist_ray import preflight
-    from tokdist_ray.training.checkpoint import ROWS
+    from tokdist_ray.export.model import ROWS
 
     assert (preflight.INDEX, preflight.SINGLE) == (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME)
     assert preflight.EXPORT_MARKER == ROWS

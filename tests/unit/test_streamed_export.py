@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tokdist_ray.vocab.export import expand_model
-from tokdist_ray.vocab.streamed_export import export_streamed, shards_of
+from tokdist_ray.export.hf import expand_model
+from tokdist_ray.export.streamed import export_streamed
+from tokdist_ray.vocab.weights import shards_of
 
 
 def tensors(directory) -> dict[str, torch.Tensor]:

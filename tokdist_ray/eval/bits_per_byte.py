@@ -34,8 +34,8 @@ from tokdist_ray.eval import shards
 from tokdist_ray.eval.drift import baseline_rows
 from tokdist_ray.eval.metrics import Metric, Part
 from tokdist_ray.eval.plots import pyplot, save
+from tokdist_ray.export.hf import write_method_rows
 from tokdist_ray.training.output_side import VOCAB_SLICE
-from tokdist_ray.vocab.export import write_method_rows
 from tokdist_ray.vocab.models import load_model, load_tokenizer, ties_word_embeddings
 from tokdist_ray.vocab.special import start_token
 

@@ -22,7 +22,7 @@ from tokdist_ray.eval.bits_per_byte import heldout_chunks
 from tokdist_ray.eval.compression import leading_texts
 from tokdist_ray.eval.metrics import Metric, Part
 from tokdist_ray.eval.plots import pyplot, save
-from tokdist_ray.vocab.export import write_method_rows
+from tokdist_ray.export.hf import write_method_rows
 from tokdist_ray.vocab.special import start_token
 
 log = logging.getLogger("tokdist_ray")

@@ -20,7 +20,7 @@ def check_job(config: JobConfig, exports: bool = True) -> None:
     # not in a worker
     check_model(config.model, config.training.target_layer, config.trust_remote_code)
     if exports:
-        from tokdist_ray.stages import check_out_dir
+        from tokdist_ray.export.model import check_out_dir
 
         check_out_dir(config.model_dir)  # someone's own folder is refused now, not after training
         gguf_dtype = config.output.gguf_dtype if config.output.gguf else None
@@ -36,8 +36,8 @@ def check_gguf_export(config: JobConfig) -> None:
     training, not after it (reads the config and tokenizer, no weights)."""
     if not config.output.gguf:
         return
+    from tokdist_ray.export.gguf import check_exportable, tokenizer_json_of
     from tokdist_ray.preflight import model_config
-    from tokdist_ray.vocab.gguf_export import check_exportable, tokenizer_json_of
     from tokdist_ray.vocab.models import load_tokenizer
 
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)

@@ -44,7 +44,7 @@ from tokdist_ray.training.losses import check_methods
 TOKEN_SOURCES = ("list", "file", "target_tokenizer", "from_corpus")
 SELECTIONS = ("bpe", "words")
 TOKENIZER_MODES = ("merges", "added_tokens")  # vocab.merges.MODES, without importing transformers
-GGUF_DTYPES = ("f16", "bf16", "f32")  # vocab.gguf_export.DTYPES, without importing torch
+GGUF_DTYPES = ("f16", "bf16", "f32")  # export.gguf.DTYPES, without importing torch
 # the job's stages in the order they run (tokdist_ray/stages.py: the work they share with the API)
 STAGES = ("tokens", "snippets", "distill", "fit", "export", "evaluate")
 GGUF_OPTIONS = ("gguf", "gguf_dtype", "gguf_pre")  # of OutputConfig: how the model is exported, not trained

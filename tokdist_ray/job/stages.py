@@ -16,14 +16,15 @@ from tokdist_ray.atomic import read_json, write_json
 from tokdist_ray.config import FileDataSource, HFDataSource, output_emb_policy
 from tokdist_ray.console import StageProgress, worker_env
 from tokdist_ray.data.budget import quota_summary, snippet_quota
+from tokdist_ray.export.gguf import GGUF_FILE, GgufOptions
+from tokdist_ray.export.model import save_model
 from tokdist_ray.job.config import JobConfig
 from tokdist_ray.report import expansion_report
-from tokdist_ray.stages import collect_snippets, expand_tokens, fit_text, save_model, split_by_snippets
+from tokdist_ray.stages import collect_snippets, expand_tokens, fit_text, split_by_snippets
 from tokdist_ray.training.distilled_rows import DISTILLED_ROWS, FIT_RECORD, FITTED_ROWS, TRAINING_RECORD
 from tokdist_ray.training.fit_hook import OutputFit
 from tokdist_ray.training.output_fit import NOT_FITTED
 from tokdist_ray.vocab.expansion_files import expansion_summary, save_expansion
-from tokdist_ray.vocab.gguf_export import GGUF_FILE, GgufOptions
 from tokdist_ray.vocab.merges import MergeExpansion
 from tokdist_ray.vocab.models import load_tokenizer
 from tokdist_ray.vocab.selection import frequent_fragmented_words
@@ -194,11 +195,12 @@ def fitted_rows(rows_dir: str, fit: OutputFit | None) -> dict:
 
 
 def export_model(config: JobConfig, expansion: MergeExpansion, snippets: dict, distilled: dict, fitted: dict) -> dict:
-    """Write the expanded model (stages.save_model: streamed, shard by shard) in a Ray task,
+    """Write the expanded model (export.model.save_model: streamed, shard by shard) in a Ray task,
     so the driver holds no weights, with report.json from the records of the earlier stages."""
     import ray
 
-    from tokdist_ray.training.checkpoint import ROWS, read_rows
+    from tokdist_ray.export.model import ROWS
+    from tokdist_ray.vocab.weights import read_rows
 
     record = read_json(Path(distilled["rows_dir"]) / TRAINING_RECORD)
     report = expansion_report(

@@ -42,7 +42,6 @@ from tokdist_ray.training.progress import TrainingHistory
 from tokdist_ray.training.run_manifest import CHECKPOINT_PREFIX
 
 PROGRESS = "progress.json"
-ROWS = "new_rows.safetensors"  # the whole rows, as the export writes them
 ROW_SLICES = "new_rows"  # + -{rank}-of-{world}.safetensors
 MOMENTS = "moments"  # the per-row optimizer state (AdamW's moments) in slices, as ROW_SLICES
 OPTIMIZER_DIR = "optimizer"
@@ -288,14 +287,6 @@ def check_finite(rows: dict[str, torch.Tensor | None], step: int) -> None:
                 f"training diverged: by step {step}, {bad} of {len(values)} new {side} rows hold inf or nan, so "
                 "nothing was saved; lower training.learning_rate (or use lr_schedule linear with warmup) and run again"
             )
-
-
-def write_rows(path: Path, rows: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in rows.items()}, str(path))
-
-
-def read_rows(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
 
 
 def rng_state() -> dict:

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import torch
 
 from tokdist_ray.atomic import atomic_write_text
-from tokdist_ray.training.checkpoint import read_rows, write_rows
+from tokdist_ray.vocab.weights import read_rows, write_rows
 
 DISTILLED_ROWS = "distilled_rows.safetensors"
 TRAINING_RECORD = "training.json"

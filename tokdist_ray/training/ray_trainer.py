@@ -12,7 +12,7 @@ The driver validates the arguments, picks the strategy (strategies.choose_strate
 claims the run in checkpoint storage (run_manifest), and starts a TorchTrainer whose
 workers run worker.train_worker. Rank 0 writes the rows and their record to `rows_dir`
 (distilled_rows.py); Ray's `Result.metrics` is not relied on. The export is a stage of
-its own (stages.save_model).
+its own (export.model.save_model).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import torch
 from tokdist_ray.atomic import give_plain_modes, partial_dir
 from tokdist_ray.console import quiet_deepspeed_cpu_notice
 from tokdist_ray.errors import ModelNotFoundError
-from tokdist_ray.vocab.streamed_export import shards_of
+from tokdist_ray.vocab.weights import shards_of
 
 log = logging.getLogger("tokdist_ray")
 BUNDLED_SMOLLM2 = "bundled:smollm2"

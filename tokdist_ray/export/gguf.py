@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 
 from tokdist_ray.errors import ExportError
-from tokdist_ray.vocab.streamed_export import shards_of
+from tokdist_ray.vocab.weights import shards_of
 
 log = logging.getLogger("tokdist_ray")
 

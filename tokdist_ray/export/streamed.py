@@ -14,17 +14,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
+from tokdist_ray.vocab.weights import INDEX, SINGLE
+
 CARRIED = ("generation_config.json",)  # written by save_pretrained too
-
-
-def shards_of(model_dir: str | Path) -> list[str] | None:
-    """The safetensors files of a local HF model directory, or None when it has none."""
-    root = Path(model_dir)
-    if (root / INDEX).is_file():
-        return sorted(set(json.loads((root / INDEX).read_text())["weight_map"].values()))
-    return [SINGLE] if (root / SINGLE).is_file() else None
 
 
 def embedding_names(config) -> tuple[str, str | None]:
