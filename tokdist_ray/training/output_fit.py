@@ -4,9 +4,8 @@ Distillation makes a new token's input row act like its pieces. Its output row d
 much probability the expanded model gives the token, at every position. The old rows stay
 frozen, so the old piece sequence keeps its probability: a new token's logit has to be
 high where it follows and low where its first piece is likely but something else follows.
-Rows set from the pieces cannot know that (README, "Language shift": the first piece's row
-predicts the new tokens as well as the original predicted their pieces, yet leaks mass
-onto them everywhere else).
+Rows set from the pieces cannot know that: the first piece's row predicts a new token
+where it follows, yet leaks mass onto it everywhere else the piece is likely.
 
 The fit maximises the expanded model's likelihood of corpus text in its own tokenisation
 over the new output rows alone. Every hidden state and old logit is then fixed, and the
