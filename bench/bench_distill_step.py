@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from tokdist_ray.config import DistillationConfig
-from tokdist_ray.data.local_mining import mine_snippets
+from tokdist_ray.data.mining.local_mining import mine_snippets
 from tokdist_ray.data.snippets import bos_prefix, window_around
 from tokdist_ray.training.batching import align_snippets, collate
 from tokdist_ray.training.rows import pre_init_rows

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_selection import cpu_flags, split_docs  # noqa: E402
 from tokdist_ray.config import DistillationConfig  # noqa: E402
-from tokdist_ray.data.local_mining import mine_snippets  # noqa: E402
+from tokdist_ray.data.mining.local_mining import mine_snippets  # noqa: E402
 from tokdist_ray.training.batching import align_snippets, collate  # noqa: E402
 from tokdist_ray.training.rows import pre_init_rows  # noqa: E402
 from tokdist_ray.training.schedule import SnippetSchedule, first_new_positions, make_optimizer  # noqa: E402

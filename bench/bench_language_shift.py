@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from tokdist_ray.config import FileDataSource
 from tokdist_ray.console import console_logging, quiet_console
-from tokdist_ray.data.corpus import documents
+from tokdist_ray.data.corpus.corpus import documents
 from tokdist_ray.eval.bits_per_byte import heldout_chunks, score_methods
 from tokdist_ray.eval.drift import baseline_rows
 from tokdist_ray.job.config import load_config, parse_overrides

@@ -217,7 +217,7 @@ def start_warm_cluster() -> None:
     def warm() -> int:
         import ray.data  # noqa: F401
 
-        import tokdist_ray.data.mining  # noqa: F401
+        import tokdist_ray.data.mining.mining  # noqa: F401
 
         return os.getpid()
 
@@ -239,7 +239,7 @@ class Run:
 def run_miner(shards, expansion: MergeExpansion, words: list[NewToken], snippet_len, quota, workers) -> Run:
     """`mine_corpus` in the expanded tokenizer's ids; snippets filed per word (the
     reference's tokens; a word the merges skipped has none) and per other new id."""
-    from tokdist_ray.data.mining import mine_corpus
+    from tokdist_ray.data.mining.mining import mine_corpus
 
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
@@ -303,7 +303,7 @@ def print_table(runs: list[Run], quota: int, repeats: int) -> None:
 def learned_tokens(tokenizer, shards: list[str], n: int) -> tuple[list[str], dict]:
     """The next n merges of continued BPE on the pre-token counts of `shards` (counted on
     the running Ray instance), cached with the seconds they took."""
-    from tokdist_ray.data.pre_token_counts import count_pre_tokens
+    from tokdist_ray.data.mining.pre_token_counts import count_pre_tokens
     from tokdist_ray.vocab.bpe_training import continue_bpe
 
     path = cache_root() / f"bench-mining-learned-{n}-{hashlib.sha1(' '.join(shards).encode()).hexdigest()[:8]}.json"
@@ -335,7 +335,7 @@ class ScaleRun:
 
 def mine_at_scale(shards, expansion: MergeExpansion, n: int, quota: int, snippet_len: int, workers: int,
                   count_bystanders: bool) -> ScaleRun:
-    from tokdist_ray.data.mining import mine_corpus
+    from tokdist_ray.data.mining.mining import mine_corpus
 
     with tempfile.TemporaryDirectory() as out, PeakMemory(every_s=0.25) as memory:
         t = time.perf_counter()
@@ -370,8 +370,13 @@ def print_scale_table(runs: list[ScaleRun], snippet_len: int) -> None:
 
 def scanner_at(revision: str):
     """TokenScanner as it was at a git revision, for side-by-side runs."""
-    source = subprocess.run(["git", "show", f"{revision}:tokdist_ray/data/matching.py"], check=True,
-                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    for where in ("tokdist_ray/data/mining/matching.py", "tokdist_ray/data/matching.py"):  # the latter before data/mining/
+        shown = subprocess.run(["git", "show", f"{revision}:{where}"], capture_output=True, text=True,
+                               cwd=Path(__file__).resolve().parents[1])
+        if shown.returncode == 0:
+            break
+    shown.check_returncode()
+    source = shown.stdout
     path = Path(tempfile.mkdtemp()) / f"matching_{revision}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -382,9 +387,9 @@ def scanner_at(revision: str):
 
 def first_parts(shards: list[str], megabytes: float) -> list[list[str]]:
     """The documents of the corpus's first parts in the miners' stream order (seed 0)."""
-    from tokdist_ray.data.corpus_parts import TEXT, corpus_parts, read_part
-    from tokdist_ray.data.files import resolve_files
-    from tokdist_ray.data.ray_corpus import PART_BYTES
+    from tokdist_ray.data.corpus.corpus_parts import TEXT, corpus_parts, read_part
+    from tokdist_ray.data.corpus.files import resolve_files
+    from tokdist_ray.data.corpus.ray_corpus import PART_BYTES
 
     files = resolve_files(shards)
     parts, size = [], 0
@@ -424,7 +429,7 @@ class PartMiner:
 def scanners_side_by_side(parts, expansion: MergeExpansion, revision: str, quota: int, snippet_len: int) -> dict:
     """The scanner at `revision` against today's on the same parts, taking turns part by
     part; their snippets must be the very same."""
-    from tokdist_ray.data.matching import TokenScanner
+    from tokdist_ray.data.mining.matching import TokenScanner
 
     backend, texts = expansion.tokenizer.backend_tokenizer, [t.text for t in expansion.tokens]
     before = scanner_at(revision)(backend, texts, expansion.new_start, snippet_len)

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tokdist_ray import DistillationConfig, FileDataSource, TokenDistillation
-from tokdist_ray.data.local_mining import mine_snippets
+from tokdist_ray.data.mining.local_mining import mine_snippets
 from tokdist_ray.eval.drift import baseline_rows, drift, relative_to
 from tokdist_ray.training.batching import align_snippets
 from tokdist_ray.vocab.alignment import PieceAligner

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokdist_ray.data.local_mining import mine_snippets  # noqa: E402
+from tokdist_ray.data.mining.local_mining import mine_snippets  # noqa: E402
 from tokdist_ray.vocab.alignment import PieceAligner  # noqa: E402
 from tokdist_ray.vocab.bpe_training import continue_bpe, pre_token_counts  # noqa: E402
 from tokdist_ray.vocab.merges import expand_with_merges  # noqa: E402

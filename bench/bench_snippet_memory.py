@@ -14,7 +14,7 @@ import numpy as np
 import psutil
 import pyarrow as pa
 
-from tokdist_ray.data.quota import QuotaLedger
+from tokdist_ray.data.mining.quota import QuotaLedger
 from tokdist_ray.vocab.tokens import NewToken
 
 NEW_START = 49152  # SmolLM2's vocabulary size

@@ -31,7 +31,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tokdist_ray.config import DistillationConfig, DistributedConfig
-from tokdist_ray.data.local_mining import mine_snippets
+from tokdist_ray.data.mining.local_mining import mine_snippets
 from tokdist_ray.data.snippets import snippets_to_table
 from tokdist_ray.training.ray_trainer import distill_distributed
 from tokdist_ray.training.schedule import make_optimizer

@@ -124,8 +124,8 @@ def evaluation_shard(text: TextModel, rows: dict[str, torch.Tensor]) -> tuple[di
     """Shard 0 of EVAL_SHARDS of the held-out evaluation, and the report `shards.merge`
     makes of it; checked for what a shard must hold."""
     from tokdist_ray.config import FileDataSource
-    from tokdist_ray.data.corpus import documents
-    from tokdist_ray.data.local_mining import mine_snippets
+    from tokdist_ray.data.corpus.corpus import documents
+    from tokdist_ray.data.mining.local_mining import mine_snippets
     from tokdist_ray.eval.heldout import Evaluation, score_part
     from tokdist_ray.eval.shards import merge, part
 

@@ -39,7 +39,7 @@ from tokdist_ray.config import (
 )
 from tokdist_ray.console import console_logging
 from tokdist_ray.data.generation.local import generate_snippets
-from tokdist_ray.data.mining import mine_corpus
+from tokdist_ray.data.mining.mining import mine_corpus
 from tokdist_ray.data.snippets import snippets_to_table
 from tokdist_ray.errors import ConfigError
 from tokdist_ray.eval.heldout import Evaluation, evaluate_export

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from tokdist_ray.config import OutputFitConfig
 from tokdist_ray.data.budget import Quota, quota_of
-from tokdist_ray.data.corpus import text_sample
+from tokdist_ray.data.corpus.corpus import text_sample
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA
 from tokdist_ray.vocab.merges import ADDED_TOKENS, SKIP, MergeExpansion, expand_with_merges
 from tokdist_ray.vocab.tokens import NewToken, not_distilled_note, skip_counts, tokens_to_distill
@@ -64,7 +64,7 @@ class Snippets:
 
 def collect_snippets(expansion: MergeExpansion, quota: Quota, mine: Callable[[], object] | None, generate: Generate,
                      top_up: bool) -> Snippets:
-    """Mine (`mine() -> data.mining.MiningResult`, None without a corpus), then generate:
+    """Mine (`mine() -> data.mining.mining.MiningResult`, None without a corpus), then generate:
     every token's quota without a corpus, or with `top_up` what mining left short. Generated
     snippets that `generate` leaves on the cluster stay there (`Snippets.generated`)."""
     tokens = expansion.tokens

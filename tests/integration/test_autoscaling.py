@@ -144,9 +144,9 @@ import json, sys
 import ray, ray.data
 from tokdist_ray import capacity
 from tokdist_ray.config import FileDataSource, GeneratedDataSource
-from tokdist_ray.data import ray_corpus
+from tokdist_ray.data.corpus import ray_corpus
 from tokdist_ray.data.generation import ray_backend, vllm_backend
-from tokdist_ray.data.mining import mine_corpus
+from tokdist_ray.data.mining.mining import mine_corpus
 from tokdist_ray.raycluster import connect
 from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.models import load_tokenizer

@@ -19,16 +19,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from tokdist_ray.config import FileDataSource, HFDataSource
-from tokdist_ray.data import matching
-from tokdist_ray.data.corpus import documents
-from tokdist_ray.data.corpus_parts import corpus_parts, read_part, text_blocks
-from tokdist_ray.data.files import file_kind, resolve_files
-from tokdist_ray.data.local_mining import mine_snippets
-from tokdist_ray.data.matching import CUT_PROBE, Cuts, TokenScanner, _runs
-from tokdist_ray.data.miner import TALLY, SnippetMiner, TokenizerSpec
-from tokdist_ray.data.mining import mine_corpus, mining_dataset, reads_fused
-from tokdist_ray.data.mining_cache import cache_key, corpus_spec
-from tokdist_ray.data.quota import QuotaLedger
+from tokdist_ray.data.corpus.corpus import documents
+from tokdist_ray.data.corpus.corpus_parts import corpus_parts, read_part, text_blocks
+from tokdist_ray.data.corpus.files import file_kind, resolve_files
+from tokdist_ray.data.mining import matching
+from tokdist_ray.data.mining.local_mining import mine_snippets
+from tokdist_ray.data.mining.matching import CUT_PROBE, Cuts, TokenScanner, _runs
+from tokdist_ray.data.mining.miner import TALLY, SnippetMiner, TokenizerSpec
+from tokdist_ray.data.mining.mining import mine_corpus, mining_dataset, reads_fused
+from tokdist_ray.data.mining.mining_cache import cache_key, corpus_spec
+from tokdist_ray.data.mining.quota import QuotaLedger
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix, settle, window_around
 from tokdist_ray.vocab.bpe_training import continue_bpe, pre_token_counts
 from tokdist_ray.vocab.merges import ADDED_TOKENS, SPANS_PRE_TOKENS, MergeExpansion, expand_with_merges
@@ -473,7 +473,7 @@ import ray
 import ray.data
 from ray.cluster_utils import Cluster
 from tokdist_ray.config import FileDataSource
-from tokdist_ray.data.mining import mine_corpus
+from tokdist_ray.data.mining.mining import mine_corpus
 from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.models import load_tokenizer
 

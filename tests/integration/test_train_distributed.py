@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import WORDS
 from tokdist_ray.config import DistillationConfig, DistributedConfig, OutputEmbeddingInit, OutputFitConfig
-from tokdist_ray.data.local_mining import mine_snippets
+from tokdist_ray.data.mining.local_mining import mine_snippets
 from tokdist_ray.data.snippets import snippets_to_table
 from tokdist_ray.errors import RunConflictError
 from tokdist_ray.export.model import save_model

@@ -302,7 +302,7 @@ def test_the_in_process_miner_names_the_text_column(tiny_model_dir, tmp_path):
 
 
 def test_hf_text_files_replace_bytes_that_are_not_utf8_like_local_files(tmp_path):
-    from tokdist_ray.data.hf_stream import open_stream, stream_values
+    from tokdist_ray.data.corpus.hf_stream import open_stream, stream_values
 
     path = tmp_path / "latin1.txt"
     path.write_bytes(b"caf\xe9 au lait\nsecond line\n")
@@ -364,7 +364,7 @@ def test_ray_s_console_log_of_a_user_error_is_dropped_and_the_error_raised_as_it
 def test_a_gz_truncated_partway_names_the_file_and_the_rows_read_before(tmp_path):
     import gzip
 
-    from tokdist_ray.data.corpus import documents
+    from tokdist_ray.data.corpus.corpus import documents
     from tokdist_ray.errors import CorpusFileError
 
     data = gzip.compress("".join(json.dumps({"text": f"row {i} of the corpus"}) + "\n" for i in range(20000)).encode())

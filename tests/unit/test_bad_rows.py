@@ -10,12 +10,12 @@ from transformers import AutoTokenizer
 
 from tests.helpers import SENTENCES, WORDS
 from tokdist_ray.config import FileDataSource
-from tokdist_ray.data.corpus import documents
-from tokdist_ray.data.corpus_parts import Piece, read_part
-from tokdist_ray.data.files import resolve_files
-from tokdist_ray.data.local_mining import mine_snippets
-from tokdist_ray.data.miner import TALLY, SnippetMiner, TokenizerSpec
-from tokdist_ray.data.ray_corpus import PART
+from tokdist_ray.data.corpus.corpus import documents
+from tokdist_ray.data.corpus.corpus_parts import Piece, read_part
+from tokdist_ray.data.corpus.files import resolve_files
+from tokdist_ray.data.corpus.ray_corpus import PART
+from tokdist_ray.data.mining.local_mining import mine_snippets
+from tokdist_ray.data.mining.miner import TALLY, SnippetMiner, TokenizerSpec
 from tokdist_ray.data.snippets import MiningStats
 from tokdist_ray.vocab.merges import expand_with_merges
 

@@ -1,4 +1,4 @@
-"""Selection by continued BPE training: vocab.bpe_training and data.pre_token_counts."""
+"""Selection by continued BPE training: vocab.bpe_training and data.mining.pre_token_counts."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from tests.helpers import SENTENCES
 from tokdist_ray.config import FileDataSource
-from tokdist_ray.data import ray_corpus
-from tokdist_ray.data.pre_token_counts import count_pre_tokens
+from tokdist_ray.data.corpus import ray_corpus
+from tokdist_ray.data.mining.pre_token_counts import count_pre_tokens
 from tokdist_ray.errors import ConfigError
 from tokdist_ray.vocab import bpe_training
 from tokdist_ray.vocab.bpe_model import apply_merges

@@ -23,12 +23,12 @@ def test_stage_progress_reports_count_and_eta_and_stays_quiet_between_intervals(
 
 
 def test_mining_progress_bounds_the_time_left_by_the_corpus_size(caplog, monkeypatch):
-    from tokdist_ray.data.mining import _progress
-    from tokdist_ray.data.quota import QuotaLedger
+    from tokdist_ray.data.mining.mining import _progress
+    from tokdist_ray.data.mining.quota import QuotaLedger
     from tokdist_ray.data.snippets import MiningStats
     from tokdist_ray.vocab.tokens import NewToken
 
-    monkeypatch.setattr("tokdist_ray.data.mining.time.perf_counter", lambda: 10.0)
+    monkeypatch.setattr("tokdist_ray.data.mining.mining.time.perf_counter", lambda: 10.0)
     caplog.set_level(logging.INFO, logger="tokdist_ray")
     ledger = QuotaLedger([NewToken(" a", (1, 2)), NewToken(" b", (3, 4))], quota=2, new_start=100)
     stats = MiningStats(documents=40, bytes=2_000_000)

@@ -8,10 +8,10 @@ import pytest
 
 from tests.helpers import SENTENCES, WORDS
 from tokdist_ray.config import FileDataSource
-from tokdist_ray.data.corpus import documents
-from tokdist_ray.data.corpus_parts import Piece, read_part
-from tokdist_ray.data.files import BINARY_FILE, BadRow, resolve_files
-from tokdist_ray.data.local_mining import mine_snippets
+from tokdist_ray.data.corpus.corpus import documents
+from tokdist_ray.data.corpus.corpus_parts import Piece, read_part
+from tokdist_ray.data.corpus.files import BINARY_FILE, BadRow, resolve_files
+from tokdist_ray.data.mining.local_mining import mine_snippets
 from tokdist_ray.errors import CorpusNotFoundError
 from tokdist_ray.vocab.merges import expand_with_merges
 

@@ -316,7 +316,7 @@ def test_a_target_tokenizers_tokens_enter_by_merges_where_they_can_else_as_added
 def test_pieces_of_one_character_keep_tokens_apart_by_text(tiny_tokenizer_dir):
     """Intermediates that end inside a UTF-8 character all decode to U+FFFD; reports,
     quotas and snippet counts key tokens by text, so each goes by its own name."""
-    from tokdist_ray.data.matching import spells_texts
+    from tokdist_ray.data.mining.matching import spells_texts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
     expansion = expand_with_merges(tokenizer, [" 한국어", " 日本語"])

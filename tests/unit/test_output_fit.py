@@ -7,7 +7,7 @@ import torch
 
 from tests.helpers import SENTENCES, WORDS
 from tokdist_ray.config import FileDataSource, OutputFitConfig
-from tokdist_ray.data.corpus import text_sample
+from tokdist_ray.data.corpus.corpus import text_sample
 from tokdist_ray.errors import ConfigError
 from tokdist_ray.training.output_fit import FitPositions, fit_on_text, fit_output_rows, position_losses
 from tokdist_ray.vocab.merges import expand_with_merges

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from tokdist_ray.data.mining_cache import read_cache
+from tokdist_ray.data.mining.mining_cache import read_cache
 from tokdist_ray.job.config import config_dict, load_config, parse_overrides
 from tokdist_ray.job.ledger import StageLedger
 from tokdist_ray.job.pipeline import stage_keys

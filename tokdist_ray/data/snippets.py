@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 import pyarrow as pa
 
 from tokdist_ray.data.budget import Quota, quota_of
-from tokdist_ray.data.files import MISSING_TEXT, NOT_A_STRING
+from tokdist_ray.data.corpus.files import MISSING_TEXT, NOT_A_STRING
 from tokdist_ray.errors import CorpusError
 
 if TYPE_CHECKING:  # keeps transformers out of processes that only need windows (mining actors)

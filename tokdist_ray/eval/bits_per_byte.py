@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tokdist_ray.console import StageProgress
-from tokdist_ray.data.chunks import split_document
+from tokdist_ray.data.corpus.chunks import split_document
 from tokdist_ray.errors import ConfigError
 from tokdist_ray.eval import shards
 from tokdist_ray.eval.drift import baseline_rows

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tokdist_ray.console import StageProgress
-from tokdist_ray.data.local_mining import mine_snippets
+from tokdist_ray.data.mining.local_mining import mine_snippets
 from tokdist_ray.errors import TooFewSnippetsError
 from tokdist_ray.eval import shards
 from tokdist_ray.eval.compression import compression, leading_texts  # noqa: F401  job.stages imports them from here

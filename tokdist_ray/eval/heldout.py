@@ -15,7 +15,7 @@ from tokdist_ray.atomic import write_json
 from tokdist_ray.capacity import Capacity, cluster_capacity, wait_for_nodes
 from tokdist_ray.config import FileDataSource
 from tokdist_ray.console import quiet_worker, worker_env
-from tokdist_ray.data.corpus import documents
+from tokdist_ray.data.corpus.corpus import documents
 from tokdist_ray.eval.drift import baseline_rows
 from tokdist_ray.eval.metrics import Evaluation, Part, registered
 from tokdist_ray.eval.plots import loss_curve_plot

@@ -48,7 +48,7 @@ def check_gguf_export(config: JobConfig) -> None:
 def check_corpus_paths(config: JobConfig) -> None:
     """Local corpus and held-out paths must match files before any work starts (URIs are
     checked where they are read)."""
-    from tokdist_ray.data.files import expand_paths
+    from tokdist_ray.data.corpus.files import expand_paths
     from tokdist_ray.storage import is_uri
 
     named = {"data.paths": config.data.paths if config.data.source == "files" else [],

@@ -36,8 +36,8 @@ def corpus_files(source: FileDataSource | HFDataSource | None) -> dict | None:
     """The corpus as the mining cache keys it: files with sizes and times, or the dataset spec."""
     if source is None:
         return None
-    from tokdist_ray.data.files import resolve_files
-    from tokdist_ray.data.mining_cache import corpus_spec
+    from tokdist_ray.data.corpus.files import resolve_files
+    from tokdist_ray.data.mining.mining_cache import corpus_spec
 
     files = resolve_files(source.paths) if isinstance(source, FileDataSource) else None
     return corpus_spec(source, files)

@@ -57,7 +57,7 @@ def candidate_tokens(config: JobConfig, tokenizer) -> tuple[list[str] | object, 
     if spec.target_tokenizer:
         return load_tokenizer(spec.target_tokenizer, trust_remote_code=config.trust_remote_code), {}
     if spec.selection == "bpe":
-        from tokdist_ray.data.pre_token_counts import count_pre_tokens
+        from tokdist_ray.data.mining.pre_token_counts import count_pre_tokens
         from tokdist_ray.vocab.bpe_training import continue_bpe
 
         counts = count_pre_tokens(corpus_source(config), tokenizer, num_workers=config.data.num_workers)
@@ -66,7 +66,7 @@ def candidate_tokens(config: JobConfig, tokenizer) -> tuple[list[str] | object, 
         learned = continue_bpe(tokenizer, counts, spec.from_corpus, min_count=spec.min_count, max_chars=spec.max_chars,
                                progress=lambda i, _: merges.reached(i))
         return [t.text for t in learned], {t.text: t.count for t in learned}
-    from tokdist_ray.data.corpus import documents
+    from tokdist_ray.data.corpus.corpus import documents
 
     texts = (t for t in documents(corpus_source(config)) if isinstance(t, str))
     chosen = frequent_fragmented_words(tokenizer, texts, spec.from_corpus, min_pieces=spec.min_pieces,
@@ -97,7 +97,7 @@ def _expected_compression(config: JobConfig, tokenizer, expansion: MergeExpansio
     """Tokens per byte before and after on the held-out text, when there is some."""
     if not config.eval.heldout_paths:
         return None
-    from tokdist_ray.data.corpus import documents
+    from tokdist_ray.data.corpus.corpus import documents
     from tokdist_ray.eval.drift import compression, leading_texts
 
     sample = leading_texts(documents(FileDataSource(paths=list(config.eval.heldout_paths))))
@@ -115,7 +115,7 @@ def gather_snippets(config: JobConfig, expansion: MergeExpansion, run_dir: Path)
     ones from here, the generated ones from Ray Data's workers (so `run_dir` must be on
     storage every node sees, as training needs anyway)."""
     from tokdist_ray.data.generation.ray_backend import generate_snippets_on_ray
-    from tokdist_ray.data.mining import mine_corpus
+    from tokdist_ray.data.mining.mining import mine_corpus
 
     source, snippet = corpus_source(config), config.snippets
     quota = snippet_quota(snippet.budget, [t.text for t in expansion.tokens], snippet.snippets_per_token,

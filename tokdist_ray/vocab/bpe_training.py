@@ -1,6 +1,6 @@
 """Selection by continued BPE training: the N merges a BPE tokenizer would learn next on a corpus.
 
-    counts = pre_token_counts(tokenizer, texts)  # on Ray Data: data.pre_token_counts.count_pre_tokens
+    counts = pre_token_counts(tokenizer, texts)  # on Ray Data: data.mining.pre_token_counts.count_pre_tokens
     learned = continue_bpe(tokenizer, counts, n=5000)
     expand_with_merges(tokenizer, [t.text for t in learned])
 

@@ -28,9 +28,9 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from tokdist_ray.config import FileDataSource, HFDataSource
-from tokdist_ray.data.corpus_parts import corpus_parts, read_part, text_blocks
-from tokdist_ray.data.files import CorpusFiles, resolve_files
-from tokdist_ray.data.hf_stream import open_stream, stream_values
+from tokdist_ray.data.corpus.corpus_parts import corpus_parts, read_part, text_blocks
+from tokdist_ray.data.corpus.files import CorpusFiles, resolve_files
+from tokdist_ray.data.corpus.hf_stream import open_stream, stream_values
 
 PART = "part"
 PART_BYTES = 2 << 20  # a part read inside a miner: small, to balance miners and stop early

@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tokdist_ray.data.budget import quota_at
-from tokdist_ray.data.corpus_parts import BAD, TEXT
-from tokdist_ray.data.files import EMPTY
-from tokdist_ray.data.matching import TokenScanner
-from tokdist_ray.data.ray_corpus import PART
+from tokdist_ray.data.corpus.corpus_parts import BAD, TEXT
+from tokdist_ray.data.corpus.files import EMPTY
+from tokdist_ray.data.corpus.ray_corpus import PART
+from tokdist_ray.data.mining.matching import TokenScanner
 from tokdist_ray.fingerprint import fingerprint
 
 TALLY = -1  # token_index of a miner's per-batch tally row

@@ -7,7 +7,7 @@ import logging
 from typing import Any, Iterable, Iterator
 
 from tokdist_ray.config import HFDataSource
-from tokdist_ray.data.files import BadRow, row_text
+from tokdist_ray.data.corpus.files import BadRow, row_text
 
 log = logging.getLogger("tokdist_ray")
 TEXT_FILE_BUILDERS = ("text", "json", "csv")  # datasets' builders that decode local files themselves

@@ -15,10 +15,10 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 
 from tokdist_ray.config import FileDataSource, HFDataSource
-from tokdist_ray.data.corpus import documents
-from tokdist_ray.data.corpus_parts import TEXT
-from tokdist_ray.data.miner import TokenizerSpec
-from tokdist_ray.data.ray_corpus import MINER_CPUS, corpus_dataset
+from tokdist_ray.data.corpus.corpus import documents
+from tokdist_ray.data.corpus.corpus_parts import TEXT
+from tokdist_ray.data.corpus.ray_corpus import MINER_CPUS, corpus_dataset
+from tokdist_ray.data.mining.miner import TokenizerSpec
 from tokdist_ray.errors import user_errors_from_ray
 from tokdist_ray.raycluster import ray_is_running
 from tokdist_ray.vocab.bpe_training import pre_token_counts

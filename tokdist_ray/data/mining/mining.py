@@ -46,11 +46,11 @@ import pyarrow.parquet as pq
 from tokdist_ray.capacity import cluster_capacity, wait_for_nodes
 from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.data.budget import Quota, quota_key, quota_of, quotas_by_index
-from tokdist_ray.data.files import compressed, file_kind, resolve_files
-from tokdist_ray.data.miner import TALLY, QuotaBoard, SnippetMiner, TokenizerSpec
-from tokdist_ray.data.mining_cache import cache_key, corpus_spec, read_cache, write_cache
-from tokdist_ray.data.quota import QuotaLedger
-from tokdist_ray.data.ray_corpus import MINER_CPUS, corpus_blocks, corpus_dataset
+from tokdist_ray.data.corpus.files import compressed, file_kind, resolve_files
+from tokdist_ray.data.corpus.ray_corpus import MINER_CPUS, corpus_blocks, corpus_dataset
+from tokdist_ray.data.mining.miner import TALLY, QuotaBoard, SnippetMiner, TokenizerSpec
+from tokdist_ray.data.mining.mining_cache import cache_key, corpus_spec, read_cache, write_cache
+from tokdist_ray.data.mining.quota import QuotaLedger
 from tokdist_ray.data.snippets import MiningStats
 from tokdist_ray.errors import NoNewTokensError, user_errors_from_ray
 from tokdist_ray.raycluster import connect

@@ -9,9 +9,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
-from tokdist_ray.data.files import EMPTY, NOT_A_STRING, BadRow
-from tokdist_ray.data.matching import TokenScanner
-from tokdist_ray.data.quota import QuotaLedger
+from tokdist_ray.data.corpus.files import EMPTY, NOT_A_STRING, BadRow
+from tokdist_ray.data.mining.matching import TokenScanner
+from tokdist_ray.data.mining.quota import QuotaLedger
 from tokdist_ray.data.snippets import MiningStats, bos_prefix
 
 if TYPE_CHECKING:

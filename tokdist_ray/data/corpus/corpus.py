@@ -14,9 +14,9 @@ from typing import Iterator
 import pyarrow.fs as pafs
 
 from tokdist_ray.config import FileDataSource, HFDataSource
-from tokdist_ray.data.chunks import split_document
-from tokdist_ray.data.files import BadRow, expand_paths, resolve_files, texts_of_file
-from tokdist_ray.data.hf_stream import open_stream, stream_values
+from tokdist_ray.data.corpus.chunks import split_document
+from tokdist_ray.data.corpus.files import BadRow, expand_paths, resolve_files, texts_of_file
+from tokdist_ray.data.corpus.hf_stream import open_stream, stream_values
 from tokdist_ray.storage import is_uri
 
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from tokdist_ray.data.files import (
+from tokdist_ray.data.corpus.files import (
     BadRow,
     CorpusFiles,
     compressed,

@@ -17,8 +17,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tokdist_ray.config import FileDataSource, HFDataSource
-from tokdist_ray.data.files import CorpusFiles
-from tokdist_ray.data.miner import TokenizerSpec
+from tokdist_ray.data.corpus.files import CorpusFiles
+from tokdist_ray.data.mining.miner import TokenizerSpec
 from tokdist_ray.fingerprint import fingerprint
 from tokdist_ray.storage import location
 
