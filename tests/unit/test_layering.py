@@ -46,7 +46,7 @@ def _append(path: Path, text: str) -> None:
 
 
 def test_the_contracts_catch_upward_imports_cycles_and_imports_between_siblings(tmp_path):
-    """A copy of the package with three bad imports, each inside a function (as lazy
+    """A copy of the package with four bad imports, each inside a function (as lazy
     imports are written), checked with the repository's own contracts."""
     shutil.copytree(REPO / "tokdist_ray", tmp_path / "tokdist_ray", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
@@ -54,6 +54,8 @@ def test_the_contracts_catch_upward_imports_cycles_and_imports_between_siblings(
     _append(package / "errors.py", "\n\ndef _upward():\n    from tokdist_ray.job import cli  # noqa: F401\n")
     _append(package / "data" / "generation" / "vllm_backend.py",
             "\n\ndef _back_to_the_driver():\n    from tokdist_ray.data.generation import ray_backend  # noqa: F401\n")
+    _append(package / "data" / "corpus" / "files.py",
+            "\n\ndef _reads_snippets():\n    from tokdist_ray.data import snippets  # noqa: F401\n")
     # tokdist_ray.export: training's independent sibling
     _append(package / "export" / "__init__.py", "\n\ndef _sideways():\n    import tokdist_ray.training.rows  # noqa: F401\n")
 
@@ -67,6 +69,7 @@ def test_the_contracts_catch_upward_imports_cycles_and_imports_between_siblings(
             "tokdist_ray.data.generation.ray_backend") in out
     assert "No cycles are allowed in tokdist_ray.data.generation" in out
     assert "tokdist_ray.export is not allowed to import tokdist_ray.training" in out
+    assert "tokdist_ray.data.corpus is not allowed to import tokdist_ray.data.snippets" in out
 
 
 def test_the_file_names_preflight_keeps_below_training_are_their_owners():
