@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests import fake_vllm  # noqa: E402
 from tokdist_ray.config import GeneratedDataSource  # noqa: E402
-from tokdist_ray.data.generation import ray_backend, vllm_backend  # noqa: E402
+from tokdist_ray.data.generation import backend, ray_backend, vllm_backend  # noqa: E402
 from tokdist_ray.data.generation.requests import GenerationStats, expanded_snippets, fitted, stop_ids  # noqa: E402
 from tokdist_ray.data.generation.rounds import RoundLedger  # noqa: E402
 from tokdist_ray.data.snippets import bos_prefix  # noqa: E402
@@ -97,7 +97,7 @@ def main() -> None:
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
 
     vllm_backend.processor_config = fake_vllm.processor_config_here(vllm_backend.processor_config, tempfile.mkdtemp())
-    ray_backend.vllm_installed = lambda: True  # the fake vllm is on the engines' path alone
+    backend.vllm_installed = lambda: True  # the fake vllm is on the engines' path alone
     source = fitted(GeneratedDataSource(backend="vllm", min_new_tokens=0, concurrency=1, batch_size=64), args.snippet_len)
     try:
         results = {}

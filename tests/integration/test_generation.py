@@ -21,16 +21,14 @@ from tests import fake_vllm
 from tests.helpers import SENTENCES, WORDS
 from tokdist_ray import FileDataSource, GeneratedDataSource, TokenDistillation, api
 from tokdist_ray.config import DistillationConfig
-from tokdist_ray.data.generation import ray_backend as generation
-from tokdist_ray.data.generation import vllm_backend
+from tokdist_ray.data.generation import backend, vllm_backend
+from tokdist_ray.data.generation.backend import resolve_backend
 from tokdist_ray.data.generation.local import generate_snippets
 from tokdist_ray.data.generation.ray_backend import (
-    ORDER,
     generate_snippet_table,
     generate_snippets_on_ray,
     request_blocks,
     request_chunks,
-    resolve_backend,
 )
 from tokdist_ray.data.generation.requests import (
     SAMPLE_SCHEMA,
@@ -46,6 +44,7 @@ from tokdist_ray.data.generation.requests import (
     wanted_counts,
 )
 from tokdist_ray.data.generation.sampling import SampleStreams, draw, warp_logits
+from tokdist_ray.data.generation.settling import ORDER
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix, settle, window_around
 from tokdist_ray.errors import BackendUnavailableError
 from tokdist_ray.training.snippet_files import read_snippets
@@ -189,7 +188,7 @@ def test_config_rejects_unknown_backend_and_zero_temperature():
 
 
 def test_without_vllm_auto_picks_cpu_and_vllm_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(generation, "vllm_installed", lambda: False)
+    monkeypatch.setattr(backend, "vllm_installed", lambda: False)
     assert resolve_backend("auto") == "transformers"
     assert resolve_backend("transformers") == "transformers"
     with pytest.raises(BackendUnavailableError, match=r"pip install 'tokdist-ray\[gpu\]'"):
@@ -197,15 +196,15 @@ def test_without_vllm_auto_picks_cpu_and_vllm_says_how_to_install(monkeypatch):
 
 
 def test_auto_picks_vllm_only_with_gpus(monkeypatch):
-    monkeypatch.setattr(generation, "vllm_installed", lambda: True)
-    monkeypatch.setattr(generation, "cluster_has_gpus", lambda: True)
+    monkeypatch.setattr(backend, "vllm_installed", lambda: True)
+    monkeypatch.setattr(backend, "cluster_has_gpus", lambda: True)
     assert resolve_backend("auto") == "vllm"
-    monkeypatch.setattr(generation, "cluster_has_gpus", lambda: False)
+    monkeypatch.setattr(backend, "cluster_has_gpus", lambda: False)
     assert resolve_backend("auto") == "transformers"
 
 
 def test_in_process_vllm_request_fails_clearly_without_vllm(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(generation, "vllm_installed", lambda: False)
+    monkeypatch.setattr(backend, "vllm_installed", lambda: False)
     model_dir = tiny_model_dir()
     expansion, tokens = tiny_expansion(model_dir)
     with pytest.raises(BackendUnavailableError, match="vLLM"):
@@ -266,7 +265,7 @@ def fake_vllm_engine(monkeypatch, tmp_path):
     row each became are recorded."""
     record = tmp_path / "engines"
     record.mkdir()
-    monkeypatch.setattr(generation, "vllm_installed", lambda: True)  # the fake vllm is on the engines' path alone
+    monkeypatch.setattr(backend, "vllm_installed", lambda: True)  # the fake vllm is on the engines' path alone
     monkeypatch.setattr(vllm_backend, "processor_config",
                         fake_vllm.processor_config_here(vllm_backend.processor_config, str(record)))
     monkeypatch.setattr(vllm_backend, "vllm_sample",

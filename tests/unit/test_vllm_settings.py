@@ -134,7 +134,7 @@ def test_our_engine_class_leaves_the_stages_resources_as_ray_derived_them():
 
 def test_vllm_replicas_default_to_the_cluster_gpus_per_replica():
     from tokdist_ray.capacity import Capacity
-    from tokdist_ray.data.generation.ray_backend import vllm_replicas
+    from tokdist_ray.data.generation.backend import vllm_replicas
 
     nodes = Capacity(nodes=({"CPU": 16, "GPU": 4, "accelerator_type:L40S": 1},
                             {"CPU": 16, "GPU": 3, "accelerator_type:A100": 1}, {"CPU": 32}))

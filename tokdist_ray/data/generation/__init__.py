@@ -18,17 +18,22 @@ reproducible for one vLLM version and GPU type (set VLLM_BATCH_INVARIANT=1 on Ho
 newer to remove its batch dependence too); its snippets differ from the CPU backend's,
 whose kernels differ.
 
-Modules:
-  requests      requests, rounds in process, stats, the columnar settling, the Ray backends'
-                raw samples: shared by every backend
-  rounds        the round ledger: which samples each token keeps, settled in passes
-  sampling      the CPU sampling loop
-  local         generate_snippets(model, expansion, ...): in-process, on the model the API holds
-  model_source  the model name resolved where an engine runs; stop ids read without weights
-  ray_backend   generate_snippets_on_ray(model_path, ...): Ray Data stages, transformers on a
-                CPU actor pool or vLLM via ray.data.llm (vllm_backend); the snippets stay on
-                the cluster and are written from there (or brought back: generate_snippet_table)
-  vllm_backend  the vLLM stage (ray.data.llm); it imports no other backend (pyproject.toml's
-                import-linter contract keeps these modules in layers, without cycles)
+Modules, top to bottom: the in-process entry, the Ray driver, the stages it runs and its own
+parts (none imports another), then what they share (pyproject.toml's import-linter contract
+keeps these layers, without cycles):
+  local          generate_snippets(model, expansion, ...): in-process, on the model the API holds
+  ray_backend    generate_snippets_on_ray(model_path, ...): the driver, which runs the passes
+                 of a Ray Data stage until the round ledger settles; the snippets stay on the
+                 cluster and are written from there (or brought back: generate_snippet_table)
+  vllm_backend   the vLLM stage (ray.data.llm)
+  transformers_backend  the transformers stage: a pool of CPU actors running the sampling loop
+  backend        which backend runs (vLLM where installed and GPUs are up or launchable), and
+                 how many vLLM replicas of how many GPUs
+  settling       the samples each token keeps become snippets in Ray Data, in a fixed order;
+                 GeneratedSnippets writes them as parquet parts from the workers
+  sampling       the CPU sampling loop
+  requests       requests, rounds in process, stats, the columnar settling, the Ray backends'
+                 raw samples: shared by every backend
+  rounds         the round ledger: which samples each token keeps, settled in passes
+  model_source   the model name resolved where an engine runs; stop ids read without weights
 """
-

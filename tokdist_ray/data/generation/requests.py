@@ -35,7 +35,7 @@ SAMPLE_SCHEMA = pa.schema(
     ]
 )
 # What an engine or actor returns per request, on the Ray backends (the CPU actors of
-# ray_backend, the vLLM engines of vllm_backend): short samples (cut at EOS before
+# transformers_backend, the vLLM engines of vllm_backend): short samples (cut at EOS before
 # min_new_tokens) keep no ids, only their flag, which the round ledger needs.
 RAW_SAMPLE_SCHEMA = pa.schema([
     ("token", pa.string()),
