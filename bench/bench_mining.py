@@ -388,8 +388,8 @@ def scanner_at(revision: str):
 def first_parts(shards: list[str], megabytes: float) -> list[list[str]]:
     """The documents of the corpus's first parts in the miners' stream order (seed 0)."""
     from tokdist_ray.data.corpus.corpus_parts import TEXT, corpus_parts, read_part
+    from tokdist_ray.data.corpus.file_source import PART_BYTES
     from tokdist_ray.data.corpus.files import resolve_files
-    from tokdist_ray.data.corpus.ray_corpus import PART_BYTES
 
     files = resolve_files(shards)
     parts, size = [], 0

@@ -33,7 +33,7 @@ from tokdist_ray.vocab.tokens import NewToken, not_distilled_note, skip_counts, 
 log = logging.getLogger("tokdist_ray")
 
 # (tokens short of snippets, how many each lacks, their indices in the run) -> (snippets, GenerationStats):
-# a table in SNIPPET_SCHEMA, or snippets left on the cluster (ray_backend.GeneratedSnippets: num_rows, write(dir))
+# a table in SNIPPET_SCHEMA, or snippets left on the cluster (settling.GeneratedSnippets: num_rows, write(dir))
 Generate = Callable[[list[NewToken], dict[str, int], list[int]], tuple[object, object]]
 
 
@@ -54,7 +54,7 @@ def expand_tokens(tokenizer, candidates, mode: str) -> MergeExpansion:
 class Snippets:
     table: pa.Table  # SNIPPET_SCHEMA, mined rows first, then generated ones held in this process
     report: dict  # "mining" and/or "generation", "snippets", "snippets_per_token"
-    generated: object | None = None  # generated snippets left on the cluster, after `table` (ray_backend.GeneratedSnippets)
+    generated: object | None = None  # generated snippets left on the cluster, after `table` (settling.GeneratedSnippets)
 
     @property
     def counts(self) -> dict[str, int]:

@@ -144,8 +144,8 @@ import json, sys
 import ray, ray.data
 from tokdist_ray import capacity
 from tokdist_ray.config import FileDataSource, GeneratedDataSource
-from tokdist_ray.data.corpus import ray_corpus
-from tokdist_ray.data.generation import ray_backend, vllm_backend
+from tokdist_ray.data.corpus import file_source
+from tokdist_ray.data.generation import backend, ray_backend, vllm_backend
 from tokdist_ray.data.mining.mining import mine_corpus
 from tokdist_ray.raycluster import connect
 from tokdist_ray.vocab.merges import expand_with_merges
@@ -167,11 +167,11 @@ seen = capacity.cluster_capacity()
 result = {"before": nodes(), "node_types": [[t.name, t.resources, t.max_count] for t in seen.node_types],
           "miners": seen.cpu_workers(1), "gpu_replicas": seen.gpu_replicas(),
           "miners_by_nodes_up": capacity.Capacity(seen.nodes).cpu_workers(1)}
-ray_backend.vllm_installed = lambda: True  # vLLM is not installed here; the choice is what is tested
-result["backend"] = ray_backend.resolve_backend("auto")
+backend.vllm_installed = lambda: True  # vLLM is not installed here; the choice is what is tested
+result["backend"] = backend.resolve_backend("auto")
 result["infeasible"] = refusal("probe", {"TPU": 1})
 result["timed_out"] = refusal("evaluation", {"CPU": 2}, timeout=0)
-ray_corpus.PART_BYTES = 2048  # parts enough for every miner of the small corpus
+file_source.PART_BYTES = 2048  # parts enough for every miner of the small corpus
 ray.data.DataContext.get_current().wait_for_min_actors_s = 300  # the pool starts once all its miners have nodes
 expansion = expand_with_merges(load_tokenizer(model), json.loads(words))
 mined = mine_corpus(FileDataSource([corpus]), expansion, 24, 10**6, out_dir=run_dir)

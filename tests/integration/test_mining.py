@@ -22,12 +22,13 @@ from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.data.corpus.corpus import documents
 from tokdist_ray.data.corpus.corpus_parts import corpus_parts, read_part, text_blocks
 from tokdist_ray.data.corpus.files import file_kind, resolve_files
+from tokdist_ray.data.corpus.sources import corpus_reader
 from tokdist_ray.data.mining import matching
 from tokdist_ray.data.mining.local_mining import mine_snippets
 from tokdist_ray.data.mining.matching import CUT_PROBE, Cuts, TokenScanner, _runs
 from tokdist_ray.data.mining.miner import TALLY, SnippetMiner, TokenizerSpec
 from tokdist_ray.data.mining.mining import mine_corpus, mining_dataset, reads_fused
-from tokdist_ray.data.mining.mining_cache import cache_key, corpus_spec
+from tokdist_ray.data.mining.mining_cache import cache_key
 from tokdist_ray.data.mining.quota import QuotaLedger
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix, settle, window_around
 from tokdist_ray.vocab.bpe_training import continue_bpe, pre_token_counts
@@ -314,7 +315,7 @@ def test_cache_key_follows_corpus_tokenizer_tokens_and_settings(tmp_path, tiny_t
     settings = {"snippet_len": 8, "snippets_per_token": 4, "seed": 0}
 
     def key(spec=spec, tokens=tokens, settings=settings, corpus=None):
-        return cache_key(corpus or corpus_spec(source, resolve_files(source.paths)), spec, tokens, settings)
+        return cache_key(corpus or corpus_reader(source).spec(), spec, tokens, settings)
 
     first = key()
     assert first == key(settings=dict(settings))
@@ -325,7 +326,7 @@ def test_cache_key_follows_corpus_tokenizer_tokens_and_settings(tmp_path, tiny_t
     assert first != key()
 
     def hf(fn):
-        return corpus_spec(HFDataSource("json", data_files=["a.jsonl"], map_to_text_fn=fn), None)
+        return corpus_reader(HFDataSource("json", data_files=["a.jsonl"], map_to_text_fn=fn)).spec()
 
     assert key(corpus=hf(lambda row: row)) != key(corpus=hf(lambda row: {"text": row["body"]}))
 
@@ -357,8 +358,8 @@ def test_large_files_are_read_in_slices_that_give_each_row_once_in_order(tmp_pat
 def test_local_files_are_read_inside_the_miners_and_others_in_tasks_of_their_own(ray_session, tmp_path):
     (tmp_path / "a.txt").write_text("some text")
     args = {"tokenizer": None, "texts": [], "phrases": [], "snippet_len": 8, "quota": 1}
-    assert reads_fused(mining_dataset(FileDataSource(str(tmp_path)), 0, None, args, 2))
-    assert not reads_fused(mining_dataset(FileDataSource(str(tmp_path), max_docs=5), 0, None, args, 2))
+    assert reads_fused(mining_dataset(corpus_reader(FileDataSource(str(tmp_path))), 0, args, 2))
+    assert not reads_fused(mining_dataset(corpus_reader(FileDataSource(str(tmp_path), max_docs=5)), 0, args, 2))
 
 
 BAD_JSON_LINES = ['{"text": null}', '{"text": 5}', '{"other": "x"}', '{"text": ""}', "not json", '{"text": "   "}']

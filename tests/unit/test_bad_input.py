@@ -302,7 +302,7 @@ def test_the_in_process_miner_names_the_text_column(tiny_model_dir, tmp_path):
 
 
 def test_hf_text_files_replace_bytes_that_are_not_utf8_like_local_files(tmp_path):
-    from tokdist_ray.data.corpus.hf_stream import open_stream, stream_values
+    from tokdist_ray.data.corpus.hub_source import open_stream, stream_values
 
     path = tmp_path / "latin1.txt"
     path.write_bytes(b"caf\xe9 au lait\nsecond line\n")

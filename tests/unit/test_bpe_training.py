@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from tests.helpers import SENTENCES
 from tokdist_ray.config import FileDataSource
-from tokdist_ray.data.corpus import ray_corpus
+from tokdist_ray.data.corpus import file_source
 from tokdist_ray.data.mining.pre_token_counts import count_pre_tokens
 from tokdist_ray.errors import ConfigError
 from tokdist_ray.vocab import bpe_training
@@ -224,7 +224,7 @@ def test_count_pre_tokens_in_process(tmp_path, tiny_tokenizer_dir):
 
 
 def test_count_pre_tokens_on_ray(ray_session, tmp_path, tiny_tokenizer_dir, monkeypatch):
-    monkeypatch.setattr(ray_corpus, "PART_BYTES", 500)  # many parts, so blocks are summed
+    monkeypatch.setattr(file_source, "PART_BYTES", 500)  # many parts, so blocks are summed
     for i, text in enumerate(CORPUS + ["", "   "]):
         (tmp_path / f"doc{i}.txt").write_text(text, encoding="utf-8")
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir(bos=True))

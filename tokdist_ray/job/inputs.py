@@ -36,11 +36,9 @@ def corpus_files(source: FileDataSource | HFDataSource | None) -> dict | None:
     """The corpus as the mining cache keys it: files with sizes and times, or the dataset spec."""
     if source is None:
         return None
-    from tokdist_ray.data.corpus.files import resolve_files
-    from tokdist_ray.data.mining.mining_cache import corpus_spec
+    from tokdist_ray.data.corpus.sources import corpus_reader
 
-    files = resolve_files(source.paths) if isinstance(source, FileDataSource) else None
-    return corpus_spec(source, files)
+    return corpus_reader(source).spec()
 
 
 def heldout_files(paths: list[str]) -> list | None:

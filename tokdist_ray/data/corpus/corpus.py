@@ -1,5 +1,5 @@
-"""Documents from a corpus, streamed in this process: FileDataSource files through the one
-reader (files.py: local or object storage, compressed or not), or a Hugging Face dataset.
+"""Documents from a corpus source, streamed in this process (through its reader:
+sources.corpus_reader), and a text sample spread over them.
 
 Yields each row's text, or a files.BadRow saying why the row has none; the consumer
 counts and skips those (see local_mining.mine_snippets), so a bad row never stops a run.
@@ -7,45 +7,16 @@ counts and skips those (see local_mining.mine_snippets), so a bad row never stop
 
 from __future__ import annotations
 
-import os
-from itertools import chain, islice
 from typing import Iterator
-
-import pyarrow.fs as pafs
 
 from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.data.corpus.chunks import split_document
-from tokdist_ray.data.corpus.files import BadRow, expand_paths, resolve_files, texts_of_file
-from tokdist_ray.data.corpus.hf_stream import open_stream, stream_values
-from tokdist_ray.storage import is_uri
-
-
-def _files_in_order(paths: str | list[str]) -> tuple[pafs.FileSystem, list[str]]:
-    """Local files in the order the paths name them (each directory or glob sorted);
-    URIs through resolve_files."""
-    patterns = [paths] if isinstance(paths, str) else list(paths)
-    if any(is_uri(p) for p in patterns):
-        files = resolve_files(patterns)
-        return files.filesystem, files.paths
-    return pafs.LocalFileSystem(), [os.path.abspath(p) for p in expand_paths(patterns)]
-
-
-def file_documents(source: FileDataSource) -> Iterator[str | BadRow]:
-    filesystem, paths = _files_in_order(source.paths)
-    rows = chain.from_iterable(texts_of_file(filesystem, path, source.text_column) for path in paths)
-    yield from islice(rows, source.max_docs)
-
-
-def hf_documents(source: HFDataSource) -> Iterator[str | BadRow]:
-    yield from islice(stream_values(open_stream(source, warn=True), source), source.max_docs)
+from tokdist_ray.data.corpus.files import BadRow
+from tokdist_ray.data.corpus.sources import corpus_reader
 
 
 def documents(source: FileDataSource | HFDataSource) -> Iterator[str | BadRow]:
-    if isinstance(source, FileDataSource):
-        return file_documents(source)
-    if isinstance(source, HFDataSource):
-        return hf_documents(source)
-    raise TypeError(f"not a corpus source: {type(source).__name__}")
+    return corpus_reader(source).documents()
 
 
 FIT_CHUNK_BYTES = 2000

@@ -46,10 +46,11 @@ import pyarrow.parquet as pq
 from tokdist_ray.capacity import cluster_capacity, wait_for_nodes
 from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.data.budget import Quota, quota_key, quota_of, quotas_by_index
-from tokdist_ray.data.corpus.files import compressed, file_kind, resolve_files
 from tokdist_ray.data.corpus.ray_corpus import MINER_CPUS, corpus_blocks, corpus_dataset
+from tokdist_ray.data.corpus.source import CorpusReader
+from tokdist_ray.data.corpus.sources import corpus_reader
 from tokdist_ray.data.mining.miner import TALLY, QuotaBoard, SnippetMiner, TokenizerSpec
-from tokdist_ray.data.mining.mining_cache import cache_key, corpus_spec, read_cache, write_cache
+from tokdist_ray.data.mining.mining_cache import cache_key, read_cache, write_cache
 from tokdist_ray.data.mining.quota import QuotaLedger
 from tokdist_ray.data.snippets import MiningStats
 from tokdist_ray.errors import NoNewTokensError, user_errors_from_ray
@@ -132,14 +133,6 @@ def _progress(stats: MiningStats, ledger: QuotaLedger, started: float, corpus_by
     )
 
 
-def _text_bytes(files) -> int | None:
-    """The corpus's size in bytes of text, for the progress line: known only where every
-    file is plain text (a compressed or parquet file's size says little of its text)."""
-    if files is None or any(compressed(p) or file_kind(p) == "parquet" for p in files.paths):
-        return None
-    return sum(files.sizes)
-
-
 class _BoardWriter:
     """The driver's side of the QuotaBoard: started with the first full token."""
 
@@ -198,7 +191,7 @@ def reads_fused(dataset) -> bool:
     return "->MapBatches(SnippetMiner)" in plan.getvalue()
 
 
-def mining_dataset(source, seed, files, miner_args: dict, workers: int):
+def mining_dataset(corpus: CorpusReader, seed: int, miner_args: dict, workers: int):
     """The corpus through the miners. Local reads ask for the miners' CPU so that Ray Data
     fuses them into the miners; were they left as tasks of their own (another Ray
     version, say) they would wait forever for CPUs the miners hold, so then the reads
@@ -206,7 +199,7 @@ def mining_dataset(source, seed, files, miner_args: dict, workers: int):
     import ray
 
     def through_miners(in_miners: bool):
-        return corpus_dataset(source, seed, files, in_miners).map_batches(
+        return corpus_dataset(corpus, seed, in_miners).map_batches(
             SnippetMiner,
             fn_constructor_kwargs=miner_args,
             batch_size=None,  # a block of the corpus (about BLOCK_BYTES) at a time; a batch size would stop the fusion
@@ -225,16 +218,15 @@ def _miner_args(spec, expansion, snippet_len: int, quota: Quota, board: str | No
             "snippet_len": snippet_len, "quota": quotas_by_index(quota, texts), "board": board}
 
 
-def _mine_on_ray(source, spec, expansion, snippet_len, quota, seed, files, ledger, work: MinerWork) -> MiningStats:
+def _mine_on_ray(corpus, spec, expansion, snippet_len, quota, seed, ledger, work: MinerWork) -> MiningStats:
     board = _BoardWriter(f"tokdist-quota-board-{uuid.uuid4().hex}")
-    dataset = mining_dataset(source, seed, files, _miner_args(spec, expansion, snippet_len, quota, board.name),
-                             work.workers)
+    dataset = mining_dataset(corpus, seed, _miner_args(spec, expansion, snippet_len, quota, board.name), work.workers)
     dataset.context.execution_options.preserve_order = True
     dataset.context.enable_progress_bars = False  # _consume logs progress; bars cost driver CPU
     stream = dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
     try:  # a corpus file that cannot be read fails in a read task: its CorpusFileError, not Ray's tracebacks
         with user_errors_from_ray("ray.data"):
-            return _consume(stream, ledger, board, work, _text_bytes(files))
+            return _consume(stream, ledger, board, work, corpus.text_bytes())
     finally:
         board.close()
 
@@ -255,12 +247,12 @@ class _OwnBoard:
         pass
 
 
-def _mine_in_process(source, spec, expansion, snippet_len, quota, seed, files, ledger, work: MinerWork) -> MiningStats:
+def _mine_in_process(corpus, spec, expansion, snippet_len, quota, seed, ledger, work: MinerWork) -> MiningStats:
     """The same blocks in the same order through the same miner and ledger as on Ray."""
     work.workers = 1
     miner = SnippetMiner(**_miner_args(spec, expansion, snippet_len, quota, None))
-    stream = (miner(block) for block in corpus_blocks(source, seed, files))
-    return _consume(stream, ledger, _OwnBoard(), work, _text_bytes(files))
+    stream = (miner(block) for block in corpus_blocks(corpus, seed))
+    return _consume(stream, ledger, _OwnBoard(), work, corpus.text_bytes())
 
 
 def _cached(out: str, quota: Quota) -> MiningResult | None:
@@ -304,10 +296,10 @@ def mine_corpus(
     if not tokens:
         raise NoNewTokensError("no new tokens to mine snippets for")
     spec = TokenizerSpec.of(expansion.tokenizer)
-    files = resolve_files(source.paths) if isinstance(source, FileDataSource) else None
+    corpus = corpus_reader(source)
     settings = {"snippet_len": snippet_len, "snippets_per_token": quota_key(snippets_per_token), "seed": seed,
                 "count_bystanders": count_bystanders}
-    out = f"{out_dir.rstrip('/')}/mining-{cache_key(corpus_spec(source, files), spec, tokens, settings)}"
+    out = f"{out_dir.rstrip('/')}/mining-{cache_key(corpus.spec(), spec, tokens, settings)}"
     cached = _cached(out, snippets_per_token)
     if cached is not None:
         log.info("mining: reusing %s (%s)", out, cached.stats.summary())
@@ -322,7 +314,7 @@ def mine_corpus(
     else:
         connect()
         work, mine = MinerWork(workers=_miners(num_workers)), _mine_on_ray
-    stats = mine(source, spec, expansion, snippet_len, snippets_per_token, seed, files, ledger, work)
+    stats = mine(corpus, spec, expansion, snippet_len, snippets_per_token, seed, ledger, work)
     stats.require_text(source.text_column)
     stats.counts = ledger.counts()
     result = MiningResult(f"{out}/snippets", stats, snippets_per_token, work)

@@ -18,6 +18,7 @@ from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.data.corpus.corpus import documents
 from tokdist_ray.data.corpus.corpus_parts import TEXT
 from tokdist_ray.data.corpus.ray_corpus import MINER_CPUS, corpus_dataset
+from tokdist_ray.data.corpus.sources import corpus_reader
 from tokdist_ray.data.mining.miner import TokenizerSpec
 from tokdist_ray.errors import user_errors_from_ray
 from tokdist_ray.raycluster import ray_is_running
@@ -58,7 +59,7 @@ def count_pre_tokens(
 
     import ray.data
 
-    dataset = corpus_dataset(source, seed).map_batches(
+    dataset = corpus_dataset(corpus_reader(source), seed).map_batches(
         _count_block,
         fn_kwargs={"definition": spec.definition},
         batch_size=None,  # whole blocks: local reads then fuse into the counting tasks
