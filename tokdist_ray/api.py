@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import torch
 
 from tokdist_ray.config import (
+    CORPUS_SOURCES,
     SNIPPET_SEED,
     DistillationConfig,
     EvalConfig,
@@ -216,8 +217,9 @@ class TokenDistillation:
         check_methods(training.loss_methods)
         if not isinstance(output_fit, OutputFitConfig):
             raise ConfigError(f"output_fit must be an OutputFitConfig, not {type(output_fit).__name__}")
-        if not isinstance(data, (GeneratedDataSource, HFDataSource, FileDataSource)):
-            raise ConfigError(f"data must be GeneratedDataSource, HFDataSource or FileDataSource, not {type(data).__name__}")
+        if not isinstance(data, (GeneratedDataSource, *CORPUS_SOURCES.values())):
+            sources = ", ".join(cls.__name__ for cls in CORPUS_SOURCES.values())
+            raise ConfigError(f"data must be GeneratedDataSource or a corpus source ({sources}), not {type(data).__name__}")
         check_target_layer(training.target_layer, self.model.config.get_text_config().num_hidden_layers)
 
     def _check_gguf(self, save: bool, dtype: str, pre: str | None) -> GgufOptions:

@@ -281,6 +281,10 @@ class FileDataSource:
         count_at_least_one("max_docs", self.max_docs, optional=True)
 
 
+# the corpus sources by the name a job's `data.source` gives them (data/corpus/sources.py reads each)
+CORPUS_SOURCES = {"files": FileDataSource, "hf": HFDataSource}
+
+
 @dataclass
 class EvalConfig:
     """The held-out evaluation: drift at aligned positions, compression, bits per byte, generation."""

@@ -543,6 +543,6 @@ def test_the_api_and_the_job_mine_the_same_snippets_with_or_without_ray(ray_sess
     assert on_ray.table().equals(alone.table()) and reports[0]["tokens_added"] == reports[1]["tokens_added"]
 
     config = JobConfig(model=str(tiny_model_dir()), run_dir=str(tmp_path / "job"), tokens=TokensConfig(list=WORDS),
-                       data=DataConfig(paths=[str(corpus)]), snippets=SnippetsConfig(snippet_len=12, snippets_per_token=2))
+                       data=DataConfig(corpus=FileDataSource(paths=[str(corpus)])), snippets=SnippetsConfig(snippet_len=12, snippets_per_token=2))
     job = gather_snippets(config.validate(), expand_with_merges(tokdist.tokenizer, WORDS), tmp_path / "job")
     assert pq.read_table(job["snippets_path"]).equals(alone.table())

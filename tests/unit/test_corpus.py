@@ -79,6 +79,6 @@ def test_tokens_from_corpus_read_bytes_that_are_not_utf8(tiny_tokenizer_dir, tmp
 
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"text": "A Krankenwagen at the caf\xe9, a Krankenwagen at the station."}\n')
-    config = JobConfig(tokens=TokensConfig(from_corpus=1, selection="words"), data=DataConfig(paths=[str(path)])).validate()
+    config = JobConfig(tokens=TokensConfig(from_corpus=1, selection="words"), data=DataConfig(corpus=FileDataSource(paths=[str(path)]))).validate()
     words, counts = candidate_tokens(config, AutoTokenizer.from_pretrained(tiny_tokenizer_dir()))
     assert words == [" Krankenwagen"] and counts == {" Krankenwagen": 2}

@@ -36,13 +36,19 @@ def config_classes() -> list[type]:
 
 
 def job_keys(cls=None, prefix: str = "") -> list[str]:
-    """The job config's keys as YAML paths (`training.learning_rate`), nested sections walked."""
-    from tokdist_ray.job.config import JobConfig
+    """The job config's keys as YAML paths (`training.learning_rate`), nested sections walked;
+    the data section's corpus by the settings of each source it may name."""
+    from tokdist_ray.config import CORPUS_SOURCES
+    from tokdist_ray.job.config import API_ONLY, DataConfig, JobConfig
 
     cls = cls or JobConfig
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if cls is DataConfig and f.name == "corpus":
+            keys += [prefix + s.name for source in CORPUS_SOURCES.values() for s in dataclasses.fields(source)
+                     if s.name not in API_ONLY]
+            continue
         keys.append(prefix + f.name)
         if dataclasses.is_dataclass(hints[f.name]):
             keys += job_keys(hints[f.name], f"{prefix}{f.name}.")

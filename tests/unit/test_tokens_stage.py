@@ -5,6 +5,7 @@ import json
 
 from transformers import AutoTokenizer
 
+from tokdist_ray.config import FileDataSource
 from tokdist_ray.job.config import DataConfig, EvalConfig, JobConfig, TokensConfig
 from tokdist_ray.job.stages import select_tokens
 from tokdist_ray.vocab.bpe_training import continue_bpe, pre_token_counts
@@ -16,7 +17,7 @@ def test_continued_bpe_tokens_and_the_saved_tokenizer(tiny_tokenizer_dir, job_co
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir())
     config = JobConfig(
         model=str(tiny_tokenizer_dir()), run_dir=str(tmp_path),
-        tokens=TokensConfig(from_corpus=6, min_count=3), data=DataConfig(paths=[str(job_corpus_dir)]),
+        tokens=TokensConfig(from_corpus=6, min_count=3), data=DataConfig(corpus=FileDataSource(paths=[str(job_corpus_dir)])),
         eval=EvalConfig(heldout_paths=[str(job_corpus_dir)]),
     ).validate()
     outputs = select_tokens(config, tokenizer, tmp_path)

@@ -3,6 +3,7 @@ checked in one place: one line naming the key or file and the fix (exit 2 on the
 
 from __future__ import annotations
 
+from tokdist_ray.config import FileDataSource
 from tokdist_ray.errors import ConfigError, CorpusNotFoundError
 from tokdist_ray.job.config import JobConfig
 from tokdist_ray.preflight import check_export_space, check_local_workers, check_model, check_writable_dir
@@ -51,7 +52,8 @@ def check_corpus_paths(config: JobConfig) -> None:
     from tokdist_ray.data.corpus.files import expand_paths
     from tokdist_ray.storage import is_uri
 
-    named = {"data.paths": config.data.paths if config.data.source == "files" else [],
+    corpus = config.data.corpus
+    named = {"data.paths": corpus.paths if isinstance(corpus, FileDataSource) else [],
              "eval.heldout_paths": config.eval.heldout_paths}
     for key, paths in named.items():
         for path in (p for p in paths if not is_uri(p)):

@@ -12,9 +12,18 @@ import signal
 import sys
 import typing
 
+from tokdist_ray.config import CORPUS_SOURCES
 from tokdist_ray.console import quiet_console
 from tokdist_ray.errors import ConfigError, TokdistError
-from tokdist_ray.job.config import REFERENCE_FLAGS, STAGES, JobConfig, load_config, parse_overrides
+from tokdist_ray.job.config import (
+    API_ONLY,
+    REFERENCE_FLAGS,
+    STAGES,
+    DataConfig,
+    JobConfig,
+    load_config,
+    parse_overrides,
+)
 
 COMMANDS = {  # each runs its stages in order, reusing those finished with the same inputs
     "run": STAGES,
@@ -36,19 +45,26 @@ HELP = {
 }
 
 
-def option_reference(cls=JobConfig, prefix: str = "") -> list[str]:
-    """Every option as `--section.key  (type, default)`, for --help."""
+def option_reference(cls=JobConfig, prefix: str = "", note: str = "") -> list[str]:
+    """Every option as `--section.key  (type, default)`, for --help; the data section's
+    corpus settings by the source they belong to."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
+        if cls is DataConfig and f.name == "corpus":
+            for name, source in CORPUS_SOURCES.items():
+                lines += option_reference(source, prefix, f" (source: {name})")
+            continue
         if dataclasses.is_dataclass(kind):
             lines += option_reference(kind, f"{prefix}{f.name}.")
+            continue
+        if not f.init or f.name in API_ONLY:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
         type_name = getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
-        lines.append(f"  {'--' + prefix + f.name:<40} {type_name}, default {default!r}")
+        lines.append(f"  {'--' + prefix + f.name:<40} {type_name}, default {default!r}{note}")
     return lines
 
 

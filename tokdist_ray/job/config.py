@@ -23,15 +23,17 @@ from typing import Any
 import yaml
 
 from tokdist_ray.config import (
+    CORPUS_SOURCES,
     SNIPPET_SEED,
     DistillationConfig,
     DistributedConfig,
     EvalConfig,
+    FileDataSource,
     GeneratedDataSource,
+    HFDataSource,
     OutputEmbeddingInit,
     OutputFitConfig,
     check_snippet_counts,
-    corpus_paths,
     count_at_least_one,
     has_lone_surrogate,
     output_emb_policy,
@@ -76,24 +78,52 @@ class TokensConfig:
 
 @dataclass
 class DataConfig:
-    """The corpus to mine (`source: files|hf`) or `source: generated` for no corpus."""
+    """The corpus to mine, a tagged union of the API's corpus sources: `source` names one
+    (files: FileDataSource, hf: HFDataSource; config.CORPUS_SOURCES) and its own settings
+    sit beside it (`paths`, or `dataset_path`, `split`, ...); `source: generated` for no
+    corpus, which leaves any corpus settings unused."""
 
     source: str = "files"
-    paths: typing.List[str] = field(default_factory=list)  # files, dirs, globs; local or s3://, gs://
-    text_column: str = "text"
-    dataset_path: str | None = None  # source: hf
-    name: str | None = None
-    split: str = "train"
-    revision: str | None = None
-    max_docs: int | None = None
+    corpus: FileDataSource | HFDataSource | None = None  # built from `source` and its settings (data_config)
     top_up_with_generation: bool = False  # fill tokens the corpus leaves short
     # mining actors; default: the CPUs of the nodes up, or of the CPU node types an autoscaler can launch
     num_workers: int | None = None
 
     def __post_init__(self) -> None:
-        self.paths = corpus_paths("paths", self.paths)
         count_at_least_one("num_workers", self.num_workers, optional=True)
-        count_at_least_one("max_docs", self.max_docs, optional=True)
+        if self.corpus is not None:  # built in Python: the tag follows the source
+            self.source = {cls: name for name, cls in CORPUS_SOURCES.items()}[type(self.corpus)]
+
+
+DATA_OPTIONS = ("source", "top_up_with_generation", "num_workers")  # the job's own; the rest are the source's
+API_ONLY = ("map_to_text_fn",)  # settings a YAML file cannot hold (a Python function)
+
+
+def data_config(values: dict | None) -> DataConfig:
+    """The data section: its own options, and the settings of the source it names built
+    into that source's class, each key checked against it."""
+    values = dict(values or {})
+    own = {k: values.pop(k) for k in DATA_OPTIONS if k in values}
+    data = _build_fields(DataConfig, own, "data")
+    _one_of("data.source", data.source, (*CORPUS_SOURCES, "generated"))
+    if data.source == "generated":
+        return data
+    source = CORPUS_SOURCES[data.source]
+    if "map_to_text_fn" in values:
+        raise ConfigError("data.map_to_text_fn takes a Python function, which the Python API passes; in a job, name "
+                          "the column that holds the text with data.text_column")
+    settable = [f.name for f in dataclasses.fields(source) if f.init and f.name not in API_ONLY]
+    for key in values:
+        if key not in settable:
+            close = difflib.get_close_matches(key, settable + list(DATA_OPTIONS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown option 'data.{key}' for data.source {data.source}{hint} Options here: "
+                              f"{', '.join(list(DATA_OPTIONS) + settable)}")
+    if source is HFDataSource:  # its one setting without a default
+        if not values.get("dataset_path"):
+            raise ConfigError("data.dataset_path is required for data.source: hf (e.g. HuggingFaceFW/fineweb-2)")
+    data.corpus = _build_fields(source, values, "data")
+    return data
 
 
 @dataclass
@@ -141,7 +171,7 @@ class JobConfig:
     out_path: str | None = None  # the expanded model; default <run_dir>/model
     trust_remote_code: bool = False
     tokens: TokensConfig = field(default_factory=TokensConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: data_config(None))
     snippets: SnippetsConfig = field(default_factory=SnippetsConfig)
     generation: GeneratedDataSource = field(default_factory=GeneratedDataSource)
     training: DistillationConfig = field(default_factory=DistillationConfig)
@@ -166,11 +196,8 @@ class JobConfig:
                 f"tokens: give exactly one of list, file, target_tokenizer, from_corpus (got {given or 'none'}), "
                 "e.g. --tokens.list ' Krankenwagen, Schmetterling'"
             )
-        _one_of("data.source", self.data.source, ("files", "hf", "generated"))
-        if self.data.source == "files" and not self.data.paths:
+        if isinstance(self.data.corpus, FileDataSource) and not self.data.corpus.paths:
             raise ConfigError("data.paths is empty; name corpus files, directories or globs (or set data.source: generated)")
-        if self.data.source == "hf" and not self.data.dataset_path:
-            raise ConfigError("data.dataset_path is required for data.source: hf (e.g. HuggingFaceFW/fineweb-2)")
         if self.tokens.from_corpus and self.data.source == "generated":
             raise ConfigError("tokens.from_corpus needs a corpus; set data.source to files or hf")
         try:
@@ -198,8 +225,10 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        # a string where a list may stand (paths: "a, b") is a comma-separated list, as for list fields
+        lists_first = sorted((a for a in args if a is not type(None)), key=lambda a: typing.get_origin(a) is not list)
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        for arg in lists_first:
             try:
                 return _coerce(key, value, arg)
             except ConfigError as e:
@@ -241,6 +270,14 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
 
 def build(cls, values: dict | None, prefix: str = ""):
     """`cls(**values)` with every key checked: typos get a 'did you mean'."""
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of options, got {values!r}")
+    if cls is DataConfig:
+        return data_config(values)
+    return _build_fields(cls, values, prefix)
+
+
+def _build_fields(cls, values: dict | None, prefix: str):
     if values is None:
         return cls()
     if not isinstance(values, dict):

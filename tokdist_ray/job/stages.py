@@ -35,15 +35,8 @@ GENERATED_PARTS = "snippets_generated"  # sorts after snippets.parquet, so train
 
 
 def corpus_source(config: JobConfig) -> FileDataSource | HFDataSource | None:
-    data = config.data
-    if data.source == "files":
-        return FileDataSource(paths=list(data.paths), text_column=data.text_column, max_docs=data.max_docs)
-    if data.source == "hf":
-        return HFDataSource(
-            dataset_path=data.dataset_path, name=data.name, split=data.split, max_docs=data.max_docs,
-            revision=data.revision, text_column=data.text_column,
-        )
-    return None
+    """The API's corpus source the job's data section names; None for generated snippets."""
+    return config.data.corpus
 
 
 def candidate_tokens(config: JobConfig, tokenizer) -> tuple[list[str] | object, dict[str, int]]:
