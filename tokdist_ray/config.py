@@ -283,6 +283,7 @@ class FileDataSource:
 
 # the corpus sources by the name a job's `data.source` gives them (data/corpus/sources.py reads each)
 CORPUS_SOURCES = {"files": FileDataSource, "hf": HFDataSource}
+CorpusSource = FileDataSource | HFDataSource
 
 
 @dataclass

@@ -23,7 +23,6 @@ from tokdist_ray.console import StageProgress
 from tokdist_ray.data.mining.local_mining import mine_snippets
 from tokdist_ray.errors import TooFewSnippetsError
 from tokdist_ray.eval import shards
-from tokdist_ray.eval.compression import compression, leading_texts  # noqa: F401  job.stages imports them from here
 from tokdist_ray.eval.metrics import Evaluation, Metric, Part
 from tokdist_ray.eval.plots import pyplot, save
 from tokdist_ray.training.batching import align_snippets, collate
@@ -152,20 +151,11 @@ def drift_means(sums: dict) -> dict[str, dict]:
     }
 
 
-def drift(
-    model,
-    new_start: int,
-    methods: dict[str, torch.Tensor],
-    examples: Sequence[dict],
-    token_of_example: Sequence[str],
-    target_layer: int = -1,
-    batch_size: int = 16,
-) -> dict[str, dict]:
-    """{method: {"overall": {metric: mean}, "per_token": {token: {metric: mean}}}}.
-
-    Means are over positions (per token: over the positions of that token's snippets).
-    """
-    return drift_means(drift_sums(model, new_start, methods, examples, token_of_example, target_layer, batch_size))
+def drift(model, *args, **options) -> dict[str, dict]:
+    """{method: {"overall": {metric: mean}, "per_token": {token: {metric: mean}}}}, from
+    drift_sums' arguments. Means are over positions (per token: over the positions of that
+    token's snippets)."""
+    return drift_means(drift_sums(model, *args, **options))
 
 
 def relative_to(results: dict[str, dict], baseline: str = "fvt") -> dict[str, dict[str, float]]:

@@ -25,6 +25,7 @@ import yaml
 from tokdist_ray.config import (
     CORPUS_SOURCES,
     SNIPPET_SEED,
+    CorpusSource,
     DistillationConfig,
     DistributedConfig,
     EvalConfig,
@@ -84,7 +85,7 @@ class DataConfig:
     corpus, which leaves any corpus settings unused."""
 
     source: str = "files"
-    corpus: FileDataSource | HFDataSource | None = None  # built from `source` and its settings (data_config)
+    corpus: CorpusSource | None = None  # built from `source` and its settings (data_config)
     top_up_with_generation: bool = False  # fill tokens the corpus leaves short
     # mining actors; default: the CPUs of the nodes up, or of the CPU node types an autoscaler can launch
     num_workers: int | None = None

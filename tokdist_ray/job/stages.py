@@ -91,7 +91,7 @@ def _expected_compression(config: JobConfig, tokenizer, expansion: MergeExpansio
     if not config.eval.heldout_paths:
         return None
     from tokdist_ray.data.corpus.corpus import documents
-    from tokdist_ray.eval.drift import compression, leading_texts
+    from tokdist_ray.eval.compression import compression, leading_texts
 
     sample = leading_texts(documents(FileDataSource(paths=list(config.eval.heldout_paths))))
     return compression(tokenizer, expansion.tokenizer, sample)
