@@ -16,6 +16,7 @@ from tokdist_ray.atomic import read_json, write_json
 from tokdist_ray.config import FileDataSource, HFDataSource, output_emb_policy
 from tokdist_ray.console import StageProgress, worker_env
 from tokdist_ray.data.budget import quota_summary, snippet_quota
+from tokdist_ray.errors import user_errors_from_ray
 from tokdist_ray.export.gguf import GGUF_FILE, GgufOptions
 from tokdist_ray.export.model import save_model
 from tokdist_ray.job.config import JobConfig
@@ -209,7 +210,8 @@ def export_model(config: JobConfig, expansion: MergeExpansion, snippets: dict, d
     def export() -> None:
         save_model(config.model, expansion, read_rows(fitted["rows_path"]), out, report, gguf=gguf)
 
-    ray.get(ray.remote(num_cpus=1, runtime_env={"env_vars": worker_env()})(export).remote())
+    with user_errors_from_ray():  # a full disk, say: its one line, not Ray's traceback
+        ray.get(ray.remote(num_cpus=1, runtime_env={"env_vars": worker_env()})(export).remote())
     return {"model_dir": str(out), "rows_path": str(out / ROWS), "report_path": str(out / "report.json"),
             **({"gguf_path": str(out / GGUF_FILE)} if gguf is not None else {})}
 
