@@ -99,7 +99,7 @@ def main() -> None:
         print(f"corpus: {len(shards)} shards in {config.data.paths[0]} ({time.perf_counter() - t:.0f} s)", flush=True)
     with PeakMemory() as memory:
         job = run_job(config)
-    model_report = json.loads(Path(job["outputs"]["distill"]["report_path"]).read_text())
+    model_report = json.loads(Path(job["outputs"]["export"]["report_path"]).read_text())
     evaluation = json.loads(Path(job["outputs"]["evaluate"]["eval_path"]).read_text())
     flags = subprocess.run(["bash", "-c", "lscpu | grep -i '^flags'"], capture_output=True, text=True).stdout
     print(f"\n{args.config}: {job['wall_seconds']:.0f} s this call; avx512_bf16: {'avx512_bf16' in flags}, "

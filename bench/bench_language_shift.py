@@ -60,7 +60,7 @@ VARIANTS = {
 }
 BASELINES = ("fvt",)  # AdaptiVocab and the others: the job's evaluate stage
 FITTED_BASELINE = "fvt, output fit"  # FVT's input rows with output rows fitted as the job fits them
-STAGES = ("tokens", "snippets", "distill")
+STAGES = ("tokens", "snippets", "distill", "fit")
 
 
 def distill(config_path: str, common: dict, name: str, overrides: dict, run_dir: str) -> dict:
@@ -68,7 +68,7 @@ def distill(config_path: str, common: dict, name: str, overrides: dict, run_dir:
     config = load_config(config_path, common | overrides | {"run_dir": run_dir, "out_path": f"{run_dir}/models/{folder}"})
     start = time.perf_counter()
     report = run_job(config, STAGES)
-    rows = load_file(report["outputs"]["distill"]["rows_path"])
+    rows = load_file(report["outputs"]["fit"]["rows_path"])
     return {"rows": (rows["input"], rows.get("output")), "seconds": time.perf_counter() - start,
             "tokenizer": report["outputs"]["tokens"]["tokenizer_path"], "config": config,
             "snippets_report": report["outputs"]["snippets"]["report"]}
@@ -76,7 +76,7 @@ def distill(config_path: str, common: dict, name: str, overrides: dict, run_dir:
 
 def fitted_baseline(model, expansion, input_rows, config, snippets_report) -> tuple:
     """A baseline's input rows with output rows fitted on the job's fit text, as the job fits them."""
-    texts = fit_text(corpus_source(config), config.output_fit, snippets_report)
+    texts = fit_text(corpus_source(config), config.output_fit, snippets_report, expansion)
     rows, _ = fit_on_text(model, {"input": input_rows}, expansion.new_start, expansion.tokenizer, texts, config.output_fit,
                           config.training.seed, config.training.mixed_precision)
     return rows["input"], rows["output"]

@@ -40,7 +40,7 @@ def run_variant(config_path: str, overrides: dict) -> dict:
     config = load_config(config_path, overrides)
     report = run_job(config)
     evaluation = json.loads(Path(report["outputs"]["evaluate"]["eval_path"]).read_text())
-    return {"eval": evaluation, "model_mb": model_megabytes(Path(report["outputs"]["distill"]["model_dir"]))}
+    return {"eval": evaluation, "model_mb": model_megabytes(Path(report["outputs"]["export"]["model_dir"]))}
 
 
 def row(name: str, bits: dict, original: dict, drift: float | None, size: str) -> str:

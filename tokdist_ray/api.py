@@ -160,7 +160,7 @@ class TokenDistillation:
         kept = snippets.table.filter(pc.is_in(snippets.table["token"], pa.array([t.text for t in distilled], pa.string())))
         with _timed(timings, "distill"):
             trained = self._distill(expansion, kept, output_emb_policy, pre_init_strategy, training)
-        texts = fit_text(None if isinstance(data, GeneratedDataSource) else data, output_fit, snippets.report)
+        texts = fit_text(None if isinstance(data, GeneratedDataSource) else data, output_fit, snippets.report, expansion)
         fitted = FittedRows(trained.rows, dict(NOT_FITTED))
         if texts:
             with _timed(timings, "output_fit"):

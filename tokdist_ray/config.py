@@ -175,7 +175,12 @@ class OutputFitConfig:
     natural text (each is written around its token)."""
 
     enabled: bool = True
-    text_bytes: int = 400_000  # corpus text the fit reads, in 2,000-byte chunks spread over what mining read
+    # the fit reads corpus text, in 2,000-byte chunks spread over what mining read, until the
+    # median new token occurs this often in it, or text_bytes at most: a handful of tokens
+    # read little, a hundred French ones about 400 kB (half as much cost +1.2% bits per byte,
+    # bench/README.md), thousands need text_bytes raised
+    occurrences_per_token: int = 48
+    text_bytes: int = 400_000
     learning_rate: float = 1e-3
     max_steps: int = 2000  # Adam steps at most; it stops earlier once its held-back tenth stops improving
     batch_positions: int = 8192  # positions per step, over all workers
@@ -183,7 +188,7 @@ class OutputFitConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"output_fit.enabled must be true or false, got {self.enabled!r}")
-        for name in ("text_bytes", "max_steps", "batch_positions"):
+        for name in ("occurrences_per_token", "text_bytes", "max_steps", "batch_positions"):
             count_at_least_one(f"output_fit.{name}", getattr(self, name))
         positive_number("output_fit.learning_rate", self.learning_rate)
 

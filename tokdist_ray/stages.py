@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from tokdist_ray.config import OutputFitConfig
@@ -107,10 +108,11 @@ def split_by_snippets(tokens: Sequence[NewToken], counts: dict[str, int], min_pe
 FIT_MAX_STRIDE = 64
 
 
-def fit_text(source, settings: OutputFitConfig, snippets_report: dict) -> list[str]:
+def fit_text(source, settings: OutputFitConfig, snippets_report: dict, expansion: MergeExpansion) -> list[str]:
     """The corpus text the output fit reads (training/output_fit.py), spread over what
-    mining read; none with the fit off or without a corpus (generated snippets are each
-    written around their token, not text as it comes)."""
+    mining read, as much as the new tokens need (settings.occurrences_per_token); none
+    with the fit off or without a corpus (generated snippets are each written around
+    their token, not text as it comes)."""
     if not settings.enabled:
         return []
     if source is None:
@@ -118,6 +120,30 @@ def fit_text(source, settings: OutputFitConfig, snippets_report: dict) -> list[s
         return []
     mined = snippets_report.get("mining", {}).get("megabytes", 0) * 1e6
     stride = min(FIT_MAX_STRIDE, max(1, int(mined // settings.text_bytes)))
-    texts = text_sample(source, settings.text_bytes, stride)
-    log.info("output fit: %d chunks, %.0f kB of the corpus", len(texts), sum(len(t.encode()) for t in texts) / 1e3)
+    occurrences = Occurrences(expansion)
+    texts = text_sample(source, settings.text_bytes, stride,
+                        enough=lambda chunk: occurrences.add(chunk) >= settings.occurrences_per_token)
+    log.info("output fit: %d chunks, %.0f kB of the corpus; the median new token occurs %d times in them", len(texts),
+             sum(len(t.encode()) for t in texts) / 1e3, occurrences.median())
     return texts
+
+
+class Occurrences:
+    """How often each new token occurs in the text counted so far, in the expanded
+    tokenisation. The median is over the tokens asked for: intermediates that merges
+    need may never occur on their own."""
+
+    def __init__(self, expansion: MergeExpansion):
+        self.tokenizer, self.new_start = expansion.tokenizer, expansion.new_start
+        self.counts = np.zeros(len(expansion.tokens), dtype=np.int64)
+        n, added = len(expansion.tokens), len(expansion.added_tokens)
+        self.asked = np.r_[0:expansion.n_requested, n - added:n]
+
+    def add(self, text: str) -> float:
+        """Count `text` in; the median new token's count so far."""
+        ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        self.counts += np.bincount(ids[ids >= self.new_start] - self.new_start, minlength=len(self.counts))
+        return self.median()
+
+    def median(self) -> float:
+        return float(np.median(self.counts[self.asked])) if len(self.asked) else 0.0

@@ -108,6 +108,25 @@ def test_text_sample_spreads_over_the_corpus_and_skips_rows_without_text(tmp_pat
     assert text_sample(source, text_bytes=60, stride=1) == kept[:2]  # stops once it has the bytes
 
 
+def test_the_fit_reads_text_until_the_median_new_token_occurs_often_enough(tiny_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tokdist_ray.stages import fit_text
+
+    # each document holds the first word once, and every other one the second word too
+    docs = [f"Part {i}. The{WORDS[0]} came back." + (f" A{WORDS[1]} too." if i % 2 else "") for i in range(40)]
+    for i, doc in enumerate(docs):
+        (tmp_path / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+    expansion = expand_with_merges(AutoTokenizer.from_pretrained(tiny_tokenizer_dir()), WORDS[:2])
+    assert expansion.n_requested == 2  # the median is the mean of the two words' counts (intermediates aside)
+    source, report = FileDataSource(paths=str(tmp_path)), {"mining": {"megabytes": 0}}
+    texts = fit_text(source, OutputFitConfig(occurrences_per_token=6), report, expansion)
+    # after n documents the words occur n and n // 2 times: the median reaches 6 at the 8th
+    assert texts == docs[:8]
+    everything = fit_text(source, OutputFitConfig(occurrences_per_token=1000, text_bytes=10**6), report, expansion)
+    assert everything == docs  # never enough: all the text up to text_bytes
+
+
 def test_output_fit_settings_are_checked():
     with pytest.raises(ConfigError, match="output_fit.text_bytes"):
         OutputFitConfig(text_bytes=0)

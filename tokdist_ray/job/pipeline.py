@@ -115,7 +115,7 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
     if "distill" in stages or fits:
         # the fit runs on the distillation's workers: with a distillation that runs anyway,
         # else on the finished run, resumed to fit
-        fit = output_fit(config, snippets) if fits and ledger.done("fit", keys["fit"]) is None else None
+        fit = output_fit(config, snippets, expansion) if fits and ledger.done("fit", keys["fit"]) is None else None
         outputs["distill"] = distilled = ledger.run(
             "distill", keys["distill"], lambda: distill_rows(config, expansion, snippets, run_dir, keys["run"], fit))
         fitted_with_distill = "distill" not in ledger.skipped
@@ -126,6 +126,9 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
             return fitted_rows(distilled["rows_dir"], fit)
 
         outputs["fit"] = fitted = ledger.run("fit", keys["fit"], fit_stage)
+        if fit is not None and fitted_with_distill:  # the fit ran in the distillation's launch: its time is the fit's
+            seconds = fitted["summary"].get("seconds", 0.0)
+            ledger.timings["fit"], ledger.timings["distill"] = seconds, round(ledger.timings["distill"] - seconds, 3)
     if "export" in stages:
         outputs["export"] = ledger.run("export", keys["export"],
                                        lambda: export_model(config, expansion, snippets, distilled, fitted))

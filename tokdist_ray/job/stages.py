@@ -139,10 +139,10 @@ def gather_snippets(config: JobConfig, expansion: MergeExpansion, run_dir: Path)
     return {"snippets_path": str(out), "report": snippets.report}
 
 
-def output_fit(config: JobConfig, snippets: dict) -> OutputFit | None:
+def output_fit(config: JobConfig, snippets: dict, expansion: MergeExpansion) -> OutputFit | None:
     """The fit the pipeline hands the distillation's workers; None with the fit off or
     without corpus text (stages.fit_text)."""
-    texts = fit_text(corpus_source(config), config.output_fit, snippets["report"])
+    texts = fit_text(corpus_source(config), config.output_fit, snippets["report"], expansion)
     return OutputFit(config.output_fit, tuple(texts)) if texts else None
 
 

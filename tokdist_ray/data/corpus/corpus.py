@@ -7,7 +7,7 @@ counts and skips those (see local_mining.mine_snippets), so a bad row never stop
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tokdist_ray.config import FileDataSource, HFDataSource
 from tokdist_ray.data.corpus.chunks import split_document
@@ -22,11 +22,12 @@ def documents(source: FileDataSource | HFDataSource) -> Iterator[str | BadRow]:
 FIT_CHUNK_BYTES = 2000
 
 
-def text_sample(source: FileDataSource | HFDataSource, text_bytes: int, stride: int = 1) -> list[str]:
+def text_sample(source: FileDataSource | HFDataSource, text_bytes: int, stride: int = 1,
+                enough: Callable[[str], bool] | None = None) -> list[str]:
     """Every `stride`-th chunk of the corpus's documents (cut as held-out text is cut, at
-    most FIT_CHUNK_BYTES each) until `text_bytes` are taken: text spread over the first
-    stride x text_bytes bytes rather than the first documents alone. Rows without text
-    are skipped, as mining skips them."""
+    most FIT_CHUNK_BYTES each) until `text_bytes` are taken, or `enough(chunk)` says so
+    after a chunk is taken: text spread over the first stride x text_bytes bytes rather
+    than the first documents alone. Rows without text are skipped, as mining skips them."""
     chunks, taken, seen = [], 0, 0
     for doc in documents(source):
         if isinstance(doc, BadRow):
@@ -37,6 +38,6 @@ def text_sample(source: FileDataSource | HFDataSource, text_bytes: int, stride: 
                 continue
             chunks.append(chunk)
             taken += len(chunk.encode("utf-8"))
-            if taken >= text_bytes:
+            if taken >= text_bytes or enough is not None and enough(chunk):
                 return chunks
     return chunks
