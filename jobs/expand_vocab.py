@@ -1,4 +1,4 @@
-"""The tokdist-ray job: select tokens -> mine/generate snippets -> distill -> export -> evaluate.
+"""The tokdist-ray job: select tokens -> mine/generate snippets -> distill -> fit -> export -> evaluate.
 
     python jobs/expand_vocab.py                      # the CPU demo on a local Ray instance
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
