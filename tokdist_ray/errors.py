@@ -91,6 +91,21 @@ def user_error_in(error: BaseException) -> TokdistError | None:
         failures = getattr(e, "worker_failures", None)  # Ray Train: rank -> the worker's exception
         if isinstance(failures, dict):
             stack += list(failures.values())
+        if type(e).__name__ == "ActorDiedError" and (raised := _raised_in_actor_init(str(e))) is not None:
+            return raised
+    return None
+
+
+def _raised_in_actor_init(message: str) -> TokdistError | None:
+    """An actor whose __init__ raised (a vLLM engine that finds no model on its node) dies,
+    and Ray's ActorDiedError keeps only the text of what was raised: its last line names
+    the error and its message."""
+    for line in reversed(message.splitlines()):
+        name, sep, text = line.strip().partition(": ")
+        module, _, cls = name.rpartition(".")
+        error = globals().get(cls) if sep and module == __name__ else None
+        if isinstance(error, type) and issubclass(error, TokdistError):
+            return error(text)
     return None
 
 

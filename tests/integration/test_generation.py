@@ -46,7 +46,7 @@ from tokdist_ray.data.generation.requests import (
 from tokdist_ray.data.generation.sampling import SampleStreams, draw, warp_logits
 from tokdist_ray.data.generation.settling import ORDER
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA, bos_prefix, settle, window_around
-from tokdist_ray.errors import BackendUnavailableError
+from tokdist_ray.errors import BackendUnavailableError, ModelNotFoundError
 from tokdist_ray.training.snippet_files import read_snippets
 from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.models import load_model, load_tokenizer
@@ -304,7 +304,7 @@ def test_vllm_engines_resolve_the_users_model_name_themselves(tiny_model_dir, ra
     expansion, tokens = tiny_expansion(model_dir)
     source = GeneratedDataSource(backend="vllm", min_new_tokens=1, concurrency=1)
     missing = tmp_path / "not-on-the-gpu-nodes"
-    with pytest.raises(Exception, match="every GPU node"):
+    with pytest.raises(ModelNotFoundError, match="every GPU node"):
         generate_snippet_table(str(missing), expansion, tokens, 6, 2, source)
     assert fake_vllm.BUILT[-1].model_source == str(missing)
 

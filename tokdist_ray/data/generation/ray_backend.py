@@ -34,6 +34,7 @@ from tokdist_ray.data.generation.rounds import RoundLedger
 from tokdist_ray.data.generation.settling import GeneratedSnippets, settled, token_ranks
 from tokdist_ray.data.generation.transformers_backend import transformers_stage
 from tokdist_ray.data.snippets import bos_prefix
+from tokdist_ray.errors import user_errors_from_ray
 from tokdist_ray.vocab.tokens import NewToken
 
 if TYPE_CHECKING:
@@ -166,7 +167,8 @@ def generate_snippets_on_ray(
                          may_drop=source.min_new_tokens > 0, overgenerate=source.overgenerate)
     stage, workers = generation_stage(backend, model_path, source, snippet_len, stop)
     prefix = bos_prefix(tokenizer)
-    passes = run_passes(stage, ledger, by_index, prefix, source, workers)
+    with user_errors_from_ray("ray.data"):  # an engine that cannot find the model: its one line, not Ray's traceback
+        passes = run_passes(stage, ledger, by_index, prefix, source, workers)
 
     cuts = ledger.cuts()
     stats = GenerationStats(counts={t.text: 0 for t in tokens}, backend=backend, passes=len(passes))
