@@ -6,6 +6,7 @@ written as eval.json, eval.md and PNG plots."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -61,13 +62,23 @@ def _on_ray(evaluation: Evaluation) -> list[dict]:
         raise
 
 
+FREE_CPU_WAIT_S = 10.0  # how long the CPUs that the stage before still releases are waited for
+
+
 def _cpus_per_worker(count: int, capacity: Capacity) -> int:
     import ray
 
     # no more than is free or a node the autoscaler launches has: CPUs an actor still holds
-    # (a pool another stage left alive) would otherwise keep the tasks waiting forever
-    free = max(ray.available_resources().get("CPU", 1), capacity.largest_launchable_cpu_node())
-    return max(1, int(min(capacity.largest_cpu_node(), free)) // count)  # torch in the task uses as many threads
+    # (a pool another stage left alive) would otherwise keep the tasks waiting forever. Ray
+    # frees a finished stage's CPUs (Ray Train's placement group, say) a moment after it
+    # ends: wait that moment, or the evaluation runs on half the cores it could have
+    wanted, deadline = capacity.largest_cpu_node(), time.monotonic() + FREE_CPU_WAIT_S
+    while True:
+        free = max(ray.available_resources().get("CPU", 1), capacity.largest_launchable_cpu_node())
+        if free >= wanted or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    return max(1, int(min(wanted, free)) // count)  # torch in the task uses as many threads
 
 
 def _part_task(evaluation: Evaluation, index: int, count: int) -> dict:
