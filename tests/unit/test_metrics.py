@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tests.helpers import tiny_evaluation
-from tokdist_ray.eval import metrics, shards
+from tokdist_ray.eval import heldout, metrics, shards
 from tokdist_ray.eval.compression import Compression
 from tokdist_ray.eval.heldout import evaluate_export, score_part
 
@@ -39,9 +39,13 @@ def registry(monkeypatch):
     monkeypatch.setattr(metrics, "METRICS", dict(metrics.METRICS))
 
 
-def test_a_registered_metric_is_scored_merged_and_written(registry, tiny_model_dir, job_corpus_dir, tmp_path):
+def test_a_registered_metric_is_scored_merged_and_written(registry, tiny_model_dir, job_corpus_dir, tmp_path,
+                                                           monkeypatch):
     evaluation = tiny_evaluation(tiny_model_dir(tied=False), job_corpus_dir, bits_per_byte_bytes=0)
     metrics.register(HeldoutBytes())
+    # scored in this process, where the metric is registered (Ray workers import the package's own
+    # registrations), whether or not an earlier test left the suite's Ray instance running
+    monkeypatch.setattr(heldout, "ray_is_running", lambda: False)
     total = sum(len(p.read_bytes()) for p in job_corpus_dir.iterdir())
 
     summary = evaluate_export(evaluation, tmp_path)
