@@ -11,7 +11,8 @@ it holds) and the job (job/pipeline.py: on Ray, with stage fingerprints and file
 
 What differs between the two runners is passed in: how snippets are mined and generated,
 and where training runs. The rules (which tokens enter as added tokens, when a top-up
-runs, which tokens are distilled, what report.json holds) live here once.
+runs, which tokens are distilled, how much text the fit reads) live here once, and
+report.json's format in report.py.
 """
 
 from __future__ import annotations
