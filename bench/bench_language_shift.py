@@ -31,7 +31,7 @@ from tokdist_ray.data.corpus.corpus import documents
 from tokdist_ray.eval.bits_per_byte import heldout_chunks, score_methods
 from tokdist_ray.eval.drift import baseline_rows
 from tokdist_ray.job.config import load_config, parse_overrides
-from tokdist_ray.job.pipeline import corpus_source, run_job
+from tokdist_ray.job.pipeline import run_job
 from tokdist_ray.stages import fit_text
 from tokdist_ray.training.output_fit import fit_on_text
 from tokdist_ray.vocab.expansion_files import load_expansion
@@ -76,7 +76,7 @@ def distill(config_path: str, common: dict, name: str, overrides: dict, run_dir:
 
 def fitted_baseline(model, expansion, input_rows, config, snippets_report) -> tuple:
     """A baseline's input rows with output rows fitted on the job's fit text, as the job fits them."""
-    texts = fit_text(corpus_source(config), config.output_fit, snippets_report, expansion)
+    texts = fit_text(config.data.corpus, config.output_fit, snippets_report, expansion)
     rows, _ = fit_on_text(model, {"input": input_rows}, expansion.new_start, expansion.tokenizer, texts, config.output_fit,
                           config.training.seed, config.training.mixed_precision)
     return rows["input"], rows["output"]

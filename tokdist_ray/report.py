@@ -7,12 +7,12 @@ from typing import Sequence
 
 
 def tokens_added(tokens: Sequence, new_start: int, snippet_counts: dict[str, int],
-                 positions: Sequence[int] | None = None) -> list[dict]:
+                 positions: Sequence[int]) -> list[dict]:
     """Per new token: `snippets`, the training snippets cut around it; `positions_per_epoch`,
     every occurrence that trained it, in those and in other tokens' snippets."""
     return [
         {"token": t.text, "id": new_start + i, "phrase_ids": list(t.phrase_ids), "snippets": snippet_counts.get(t.text, 0),
-         **({"positions_per_epoch": positions[i]} if positions is not None else {})}
+         "positions_per_epoch": positions[i]}
         for i, t in enumerate(tokens)
     ]
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Callable
 
 from tokdist_ray.atomic import read_json, write_json
-from tokdist_ray.errors import TokdistError
 
 log = logging.getLogger("tokdist_ray")
 
@@ -31,13 +30,6 @@ class StageLedger:
     def done(self, stage: str, key: str) -> dict | None:
         record = self._read(stage)
         return record if record is not None and record.get("fingerprint") == key else None
-
-    def outputs(self, stage: str) -> dict:
-        """A finished stage's outputs, whatever its inputs were."""
-        record = self._read(stage)
-        if record is None:
-            raise TokdistError(f"stage {stage} has not run yet in {self.run_dir}; run it first (tokdist-ray {stage})")
-        return record["outputs"]
 
     def run(self, stage: str, key: str, work: Callable[[], dict]) -> dict:
         record = self.done(stage, key)

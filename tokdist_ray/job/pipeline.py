@@ -25,7 +25,6 @@ from tokdist_ray.job.ledger import StageLedger
 from tokdist_ray.job.lock import RunDirLock
 from tokdist_ray.job.shared_run_dir import check_run_dir_shared
 from tokdist_ray.job.stages import (
-    corpus_source,
     distill_rows,
     evaluate_rows,
     export_model,
@@ -76,7 +75,7 @@ def stage_keys(config: JobConfig, settings: dict) -> dict[str, str]:
     """Each stage's fingerprint before it runs: its settings and what its input files hold
     (job/inputs.py), chained, so an edited input reruns exactly the stages it feeds. The
     evaluation's key also takes the rows it scores, known once the fit ends."""
-    corpus = corpus_files(corpus_source(config))
+    corpus = corpus_files(config.data.corpus)
     from_corpus = [settings["data"], corpus] if config.tokens.from_corpus else None
     tokens = _key(settings["model"], model_files(config.model), settings["tokens"],
                   content_digest(config.tokens.file), model_files(config.tokens.target_tokenizer), from_corpus)

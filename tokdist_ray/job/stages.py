@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from tokdist_ray.atomic import read_json, write_json
-from tokdist_ray.config import FileDataSource, HFDataSource, output_emb_policy
+from tokdist_ray.config import FileDataSource, output_emb_policy
 from tokdist_ray.console import StageProgress, worker_env
 from tokdist_ray.data.budget import quota_summary, snippet_quota
 from tokdist_ray.errors import user_errors_from_ray
@@ -35,11 +35,6 @@ log = logging.getLogger("tokdist_ray")
 GENERATED_PARTS = "snippets_generated"  # sorts after snippets.parquet, so training reads mined rows first
 
 
-def corpus_source(config: JobConfig) -> FileDataSource | HFDataSource | None:
-    """The API's corpus source the job's data section names; None for generated snippets."""
-    return config.data.corpus
-
-
 def candidate_tokens(config: JobConfig, tokenizer) -> tuple[list[str] | object, dict[str, int]]:
     """(the candidates, as strings or a target tokenizer; their corpus counts when chosen
     from the corpus)."""
@@ -54,7 +49,7 @@ def candidate_tokens(config: JobConfig, tokenizer) -> tuple[list[str] | object, 
         from tokdist_ray.data.mining.pre_token_counts import count_pre_tokens
         from tokdist_ray.vocab.bpe_training import continue_bpe
 
-        counts = count_pre_tokens(corpus_source(config), tokenizer, num_workers=config.data.num_workers)
+        counts = count_pre_tokens(config.data.corpus, tokenizer, num_workers=config.data.num_workers)
         log.info("continued BPE: %d distinct pre-tokens counted; learning %d merges", len(counts), spec.from_corpus)
         merges = StageProgress("continued BPE", spec.from_corpus, "merges", every_s=10.0)
         learned = continue_bpe(tokenizer, counts, spec.from_corpus, min_count=spec.min_count, max_chars=spec.max_chars,
@@ -62,7 +57,7 @@ def candidate_tokens(config: JobConfig, tokenizer) -> tuple[list[str] | object, 
         return [t.text for t in learned], {t.text: t.count for t in learned}
     from tokdist_ray.data.corpus.corpus import documents
 
-    texts = (t for t in documents(corpus_source(config)) if isinstance(t, str))
+    texts = (t for t in documents(config.data.corpus) if isinstance(t, str))
     chosen = frequent_fragmented_words(tokenizer, texts, spec.from_corpus, min_pieces=spec.min_pieces,
                                        min_count=spec.min_count)
     return [word for word, _ in chosen], dict(chosen)
@@ -111,7 +106,7 @@ def gather_snippets(config: JobConfig, expansion: MergeExpansion, run_dir: Path)
     from tokdist_ray.data.generation.ray_backend import generate_snippets_on_ray
     from tokdist_ray.data.mining.mining import mine_corpus
 
-    source, snippet = corpus_source(config), config.snippets
+    source, snippet = config.data.corpus, config.snippets
     quota = snippet_quota(snippet.budget, [t.text for t in expansion.tokens], snippet.snippets_per_token,
                           snippet.min_snippets_per_token,
                           _corpus_counts(run_dir) if snippet.budget == "by_frequency" else None)
@@ -142,7 +137,7 @@ def gather_snippets(config: JobConfig, expansion: MergeExpansion, run_dir: Path)
 def output_fit(config: JobConfig, snippets: dict, expansion: MergeExpansion) -> OutputFit | None:
     """The fit the pipeline hands the distillation's workers; None with the fit off or
     without corpus text (stages.fit_text)."""
-    texts = fit_text(corpus_source(config), config.output_fit, snippets["report"], expansion)
+    texts = fit_text(config.data.corpus, config.output_fit, snippets["report"], expansion)
     return OutputFit(config.output_fit, tuple(texts)) if texts else None
 
 
