@@ -1,19 +1,21 @@
 """The export stage's work: the expanded model's folder, written whole or not at all.
 
     save_model     the expanded model and tokenizer (streamed from the original shards
-                   where the model has them: hf.py, streamed.py), report.json,
+                   where the model has them: hf.py, streamed.py), its safetensors index
+                   (written for one model.safetensors too), report.json,
                    new_rows.safetensors and, when asked, model.gguf (gguf.py)
     check_out_dir  before any work: the folder is one save_model may replace
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from tokdist_ray.atomic import atomic_directory, check_replaceable, write_json
 from tokdist_ray.errors import OutputWriteError, TokdistError
@@ -22,7 +24,7 @@ from tokdist_ray.export.hf import expand_model, save_expanded
 from tokdist_ray.export.streamed import export_streamed
 from tokdist_ray.vocab.merges import MergeExpansion
 from tokdist_ray.vocab.models import load_model, weights_dir
-from tokdist_ray.vocab.weights import shards_of, write_rows
+from tokdist_ray.vocab.weights import INDEX, SINGLE, shards_of, write_rows
 
 log = logging.getLogger("tokdist_ray")
 
@@ -55,6 +57,7 @@ def save_model(model_path: str, expansion: MergeExpansion, rows: dict[str, torch
                 write_json(partial / "report.json", report)
             else:
                 save_expanded(model, expansion.tokenizer, partial, report)
+            index_single_file(partial)
             write_rows(partial / ROWS, rows)
             if gguf is not None:
                 export_gguf(partial, partial / GGUF_FILE, gguf.dtype, gguf.pre)
@@ -64,6 +67,23 @@ def save_model(model_path: str, expansion: MergeExpansion, rows: dict[str, torch
         raise _export_write_error(out, e, _weights_bytes(model_dir, model), gguf is not None) from e
     log.info("saved the expanded model to %s", out)
     return out
+
+
+def index_single_file(directory: Path) -> None:
+    """model.safetensors.index.json for a model saved as one model.safetensors, as sharded
+    models have one. Without an index, vLLM (default_loader.py) loads every *.safetensors in
+    the folder, new_rows.safetensors too, and refuses its tensors ("There is no module or
+    parameter named 'input'"); with one it loads only the files the index names.
+    transformers reads model.safetensors as before (it prefers it to the index)."""
+    if (directory / INDEX).is_file() or not (directory / SINGLE).is_file():
+        return
+    with safe_open(directory / SINGLE, framework="pt") as f:
+        names = sorted(f.keys())
+    with open(directory / SINGLE, "rb") as f:  # the tensors' bytes: the file less its 8-byte length and header
+        header = int.from_bytes(f.read(8), "little")
+    total = (directory / SINGLE).stat().st_size - 8 - header
+    index = {"metadata": {"total_size": total}, "weight_map": dict.fromkeys(names, SINGLE)}
+    (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def check_out_dir(out_dir: str | Path) -> None:
