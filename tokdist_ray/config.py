@@ -28,6 +28,7 @@ LR_SCHEDULES = ("constant", "linear")
 BATCH_GROUPINGS = ("first_new_token", "random")
 NEW_TOKEN_OUTPUT_POSITIONS = ("new_tokens", "all")
 PRE_INIT_STRATEGIES = ("fvt", "adapti-vocab")
+BASELINES = ("fvt", "adapti-vocab", "mean_embedding")  # what the evaluation compares Token Distillation with
 STRATEGIES = ("auto", "ddp", "deepspeed")
 ZERO_STAGES = (1, 2, 3)
 CHECKPOINT_UPLOADS = ("async", "sync")
@@ -296,6 +297,9 @@ class EvalConfig:
     """The held-out evaluation: drift at aligned positions, compression, bits per byte, generation."""
 
     heldout_paths: list[str] = field(default_factory=list)  # empty: no evaluation stage
+    # the heuristics Token Distillation's rows are compared with, by every metric (fvt always:
+    # the tables give ratios to it); each costs the metrics one more pass over the text
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     snippets_per_token: int = 20  # drift: held-out snippets per new token
     # drift: at most this many of those, a seeded sample (None: all). Every method reads
     # every snippet: for 30,000 new tokens x 20 snippets drift would take about a quarter
@@ -322,6 +326,9 @@ class EvalConfig:
                                            or self.num_workers < 1):
             raise ConfigError(f"num_workers must be 'auto' or an int >= 1, got {self.num_workers!r}")
         self.heldout_paths = corpus_paths("heldout_paths", self.heldout_paths)
+        if not isinstance(self.baselines, list) or "fvt" not in self.baselines or set(self.baselines) - set(BASELINES):
+            raise ConfigError(f"eval.baselines must be a list of {list(BASELINES)} with 'fvt' in it (the tables "
+                              f"compare with FVT), got {self.baselines!r}")
         self.compare_models = corpus_paths("compare_models", self.compare_models)
         for name in ("snippets_per_token", "batch_size", "chunk_bytes", "generation_prompts", "prompt_bytes"):
             count_at_least_one(name, getattr(self, name))

@@ -50,6 +50,7 @@ def test_baselines_are_built_from_the_original_rows(tiny_model_dir):
     torch.testing.assert_close(rows["fvt"][0], table[list(tokens[0].phrase_ids)].mean(0))
     torch.testing.assert_close(rows["mean_embedding"][0], table[: len(tok)].mean(0))
     assert not torch.allclose(rows["adapti-vocab"][0], rows["fvt"][0])
+    assert list(baseline_rows(model, tokens, len(tok), names=["fvt"])) == ["fvt"]
 
 
 def test_compression_counts_tokens_per_byte(tiny_model_dir):

@@ -53,6 +53,8 @@ def test_config_errors_name_the_key_and_the_fix():
     ("eval.max_snippets", "0", "eval: max_snippets must be an int >= 1 or None (no limit), got 0"),
     ("eval.num_workers", "0", "eval: num_workers must be 'auto' or an int >= 1, got 0"),
     ("eval.num_workers", "many", "eval: num_workers must be 'auto' or an int >= 1, got 'many'"),
+    ("eval.baselines", "[adapti-vocab]", "eval: eval.baselines must be a list of ['fvt', 'adapti-vocab', 'mean_embedding'] with 'fvt'"),
+    ("eval.baselines", "[fvt, bpe]", "eval: eval.baselines must be a list of"),
     ("tokens.tokenizer_mode", "addedtokens", "tokens: tokens.tokenizer_mode: 'addedtokens' is not allowed"),
     ("tokens.selection", "freq", "tokens: tokens.selection: 'freq' is not allowed; choose one of ['bpe', 'words']"),
     ("snippets.min_snippets_per_token", "101", "snippets: min_snippets_per_token (101) is more than snippets_per_token"),

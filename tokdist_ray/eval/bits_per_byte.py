@@ -354,7 +354,7 @@ class BitsPerByte(Metric):
         if not settings.bits_per_byte_bytes:
             return {}
         expansion, new_start = evaluation.expansion, evaluation.expansion.new_start
-        outputs = baseline_rows(part.model, expansion.tokens, new_start, side="output")
+        outputs = baseline_rows(part.model, expansion.tokens, new_start, side="output", names=settings.baselines)
         methods = {name: (inputs, part.rows.get("output") if name == "token_distillation" else outputs.get(name))
                    for name, inputs in part.methods.items()}
         chunks = heldout_chunks(part.texts, settings.chunk_bytes, settings.bits_per_byte_bytes)

@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from tokdist_ray.config import BASELINES
 from tokdist_ray.console import StageProgress
 from tokdist_ray.data.mining.local_mining import mine_snippets
 from tokdist_ray.errors import TooFewSnippetsError
@@ -37,19 +38,22 @@ log = logging.getLogger("tokdist_ray")
 MEASURES = ("hidden_mse", "target_mse", "kl")  # per position, summed, averaged
 
 
-def baseline_rows(model, tokens: Sequence[NewToken], new_start: int, side: str = "input") -> dict[str, torch.Tensor]:
-    """The rows of the heuristics Token Distillation is compared with, from the input
-    table, or from an untied model's output table (`side="output"`; {} for tied models)."""
+def baseline_rows(model, tokens: Sequence[NewToken], new_start: int, side: str = "input",
+                  names: Sequence[str] = BASELINES) -> dict[str, torch.Tensor]:
+    """The rows of the heuristics Token Distillation is compared with (`names`, of
+    config.BASELINES), from the input table, or from an untied model's output table
+    (`side="output"`; {} for tied models)."""
     if side == "output" and ties_word_embeddings(model):
         return {}
     table = (model.get_input_embeddings() if side == "input" else model.get_output_embeddings()).weight[:new_start]
     phrases = [t.phrase_ids for t in tokens]
-    return {
-        "fvt": pre_init_rows(table, phrases, "fvt", side),
-        "adapti-vocab": pre_init_rows(table, phrases, "adapti-vocab", side),
+    rows = {
+        "fvt": lambda: pre_init_rows(table, phrases, "fvt", side),
+        "adapti-vocab": lambda: pre_init_rows(table, phrases, "adapti-vocab", side),
         # the row resize_token_embeddings centres new rows on: the mean of all rows
-        "mean_embedding": table.float().mean(0).expand(len(phrases), -1).clone(),
+        "mean_embedding": lambda: table.float().mean(0).expand(len(phrases), -1).clone(),
     }
+    return {name: rows[name]() for name in names}
 
 
 def _from_first_new_token(student_ids: torch.Tensor, mask: torch.Tensor, new_start: int) -> torch.Tensor:

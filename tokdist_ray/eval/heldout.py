@@ -102,7 +102,8 @@ def score_part(evaluation: Evaluation, index: int = 0, count: int = 1) -> dict:
     texts = [t for t in documents(FileDataSource(paths=list(evaluation.settings.heldout_paths))) if isinstance(t, str)]
     part = Part(evaluation, index, count, model, ties_word_embeddings(model),
                 load_tokenizer(evaluation.model, trust_remote_code=trust), rows,
-                {"token_distillation": rows["input"], **baseline_rows(model, expansion.tokens, expansion.new_start)},
+                {"token_distillation": rows["input"], **baseline_rows(model, expansion.tokens, expansion.new_start,
+                                                                  names=evaluation.settings.baselines)},
                 texts, device, dtype)
     out = {"part": index, "node": node_id(), "device": device}
     for metric in registered():

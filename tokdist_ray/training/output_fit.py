@@ -84,8 +84,9 @@ def collect_positions(model, input_rows: torch.Tensor, new_start: int, chunk_ids
     old_rows = model.get_output_embeddings().weight[:new_start]
     parts: list[tuple[torch.Tensor, ...]] = []
     shown = StageProgress("output fit, reading the text", len(chunk_ids), "chunks") if progress else None
+    order = sorted(range(len(chunk_ids)), key=lambda i: len(chunk_ids[i]))  # similar lengths per pass: little padding
     for p in range(passes):
-        batch = list(range(p * CHUNKS_PER_PASS, min((p + 1) * CHUNKS_PER_PASS, len(chunk_ids))))
+        batch = order[p * CHUNKS_PER_PASS : (p + 1) * CHUNKS_PER_PASS]
         seqs = [chunk_ids[i] for i in batch] or [[0]]
         width = max(map(len, seqs))
         ids = torch.zeros(len(seqs), width, dtype=torch.long)

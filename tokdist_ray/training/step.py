@@ -92,7 +92,9 @@ def bf16_supported(device: torch.device) -> bool:
     if device.type == "cpu":
         # Without native bf16 instructions (AVX-512 BF16 / AMX), bf16 matmuls are
         # emulated and slower than fp32, so mixed precision would only cost accuracy.
-        return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or _cpu_has_native_bf16()
+        # ATEN_CPU_CAPABILITY=avx2 (torch's kernels held to AVX2) counts as without.
+        capability = torch.backends.cpu.get_cpu_capability()
+        return (capability.startswith("AVX512") or capability == "AMX") and _cpu_has_native_bf16()
     return False
 
 
