@@ -164,7 +164,8 @@ class TokenDistillation:
         fitted = FittedRows(trained.rows, dict(NOT_FITTED))
         if texts:
             with _timed(timings, "output_fit"):
-                fitted = OutputFit(output_fit, tuple(texts))(self.model, trained.rows, expansion, training)
+                windows = kept.filter(pc.equal(kept["source"], "corpus"))["input_ids"].to_pylist()
+                fitted = OutputFit(output_fit, tuple(texts))(self.model, trained.rows, expansion, training, windows)
         rows = fitted.rows
         model = expand_model(self.model, expansion.new_start, rows["input"], rows.get("output"))
         report = expansion_report(

@@ -9,9 +9,18 @@ from tests.helpers import SENTENCES, WORDS
 from tokdist_ray.config import FileDataSource, OutputFitConfig
 from tokdist_ray.data.corpus.corpus import text_sample
 from tokdist_ray.errors import ConfigError
-from tokdist_ray.training.output_fit import FitPositions, fit_on_text, fit_output_rows, position_losses
+from tokdist_ray.training.output_fit import (
+    POSITIONS_PER_PASS,
+    FitPositions,
+    fit_chunk_ids,
+    fit_on_text,
+    fit_output_rows,
+    position_losses,
+    reading_passes,
+)
 from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.models import load_model
+from tokdist_ray.vocab.special import start_token
 
 
 def _positions(n=4000, d=8, n_old=20, n_new=2, seed=0):
@@ -94,6 +103,37 @@ def test_fit_on_text_changes_only_the_new_output_rows(tiny_model_dir, tied):
     assert not torch.equal(fitted["output"], rows.get("output", rows["input"]))
     assert summary["before_new_tokens"] > 0 and summary["chunks"] == len(texts)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_reading_passes_group_similar_lengths_within_the_position_budget():
+    lengths = [500, 30, 520, 33, 4100, 31, 510, 29] * 5
+    passes = reading_passes([[0] * n for n in lengths])
+    assert sorted(i for batch in passes for i in batch) == list(range(len(lengths)))  # each chunk read once
+    assert all(len(batch) * max(lengths[i] for i in batch) <= POSITIONS_PER_PASS or len(batch) == 1 for batch in passes)
+    assert [lengths[i] for i in passes[-1]] == [4100]  # a chunk over the budget alone
+    assert len(passes) == 1 + 2 + 5  # the 20 snippets in one pass, the 15 chunks of ~500 eight to a pass
+
+
+def test_windows_are_read_as_the_text_they_were_cut_from(tiny_model_dir):
+    """The fit's positions from a mined window are those of the same ids read as fit text:
+    the summary counts them, and the rows fitted on text alone or on the same ids as
+    windows are the same."""
+    from transformers import AutoTokenizer
+
+    model = load_model(tiny_model_dir(tied=False))
+    expansion = expand_with_merges(AutoTokenizer.from_pretrained(tiny_model_dir(tied=False)), WORDS)
+    n_new, d = len(expansion.tokens), model.config.hidden_size
+    rows = {"input": torch.randn(n_new, d) * 0.02, "output": torch.randn(n_new, d) * 0.02}
+    texts = SENTENCES * 4
+    settings = OutputFitConfig(max_steps=50)
+    on_text, text_summary = fit_on_text(model, rows, expansion.new_start, expansion.tokenizer, texts, settings,
+                                        seed=0, mixed_precision=False)
+    windows = fit_chunk_ids(expansion.tokenizer, texts, start_token(expansion.tokenizer), None)
+    on_windows, summary = fit_on_text(model, rows, expansion.new_start, expansion.tokenizer, [], settings, seed=0,
+                                      mixed_precision=False, windows=windows)
+    assert summary["snippet_windows"] == len(windows) and summary["positions"] == text_summary["positions"]
+    assert summary["before_new_tokens"] == text_summary["before_new_tokens"] > 0
+    torch.testing.assert_close(on_windows["output"], on_text["output"])
 
 
 def test_text_sample_spreads_over_the_corpus_and_skips_rows_without_text(tmp_path):

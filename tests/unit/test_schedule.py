@@ -156,14 +156,15 @@ def test_a_workers_arrow_snippets_give_the_schedule_and_counts_of_python_lists(t
     from tokdist_ray.training.snippet_files import read_snippets
 
     rng = random.Random(0)
-    rows = [{"token": f"t{rng.randrange(4)}", "input_ids": [rng.choice([1, 2, 3, 100, 101, 102]) for _ in range(rng.randrange(1, 9))]}
-            for _ in range(200)]
+    rows = [{"token": f"t{rng.randrange(4)}", "input_ids": [rng.choice([1, 2, 3, 100, 101, 102]) for _ in range(rng.randrange(1, 9))],
+             "source": rng.choice(["corpus", "generated"])} for _ in range(200)]
     pq.write_table(pa.Table.from_pylist(rows[:120]), tmp_path / "part-0.parquet")
     pq.write_table(pa.Table.from_pylist(rows[120:]), tmp_path / "part-1.parquet")
     snippets = read_snippets(str(tmp_path), ["t0", "t2"])
     kept = [r for r in rows if r["token"] in ("t0", "t2")]
     assert isinstance(snippets.ids, pa.ListArray) and snippets.ids.to_pylist() == [r["input_ids"] for r in kept]
     assert snippets.counts == {t: sum(r["token"] == t for r in kept) for t in ("t0", "t2")}
+    assert snippets.corpus_windows() == [r["input_ids"] for r in kept if r["source"] == "corpus"]  # what the fit reads
     lists = [r["input_ids"] for r in kept]
     for arrow in (snippets.ids, snippets.ids.slice(7, 50)):  # a slice's offsets start past 0
         python = arrow.to_pylist()

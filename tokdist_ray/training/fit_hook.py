@@ -5,7 +5,7 @@ second load of the model."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -19,8 +19,12 @@ class OutputFit:
     settings: OutputFitConfig
     texts: tuple[str, ...]  # the fit text (stages.fit_text), each worker reads its share
 
-    def __call__(self, model, rows: dict[str, torch.Tensor], expansion, training: DistillationConfig, rank: int = 0,
-                 world: int = 1, all_reduce: Callable[[torch.Tensor], None] = lambda t: None) -> FittedRows:
+    def __call__(self, model, rows: dict[str, torch.Tensor], expansion, training: DistillationConfig,
+                 windows: Sequence[list[int]] = (), rank: int = 0, world: int = 1,
+                 all_reduce: Callable[[torch.Tensor], None] = lambda t: None) -> FittedRows:
+        """`windows`: the snippets mined from the corpus, expanded ids (read with
+        settings.snippets)."""
         fitted, summary = fit_on_text(model, rows, expansion.new_start, expansion.tokenizer, self.texts, self.settings,
-                                      training.seed, training.mixed_precision, rank, world, all_reduce)
+                                      training.seed, training.mixed_precision, rank, world, all_reduce,
+                                      windows=windows if self.settings.snippets else ())
         return FittedRows(fitted, summary)

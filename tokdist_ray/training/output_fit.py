@@ -23,7 +23,6 @@ stops once they stop improving.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -39,7 +38,7 @@ from tokdist_ray.vocab.special import start_token
 
 log = logging.getLogger("tokdist_ray")
 
-CHUNKS_PER_PASS = 8
+POSITIONS_PER_PASS = 4096  # ids per forward pass (eight 2,000-byte chunks, or a hundred snippets)
 HELD_BACK_EVERY = 10  # every 10th chunk is held back
 CHECK_EVERY = 25  # steps between checks on the held-back chunks
 PATIENCE = 6  # checks without improvement before the fit stops
@@ -58,7 +57,7 @@ class FitPositions:
 
 def fit_chunk_ids(tokenizer, chunks: Sequence[str], start: int, max_len: int | None) -> list[list[int]]:
     """Each chunk in the expanded tokenisation after a start token, cut at `max_len` ids."""
-    ids = tokenizer(list(chunks), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(list(chunks), add_special_tokens=False)["input_ids"] if chunks else []  # a worker's share may be none
     return [[start, *x][:max_len] for x in ids]
 
 
@@ -71,22 +70,35 @@ def _old_log_norm(hidden: torch.Tensor, old_rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def reading_passes(chunk_ids: Sequence[list[int]]) -> list[list[int]]:
+    """The chunks' indices in forward passes of at most POSITIONS_PER_PASS ids (padding
+    included; a longer chunk alone), similar lengths together: little padding."""
+    passes: list[list[int]] = []
+    for i in sorted(range(len(chunk_ids)), key=lambda i: len(chunk_ids[i])):
+        if passes and (len(passes[-1]) + 1) * len(chunk_ids[i]) <= POSITIONS_PER_PASS:
+            passes[-1].append(i)
+        else:
+            passes.append([i])
+    return passes
+
+
 @torch.no_grad()
 def collect_positions(model, input_rows: torch.Tensor, new_start: int, chunk_ids: Sequence[list[int]],
-                      chunk_numbers: Sequence[int], passes: int, mixed_precision: bool = True,
+                      chunk_numbers: Sequence[int], passes: int | None = None, mixed_precision: bool = True,
                       progress: bool = True) -> FitPositions:
     """Final states and old log-normalisers at every position of the chunks (one worker's
     share; `chunk_numbers` their indices in the whole fit text), with the new tokens
     embedded from `input_rows`. `passes` forward passes are run whatever the share's size
-    (ZeRO-3 workers must run the same number); passes without chunks run a one-id input."""
+    (ZeRO-3 workers must run the same number: at least `reading_passes`'); passes without
+    chunks run a one-id input."""
     device = input_rows.device
     decoder, table = model.get_decoder(), model.get_input_embeddings()
     old_rows = model.get_output_embeddings().weight[:new_start]
     parts: list[tuple[torch.Tensor, ...]] = []
     shown = StageProgress("output fit, reading the text", len(chunk_ids), "chunks") if progress else None
-    order = sorted(range(len(chunk_ids)), key=lambda i: len(chunk_ids[i]))  # similar lengths per pass: little padding
-    for p in range(passes):
-        batch = order[p * CHUNKS_PER_PASS : (p + 1) * CHUNKS_PER_PASS]
+    batches = reading_passes(chunk_ids)
+    for p in range(max(len(batches), passes or 0)):
+        batch = batches[p] if p < len(batches) else []
         seqs = [chunk_ids[i] for i in batch] or [[0]]
         width = max(map(len, seqs))
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -185,25 +197,33 @@ def fit_output_rows(initial: torch.Tensor, at: FitPositions, settings: OutputFit
 
 def fit_on_text(model, rows: dict[str, torch.Tensor], new_start: int, tokenizer, texts: Sequence[str],
                 settings: OutputFitConfig, seed: int, mixed_precision: bool = True, rank: int = 0, world: int = 1,
-                all_reduce: Callable[[torch.Tensor], None] = lambda t: None) -> tuple[dict[str, torch.Tensor], dict]:
+                all_reduce: Callable[[torch.Tensor], None] = lambda t: None,
+                windows: Sequence[list[int]] = ()) -> tuple[dict[str, torch.Tensor], dict]:
     """`rows` ("input", and "output" for untied rows) with "output" fitted on `texts` (the
-    fit text, whole: each of `world` workers reads every world-th chunk), and the fit's
-    summary. The model's own weights are only read."""
+    fit text, whole) and `windows` (expanded ids of more corpus text: the mined snippets,
+    whole), and the fit's summary. Each of `world` workers reads every world-th chunk and
+    window. The model's own weights are only read."""
     started = time.perf_counter()
     device = next(model.parameters()).device
     numbers = list(range(rank, len(texts), world))
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     ids = fit_chunk_ids(tokenizer, [texts[i] for i in numbers], start_token(tokenizer), limit)
-    passes = math.ceil(math.ceil(len(texts) / world) / CHUNKS_PER_PASS)
-    at = collect_positions(model, rows["input"].to(device), new_start, ids, numbers, passes, mixed_precision,
-                           progress=rank == 0)
+    window_numbers = list(range(rank, len(windows), world))
+    ids += [list(windows[i]) for i in window_numbers]
+    numbers += [len(texts) + i for i in window_numbers]  # a tenth of the windows is held back too
+    passes = torch.zeros(world, device=device)
+    passes[rank] = len(reading_passes(ids))
+    all_reduce(passes)
+    at = collect_positions(model, rows["input"].to(device), new_start, ids, numbers, int(passes.max()),
+                           mixed_precision, progress=rank == 0)
     initial = rows.get("output", rows["input"]).to(device)
     result = fit_output_rows(initial, at, settings, seed, rank, world, all_reduce)
     if "skipped" in result.summary:
         if rank == 0:
             log.warning("output fit skipped: %s", result.summary["skipped"])
         return rows, result.summary
-    summary = {"chunks": len(texts), "text_bytes": sum(len(t.encode("utf-8")) for t in texts), **result.summary,
+    summary = {"chunks": len(texts), "text_bytes": sum(len(t.encode("utf-8")) for t in texts),
+               "snippet_windows": len(windows), **result.summary,
                "seconds": round(time.perf_counter() - started, 3), "settings": dict(vars(settings))}
     if rank == 0:
         log.info("output fit: %s", summary)

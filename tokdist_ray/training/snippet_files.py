@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from tokdist_ray.errors import CorpusNotFoundError
 from tokdist_ray.storage import location
 
-SNIPPET_COLUMNS = pa.schema([("token", pa.string()), ("input_ids", pa.list_(pa.int32()))])
+SNIPPET_COLUMNS = pa.schema([("token", pa.string()), ("input_ids", pa.list_(pa.int32())), ("source", pa.string())])
 
 
 @dataclass
@@ -29,6 +29,14 @@ class SnippetSet:
 
     ids: pa.ListArray  # int32 ids; indexed per batch (loop.SnippetIds)
     counts: dict[str, int] = field(default_factory=dict)
+    source: pa.Array | None = None  # "corpus" | "generated" per snippet
+
+    def corpus_windows(self) -> list[list[int]]:
+        """The ids of the snippets mined from the corpus: windows of its text (a generated
+        snippet is written around its token, not text as it comes)."""
+        if self.source is None:
+            return []
+        return self.ids.filter(pc.equal(self.source, "corpus")).to_pylist()
 
 
 def parquet_files(fs: pyarrow.fs.FileSystem, root: str) -> list[str]:
@@ -52,9 +60,10 @@ def read_snippets(path: str, token_texts: Sequence[str], filesystem: pyarrow.fs.
     wanted = pa.array(sorted(set(token_texts)), pa.string())
     tables = []
     for file in parquet_files(fs, root):
-        table = pq.read_table(file, filesystem=fs, columns=["token", "input_ids"])
+        table = pq.read_table(file, filesystem=fs, columns=["token", "input_ids", "source"])
         tables.append(table.filter(pc.is_in(table["token"], wanted)).cast(SNIPPET_COLUMNS))
     table = pa.concat_tables(tables).combine_chunks()
     counts = {row["values"]: row["counts"] for row in pc.value_counts(table["token"]).to_pylist()}
     ids = table["input_ids"].chunk(0) if table["input_ids"].num_chunks else pa.array([], pa.list_(pa.int32()))
-    return SnippetSet(ids, counts)
+    source = table["source"].chunk(0) if table["source"].num_chunks else pa.array([], pa.string())
+    return SnippetSet(ids, counts, source)
