@@ -319,6 +319,7 @@ class EvalConfig:
     # prompts for this many decode steps, greedy and sampled (0: skip)
     generation_steps: int = 64
     generation_prompts: int = 8
+    generation_rounds: int = 3  # timed rounds of both models, the fastest counts (the least disturbed)
     prompt_bytes: int = 256  # each prompt's length, in bytes of held-out text
     # workers that share drift and bits per byte, each one GPU and one copy of the model:
     # "auto" one per GPU while each gets a few batches, one on the CPUs without GPUs; or a
@@ -334,7 +335,8 @@ class EvalConfig:
             raise ConfigError(f"eval.baselines must be a list of {list(BASELINES)} with 'fvt' in it (the tables "
                               f"compare with FVT), got {self.baselines!r}")
         self.compare_models = corpus_paths("compare_models", self.compare_models)
-        for name in ("snippets_per_token", "batch_size", "chunk_bytes", "generation_prompts", "prompt_bytes"):
+        for name in ("snippets_per_token", "batch_size", "chunk_bytes", "generation_prompts", "generation_rounds",
+                     "prompt_bytes"):
             count_at_least_one(name, getattr(self, name))
         if self.generation_steps < 0:
             raise ConfigError(f"generation_steps must be >= 0 (0 skips generation), got {self.generation_steps}")

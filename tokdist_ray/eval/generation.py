@@ -207,7 +207,7 @@ class Generation(Metric):
             "decode_steps_per_prompt": settings.generation_steps,
             "heldout_new_token_share": heldout_new_token_share(expansion.tokenizer, leading_texts(part.texts), new_start),
             **compare_generation(part.model, part.original, expansion.tokenizer, new_start, prompts,
-                                 settings.generation_steps, evaluation.seed),
+                                 settings.generation_steps, evaluation.seed, settings.generation_rounds),
         }}
 
     def merge(self, parts: list[dict], new_start: int) -> dict:
