@@ -24,6 +24,19 @@ def ray_is_running() -> bool:
     return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
+def use_assigned_cpus() -> None:
+    """torch's threads set to the CPUs Ray assigned the running task. Ray sets
+    OMP_NUM_THREADS when it starts a worker process, from the first task it runs; a worker
+    it reuses for a task that asks for more CPUs keeps the old count (the export's 1 CPU,
+    then the evaluation's 2: half the cores idle)."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))
+
+
 def joins_cluster() -> bool:
     """A run joins a cluster only when told where it is (`ray job submit` sets RAY_ADDRESS):
     never one that another user happened to `ray start` on this host."""

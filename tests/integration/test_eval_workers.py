@@ -22,3 +22,22 @@ def test_two_workers_on_cpus_write_the_eval_json_of_one(ray_session, tiny_model_
     assert_close(reports["two"], reports["one"], skip=("workers", *TIMINGS))
     assert (tmp_path / "two" / "eval.md").read_text().startswith("## Bits per byte")
     assert summaries["two"]["relative_to_fvt"] == reports["two"]["relative_to_fvt"]["token_distillation"]
+
+
+def test_a_reused_ray_worker_gets_the_threads_of_the_cpus_its_task_asked_for(ray_session):
+    """Ray sets OMP_NUM_THREADS once per worker process: a 2-CPU evaluation task in a worker
+    a 1-CPU export task started would run torch on one thread without use_assigned_cpus."""
+    import ray
+
+    from tokdist_ray.raycluster import use_assigned_cpus
+
+    def threads(cpus_before: int) -> tuple[int, int]:
+        import torch
+
+        torch.set_num_threads(cpus_before)  # the count the worker's first task left
+        use_assigned_cpus()
+        return torch.get_num_threads(), int(ray.get_runtime_context().get_assigned_resources()["CPU"])
+
+    for cpus in (1, 2):
+        got, assigned = ray.get(ray.remote(num_cpus=cpus)(threads).remote(cpus_before=3 - cpus))
+        assert got == assigned == cpus

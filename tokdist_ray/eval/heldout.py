@@ -21,7 +21,7 @@ from tokdist_ray.eval.drift import baseline_rows
 from tokdist_ray.eval.metrics import Evaluation, Part, registered
 from tokdist_ray.eval.plots import loss_curve_plot
 from tokdist_ray.eval.shards import merge, worker_count
-from tokdist_ray.raycluster import node_id, ray_is_running
+from tokdist_ray.raycluster import node_id, ray_is_running, use_assigned_cpus
 from tokdist_ray.vocab.models import load_model, load_tokenizer, ties_word_embeddings
 
 log = logging.getLogger("tokdist_ray")
@@ -83,6 +83,7 @@ def _cpus_per_worker(count: int, capacity: Capacity) -> int:
 
 def _part_task(evaluation: Evaluation, index: int, count: int) -> dict:
     quiet_worker()
+    use_assigned_cpus()
     return score_part(evaluation, index, count)
 
 
