@@ -57,6 +57,7 @@ from tokdist_ray.training.loop import train_local
 from tokdist_ray.training.losses import check_methods
 from tokdist_ray.training.output_fit import NOT_FITTED
 from tokdist_ray.training.rows import initial_rows
+from tokdist_ray.training.snippet_files import corpus_windows
 from tokdist_ray.training.step import TokenDistiller, bf16_supported
 from tokdist_ray.vocab.alignment import PieceAligner
 from tokdist_ray.vocab.merges import MERGES, MergeExpansion
@@ -164,7 +165,8 @@ class TokenDistillation:
         fitted = FittedRows(trained.rows, dict(NOT_FITTED))
         if texts:
             with _timed(timings, "output_fit"):
-                windows = kept.filter(pc.equal(kept["source"], "corpus"))["input_ids"].to_pylist()
+                windows = corpus_windows(*(kept[c].combine_chunks() for c in ("token", "input_ids", "source")),
+                                         output_fit.snippets_per_token)
                 fitted = OutputFit(output_fit, tuple(texts))(self.model, trained.rows, expansion, training, windows)
         rows = fitted.rows
         model = expand_model(self.model, expansion.new_start, rows["input"], rows.get("output"))

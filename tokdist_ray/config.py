@@ -182,17 +182,20 @@ class OutputFitConfig:
     # bench/README.md), thousands need text_bytes raised
     occurrences_per_token: int = 48
     text_bytes: int = 400_000
-    # the fit also reads the snippets mined from the corpus: windows of its text around each
-    # new token, the positions before the tokens that the text has fewest of
-    snippets: bool = True
+    # the fit also reads this many of each new token's snippets mined from the corpus (0:
+    # none): windows of its text around the token, positions before the tokens that the text
+    # has fewest of, at a cost that grows with the tokens, not the text
+    snippets_per_token: int = 8
     learning_rate: float = 1e-3
     max_steps: int = 2000  # Adam steps at most; it stops earlier once its held-back tenth stops improving
     batch_positions: int = 8192  # positions per step, over all workers
 
     def __post_init__(self) -> None:
-        for name in ("enabled", "snippets"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"output_fit.{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"output_fit.enabled must be true or false, got {self.enabled!r}")
+        if isinstance(self.snippets_per_token, bool) or not isinstance(self.snippets_per_token, int) \
+                or self.snippets_per_token < 0:
+            raise ConfigError(f"output_fit.snippets_per_token must be an int >= 0 (0: none), got {self.snippets_per_token!r}")
         for name in ("occurrences_per_token", "text_bytes", "max_steps", "batch_positions"):
             count_at_least_one(f"output_fit.{name}", getattr(self, name))
         positive_number("output_fit.learning_rate", self.learning_rate)

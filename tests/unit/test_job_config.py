@@ -51,6 +51,7 @@ def test_config_errors_name_the_key_and_the_fix():
     ("snippets.snippet_len", "0", "snippets: snippet_len must be an int >= 1, got 0"),
     ("eval.batch_size", "0", "eval: batch_size must be an int >= 1, got 0"),
     ("eval.generation_rounds", "0", "eval: generation_rounds must be an int >= 1, got 0"),
+    ("output_fit.snippets_per_token", "-1", "output_fit: output_fit.snippets_per_token must be an int >= 0 (0: none), got -1"),
     ("eval.max_snippets", "0", "eval: max_snippets must be an int >= 1 or None (no limit), got 0"),
     ("eval.num_workers", "0", "eval: num_workers must be 'auto' or an int >= 1, got 0"),
     ("eval.num_workers", "many", "eval: num_workers must be 'auto' or an int >= 1, got 'many'"),

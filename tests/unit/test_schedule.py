@@ -164,7 +164,10 @@ def test_a_workers_arrow_snippets_give_the_schedule_and_counts_of_python_lists(t
     kept = [r for r in rows if r["token"] in ("t0", "t2")]
     assert isinstance(snippets.ids, pa.ListArray) and snippets.ids.to_pylist() == [r["input_ids"] for r in kept]
     assert snippets.counts == {t: sum(r["token"] == t for r in kept) for t in ("t0", "t2")}
-    assert snippets.corpus_windows() == [r["input_ids"] for r in kept if r["source"] == "corpus"]  # what the fit reads
+    from_corpus = [r for r in kept if r["source"] == "corpus"]  # what the fit reads: the first 3 of each token's
+    assert snippets.corpus_windows(3) == [r["input_ids"] for i, r in enumerate(from_corpus)
+                                          if sum(q["token"] == r["token"] for q in from_corpus[:i]) < 3]
+    assert snippets.corpus_windows(0) == []
     lists = [r["input_ids"] for r in kept]
     for arrow in (snippets.ids, snippets.ids.slice(7, 50)):  # a slice's offsets start past 0
         python = arrow.to_pylist()

@@ -22,9 +22,8 @@ class OutputFit:
     def __call__(self, model, rows: dict[str, torch.Tensor], expansion, training: DistillationConfig,
                  windows: Sequence[list[int]] = (), rank: int = 0, world: int = 1,
                  all_reduce: Callable[[torch.Tensor], None] = lambda t: None) -> FittedRows:
-        """`windows`: the snippets mined from the corpus, expanded ids (read with
-        settings.snippets)."""
+        """`windows`: snippets mined from the corpus, expanded ids (snippet_files.corpus_windows,
+        settings.snippets_per_token of each token)."""
         fitted, summary = fit_on_text(model, rows, expansion.new_start, expansion.tokenizer, self.texts, self.settings,
-                                      training.seed, training.mixed_precision, rank, world, all_reduce,
-                                      windows=windows if self.settings.snippets else ())
+                                      training.seed, training.mixed_precision, rank, world, all_reduce, windows)
         return FittedRows(fitted, summary)

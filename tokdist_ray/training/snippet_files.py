@@ -29,14 +29,24 @@ class SnippetSet:
 
     ids: pa.ListArray  # int32 ids; indexed per batch (loop.SnippetIds)
     counts: dict[str, int] = field(default_factory=dict)
+    token: pa.Array | None = None  # the new token each snippet is for
     source: pa.Array | None = None  # "corpus" | "generated" per snippet
 
-    def corpus_windows(self) -> list[list[int]]:
-        """The ids of the snippets mined from the corpus: windows of its text (a generated
-        snippet is written around its token, not text as it comes)."""
-        if self.source is None:
-            return []
-        return self.ids.filter(pc.equal(self.source, "corpus")).to_pylist()
+    def corpus_windows(self, per_token: int) -> list[list[int]]:
+        return [] if self.token is None else corpus_windows(self.token, self.ids, self.source, per_token)
+
+
+def corpus_windows(token: pa.Array, ids: pa.Array, source: pa.Array, per_token: int) -> list[list[int]]:
+    """The ids of the first `per_token` snippets of each token that were mined from the
+    corpus: windows of its text (a generated snippet is written around its token, not text
+    as it comes)."""
+    taken: dict[str, int] = {}
+    rows = []
+    for row, (name, where) in enumerate(zip(token.to_pylist(), source.to_pylist())):
+        if where == "corpus" and taken.get(name, 0) < per_token:
+            taken[name] = taken.get(name, 0) + 1
+            rows.append(row)
+    return ids.take(pa.array(rows, pa.int64())).to_pylist()
 
 
 def parquet_files(fs: pyarrow.fs.FileSystem, root: str) -> list[str]:
@@ -65,5 +75,6 @@ def read_snippets(path: str, token_texts: Sequence[str], filesystem: pyarrow.fs.
     table = pa.concat_tables(tables).combine_chunks()
     counts = {row["values"]: row["counts"] for row in pc.value_counts(table["token"]).to_pylist()}
     ids = table["input_ids"].chunk(0) if table["input_ids"].num_chunks else pa.array([], pa.list_(pa.int32()))
-    source = table["source"].chunk(0) if table["source"].num_chunks else pa.array([], pa.string())
-    return SnippetSet(ids, counts, source)
+    token, source = (table[name].chunk(0) if table[name].num_chunks else pa.array([], pa.string())
+                     for name in ("token", "source"))
+    return SnippetSet(ids, counts, token, source)

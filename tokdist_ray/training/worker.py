@@ -77,8 +77,8 @@ def train_worker(config: dict) -> None:
     if plan.output_fit is not None:
         model = parallel.distiller.model
         with _gathered_tables(model, held < 1):
-            fitted = plan.output_fit(model, trained, plan.expansion, cfg, snippets.corpus_windows(), rank, world,
-                                     parallel.all_reduce)
+            windows = snippets.corpus_windows(plan.output_fit.settings.snippets_per_token)
+            fitted = plan.output_fit(model, trained, plan.expansion, cfg, windows, rank, world, parallel.all_reduce)
     ranks = [None] * world  # where each rank ran and the share of the weights it held, for the report
     torch_dist.all_gather_object(ranks, {"node": node_id(), "weights_held": round(held, 4)})
     if rank == 0:
