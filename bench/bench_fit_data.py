@@ -8,7 +8,8 @@ without the snippets) and scored on the held-out positions without another forwa
 pass: bits per byte of the held-out text against the original model's on its own
 tokenisation.
 
-    python bench/bench_fit_data.py --run_dir runs/demo --heldout /usr/share/doc/maint-guide-fr/maint-guide.fr.txt.gz
+    python jobs/expand_vocab.py --config jobs/configs/demo_full_cpu.yaml
+    python bench/bench_fit_data.py --run_dir runs/demo_full --config jobs/configs/demo_full_cpu.yaml
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ def join(*parts: FitPositions) -> FitPositions:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run_dir", default="runs/demo")
-    parser.add_argument("--config", default="jobs/configs/demo_cpu.yaml")
+    parser.add_argument("--run_dir", default="runs/demo_full")
+    parser.add_argument("--config", default="jobs/configs/demo_full_cpu.yaml")
     parser.add_argument("--heldout", default="/usr/share/doc/maint-guide-fr/maint-guide.fr.txt.gz")
     parser.add_argument("--heldout_bytes", type=int, default=60_000)
     parser.add_argument("--shares", default="0.125,0.25,0.5,1.0")
