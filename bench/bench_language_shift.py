@@ -34,6 +34,7 @@ from tokdist_ray.job.config import load_config, parse_overrides
 from tokdist_ray.job.pipeline import run_job
 from tokdist_ray.stages import fit_text
 from tokdist_ray.training.output_fit import fit_on_text
+from tokdist_ray.training.snippet_files import read_snippets
 from tokdist_ray.vocab.expansion_files import load_expansion
 from tokdist_ray.vocab.models import load_model, load_tokenizer
 
@@ -77,8 +78,10 @@ def distill(config_path: str, common: dict, name: str, overrides: dict, run_dir:
 def fitted_baseline(model, expansion, input_rows, config, snippets_report) -> tuple:
     """A baseline's input rows with output rows fitted on the job's fit text, as the job fits them."""
     texts = fit_text(config.data.corpus, config.output_fit, snippets_report, expansion)
+    snippets = read_snippets(str(Path(config.run_dir) / "snippets"), [t.text for t in expansion.tokens])
     rows, _ = fit_on_text(model, {"input": input_rows}, expansion.new_start, expansion.tokenizer, texts, config.output_fit,
-                          config.training.seed, config.training.mixed_precision)
+                          config.training.seed, config.training.mixed_precision,
+                          windows=snippets.corpus_windows(config.output_fit.snippets_per_token))
     return rows["input"], rows["output"]
 
 

@@ -214,9 +214,13 @@ def test_zero3_replaces_a_dead_worker_and_equals_single_process(ray_session, set
     assert_matches_reference(result, reference(training), setup)
     assert_exported_with_old_rows_unchanged(result, setup, tmp_path / "model")
     fit = read_fitted(result.rows_dir).summary
-    tokenizer = setup[1].tokenizer
-    assert fit["chunks"] == len(DOCUMENTS)  # every position of every document, over both workers
-    assert fit["positions"] == sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in DOCUMENTS)
+    tokenizer, tokens = setup[1].tokenizer, setup[1].tokens
+    # every position of every document and of the first 8 mined snippets of each token, over
+    # both workers (each reads a share of both, in as many passes as the other)
+    windows = read_snippets(str(setup[2]), [t.text for t in tokens]).corpus_windows(8)
+    assert fit["chunks"] == len(DOCUMENTS) and fit["snippet_windows"] == len(windows) > 0
+    assert fit["positions"] == sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in DOCUMENTS) \
+        + sum(len(w) - 1 for w in windows)
     assert fit["held_back_loss_best"] < fit["held_back_loss_start"]
 
 

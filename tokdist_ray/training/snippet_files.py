@@ -28,12 +28,12 @@ class SnippetSet:
     """Snippet ids in a fixed order (sorted file path, then row), and counts per token."""
 
     ids: pa.ListArray  # int32 ids; indexed per batch (loop.SnippetIds)
+    token: pa.Array  # the new token each snippet is for
+    source: pa.Array  # "corpus" | "generated"
     counts: dict[str, int] = field(default_factory=dict)
-    token: pa.Array | None = None  # the new token each snippet is for
-    source: pa.Array | None = None  # "corpus" | "generated" per snippet
 
     def corpus_windows(self, per_token: int) -> list[list[int]]:
-        return [] if self.token is None else corpus_windows(self.token, self.ids, self.source, per_token)
+        return corpus_windows(self.token, self.ids, self.source, per_token)
 
 
 def corpus_windows(token: pa.Array, ids: pa.Array, source: pa.Array, per_token: int) -> list[list[int]]:
@@ -77,4 +77,4 @@ def read_snippets(path: str, token_texts: Sequence[str], filesystem: pyarrow.fs.
     ids = table["input_ids"].chunk(0) if table["input_ids"].num_chunks else pa.array([], pa.list_(pa.int32()))
     token, source = (table[name].chunk(0) if table[name].num_chunks else pa.array([], pa.string())
                      for name in ("token", "source"))
-    return SnippetSet(ids, counts, token, source)
+    return SnippetSet(ids, token, source, counts)
