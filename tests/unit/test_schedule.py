@@ -153,7 +153,7 @@ def test_a_workers_arrow_snippets_give_the_schedule_and_counts_of_python_lists(t
     import pyarrow.parquet as pq
 
     from tokdist_ray.training.distilled_rows import positions_per_token
-    from tokdist_ray.training.snippet_files import read_snippets
+    from tokdist_ray.training.snippet_files import corpus_windows, read_snippets
 
     rng = random.Random(0)
     rows = [{"token": f"t{rng.randrange(4)}", "input_ids": [rng.choice([1, 2, 3, 100, 101, 102]) for _ in range(rng.randrange(1, 9))],
@@ -164,9 +164,14 @@ def test_a_workers_arrow_snippets_give_the_schedule_and_counts_of_python_lists(t
     kept = [r for r in rows if r["token"] in ("t0", "t2")]
     assert isinstance(snippets.ids, pa.ListArray) and snippets.ids.to_pylist() == [r["input_ids"] for r in kept]
     assert snippets.counts == {t: sum(r["token"] == t for r in kept) for t in ("t0", "t2")}
-    from_corpus = [r for r in kept if r["source"] == "corpus"]  # what the fit reads: the first 3 of each token's
-    assert snippets.corpus_windows(3) == [r["input_ids"] for i, r in enumerate(from_corpus)
-                                          if sum(q["token"] == r["token"] for q in from_corpus[:i]) < 3]
+    # what the fit reads: 3 of each token's mined snippets, in one order whatever the files'
+    from_corpus = sorted((r["token"], r["input_ids"]) for r in kept if r["source"] == "corpus")
+    assert snippets.corpus_windows(3) == [ids for i, (token, ids) in enumerate(from_corpus)
+                                          if sum(t == token for t, _ in from_corpus[:i]) < 3]
+    shuffled = read_snippets(str(tmp_path), ["t2", "t0"])  # files read in the other order give the same
+    reordered = [shuffled.token, shuffled.ids, shuffled.source]
+    order = pa.array(list(range(len(shuffled.ids)))[::-1])
+    assert corpus_windows(*(column.take(order) for column in reordered), 3) == snippets.corpus_windows(3)
     assert snippets.corpus_windows(0) == []
     lists = [r["input_ids"] for r in kept]
     for arrow in (snippets.ids, snippets.ids.slice(7, 50)):  # a slice's offsets start past 0

@@ -9,6 +9,7 @@ single-process loop nor an exact resume position.
 from __future__ import annotations
 
 import socket
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -37,16 +38,19 @@ class SnippetSet:
 
 
 def corpus_windows(token: pa.Array, ids: pa.Array, source: pa.Array, per_token: int) -> list[list[int]]:
-    """The ids of the first `per_token` snippets of each token that were mined from the
-    corpus: windows of its text (a generated snippet is written around its token, not text
-    as it comes)."""
-    taken: dict[str, int] = {}
-    rows = []
-    for row, (name, where) in enumerate(zip(token.to_pylist(), source.to_pylist())):
-        if where == "corpus" and taken.get(name, 0) < per_token:
-            taken[name] = taken.get(name, 0) + 1
-            rows.append(row)
-    return ids.take(pa.array(rows, pa.int64())).to_pylist()
+    """The ids of up to `per_token` snippets of each token that were mined from the corpus:
+    windows of its text (a generated snippet is written around its token, not text as it
+    comes). In one order whatever the order of the rows (by token, then ids), so the job's
+    files and the API's table give the fit the same windows in the same passes."""
+    names, windows = token.to_pylist(), ids.to_pylist()
+    mined = [i for i, where in enumerate(source.to_pylist()) if where == "corpus"]
+    taken: Counter[str] = Counter()
+    out = []
+    for i in sorted(mined, key=lambda i: (names[i], windows[i])):
+        if taken[names[i]] < per_token:
+            taken[names[i]] += 1
+            out.append(windows[i])
+    return out
 
 
 def parquet_files(fs: pyarrow.fs.FileSystem, root: str) -> list[str]:
