@@ -15,7 +15,6 @@ tokenisation.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import platform
@@ -23,36 +22,25 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
-from tokdist_ray.data.corpus.corpus import split_document
+from tokdist_ray.config import FileDataSource
+from tokdist_ray.data.corpus.corpus import documents
+from tokdist_ray.eval.bits_per_byte import heldout_chunks
 from tokdist_ray.job.config import load_config
 from tokdist_ray.stages import fit_text
 from tokdist_ray.training.output_fit import (
-        FitPositions,
+    FitPositions,
     collect_positions,
     fit_chunk_ids,
     fit_output_rows,
     position_losses,
     reading_passes,
 )
+from tokdist_ray.training.snippet_files import read_snippets
 from tokdist_ray.vocab.expansion_files import load_expansion
 from tokdist_ray.vocab.models import load_model, load_tokenizer
 from tokdist_ray.vocab.special import start_token
-
-
-def heldout_chunks(path: str, limit: int) -> list[str]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    chunks, taken = [], 0
-    for chunk in split_document(text, 2000):
-        chunks.append(chunk)
-        taken += len(chunk.encode())
-        if taken >= limit:
-            break
-    return chunks
 
 
 @torch.no_grad()
@@ -94,7 +82,7 @@ def main() -> None:
     parser.add_argument("--run_dir", default="runs/demo_full")
     parser.add_argument("--config", default="jobs/configs/demo_full_cpu.yaml")
     parser.add_argument("--heldout", default="/usr/share/doc/maint-guide-fr/maint-guide.fr.txt.gz")
-    parser.add_argument("--heldout_bytes", type=int, default=60_000)
+    parser.add_argument("--heldout_bytes", type=int, default=62_000)  # at most: 61,064 bytes of whole chunks
     parser.add_argument("--shares", default="0.125,0.25,0.5,1.0")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -113,7 +101,8 @@ def main() -> None:
     segments = [positions(model, tokenizer, fit_chunks[lo:hi], new_start, held_every_tenth=True)
                 for lo, hi in zip([0, *ends], ends)]
     read_s = time.perf_counter() - started
-    held = heldout_chunks(args.heldout, args.heldout_bytes)
+    texts = [t for t in documents(FileDataSource(paths=[args.heldout])) if isinstance(t, str)]
+    held = heldout_chunks(texts, 2000, args.heldout_bytes)
     held_at = positions(model, tokenizer, held, new_start, held_every_tenth=False)
     constant = old_target_terms(model, tokenizer, held, new_start, held_at)
     held_bytes = sum(len(c.encode()) for c in held)
@@ -132,7 +121,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     tied = bits_per_byte(initial)
     print(f"| tied (distilled input rows) | 0 | 0 | {tied:.4f} | {100 * (tied / original - 1):+.2f}% |")
-    windows = pq.read_table(run_dir / "snippets", filters=[("source", "=", "corpus")]).column("input_ids").to_pylist()
+    snippets = read_snippets(str(run_dir / "snippets"), [t.text for t in expansion.tokens])
+    windows = snippets.corpus_windows(config.output_fit.snippets_per_token)  # the windows the job's fit reads
     t = time.perf_counter()
     snip_at = collect_positions(model, initial, new_start, windows, list(range(len(windows))), mixed_precision=False)
     print(f"snippets: {len(windows)}, {len(snip_at.hidden)} positions read in {time.perf_counter() - t:.0f} s")
