@@ -49,7 +49,7 @@ from tokdist_ray.export.model import check_out_dir, save_model
 from tokdist_ray.preflight import check_export_space, check_target_layer, check_writable_dir, model_config
 from tokdist_ray.raycluster import ray_is_running
 from tokdist_ray.report import expansion_report
-from tokdist_ray.stages import collect_snippets, expand_tokens, fit_text, split_by_snippets
+from tokdist_ray.stages import collect_snippets, expand_tokens, fit_text, prune_tokens, split_by_snippets
 from tokdist_ray.training.batching import align_snippets
 from tokdist_ray.training.distilled_rows import DistilledRows, FittedRows, positions_per_token, training_record
 from tokdist_ray.training.fit_hook import OutputFit
@@ -168,15 +168,17 @@ class TokenDistillation:
                 windows = corpus_windows(*(kept[c].combine_chunks() for c in ("token", "input_ids", "source")),
                                          output_fit.snippets_per_token)
                 fitted = OutputFit(output_fit, tuple(texts))(self.model, trained.rows, expansion, training, windows)
-        rows = fitted.rows
+        pruning = prune_tokens(expansion, fitted.rows, fitted.summary, output_fit)
+        expansion, rows = pruning.expansion, pruning.rows
+        fit_report = {k: v for k, v in fitted.summary.items() if k != "token_value"} | {"pruning": pruning.report}
         model = expand_model(self.model, expansion.new_start, rows["input"], rows.get("output"))
         report = expansion_report(
-            self.model_path, expansion, trained.record,
+            self.model_path, expansion, pruning.training_record(trained.record),
             settings={"snippet_len": snippet_len, "snippets_per_token": snippets_per_token, "snippet_seed": snippet_seed,
                       "output_emb_policy": output_emb_policy.value, "pre_init_strategy": pre_init_strategy,
                       "training": dict(vars(training))},
             not_distilled=not_distilled, snippets={"source": type(data).__name__, **snippets.report}, timings_s=timings,
-            output_fit=fitted.summary,
+            output_fit=fit_report,
         )
         self._last = _LastRun(expansion, rows, report, snippet_len, training.target_layer, snippet_seed)
         if save:

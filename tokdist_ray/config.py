@@ -186,20 +186,33 @@ class OutputFitConfig:
     # none): windows of its text around the token, positions before the tokens that the text
     # has fewest of, at a cost that grows with the tokens, not the text
     snippets_per_token: int = 8
+    # then each new token's cost in bits against the ids it saves, on text the fit held back
+    # (training/token_value.py): with prune, tokens that cost more than
+    # max_bits_per_saved_id bits per id they save are taken out of the tokenizer, with the
+    # intermediates no kept token is built from (never used, they only take mass)
+    prune: bool = False
+    max_bits_per_saved_id: float = 0.0
     learning_rate: float = 1e-3
     max_steps: int = 2000  # Adam steps at most; it stops earlier once its held-back tenth stops improving
     batch_positions: int = 8192  # positions per step, over all workers
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError(f"output_fit.enabled must be true or false, got {self.enabled!r}")
+        for name in ("enabled", "prune"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"output_fit.{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.snippets_per_token, bool) or not isinstance(self.snippets_per_token, int) \
                 or self.snippets_per_token < 0:
             raise ConfigError(f"output_fit.snippets_per_token must be an int >= 0 (0: none), got {self.snippets_per_token!r}")
         for name in ("occurrences_per_token", "text_bytes", "max_steps", "batch_positions"):
             count_at_least_one(f"output_fit.{name}", getattr(self, name))
         positive_number("output_fit.learning_rate", self.learning_rate)
+        if isinstance(self.max_bits_per_saved_id, bool) or not isinstance(self.max_bits_per_saved_id, (int, float)) \
+                or not self.max_bits_per_saved_id >= 0:
+            raise ConfigError("output_fit.max_bits_per_saved_id must be a number >= 0 (bits a token may cost per id it "
+                              f"saves), got {self.max_bits_per_saved_id!r}")
 
+
+PRUNING = ("prune", "max_bits_per_saved_id")  # OutputFitConfig's settings read after the fit, by stages.prune_tokens
 
 GENERATION_BACKENDS = ("auto", "vllm", "transformers")
 

@@ -6,6 +6,7 @@ it holds) and the job (job/pipeline.py: on Ray, with stage fingerprints and file
     distill    split_by_snippets, then training       -> training.distilled_rows.DistilledRows
     fit        fit_text, then training.fit_hook.OutputFit (on the distillation's workers)
                                                       -> training.distilled_rows.FittedRows
+    prune      prune_tokens (with the fit's token values) -> Pruning
     export     report.expansion_report, export.model.save_model -> the expanded model's folder
     evaluate   eval.heldout.evaluate_export           -> eval.json, eval.md
 
@@ -29,7 +30,9 @@ from tokdist_ray.config import OutputFitConfig
 from tokdist_ray.data.budget import Quota, quota_of
 from tokdist_ray.data.corpus.corpus import text_sample
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA
+from tokdist_ray.errors import NoNewTokensError
 from tokdist_ray.vocab.merges import ADDED_TOKENS, SKIP, MergeExpansion, expand_with_merges
+from tokdist_ray.vocab.pruning import cannot_prune, kept_tokens, without_tokens
 from tokdist_ray.vocab.tokens import NewToken, not_distilled_note, skip_counts, tokens_to_distill
 
 log = logging.getLogger("tokdist_ray")
@@ -148,3 +151,56 @@ class Occurrences:
 
     def median(self) -> float:
         return float(np.median(self.counts[self.asked])) if len(self.asked) else 0.0
+
+
+@dataclass
+class Pruning:
+    expansion: MergeExpansion  # without the tokens taken out
+    rows: dict  # their rows left out too
+    report: dict  # report.json's output_fit.pruning
+    kept: list[int]  # the kept tokens' indices before pruning
+
+    def training_record(self, record: dict) -> dict:
+        """The training record (distilled_rows.training_record) of the tokens kept."""
+        return {**record, "positions_per_token": [record["positions_per_token"][i] for i in self.kept]}
+
+
+def prune_tokens(expansion: MergeExpansion, rows: dict, fit_summary: dict, settings: OutputFitConfig) -> Pruning:
+    """With settings.prune, the expansion without the new tokens that do not pay for
+    themselves (the fit's token_value, training/token_value.py) and their rows; else as
+    it is. The report says what those tokens cost and save either way."""
+    from tokdist_ray.training.token_value import TokenValue
+
+    record = fit_summary.get("token_value")
+    if record is None:
+        return Pruning(expansion, rows, {"skipped": "no token values: the output fit did not run"},
+                       list(range(len(expansion.tokens))))
+    value = TokenValue.from_record(record)
+    pieces = [t.phrase_ids for t in expansion.tokens]
+    drop = value.not_paying(pieces, settings.max_bits_per_saved_id)
+    reason = cannot_prune(expansion)
+    keep = kept_tokens(expansion, drop) if reason is None else list(range(len(expansion.tokens)))
+    gone = sorted(set(range(len(expansion.tokens))) - set(keep))
+    cost, saved = value.bits_per_byte(), value.ids_saved_per_byte(pieces)
+    report = {
+        "pruned": settings.prune and reason is None and bool(gone), "max_bits_per_saved_id": settings.max_bits_per_saved_id,
+        "not_paying": len(drop), "not_paying_but_built_on": len(drop) - len(gone),
+        # estimated on the held-back text, per byte: what all the new tokens cost and save, and the ones not paying
+        "estimated_bits_per_byte": {"all": round(float(cost.sum()), 6), "not_paying": round(float(cost[gone].sum()), 6)},
+        "estimated_ids_saved_per_byte": {"all": round(float(saved.sum()), 6), "not_paying": round(float(saved[gone].sum()), 6)},
+        **({"skipped": reason} if reason else {}),
+    }
+    if not report["pruned"]:
+        if settings.prune and reason:
+            log.warning("new tokens are not pruned: %s", reason)
+        return Pruning(expansion, rows, report, list(range(len(expansion.tokens))))
+    if not keep:
+        raise NoNewTokensError(
+            f"no new token pays for itself at output_fit.max_bits_per_saved_id {settings.max_bits_per_saved_id}: "
+            "raise it, or set output_fit.prune false")
+    log.info("pruning: %d of %d new tokens cost more than %.3g bits per id they save; %d of them stay (kept tokens "
+             "are built from them), %d are taken out", len(drop), len(expansion.tokens), settings.max_bits_per_saved_id,
+             len(drop) - len(gone), len(gone))
+    report["tokens_taken_out"] = [{"token": expansion.tokens[i].text, "occurrences": int(value.occurrences[i]),
+                                   "bits_per_kb": round(1000 * float(cost[i]), 4)} for i in gone]
+    return Pruning(without_tokens(expansion, keep), {name: row[keep] for name, row in rows.items()}, report, keep)

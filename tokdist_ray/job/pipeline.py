@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from tokdist_ray.atomic import write_json
+from tokdist_ray.config import PRUNING
 from tokdist_ray.fingerprint import fingerprint
 from tokdist_ray.job.checks import check_job
 from tokdist_ray.job.config import GGUF_OPTIONS, STAGES, JobConfig, config_dict
@@ -31,6 +32,7 @@ from tokdist_ray.job.stages import (
     fitted_rows,
     gather_snippets,
     output_fit,
+    prune_vocabulary,
     select_tokens,
 )
 from tokdist_ray.raycluster import connect, joins_cluster
@@ -81,13 +83,15 @@ def stage_keys(config: JobConfig, settings: dict) -> dict[str, str]:
                   content_digest(config.tokens.file), model_files(config.tokens.target_tokenizer), from_corpus)
     snippets = _key(tokens, settings["data"], corpus, settings["snippets"], settings["generation"])
     distill, run = distill_keys(settings, snippets)
-    fit = _key(distill, settings["output_fit"])
+    fitting = {k: v for k, v in settings["output_fit"].items() if k not in PRUNING}
+    fit = _key(distill, fitting)
+    kept = _key(fit, {k: settings["output_fit"][k] for k in PRUNING})  # a new pruning threshold refits nothing
     export = [settings["out_path"]]
     if settings["output"]["gguf"]:
         export.append({k: settings["output"][k] for k in GGUF_OPTIONS})
     scored = {k: v for k, v in settings["eval"].items() if k != "num_workers"}  # how many share it: same result
     return {"tokens": tokens, "snippets": snippets, "distill": distill, "run": run, "fit": fit,
-            "export": _key(fit, *export), "evaluate": _key(fit, scored, heldout_files(config.eval.heldout_paths))}
+            "export": _key(kept, *export), "evaluate": _key(kept, scored, heldout_files(config.eval.heldout_paths))}
 
 
 def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> dict:
@@ -128,14 +132,16 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
         if fit is not None and fitted_with_distill:  # the fit ran in the distillation's launch: its time is the fit's
             seconds = fitted["summary"].get("seconds", 0.0)
             ledger.timings["fit"], ledger.timings["distill"] = seconds, round(ledger.timings["distill"] - seconds, 3)
+    if "export" in stages or "evaluate" in stages:
+        pruning, kept = prune_vocabulary(config, expansion, fitted, run_dir)
     if "export" in stages:
         outputs["export"] = ledger.run("export", keys["export"],
-                                       lambda: export_model(config, expansion, snippets, distilled, fitted))
+                                       lambda: export_model(config, pruning, snippets, distilled, kept))
     if "evaluate" in stages and config.eval.heldout_paths:
-        rows = Path(fitted["rows_path"]).read_bytes()  # rows distilled or fitted anew are evaluated anew
+        rows = Path(kept["rows_path"]).read_bytes()  # rows distilled or fitted anew are evaluated anew
         key = _key(keys["evaluate"], hashlib.sha256(rows).hexdigest())
         outputs["evaluate"] = ledger.run("evaluate", key,
-                                         lambda: evaluate_rows(config, expansion, distilled, fitted, run_dir))
+                                         lambda: evaluate_rows(config, pruning.expansion, distilled, kept, run_dir))
 
     report = {
         "run_dir": str(run_dir),

@@ -21,7 +21,7 @@ from tokdist_ray.export.gguf import GGUF_FILE, GgufOptions
 from tokdist_ray.export.model import save_model
 from tokdist_ray.job.config import JobConfig
 from tokdist_ray.report import expansion_report
-from tokdist_ray.stages import collect_snippets, expand_tokens, fit_text, split_by_snippets
+from tokdist_ray.stages import Pruning, collect_snippets, expand_tokens, fit_text, prune_tokens, split_by_snippets
 from tokdist_ray.training.distilled_rows import DISTILLED_ROWS, FIT_RECORD, FITTED_ROWS, TRAINING_RECORD
 from tokdist_ray.training.fit_hook import OutputFit
 from tokdist_ray.training.output_fit import NOT_FITTED
@@ -30,6 +30,7 @@ from tokdist_ray.vocab.merges import MergeExpansion
 from tokdist_ray.vocab.models import load_tokenizer
 from tokdist_ray.vocab.selection import frequent_fragmented_words
 from tokdist_ray.vocab.tokens import read_token_file
+from tokdist_ray.vocab.weights import read_rows, write_rows
 
 log = logging.getLogger("tokdist_ray")
 GENERATED_PARTS = "snippets_generated"  # sorts after snippets.parquet, so training reads mined rows first
@@ -183,15 +184,30 @@ def fitted_rows(rows_dir: str, fit: OutputFit | None) -> dict:
     return {"rows_path": str(Path(rows_dir) / FITTED_ROWS), "summary": read_json(Path(rows_dir) / FIT_RECORD)}
 
 
-def export_model(config: JobConfig, expansion: MergeExpansion, snippets: dict, distilled: dict, fitted: dict) -> dict:
+def prune_vocabulary(config: JobConfig, expansion: MergeExpansion, fitted: dict, run_dir: Path) -> tuple[Pruning, dict]:
+    """The fitted rows and the expansion that export and evaluation read: with
+    output_fit.prune, without the tokens that do not pay (stages.prune_tokens), written
+    under run_dir/pruned; and `fitted` with that rows path and the pruning in its summary.
+    Cheap (no model), so it runs whenever they do: a new max_bits_per_saved_id needs no refit."""
+    pruning = prune_tokens(expansion, read_rows(fitted["rows_path"]), fitted["summary"], config.output_fit)
+    summary = {k: v for k, v in fitted["summary"].items() if k != "token_value"} | {"pruning": pruning.report}
+    if pruning.expansion is expansion:
+        return pruning, {**fitted, "summary": summary}
+    out = run_dir / "pruned"
+    save_expansion(pruning.expansion, out / "tokenizer")
+    write_rows(out / FITTED_ROWS, pruning.rows)
+    return pruning, {**fitted, "rows_path": str(out / FITTED_ROWS), "summary": summary}
+
+
+def export_model(config: JobConfig, pruning: Pruning, snippets: dict, distilled: dict, fitted: dict) -> dict:
     """Write the expanded model (export.model.save_model: streamed, shard by shard) in a Ray task,
     so the driver holds no weights, with report.json from the records of the earlier stages."""
     import ray
 
     from tokdist_ray.export.model import ROWS
-    from tokdist_ray.vocab.weights import read_rows
 
-    record = read_json(Path(distilled["rows_dir"]) / TRAINING_RECORD)
+    expansion = pruning.expansion
+    record = pruning.training_record(read_json(Path(distilled["rows_dir"]) / TRAINING_RECORD))
     report = expansion_report(
         config.model, expansion, record,
         settings={"output_emb_policy": output_emb_policy(config.output.emb_policy).value,

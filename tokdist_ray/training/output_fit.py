@@ -61,7 +61,7 @@ def fit_chunk_ids(tokenizer, chunks: Sequence[str], start: int, max_len: int | N
     return [[start, *x][:max_len] for x in ids]
 
 
-def _old_log_norm(hidden: torch.Tensor, old_rows: torch.Tensor) -> torch.Tensor:
+def old_log_norm(hidden: torch.Tensor, old_rows: torch.Tensor) -> torch.Tensor:
     """logsumexp over the old vocabulary, in slices of it (a 128k vocabulary's fp32 logits
     for a pass of chunks are gigabytes)."""
     out = torch.full(hidden.shape[:1], float("-inf"), device=hidden.device)
@@ -82,6 +82,24 @@ def reading_passes(chunk_ids: Sequence[list[int]]) -> list[list[int]]:
     return passes
 
 
+def final_states(model, input_rows: torch.Tensor, new_start: int, seqs: Sequence[list[int]],
+                 mixed_precision: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, final states) of one forward pass over `seqs` right-padded to one width,
+    the new ids (>= new_start) embedded from `input_rows`."""
+    device = input_rows.device
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = True
+    ids, mask = ids.to(device), mask.to(device)
+    with autocast_context(device, mixed_precision):
+        embeds = embed_with_new_rows(model.get_input_embeddings(), input_rows, ids, new_start)
+        states = model.get_decoder()(inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False).last_hidden_state
+    return ids, mask, states
+
+
 @torch.no_grad()
 def collect_positions(model, input_rows: torch.Tensor, new_start: int, chunk_ids: Sequence[list[int]],
                       chunk_numbers: Sequence[int], passes: int | None = None, mixed_precision: bool = True,
@@ -92,31 +110,21 @@ def collect_positions(model, input_rows: torch.Tensor, new_start: int, chunk_ids
     (ZeRO-3 workers must run the same number: at least `reading_passes`'); passes without
     chunks run a one-id input."""
     device = input_rows.device
-    decoder, table = model.get_decoder(), model.get_input_embeddings()
     old_rows = model.get_output_embeddings().weight[:new_start]
     parts: list[tuple[torch.Tensor, ...]] = []
     shown = StageProgress("output fit, reading the text", len(chunk_ids), "chunks") if progress else None
     batches = reading_passes(chunk_ids)
     for p in range(max(len(batches), passes or 0)):
         batch = batches[p] if p < len(batches) else []
-        seqs = [chunk_ids[i] for i in batch] or [[0]]
-        width = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros_like(ids, dtype=torch.bool)
-        for row, seq in enumerate(seqs):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = True
-        ids, mask = ids.to(device), mask.to(device)
-        with autocast_context(device, mixed_precision):
-            embeds = embed_with_new_rows(table, input_rows, ids, new_start)
-            states = decoder(inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False).last_hidden_state
+        ids, mask, states = final_states(model, input_rows, new_start, [chunk_ids[i] for i in batch] or [[0]],
+                                         mixed_precision)
         if not batch:
             continue
         keep = mask[:, :-1] & mask[:, 1:]
         hidden = states[:, :-1][keep].float()
         targets = ids[:, 1:][keep]
         numbers = torch.tensor([chunk_numbers[i] for i in batch], device=device)[:, None].expand_as(keep)[keep]
-        parts.append((hidden, _old_log_norm(hidden, old_rows), torch.where(targets >= new_start, targets - new_start, -1),
+        parts.append((hidden, old_log_norm(hidden, old_rows), torch.where(targets >= new_start, targets - new_start, -1),
                       numbers % HELD_BACK_EVERY == HELD_BACK_EVERY - 1))
         if shown is not None:
             shown.advance(len(batch))
@@ -195,6 +203,40 @@ def fit_output_rows(initial: torch.Tensor, at: FitPositions, settings: OutputFit
     return FitResult(best_rows, summary)
 
 
+@dataclass
+class FitSequences:
+    """One worker's share of what the fit reads: expanded ids, each after a start token."""
+
+    ids: list[list[int]]  # its chunks of the fit text, then its windows
+    numbers: list[int]  # each one's index in the whole fit text, the windows after every chunk
+    n_texts: int  # chunks in the whole fit text
+    text_bytes: list[int]  # bytes of each chunk of the whole fit text
+
+    @property
+    def held_back(self) -> list[bool]:
+        return [n % HELD_BACK_EVERY == HELD_BACK_EVERY - 1 for n in self.numbers]
+
+    @property
+    def is_text(self) -> list[bool]:
+        return [n < self.n_texts for n in self.numbers]
+
+    @property
+    def held_back_text_bytes(self) -> int:
+        return sum(b for i, b in enumerate(self.text_bytes) if i % HELD_BACK_EVERY == HELD_BACK_EVERY - 1)
+
+
+def fit_sequences(model, tokenizer, texts: Sequence[str], windows: Sequence[list[int]], rank: int = 0,
+                  world: int = 1) -> FitSequences:
+    """Worker `rank`'s share: every world-th chunk and window (a tenth of each is held back)."""
+    numbers = list(range(rank, len(texts), world))
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    ids = fit_chunk_ids(tokenizer, [texts[i] for i in numbers], start_token(tokenizer), limit)
+    window_numbers = list(range(rank, len(windows), world))
+    ids += [list(windows[i]) for i in window_numbers]
+    numbers += [len(texts) + i for i in window_numbers]
+    return FitSequences(ids, numbers, len(texts), [len(t.encode("utf-8")) for t in texts])
+
+
 def fit_on_text(model, rows: dict[str, torch.Tensor], new_start: int, tokenizer, texts: Sequence[str],
                 settings: OutputFitConfig, seed: int, mixed_precision: bool = True, rank: int = 0, world: int = 1,
                 all_reduce: Callable[[torch.Tensor], None] = lambda t: None,
@@ -205,16 +247,11 @@ def fit_on_text(model, rows: dict[str, torch.Tensor], new_start: int, tokenizer,
     window. The model's own weights are only read."""
     started = time.perf_counter()
     device = next(model.parameters()).device
-    numbers = list(range(rank, len(texts), world))
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    ids = fit_chunk_ids(tokenizer, [texts[i] for i in numbers], start_token(tokenizer), limit)
-    window_numbers = list(range(rank, len(windows), world))
-    ids += [list(windows[i]) for i in window_numbers]
-    numbers += [len(texts) + i for i in window_numbers]  # a tenth of the windows is held back too
+    share = fit_sequences(model, tokenizer, texts, windows, rank, world)
     passes = torch.zeros(world, device=device)
-    passes[rank] = len(reading_passes(ids))
+    passes[rank] = len(reading_passes(share.ids))
     all_reduce(passes)
-    at = collect_positions(model, rows["input"].to(device), new_start, ids, numbers, int(passes.max()),
+    at = collect_positions(model, rows["input"].to(device), new_start, share.ids, share.numbers, int(passes.max()),
                            mixed_precision, progress=rank == 0)
     initial = rows.get("output", rows["input"]).to(device)
     result = fit_output_rows(initial, at, settings, seed, rank, world, all_reduce)
@@ -222,9 +259,8 @@ def fit_on_text(model, rows: dict[str, torch.Tensor], new_start: int, tokenizer,
         if rank == 0:
             log.warning("output fit skipped: %s", result.summary["skipped"])
         return rows, result.summary
-    summary = {"chunks": len(texts), "text_bytes": sum(len(t.encode("utf-8")) for t in texts),
-               "snippet_windows": len(windows), **result.summary,
-               "seconds": round(time.perf_counter() - started, 3), "settings": dict(vars(settings))}
+    summary = {"chunks": len(texts), "text_bytes": sum(share.text_bytes), "snippet_windows": len(windows),
+               **result.summary, "seconds": round(time.perf_counter() - started, 3), "settings": dict(vars(settings))}
     if rank == 0:
         log.info("output fit: %s", summary)
     return {**rows, "output": result.rows.cpu()}, summary

@@ -126,7 +126,7 @@ def expand_with_merges(
     tokens, skipped = _mergeable(tokenizer, selection, model)
     while True:
         expansion = _splice(tokenizer, model, tokens, skipped)
-        missing = _not_emitted(expansion)
+        missing = not_emitted(expansion)
         if not missing:
             expansion = _with_added_tokens(expansion, selection) if unreachable == ADDED_TOKENS else expansion
             if not expansion.tokens:
@@ -267,7 +267,7 @@ def _splice(
     intermediates = [s for s in planner.entries if s not in planner.requested]
     start = len(tokenizer)
     new_vocab = {s: start + i for i, s in enumerate(strings + intermediates)}
-    expanded = _tokenizer_from_json(tokenizer, model.spliced(new_vocab, planner.merges))
+    expanded = tokenizer_from_json(tokenizer, model.spliced(new_vocab, planner.merges))
     if expanded.get_added_vocab() != tokenizer.get_added_vocab():
         raise RuntimeError("splicing merges moved the tokenizer's added tokens to other ids")
     new_tokens = tokens + [NewToken(_intermediate_text(surface, s), planner.entries[s]) for s in intermediates]
@@ -282,7 +282,7 @@ def _intermediate_text(surface, vocab_string: str) -> str:
     return vocab_string if "\ufffd" in text else text
 
 
-def _tokenizer_from_json(tokenizer: PreTrainedTokenizerBase, tokenizer_json: str) -> PreTrainedTokenizerBase:
+def tokenizer_from_json(tokenizer: PreTrainedTokenizerBase, tokenizer_json: str) -> PreTrainedTokenizerBase:
     """`tokenizer` with its backend replaced by `tokenizer_json`, loaded the way
     AutoTokenizer loads a saved directory, so special tokens, BOS/EOS handling, the
     post-processor and the chat template stay, and a reload encodes identically."""
@@ -294,7 +294,7 @@ def _tokenizer_from_json(tokenizer: PreTrainedTokenizerBase, tokenizer_json: str
     return expanded
 
 
-def _not_emitted(expansion: MergeExpansion) -> list[str]:
+def not_emitted(expansion: MergeExpansion) -> list[str]:
     """Requested tokens that `phrase_ids` under the expanded tokenizer does not give as
     their one new id. One batch encodes them all; the few it does not settle (where the
     newline context merges with the token) go through `phrase_ids` itself."""

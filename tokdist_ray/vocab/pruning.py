@@ -1,0 +1,62 @@
+"""New tokens taken back out of a merge expansion, merges kept consistent.
+
+A new token goes with the merges that build it. A token that a kept token is built from
+(an operand of one of its merges) stays, whatever it costs: without it the kept token
+could never form. The kept tokens keep their order, so ids stay consecutive from
+new_start: the requested tokens first, then the intermediates.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Iterable
+
+from tokdist_ray.vocab.merges import MERGES, MergeExpansion, not_emitted, tokenizer_from_json
+
+
+def cannot_prune(expansion: MergeExpansion) -> str | None:
+    """Why tokens cannot be taken out of this expansion, or None."""
+    if expansion.mode != MERGES:
+        return "the new tokens are Hugging Face added tokens, not merges"
+    if expansion.added_tokens:
+        return "some new tokens entered as added tokens, after the merged ones"
+    return None
+
+
+def kept_tokens(expansion: MergeExpansion, drop: Iterable[int]) -> list[int]:
+    """Indices (id - new_start) of the tokens that stay when `drop` goes: all others, and
+    every token a kept one is built from."""
+    index = {expansion.tokenizer.convert_ids_to_tokens(expansion.new_start + i): i
+             for i in range(len(expansion.tokens))}
+    keep = set(range(len(expansion.tokens))) - set(drop)
+    for left, right in reversed(expansion.merges):  # a merge's operands are built by earlier merges
+        if index.get(left + right) in keep:
+            keep.update(index[part] for part in (left, right) if part in index)
+    return sorted(keep)
+
+
+def without_tokens(expansion: MergeExpansion, keep: list[int]) -> MergeExpansion:
+    """The expansion with only the new tokens at indices `keep` (kept_tokens), their merges
+    alone after the original ones, renumbered from new_start."""
+    reason = cannot_prune(expansion)
+    if reason:
+        raise ValueError(f"cannot take new tokens out: {reason}")
+    backend = expansion.tokenizer.backend_tokenizer
+    strings = [backend.id_to_token(expansion.new_start + i) for i in range(len(expansion.tokens))]
+    kept_strings = {strings[i] for i in keep}
+    data = json.loads(backend.to_str())
+    model = data["model"]
+    model["vocab"] = {s: i for s, i in model["vocab"].items() if i < expansion.new_start} | {
+        strings[i]: expansion.new_start + k for k, i in enumerate(keep)}
+    n_original = len(model["merges"]) - len(expansion.merges)
+    merges = [m for m, (left, right) in zip(model["merges"][n_original:], expansion.merges) if left + right in kept_strings]
+    model["merges"] = model["merges"][:n_original] + merges
+    pruned = replace(
+        expansion, tokenizer=tokenizer_from_json(expansion.tokenizer, json.dumps(data, ensure_ascii=False)),
+        tokens=[expansion.tokens[i] for i in keep], n_requested=sum(i < expansion.n_requested for i in keep),
+        merges=[m for m in expansion.merges if m[0] + m[1] in kept_strings])
+    missing = not_emitted(pruned)
+    if missing:  # kept_tokens keeps every merge a kept token needs: this is a bug, not bad input
+        raise RuntimeError(f"after taking tokens out, {len(missing)} kept tokens are no longer emitted: {missing[:5]}")
+    return pruned
