@@ -1,0 +1,158 @@
+"""What a new token costs and saves (training/token_value.py), and taking the ones that do
+not pay out of the tokenizer (vocab/pruning.py, stages.prune_tokens)."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.helpers import SENTENCES, WORDS
+from tokdist_ray.config import OutputFitConfig
+from tokdist_ray.errors import NoNewTokensError
+from tokdist_ray.export.hf import expand_model
+from tokdist_ray.stages import prune_tokens
+from tokdist_ray.training.token_value import TokenValue, measure_token_value
+from tokdist_ray.vocab.alignment import PieceAligner
+from tokdist_ray.vocab.merges import ADDED_TOKENS, expand_with_merges
+from tokdist_ray.vocab.models import load_model
+from tokdist_ray.vocab.pruning import cannot_prune, kept_tokens, without_tokens
+from tokdist_ray.vocab.special import start_token
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    model = load_model(tiny_model_dir(tied=False))
+    expansion = expand_with_merges(AutoTokenizer.from_pretrained(tiny_model_dir(tied=False)), WORDS)
+    g = torch.Generator().manual_seed(0)
+    n, d = len(expansion.tokens), model.config.hidden_size
+    rows = {"input": torch.randn(n, d, generator=g) * 0.5, "output": torch.randn(n, d, generator=g) * 0.5}
+    return model, expansion, rows
+
+
+def _nll(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    return -logits[:-1].log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+
+
+def test_costs_are_the_expanded_models_bits_against_the_originals_on_the_same_text(tiny):
+    """Spans and mass, from the new rows held apart, against the expanded model built as
+    the export builds it and the original model reading the pieces."""
+    model, expansion, rows = tiny
+    tokenizer, start, new_start = expansion.tokenizer, start_token(expansion.tokenizer), expansion.new_start
+    seqs = [[start, *tokenizer(s, add_special_tokens=False)["input_ids"]] for s in SENTENCES]
+    pieces = [t.phrase_ids for t in expansion.tokens]
+    held, is_text = [True, True, False, True], [True, False, True, True]  # a held-back window; one chunk fitted on
+    value = measure_token_value(model, rows, new_start, pieces, seqs, held, is_text, text_bytes=1000.0,
+                                held_text_bytes=100.0, mixed_precision=False)
+
+    expanded = expand_model(load_model(model.name_or_path), new_start, rows["input"], rows["output"]).eval()
+    aligner = PieceAligner(pieces, new_start)
+    n = len(pieces)
+    span, mass, seen, occurrences = torch.zeros(n), torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    with torch.no_grad():
+        for seq, h, text in zip(seqs, held, is_text):
+            new = [t - new_start for t in seq if t >= new_start]
+            if text:
+                occurrences += torch.bincount(torch.tensor(new, dtype=torch.long), minlength=n)
+            if not h:
+                continue
+            logits = expanded(torch.tensor([seq])).logits[0].double()
+            nll = _nll(logits, seq)
+            taken = torch.logsumexp(logits[:-1], -1) - torch.logsumexp(logits[:-1, :new_start], -1)
+            teacher = aligner.align(seq)
+            original = _nll(model(torch.tensor([teacher.teacher_ids])).logits[0].double(), teacher.teacher_ids)
+            ends = teacher.teacher_positions
+            for j in range(1, len(seq)):
+                extra = nll[j - 1] - original[ends[j - 1] : ends[j]].sum()
+                if seq[j] >= new_start:
+                    span[seq[j] - new_start] += extra
+                    seen[seq[j] - new_start] += 1
+                    continue
+                if seq[j - 1] >= new_start:
+                    span[seq[j - 1] - new_start] += extra - taken[j - 1]
+                if text:
+                    mass += taken[j - 1] * logits[j - 1, new_start:].softmax(-1)
+    assert seen.sum() > 0 and (occurrences > 0).any()
+    torch.testing.assert_close(value.occurrences.float(), occurrences)
+    torch.testing.assert_close(value.held_occurrences.float(), seen)
+    torch.testing.assert_close(value.span_nats.float(), span, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(value.mass_nats.float(), mass, atol=1e-5, rtol=1e-4)
+
+
+def _value(occurrences, held, span, mass):
+    t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+    return TokenValue(t(occurrences), 1000.0, t(held), t(span), t(mass), 100.0)
+
+
+def test_a_token_pays_when_its_bits_per_saved_id_are_under_the_threshold():
+    pieces = [(1, 2), (3, 4, 5), (6, 7)]
+    #            occurs, predicted better   never occurs, takes mass   costs 2 nats per occurrence, saves 2 ids each
+    value = _value([10, 0, 10], [4, 0, 4], [-2.0, 0.0, 8.0], [0.01, 0.05, 0.0])
+    cost = value.bits_per_byte()
+    mean = (-2.0 + 8.0) / 8
+    assert cost[2] == pytest.approx(10 / 1000 * (8.0 + mean) / 5 / math.log(2))  # span shrunk by one occurrence at the mean
+    assert cost[0] < 0 < cost[1]
+    assert value.not_paying(pieces, 0.0) == [1, 2]
+    bits_per_id = float(cost[2] / value.ids_saved_per_byte(pieces)[2])
+    assert value.not_paying(pieces, bits_per_id * 1.01) == [1]  # the one that saves nothing goes whatever it costs
+    assert value.not_paying(pieces, bits_per_id * 0.99) == [1, 2]
+    assert TokenValue.from_record(value.as_record()).not_paying(pieces, 0.0) == [1, 2]
+
+
+def _index(expansion, text):
+    return [t.text for t in expansion.tokens].index(text)
+
+
+def test_taking_a_token_out_keeps_the_tokens_it_builds_and_the_rest_as_they_were(tiny):
+    _, expansion, _ = tiny
+    intermediates = [expansion.tokens.index(t) for t in expansion.intermediates]
+    assert intermediates, "WORDS need intermediates on the tiny tokenizer"
+    krank, schmetterling = _index(expansion, " Krankenwagen"), _index(expansion, " Schmetterling")
+    # an intermediate another kept token is built from stays; asked to go with its token, it goes
+    assert kept_tokens(expansion, intermediates) == list(range(len(expansion.tokens)))
+    keep = kept_tokens(expansion, [krank])
+    assert krank not in keep and schmetterling in keep
+    pruned = without_tokens(expansion, keep)
+    assert [t.text for t in pruned.tokens] == [expansion.tokens[i].text for i in keep]
+    assert pruned.n_requested == expansion.n_requested - 1 and len(pruned.tokenizer) == len(expansion.tokenizer) - 1
+    text = "the Krankenwagen and the Schmetterling"
+    ids = pruned.tokenizer(text)["input_ids"]
+    assert pruned.tokenizer.decode(ids) == expansion.tokenizer.decode(expansion.tokenizer(text)["input_ids"])
+    new_ids = [i for i in ids if i >= pruned.new_start]
+    assert pruned.new_start + _index(pruned, " Schmetterling") in new_ids  # still one id
+    assert all(i < len(pruned.tokenizer) for i in ids)
+    original = AutoTokenizer.from_pretrained(expansion.tokenizer.name_or_path)
+    only_old = "the river and the garden"
+    assert pruned.tokenizer(only_old)["input_ids"] == original(only_old)["input_ids"]
+    both_gone = without_tokens(expansion, kept_tokens(expansion, range(len(expansion.tokens))))
+    assert both_gone.tokens == [] and both_gone.tokenizer(text)["input_ids"] == original(text)["input_ids"]
+
+
+def test_added_tokens_are_not_pruned(tiny):
+    _, expansion, _ = tiny
+    added = expand_with_merges(AutoTokenizer.from_pretrained(expansion.tokenizer.name_or_path), WORDS, mode=ADDED_TOKENS)
+    assert "added tokens" in cannot_prune(added)
+    with pytest.raises(ValueError, match="cannot take new tokens out"):
+        without_tokens(added, [0])
+
+
+def test_prune_tokens_takes_out_the_rows_and_reports_what_went(tiny):
+    _, expansion, rows = tiny
+    n = len(expansion.tokens)
+    krank = _index(expansion, " Krankenwagen")
+    costly = [-10.0] * n  # 10 held-back occurrences each: the others predicted better than their pieces
+    costly[krank] = 50.0
+    summary = {"token_value": _value([5] * n, [10] * n, costly, [0.0] * n).as_record()}
+    off = prune_tokens(expansion, rows, summary, OutputFitConfig())
+    assert off.expansion is expansion and off.report["pruned"] is False and off.report["not_paying"] == 1
+    pruning = prune_tokens(expansion, rows, summary, OutputFitConfig(prune=True))
+    assert pruning.report["pruned"] and [t["token"] for t in pruning.report["tokens_taken_out"]] == [" Krankenwagen"]
+    keep = [i for i in range(n) if i != krank]
+    assert pruning.kept == keep
+    assert all(torch.equal(pruning.rows[k], rows[k][keep]) for k in rows)
+    record = pruning.training_record({"positions_per_token": list(range(n)), "training": {}})
+    assert record["positions_per_token"] == keep
+    assert prune_tokens(expansion, rows, {}, OutputFitConfig(prune=True)).expansion is expansion  # no fit, nothing to go by
+    nothing_pays = {"token_value": _value([0] * n, [0] * n, [0.0] * n, [1.0] * n).as_record()}
+    with pytest.raises(NoNewTokensError, match="max_bits_per_saved_id"):
+        prune_tokens(expansion, rows, nothing_pays, OutputFitConfig(prune=True))
