@@ -4,6 +4,7 @@ round-off) and export the same files."""
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
@@ -36,6 +37,11 @@ def test_the_api_and_the_job_export_the_same_model(ray_session, tiny_model_dir, 
     assert "skipped" not in job_report["output_fit"]  # the fit ran, on the text and the mined snippets
     for report in (job_report, api_report):
         report["output_fit"].pop("seconds")
+    # what the tokens cost is estimated from the fitted rows: equal to their round-off
+    job_pruning, api_pruning = (report["output_fit"].pop("pruning") for report in (job_report, api_report))
+    for estimate in ("estimated_bits_per_byte", "estimated_ids_saved_per_byte"):
+        assert job_pruning.pop(estimate) == pytest.approx(api_pruning.pop(estimate), rel=1e-4, abs=1e-6)
+    assert job_pruning == api_pruning
     for section in set(job_report) | set(api_report):
         if section not in HOW_IT_RAN:
             assert job_report.get(section) == api_report.get(section), section
