@@ -173,7 +173,7 @@ def prune_tokens(expansion: MergeExpansion, rows: dict, fit_summary: dict, setti
 
     record = fit_summary.get("token_value")
     if record is None:
-        return Pruning(expansion, rows, {"skipped": "no token values: the output fit did not run"},
+        return Pruning(expansion, rows, {"skipped": "the output fit measured no token values (it did not run)"},
                        list(range(len(expansion.tokens))))
     value = TokenValue.from_record(record)
     pieces = [t.phrase_ids for t in expansion.tokens]

@@ -41,6 +41,8 @@ from tokdist_ray.vocab.expansion_files import load_expansion
 from tokdist_ray.vocab.models import load_tokenizer
 
 log = logging.getLogger("tokdist_ray")
+# what the fit stage writes: a fit recorded before it measured token values (pruning reads them) runs again
+FIT_RECORD_FORMAT = "with token values"
 
 
 def _key(*parts) -> str:
@@ -84,7 +86,7 @@ def stage_keys(config: JobConfig, settings: dict) -> dict[str, str]:
     snippets = _key(tokens, settings["data"], corpus, settings["snippets"], settings["generation"])
     distill, run = distill_keys(settings, snippets)
     fitting = {k: v for k, v in settings["output_fit"].items() if k not in PRUNING}
-    fit = _key(distill, fitting)
+    fit = _key(distill, fitting, FIT_RECORD_FORMAT)
     kept = _key(fit, {k: settings["output_fit"][k] for k in PRUNING})  # a new pruning threshold refits nothing
     export = [settings["out_path"]]
     if settings["output"]["gguf"]:
