@@ -41,19 +41,18 @@ def test_costs_are_the_expanded_models_bits_against_the_originals_on_the_same_te
     tokenizer, start, new_start = expansion.tokenizer, start_token(expansion.tokenizer), expansion.new_start
     seqs = [[start, *tokenizer(s, add_special_tokens=False)["input_ids"]] for s in SENTENCES]
     pieces = [t.phrase_ids for t in expansion.tokens]
-    held, is_text = [True, True, False, True], [True, False, True, True]  # a held-back window; one chunk fitted on
-    value = measure_token_value(model, rows, new_start, pieces, seqs, held, is_text, text_bytes=1000.0,
-                                held_text_bytes=100.0, mixed_precision=False)
+    held = [True, False, True, True]  # one chunk the fit read, three held back
+    value = measure_token_value(model, rows, new_start, pieces, seqs, held, text_bytes=1000.0, held_text_bytes=100.0,
+                                mixed_precision=False)
 
     expanded = expand_model(load_model(model.name_or_path), new_start, rows["input"], rows["output"]).eval()
     aligner = PieceAligner(pieces, new_start)
     n = len(pieces)
     span, mass, seen, occurrences = torch.zeros(n), torch.zeros(n), torch.zeros(n), torch.zeros(n)
     with torch.no_grad():
-        for seq, h, text in zip(seqs, held, is_text):
+        for seq, h in zip(seqs, held):
             new = [t - new_start for t in seq if t >= new_start]
-            if text:
-                occurrences += torch.bincount(torch.tensor(new, dtype=torch.long), minlength=n)
+            occurrences += torch.bincount(torch.tensor(new, dtype=torch.long), minlength=n)
             if not h:
                 continue
             logits = expanded(torch.tensor([seq])).logits[0].double()
@@ -70,8 +69,7 @@ def test_costs_are_the_expanded_models_bits_against_the_originals_on_the_same_te
                     continue
                 if seq[j - 1] >= new_start:
                     span[seq[j - 1] - new_start] += extra - taken[j - 1]
-                if text:
-                    mass += taken[j - 1] * logits[j - 1, new_start:].softmax(-1)
+                mass += taken[j - 1] * logits[j - 1, new_start:].softmax(-1)
     assert seen.sum() > 0 and (occurrences > 0).any()
     torch.testing.assert_close(value.occurrences.float(), occurrences)
     torch.testing.assert_close(value.held_occurrences.float(), seen)

@@ -42,7 +42,7 @@ from tokdist_ray.vocab.models import load_tokenizer
 
 log = logging.getLogger("tokdist_ray")
 # what the fit stage writes: a fit recorded before it measured token values (pruning reads them) runs again
-FIT_RECORD_FORMAT = "with token values"
+FIT_RECORD_FORMAT = "with token values from held-back chunks"
 
 
 def _key(*parts) -> str:

@@ -34,7 +34,7 @@ class OutputFit:
             share = fit_sequences(model, expansion.tokenizer, self.texts, windows, rank, world)
             value = measure_token_value(
                 model, {name: row.to(device) for name, row in fitted.items()}, expansion.new_start,
-                [t.phrase_ids for t in expansion.tokens], share.ids, share.held_back, share.is_text,
+                [t.phrase_ids for t in expansion.tokens], share.chunks, share.held_back[: len(share.chunks)],
                 sum(share.text_bytes), share.held_back_text_bytes, training.mixed_precision, rank, world, all_reduce)
             summary = {**summary, "token_value": value.as_record(),
                        "seconds": round(summary["seconds"] + time.perf_counter() - started, 3)}

@@ -217,8 +217,8 @@ class FitSequences:
         return [n % HELD_BACK_EVERY == HELD_BACK_EVERY - 1 for n in self.numbers]
 
     @property
-    def is_text(self) -> list[bool]:
-        return [n < self.n_texts for n in self.numbers]
+    def chunks(self) -> list[list[int]]:
+        return [ids for ids, n in zip(self.ids, self.numbers) if n < self.n_texts]  # they come first
 
     @property
     def held_back_text_bytes(self) -> int:

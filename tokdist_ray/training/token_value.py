@@ -11,11 +11,12 @@ costs bits, against the original model reading the same text in its own tokenisa
   tokens' mass, log(1 + sum_k exp(z_k - A)) nats (A: the old log-normaliser, z: the new
   logits), shared among them by their probability there.
 
-Both are read from what the fit held back (a tenth of its chunks and snippet windows),
-never from what its rows were fitted on; the mass from held-back chunks only (windows are
-cut around the new tokens). How often a token occurs comes from all of the fit text's
-chunks. A token seen a few times on held-back text has its span cost shrunk towards the
-mean over every held-back occurrence.
+Both are read from the tenth of the fit text's chunks that the fit held back, never from
+what its rows were fitted on. Not from its held-back snippet windows: an occurrence in one
+also sits in the windows of the tokens around it, which the fit did read (measured, spans
+there came out 4.3 nats cheaper per occurrence than on held-back text). How often a token
+occurs comes from all of the chunks. A token seen a few times on held-back text has its
+span cost shrunk towards the mean over every held-back occurrence.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class TokenValue:
 
     occurrences: torch.Tensor  # in the fit text's chunks
     text_bytes: float  # of those chunks
-    held_occurrences: torch.Tensor  # in the held-back chunks and windows
+    held_occurrences: torch.Tensor  # in the held-back chunks
     span_nats: torch.Tensor  # extra nats on those spans (the token and the id after it)
     mass_nats: torch.Tensor  # mass taken where an old token follows, in the held-back chunks
     held_text_bytes: float  # of the held-back chunks
@@ -78,12 +79,12 @@ class TokenValue:
 
 
 def _nats_per_position(model, rows: dict[str, torch.Tensor], new_start: int, seqs: Sequence[list[int]],
-                       passes: int, mixed_precision: bool, expanded: bool, mass: torch.Tensor | None = None,
-                       is_text: Sequence[bool] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                       passes: int, mixed_precision: bool, expanded: bool,
+                       mass: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each sequence, (nats on each next id, the new tokens' mass at each position where
     an old id follows): under the expanded model, or with `expanded` False under the
-    original (original ids only; no new row is read, the mass is zero). With `mass`, each
-    text sequence's mass is also added into it, token by token."""
+    original (original ids only; no new row is read, the mass is zero). With `mass`, the
+    mass is also added into it, token by token."""
     device = rows["input"].device
     out_rows = rows.get("output", rows["input"]).to(device).float()[: len(rows["input"]) if expanded else 0]
     old_rows = model.get_output_embeddings().weight[:new_start]
@@ -110,7 +111,7 @@ def _nats_per_position(model, rows: dict[str, torch.Tensor], new_start: int, seq
                 nats[lo : lo + POSITION_SLICE] = torch.logaddexp(a, new_norm) - target_logit
                 m = torch.where(is_new, 0.0, F.softplus(new_norm - a))
                 mass_here[lo : lo + POSITION_SLICE] = m
-                if mass is not None and is_text[i]:
+                if mass is not None:
                     mass += (m[:, None] * torch.softmax(z, -1)).sum(0).to(mass.dtype)
             result[i] = (nats.cpu(), mass_here.cpu())
     return result
@@ -118,22 +119,20 @@ def _nats_per_position(model, rows: dict[str, torch.Tensor], new_start: int, seq
 
 @torch.no_grad()
 def measure_token_value(model, rows: dict[str, torch.Tensor], new_start: int, pieces: Sequence[Sequence[int]],
-                        seqs: Sequence[list[int]], held: Sequence[bool], is_text: Sequence[bool], text_bytes: float,
-                        held_text_bytes: float, mixed_precision: bool = True, rank: int = 0, world: int = 1,
+                        chunks: Sequence[list[int]], held: Sequence[bool], text_bytes: float, held_text_bytes: float,
+                        mixed_precision: bool = True, rank: int = 0, world: int = 1,
                         all_reduce: Callable[[torch.Tensor], None] = lambda t: None) -> TokenValue:
-    """Every worker calls it with its share of the fit's sequences (expanded ids, each after
-    a start token): `held` marks those held back from the fit, `is_text` the chunks (not
-    windows); the byte counts are the whole fit text's. Two forward passes over the
-    held-back share, as it is and in the original ids."""
+    """Every worker calls it with its share of the fit text's chunks (expanded ids, each
+    after a start token; `held` marks those held back from the fit); the byte counts are
+    the whole fit text's. Two forward passes over the held-back share, as it is and in the
+    original ids."""
     n, device = len(pieces), rows["input"].device
     occurrences = torch.zeros(n, dtype=torch.float64)
-    for seq, text in zip(seqs, is_text):
-        if text:
-            new = torch.tensor([t - new_start for t in seq if t >= new_start], dtype=torch.long)
-            occurrences += torch.bincount(new, minlength=n).double()
+    for seq in chunks:
+        new = torch.tensor([t - new_start for t in seq if t >= new_start], dtype=torch.long)
+        occurrences += torch.bincount(new, minlength=n).double()
     aligner = PieceAligner(pieces, new_start)
-    held_seqs = [list(s) for s, h in zip(seqs, held) if h]
-    held_text = [t for t, h in zip(is_text, held) if h]
+    held_seqs = [list(s) for s, h in zip(chunks, held) if h]
     aligned = [aligner.align(s) for s in held_seqs]
     teacher_seqs = [a.teacher_ids for a in aligned]
     passes = torch.zeros(world, 2, device=device)  # every worker runs the most passes any needs (ZeRO-3)
@@ -141,7 +140,7 @@ def measure_token_value(model, rows: dict[str, torch.Tensor], new_start: int, pi
     all_reduce(passes)
     most = passes.max(0).values.long().tolist()
     mass = torch.zeros(n, dtype=torch.float64, device=device)
-    expanded = _nats_per_position(model, rows, new_start, held_seqs, most[0], mixed_precision, True, mass, held_text)
+    expanded = _nats_per_position(model, rows, new_start, held_seqs, most[0], mixed_precision, True, mass)
     original = _nats_per_position(model, rows, new_start, teacher_seqs, most[1], mixed_precision, False)
     held_occurrences, span = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     for seq, a, (nats, mass_here), (teacher_nats, _) in zip(held_seqs, aligned, expanded, original):
