@@ -170,7 +170,6 @@ class TokenDistillation:
                 fitted = OutputFit(output_fit, tuple(texts))(self.model, trained.rows, expansion, training, windows)
         pruning = prune_tokens(expansion, fitted.rows, fitted.summary, output_fit)
         expansion, rows = pruning.expansion, pruning.rows
-        fit_report = {k: v for k, v in fitted.summary.items() if k != "token_value"} | {"pruning": pruning.report}
         model = expand_model(self.model, expansion.new_start, rows["input"], rows.get("output"))
         report = expansion_report(
             self.model_path, expansion, pruning.training_record(trained.record),
@@ -178,7 +177,7 @@ class TokenDistillation:
                       "output_emb_policy": output_emb_policy.value, "pre_init_strategy": pre_init_strategy,
                       "training": dict(vars(training))},
             not_distilled=not_distilled, snippets={"source": type(data).__name__, **snippets.report}, timings_s=timings,
-            output_fit=fit_report,
+            output_fit=pruning.fit_summary(fitted.summary),
         )
         self._last = _LastRun(expansion, rows, report, snippet_len, training.target_layer, snippet_seed)
         if save:

@@ -160,6 +160,10 @@ class Pruning:
     report: dict  # report.json's output_fit.pruning
     kept: list[int]  # the kept tokens' indices before pruning
 
+    def fit_summary(self, summary: dict) -> dict:
+        """The fit's summary as report.json gives it: the per-token values replaced by the pruning."""
+        return {k: v for k, v in summary.items() if k != "token_value"} | {"pruning": self.report}
+
     def training_record(self, record: dict) -> dict:
         """The training record (distilled_rows.training_record) of the tokens kept."""
         return {**record, "positions_per_token": [record["positions_per_token"][i] for i in self.kept]}

@@ -190,7 +190,7 @@ def prune_vocabulary(config: JobConfig, expansion: MergeExpansion, fitted: dict,
     under run_dir/pruned; and `fitted` with that rows path and the pruning in its summary.
     Cheap (no model), so it runs whenever they do: a new max_bits_per_saved_id needs no refit."""
     pruning = prune_tokens(expansion, read_rows(fitted["rows_path"]), fitted["summary"], config.output_fit)
-    summary = {k: v for k, v in fitted["summary"].items() if k != "token_value"} | {"pruning": pruning.report}
+    summary = pruning.fit_summary(fitted["summary"])
     if pruning.expansion is expansion:
         return pruning, {**fitted, "summary": summary}
     out = run_dir / "pruned"
