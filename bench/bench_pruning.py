@@ -66,8 +66,8 @@ def main() -> None:
                              pruning.rows.get("output"))
         scored = bits_per_byte(model, kept.tokenizer, chunks, kept.new_start)
         report = pruning.report
-        estimate = (f"{report['estimated_bits_per_byte']['not_paying']:.4f}, "
-                    f"{report['estimated_ids_saved_per_byte']['not_paying']:.4f}") if settings.prune else ""
+        estimate = (f"{report['estimated_bits_per_byte']['taken_out']:.4f}, "
+                    f"{report['estimated_ids_saved_per_byte']['taken_out']:.4f}") if settings.prune else ""
         print(f"| {threshold} | {len(kept.tokens)} | {1 - scored['tokens'] / original['tokens']:.1%} | "
               f"{scored['bits_per_byte']:.4f} | {scored['bits_per_byte'] / original['bits_per_byte'] - 1:+.2%} | "
               f"{estimate} | {time.perf_counter() - started:.0f} |", flush=True)

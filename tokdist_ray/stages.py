@@ -32,7 +32,7 @@ from tokdist_ray.data.corpus.corpus import text_sample
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA
 from tokdist_ray.errors import NoNewTokensError
 from tokdist_ray.vocab.merges import ADDED_TOKENS, SKIP, MergeExpansion, expand_with_merges
-from tokdist_ray.vocab.pruning import cannot_prune, kept_tokens, without_tokens
+from tokdist_ray.vocab.pruning import cannot_prune, prune
 from tokdist_ray.vocab.tokens import NewToken, not_distilled_note, skip_counts, tokens_to_distill
 
 log = logging.getLogger("tokdist_ray")
@@ -183,15 +183,15 @@ def prune_tokens(expansion: MergeExpansion, rows: dict, fit_summary: dict, setti
     pieces = [t.phrase_ids for t in expansion.tokens]
     drop = value.not_paying(pieces, settings.max_bits_per_saved_id)
     reason = cannot_prune(expansion)
-    keep = kept_tokens(expansion, drop) if reason is None else list(range(len(expansion.tokens)))
+    pruned, keep = prune(expansion, drop) if reason is None and drop else (expansion, list(range(len(expansion.tokens))))
     gone = sorted(set(range(len(expansion.tokens))) - set(keep))
     cost, saved = value.bits_per_byte(), value.ids_saved_per_byte(pieces)
     report = {
         "pruned": settings.prune and reason is None and bool(gone), "max_bits_per_saved_id": settings.max_bits_per_saved_id,
-        "not_paying": len(drop), "not_paying_but_built_on": len(drop) - len(gone),
-        # estimated on the held-back text, per byte: what all the new tokens cost and save, and the ones not paying
-        "estimated_bits_per_byte": {"all": round(float(cost.sum()), 6), "not_paying": round(float(cost[gone].sum()), 6)},
-        "estimated_ids_saved_per_byte": {"all": round(float(saved.sum()), 6), "not_paying": round(float(saved[gone].sum()), 6)},
+        "not_paying": len(drop), "not_paying_but_needed": len(drop) - len(gone),
+        # estimated on the held-back text, per byte: what all the new tokens cost and save, and those that go (or would)
+        "estimated_bits_per_byte": {"all": round(float(cost.sum()), 6), "taken_out": round(float(cost[gone].sum()), 6)},
+        "estimated_ids_saved_per_byte": {"all": round(float(saved.sum()), 6), "taken_out": round(float(saved[gone].sum()), 6)},
         **({"skipped": reason} if reason else {}),
     }
     if not report["pruned"]:
@@ -203,8 +203,8 @@ def prune_tokens(expansion: MergeExpansion, rows: dict, fit_summary: dict, setti
             f"no new token pays for itself at output_fit.max_bits_per_saved_id {settings.max_bits_per_saved_id}: "
             "raise it, or set output_fit.prune false")
     log.info("pruning: %d of %d new tokens cost more than %.3g bits per id they save; %d of them stay (kept tokens "
-             "are built from them), %d are taken out", len(drop), len(expansion.tokens), settings.max_bits_per_saved_id,
-             len(drop) - len(gone), len(gone))
+             "are built from them, or their text would still hold a new token), %d are taken out", len(drop),
+             len(expansion.tokens), settings.max_bits_per_saved_id, len(drop) - len(gone), len(gone))
     report["tokens_taken_out"] = [{"token": expansion.tokens[i].text, "occurrences": int(value.occurrences[i]),
                                    "bits_per_kb": round(1000 * float(cost[i]), 4)} for i in gone]
-    return Pruning(without_tokens(expansion, keep), {name: row[keep] for name, row in rows.items()}, report, keep)
+    return Pruning(pruned, {name: row[keep] for name, row in rows.items()}, report, keep)

