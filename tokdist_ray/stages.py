@@ -30,7 +30,6 @@ from tokdist_ray.config import OutputFitConfig
 from tokdist_ray.data.budget import Quota, quota_of
 from tokdist_ray.data.corpus.corpus import text_sample
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA
-from tokdist_ray.errors import NoNewTokensError
 from tokdist_ray.vocab.merges import ADDED_TOKENS, SKIP, MergeExpansion, expand_with_merges
 from tokdist_ray.vocab.pruning import cannot_prune, prune
 from tokdist_ray.vocab.tokens import NewToken, not_distilled_note, skip_counts, tokens_to_distill
@@ -198,10 +197,11 @@ def prune_tokens(expansion: MergeExpansion, rows: dict, fit_summary: dict, setti
         if settings.prune and reason:
             log.warning("new tokens are not pruned: %s", reason)
         return Pruning(expansion, rows, report, list(range(len(expansion.tokens))))
-    if not keep:
-        raise NoNewTokensError(
-            f"no new token pays for itself at output_fit.max_bits_per_saved_id {settings.max_bits_per_saved_id}: "
-            "raise it, or set output_fit.prune false")
+    if not keep:  # the run's work stays usable: nothing is taken out, and the report says why
+        reason = (f"no new token pays for itself at output_fit.max_bits_per_saved_id {settings.max_bits_per_saved_id}; "
+                  "nothing is taken out (raise it to keep the tokens that cost least)")
+        log.warning("new tokens are not pruned: %s", reason)
+        return Pruning(expansion, rows, report | {"pruned": False, "skipped": reason}, list(range(len(expansion.tokens))))
     log.info("pruning: %d of %d new tokens cost more than %.3g bits per id they save; %d of them stay (kept tokens "
              "are built from them, or their text would still hold a new token), %d are taken out", len(drop),
              len(expansion.tokens), settings.max_bits_per_saved_id, len(drop) - len(gone), len(gone))

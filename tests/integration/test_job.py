@@ -56,7 +56,7 @@ def test_job_stages_are_reused_and_a_lost_stage_reruns(ray_session, tiny_model_d
     # report.json has the fit's summary, the per-token values replaced by what pruning made of them
     assert {k: v for k, v in reported.items() if k != "pruning"} == {k: v for k, v in fit.items() if k != "token_value"}
     new_ids = json.loads((tmp_path / "run" / "tokens.json").read_text())["new_ids"]
-    assert len(fit["token_value"]["occurrences"]) == new_ids and reported["pruning"]["pruned"] is False  # off by default
+    assert len(fit["token_value"]["occurrences"]) == new_ids and reported["pruning"]["max_bits_per_saved_id"] == 0.5
     assert (tmp_path / "run" / "rows" / "distilled_rows.safetensors").read_bytes() == distilled
     # a new out_path exports again, and only that
     moved_out = run_job(load_config(None, parse_overrides(
@@ -86,10 +86,10 @@ def test_job_stages_are_reused_and_a_lost_stage_reruns(ray_session, tiny_model_d
     assert moved["stages_reused"] == ALL_STAGES
     assert moved["outputs"]["export"]["model_dir"] == str(copy / "model")
 
-    # pruning reads the values the fit measured: turned on, it refits nothing, and exports and evaluates again
-    # (a threshold no saving token exceeds: only tokens that occur nowhere and build no kept token go)
+    # pruning reads the values the fit measured: a new threshold refits nothing, and exports and evaluates again
+    # (one no saving token exceeds: only tokens that occur nowhere and build no kept token go)
     pruned = run_job(load_config(None, parse_overrides(tiny_job_args(model_dir, job_corpus_dir, copy) + [
-        "--training.learning_rate", "5e-3", "--output_fit.prune", "true", "--output_fit.max_bits_per_saved_id", "1e9"])))
+        "--training.learning_rate", "5e-3", "--output_fit.max_bits_per_saved_id", "1e9"])))
     assert pruned["stages_reused"] == ["tokens", "snippets", "distill", "fit"]
     report = json.loads((copy / "model" / "report.json").read_text())
     taken_out = report["output_fit"]["pruning"].get("tokens_taken_out", [])

@@ -9,7 +9,6 @@ from transformers import AutoTokenizer
 
 from tests.helpers import SENTENCES, WORDS
 from tokdist_ray.config import OutputFitConfig
-from tokdist_ray.errors import NoNewTokensError
 from tokdist_ray.export.hf import expand_model
 from tokdist_ray.stages import prune_tokens
 from tokdist_ray.training.token_value import TokenValue, measure_token_value
@@ -159,9 +158,9 @@ def test_prune_tokens_takes_out_the_rows_and_reports_what_went(tiny):
     for i in chain:
         costly[i] = 50.0
     summary = {"token_value": _value([5] * n, [10] * n, costly, [0.0] * n).as_record()}
-    off = prune_tokens(expansion, rows, summary, OutputFitConfig())
+    off = prune_tokens(expansion, rows, summary, OutputFitConfig(prune=False))
     assert off.expansion is expansion and off.report["pruned"] is False and off.report["not_paying"] == len(chain)
-    pruning = prune_tokens(expansion, rows, summary, OutputFitConfig(prune=True))
+    pruning = prune_tokens(expansion, rows, summary, OutputFitConfig(max_bits_per_saved_id=0.0))
     assert pruning.report["pruned"]
     assert [t["token"] for t in pruning.report["tokens_taken_out"]] == [expansion.tokens[i].text for i in chain]
     keep = [i for i in range(n) if i not in chain]
@@ -171,5 +170,5 @@ def test_prune_tokens_takes_out_the_rows_and_reports_what_went(tiny):
     assert record["positions_per_token"] == keep
     assert prune_tokens(expansion, rows, {}, OutputFitConfig(prune=True)).expansion is expansion  # no fit, nothing to go by
     nothing_pays = {"token_value": _value([0] * n, [0] * n, [0.0] * n, [1.0] * n).as_record()}
-    with pytest.raises(NoNewTokensError, match="max_bits_per_saved_id"):
-        prune_tokens(expansion, rows, nothing_pays, OutputFitConfig(prune=True))
+    kept_all = prune_tokens(expansion, rows, nothing_pays, OutputFitConfig())  # the run's rows stay usable
+    assert kept_all.expansion is expansion and "max_bits_per_saved_id" in kept_all.report["skipped"]
