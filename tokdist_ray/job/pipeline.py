@@ -136,6 +136,7 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
             ledger.timings["fit"], ledger.timings["distill"] = seconds, round(ledger.timings["distill"] - seconds, 3)
     if "export" in stages or "evaluate" in stages:
         pruning, kept = prune_vocabulary(config, expansion, fitted, run_dir)
+        outputs["fit"] = {**fitted, "summary": kept["summary"]}  # job.json: the pruning, not every token's values
     if "export" in stages:
         outputs["export"] = ledger.run("export", keys["export"],
                                        lambda: export_model(config, pruning, snippets, distilled, kept))
