@@ -88,6 +88,6 @@ def without_tokens(expansion: MergeExpansion, keep: list[int]) -> MergeExpansion
         tokens=[expansion.tokens[i] for i in keep], n_requested=sum(i < expansion.n_requested for i in keep),
         merges=[m for m in expansion.merges if m[0] + m[1] in kept_strings])
     missing = not_emitted(pruned)
-    if missing:  # kept_tokens keeps every merge a kept token needs: this is a bug, not bad input
+    if missing:  # `keep` holds every token a kept one is built from: this is a bug, not bad input
         raise RuntimeError(f"after taking tokens out, {len(missing)} kept tokens are no longer emitted: {missing[:5]}")
     return pruned
