@@ -189,8 +189,8 @@ class OutputFitConfig:
     # then each new token's cost in bits against the ids it saves, on text the fit held back
     # (training/token_value.py): with prune, tokens that cost more than
     # max_bits_per_saved_id bits per id they save are taken out of the tokenizer, with the
-    # intermediates no kept token is built from (never used, they only take mass). At 5,000
-    # French tokens 0.5 gave the lowest bits per byte (bench/README.md)
+    # intermediates no kept token is built from (never used, they only take mass); bench/README.md
+    # ("Tokens that do not pay") compares thresholds
     prune: bool = True
     max_bits_per_saved_id: float = 0.5
     learning_rate: float = 1e-3

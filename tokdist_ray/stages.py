@@ -172,18 +172,18 @@ def prune_tokens(expansion: MergeExpansion, rows: dict, fit_summary: dict, setti
     """With settings.prune, the expansion without the new tokens that do not pay for
     themselves (the fit's token_value, training/token_value.py) and their rows; else as
     it is. The report says what those tokens cost and save either way."""
-    from tokdist_ray.training.token_value import TokenValue
+    from tokdist_ray.training.token_value import TokenValue  # torch: only where a fit ran
 
+    every = list(range(len(expansion.tokens)))
     record = fit_summary.get("token_value")
     if record is None:
-        return Pruning(expansion, rows, {"skipped": "the output fit measured no token values (it did not run)"},
-                       list(range(len(expansion.tokens))))
+        return Pruning(expansion, rows, {"skipped": "the output fit measured no token values (it did not run)"}, every)
     value = TokenValue.from_record(record)
     pieces = [t.phrase_ids for t in expansion.tokens]
     drop = value.not_paying(pieces, settings.max_bits_per_saved_id)
     reason = cannot_prune(expansion)
-    pruned, keep = prune(expansion, drop) if reason is None and drop else (expansion, list(range(len(expansion.tokens))))
-    gone = sorted(set(range(len(expansion.tokens))) - set(keep))
+    pruned, keep = prune(expansion, drop) if reason is None and drop else (expansion, every)
+    gone = sorted(set(every) - set(keep))
     cost, saved = value.bits_per_byte(), value.ids_saved_per_byte(pieces)
     report = {
         "pruned": settings.prune and reason is None and bool(gone), "max_bits_per_saved_id": settings.max_bits_per_saved_id,
@@ -196,12 +196,12 @@ def prune_tokens(expansion: MergeExpansion, rows: dict, fit_summary: dict, setti
     if not report["pruned"]:
         if settings.prune and reason:
             log.warning("new tokens are not pruned: %s", reason)
-        return Pruning(expansion, rows, report, list(range(len(expansion.tokens))))
+        return Pruning(expansion, rows, report, every)
     if not keep:  # the run's work stays usable: nothing is taken out, and the report says why
         reason = (f"no new token pays for itself at output_fit.max_bits_per_saved_id {settings.max_bits_per_saved_id}; "
                   "nothing is taken out (raise it to keep the tokens that cost least)")
         log.warning("new tokens are not pruned: %s", reason)
-        return Pruning(expansion, rows, report | {"pruned": False, "skipped": reason}, list(range(len(expansion.tokens))))
+        return Pruning(expansion, rows, report | {"pruned": False, "skipped": reason}, every)
     log.info("pruning: %d of %d new tokens cost more than %.3g bits per id they save; %d of them stay (kept tokens "
              "are built from them, or their text would still hold a new token), %d are taken out", len(drop),
              len(expansion.tokens), settings.max_bits_per_saved_id, len(drop) - len(gone), len(gone))

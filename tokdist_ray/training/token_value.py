@@ -13,8 +13,8 @@ costs bits, against the original model reading the same text in its own tokenisa
 
 Both are read from the tenth of the fit text's chunks that the fit held back, never from
 what its rows were fitted on. Not from its held-back snippet windows: an occurrence in one
-also sits in the windows of the tokens around it, which the fit did read (measured, spans
-there came out 4.3 nats cheaper per occurrence than on held-back text). How often a token
+also sits in the windows of the tokens around it, which the fit did read, so its span
+would look far cheaper than on text the fit never saw. How often a token
 occurs comes from all of the chunks. A token seen a few times on held-back text has its
 span cost shrunk towards the mean over every held-back occurrence.
 """
