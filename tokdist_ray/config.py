@@ -186,6 +186,10 @@ class OutputFitConfig:
     # none): windows of its text around the token, positions before the tokens that the text
     # has fewest of, at a cost that grows with the tokens, not the text
     snippets_per_token: int = 8
+    # each window position's weight in the fit's loss against a position of the fit text:
+    # windows hold their token wherever the text does not, so at full weight they can make
+    # the rows over-predict it
+    window_weight: float = 1.0
     # then each new token's cost in bits against the ids it saves, on text the fit held back
     # (training/token_value.py): with prune, tokens that cost more than
     # max_bits_per_saved_id bits per id they save are taken out of the tokenizer, with the
@@ -207,6 +211,7 @@ class OutputFitConfig:
         for name in ("occurrences_per_token", "text_bytes", "max_steps", "batch_positions"):
             count_at_least_one(f"output_fit.{name}", getattr(self, name))
         positive_number("output_fit.learning_rate", self.learning_rate)
+        positive_number("output_fit.window_weight", self.window_weight)
         if isinstance(self.max_bits_per_saved_id, bool) or not isinstance(self.max_bits_per_saved_id, (int, float)) \
                 or not self.max_bits_per_saved_id >= 0:
             raise ConfigError("output_fit.max_bits_per_saved_id must be a number >= 0 (bits a token may cost per id it "

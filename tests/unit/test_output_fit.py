@@ -1,6 +1,7 @@
 """The output fit: its loss, what it learns, what it leaves alone, the corpus text it reads."""
 
 import gzip
+from dataclasses import replace
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def _positions(n=4000, d=8, n_old=20, n_new=2, seed=0):
     logits = torch.cat([hidden @ old_rows.T, hidden @ true_new.T], -1)
     targets = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
     at = FitPositions(hidden, torch.logsumexp(hidden @ old_rows.T, -1),
-                      torch.where(targets >= n_old, targets - n_old, -1), torch.arange(n) % 10 == 9)
+                      torch.where(targets >= n_old, targets - n_old, -1), torch.arange(n) % 10 == 9, torch.ones(n))
     return at, old_rows, true_new, logits, targets
 
 
@@ -65,7 +66,8 @@ def test_fit_recovers_the_rows_the_text_was_drawn_from():
 
 def test_a_token_that_never_follows_loses_its_mass_and_one_that_does_gets_its_share():
     at, _, true_new, _, _ = _positions()
-    only_first = FitPositions(at.hidden, at.old_log_norm, torch.where(at.new_target == 1, -1, at.new_target), at.held_back)
+    only_first = FitPositions(at.hidden, at.old_log_norm, torch.where(at.new_target == 1, -1, at.new_target), at.held_back,
+                              at.weight)
 
     def mass(rows):  # mean probability of each new token over the positions
         logits = torch.cat([at.old_log_norm[:, None], at.hidden @ rows.T], -1)
@@ -76,6 +78,23 @@ def test_a_token_that_never_follows_loses_its_mass_and_one_that_does_gets_its_sh
     assert mass(rows)[1] < 0.1 * mass(start)[1]
     share = (only_first.new_target == 0).float().mean()
     assert abs(mass(rows)[0] - share) < 0.3 * share
+
+
+def test_positions_weighted_down_count_less_toward_their_token():
+    """A weight w on a position counts it as w positions: windows, which hold their token
+    wherever the text does not, weighted down leave the token less mass."""
+    at, _, _, _, _ = _positions()
+    settings = OutputFitConfig(learning_rate=0.05, max_steps=600, batch_positions=1024)
+
+    def mass_of_token_1(weight_before_it: float) -> float:
+        weight = torch.where(at.new_target == 1, weight_before_it, 1.0)
+        rows = fit_output_rows(torch.zeros(2, 8), replace(at, weight=weight), settings, 0).rows
+        logits = torch.cat([at.old_log_norm[:, None], at.hidden @ rows.T], -1)
+        return float(logits.softmax(-1)[:, 2].mean())
+
+    share = float((at.new_target == 1).float().mean())
+    assert abs(mass_of_token_1(1.0) - share) < 0.3 * share
+    assert mass_of_token_1(0.2) < 0.75 * mass_of_token_1(1.0)
 
 
 def test_fit_without_held_back_text_leaves_the_rows_and_says_why():
@@ -172,5 +191,7 @@ def test_output_fit_settings_are_checked():
         OutputFitConfig(text_bytes=0)
     with pytest.raises(ConfigError, match="output_fit.learning_rate"):
         OutputFitConfig(learning_rate=float("nan"))
+    with pytest.raises(ConfigError, match="output_fit.window_weight"):
+        OutputFitConfig(window_weight=0)
     with pytest.raises(ConfigError, match="output_fit.enabled"):
         OutputFitConfig(enabled="yes")

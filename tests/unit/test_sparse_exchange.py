@@ -178,7 +178,8 @@ def test_the_output_fits_gradient_touches_every_new_row():
     g = torch.Generator().manual_seed(0)
     n, d, n_new = 64, 8, 50
     at = FitPositions(torch.randn(n, d, generator=g), torch.randn(n, generator=g) + 5,
-                      torch.where(torch.arange(n) % 8 == 0, torch.arange(n) % n_new, -1), torch.zeros(n, dtype=torch.bool))
+                      torch.where(torch.arange(n) % 8 == 0, torch.arange(n) % n_new, -1), torch.zeros(n, dtype=torch.bool),
+                      torch.ones(n))
     rows = torch.randn(n_new, d, generator=g).requires_grad_(True)
     position_losses(rows, at, torch.arange(n)).sum().backward()
     assert touched_rows(rows.grad).all()

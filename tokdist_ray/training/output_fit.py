@@ -53,6 +53,7 @@ class FitPositions:
     old_log_norm: torch.Tensor  # [N] logsumexp of the old logits
     new_target: torch.Tensor  # [N] the next id minus new_start, -1 before an old token
     held_back: torch.Tensor  # [N] bool: from a held-back chunk
+    weight: torch.Tensor  # [N] the position's weight in the loss: 1 in the fit text, settings.window_weight in a window
 
 
 def fit_chunk_ids(tokenizer, chunks: Sequence[str], start: int, max_len: int | None) -> list[list[int]]:
@@ -103,12 +104,12 @@ def final_states(model, input_rows: torch.Tensor, new_start: int, seqs: Sequence
 @torch.no_grad()
 def collect_positions(model, input_rows: torch.Tensor, new_start: int, chunk_ids: Sequence[list[int]],
                       chunk_numbers: Sequence[int], passes: int | None = None, mixed_precision: bool = True,
-                      progress: bool = True) -> FitPositions:
+                      progress: bool = True, weights: Sequence[float] | None = None) -> FitPositions:
     """Final states and old log-normalisers at every position of the chunks (one worker's
     share; `chunk_numbers` their indices in the whole fit text), with the new tokens
-    embedded from `input_rows`. `passes` forward passes are run whatever the share's size
-    (ZeRO-3 workers must run the same number: at least `reading_passes`'); passes without
-    chunks run a one-id input."""
+    embedded from `input_rows`; `weights`: each chunk's positions' weight (1 unless given).
+    `passes` forward passes are run whatever the share's size (ZeRO-3 workers must run the
+    same number: at least `reading_passes`'); passes without chunks run a one-id input."""
     device = input_rows.device
     old_rows = model.get_output_embeddings().weight[:new_start]
     parts: list[tuple[torch.Tensor, ...]] = []
@@ -124,14 +125,15 @@ def collect_positions(model, input_rows: torch.Tensor, new_start: int, chunk_ids
         hidden = states[:, :-1][keep].float()
         targets = ids[:, 1:][keep]
         numbers = torch.tensor([chunk_numbers[i] for i in batch], device=device)[:, None].expand_as(keep)[keep]
+        weight = torch.tensor([1.0 if weights is None else weights[i] for i in batch], device=device)
         parts.append((hidden, old_log_norm(hidden, old_rows), torch.where(targets >= new_start, targets - new_start, -1),
-                      numbers % HELD_BACK_EVERY == HELD_BACK_EVERY - 1))
+                      numbers % HELD_BACK_EVERY == HELD_BACK_EVERY - 1, weight[:, None].expand_as(keep)[keep]))
         if shown is not None:
             shown.advance(len(batch))
     if not parts:
         d = input_rows.shape[1]
         return FitPositions(input_rows.new_zeros(0, d), input_rows.new_zeros(0), torch.zeros(0, dtype=torch.long, device=device),
-                            torch.zeros(0, dtype=torch.bool, device=device))
+                            torch.zeros(0, dtype=torch.bool, device=device), input_rows.new_zeros(0))
     return FitPositions(*(torch.cat(column) for column in zip(*parts)))
 
 
@@ -161,17 +163,21 @@ def fit_output_rows(initial: torch.Tensor, at: FitPositions, settings: OutputFit
     held = at.held_back.nonzero().squeeze(1)
     generator = torch.Generator(device="cpu").manual_seed(seed + rank)
     per_worker = max(1, settings.batch_positions // world)
-    counts = torch.tensor([float(len(train)), float(len(held)), float((at.new_target >= 0).sum())], device=rows.device)
+    counts = torch.tensor([float(len(train)), float(len(held)), float((at.new_target >= 0).sum()),
+                           float(at.weight[held].sum())], device=rows.device)
     all_reduce(counts)
     if counts[0] == 0 or counts[1] == 0:
         return FitResult(initial.detach().float().clone(), {"skipped": "too little corpus text to fit on"})
 
+    def weighted_loss(index: torch.Tensor) -> torch.Tensor:
+        return (position_losses(rows, at, index) * at.weight[index]).sum()
+
     def held_back_loss() -> float:
         with torch.no_grad():
-            total = torch.stack([position_losses(rows, at, part).sum() for part in held.split(per_worker)]).sum() \
+            total = torch.stack([weighted_loss(part) for part in held.split(per_worker)]).sum() \
                 if len(held) else rows.new_zeros(())
         all_reduce(total)
-        return float(total) / float(counts[1])
+        return float(total) / float(counts[3])
 
     rows.grad = torch.zeros_like(rows)
     start = best = held_back_loss()
@@ -180,7 +186,7 @@ def fit_output_rows(initial: torch.Tensor, at: FitPositions, settings: OutputFit
         pick = train[torch.randint(len(train), (per_worker,), generator=generator).to(train.device)] if len(train) \
             else train
         if len(pick):
-            (position_losses(rows, at, pick).sum() / (per_worker * world)).backward()
+            (weighted_loss(pick) / (per_worker * world)).backward()
         # every worker joins, with or without positions of its own. Dense, unlike DDP's exchange
         # (sparse_exchange.py): each position's normaliser gives every new row a gradient
         all_reduce(rows.grad)
@@ -251,8 +257,9 @@ def fit_on_text(model, rows: dict[str, torch.Tensor], new_start: int, tokenizer,
     passes = torch.zeros(world, device=device)
     passes[rank] = len(reading_passes(share.ids))
     all_reduce(passes)
+    weights = [1.0 if n < share.n_texts else settings.window_weight for n in share.numbers]
     at = collect_positions(model, rows["input"].to(device), new_start, share.ids, share.numbers, int(passes.max()),
-                           mixed_precision, progress=rank == 0)
+                           mixed_precision, progress=rank == 0, weights=weights)
     initial = rows.get("output", rows["input"]).to(device)
     result = fit_output_rows(initial, at, settings, seed, rank, world, all_reduce)
     if "skipped" in result.summary:
