@@ -58,9 +58,10 @@ def main() -> None:
     original = bits_per_byte(load_model(config.model, dtype=torch.float32), load_tokenizer(config.model), held)
     print(f"machine: {platform.processor() or platform.machine()}; {len(expansion.tokens)} new tokens; fit text "
           f"{len(texts)} chunks; held-out {original['bytes']} bytes, original {original['bits_per_byte']:.4f} bits/byte")
-    print("| windows per token | window weight | windows | fit positions | before a new token | fit s | pruned: tokens kept | "
-          "fewer held-out tokens | bits/byte vs original | unpruned: fewer | vs original |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| windows per token | window weight | windows | fit positions | before a new token | fit steps | "
+          "held-back loss | fit s | pruned: tokens kept | fewer held-out tokens | bits/byte vs original | "
+          "unpruned: fewer | vs original |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     for quota, weight in ((q, w) for q in args.quotas for w in args.window_weights):
         mined = mine_corpus(config.data.corpus, expansion, config.snippets.snippet_len, quota,
@@ -84,7 +85,8 @@ def main() -> None:
                            scored["bits_per_byte"] / original["bits_per_byte"] - 1))
         summary = fitted.summary
         (kept_n, fewer, vs), (_, fewer_all, vs_all) = scores
-        print(f"| {quota} | {weight:g} | {len(windows)} | {summary['positions']} | {summary['before_new_tokens']} | {fit_s:.0f} | "
+        print(f"| {quota} | {weight:g} | {len(windows)} | {summary['positions']} | {summary['before_new_tokens']} | "
+              f"{summary['steps']} | {summary['held_back_loss_best']:.4f} | {fit_s:.0f} | "
               f"{kept_n} | {fewer:.1%} | {vs:+.2%} | {fewer_all:.1%} | {vs_all:+.2%} |", flush=True)
 
 
