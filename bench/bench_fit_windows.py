@@ -46,8 +46,10 @@ def main() -> None:
     parser.add_argument("--heldout_bytes", type=int, default=62_000)
     parser.add_argument("--quotas", type=int, nargs="+", default=[8, 2], help="windows per token the fit reads")
     parser.add_argument("--window_weights", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--seed", type=int, help="the fit's seed (training.seed unless given): fits of the same "
+                        "positions differ only in the positions their steps sample")
     args = parser.parse_args()
-    config = load_config(args.config, {})
+    config = load_config(args.config, {} if args.seed is None else {"training.seed": args.seed})
     run_dir = Path(args.run_dir or config.run_dir)
     expansion = load_expansion(run_dir / "tokenizer")
     distilled = read_rows(run_dir / "rows" / DISTILLED_ROWS)
