@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--run_dir", help="the config's run_dir unless given")
     parser.add_argument("--heldout_bytes", type=int, default=62_000)
     parser.add_argument("--quotas", type=int, nargs="+", default=[8, 2], help="windows per token the fit reads")
-    parser.add_argument("--window_weights", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--window_weights", type=float, nargs="+", default=[1.0],
+                        help="output_fit.window_weight values: each quota is fitted with each")
     parser.add_argument("--seed", type=int, help="the fit's seed (training.seed unless given): fits of the same "
                         "positions differ only in the positions their steps sample")
     args = parser.parse_args()
@@ -73,8 +74,8 @@ def main() -> None:
         model = load_model(config.model, dtype=torch.float32)
         started = time.perf_counter()
         settings = replace(config.output_fit, window_weight=weight)
-        fitted = OutputFit(settings, tuple(texts))(model, {"input": distilled["input"]}, expansion,
-                                                            config.training, windows)
+        fitted = OutputFit(settings, tuple(texts))(model, {"input": distilled["input"]}, expansion, config.training,
+                                                   windows)
         fit_s = time.perf_counter() - started
         scores = []
         for prune in (True, False):
