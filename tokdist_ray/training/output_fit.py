@@ -154,9 +154,11 @@ class FitResult:
 
 
 def fit_output_rows(initial: torch.Tensor, at: FitPositions, settings: OutputFitConfig, seed: int, rank: int = 0,
-                    world: int = 1, all_reduce: Callable[[torch.Tensor], None] = lambda t: None) -> FitResult:
+                    world: int = 1, all_reduce: Callable[[torch.Tensor], None] = lambda t: None,
+                    on_check: Callable[[int, float, torch.Tensor], None] | None = None) -> FitResult:
     """Adam on the new output rows over the positions, their gradient summed over workers
-    (each holds its own positions; every worker ends with the same rows)."""
+    (each holds its own positions; every worker ends with the same rows). `on_check(step,
+    held-back loss, rows)` is called at each check (bench/bench_fit_stopping.py traces the fit)."""
     rows = initial.detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([rows], lr=settings.learning_rate)
     train = (~at.held_back).nonzero().squeeze(1)
@@ -195,6 +197,8 @@ def fit_output_rows(initial: torch.Tensor, at: FitPositions, settings: OutputFit
         if step % CHECK_EVERY:
             continue
         current = held_back_loss()
+        if on_check is not None:
+            on_check(step, current, rows.detach())
         if current < best - 1e-6:  # a diverged (nan) check never counts as the best
             best, best_rows, since_best = current, rows.detach().clone(), 0
         else:
