@@ -19,7 +19,6 @@ import json
 import math
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from tokdist_ray.eval.bits_per_byte import heldout_chunks
 from tokdist_ray.job.config import load_config
 from tokdist_ray.stages import fit_text
 from tokdist_ray.training.output_fit import (
+    HELD_BACK_EVERY,
     FitPositions,
     collect_positions,
     fit_chunk_ids,
@@ -69,12 +69,12 @@ def original_nll(model_path: str, chunks: list[str]) -> float:
 def positions(model, tokenizer, chunks, new_start, held_every_tenth: bool) -> FitPositions:
     ids = fit_chunk_ids(tokenizer, chunks, start_token(tokenizer), None)
     rows = model.get_input_embeddings().weight[new_start:].detach()
-    at = collect_positions(model, rows, new_start, ids, list(range(len(ids))), mixed_precision=False)
-    return at if held_every_tenth else replace(at, held_back=torch.zeros_like(at.held_back))
+    held_back = [held_every_tenth and i % HELD_BACK_EVERY == HELD_BACK_EVERY - 1 for i in range(len(ids))]
+    return collect_positions(model, rows, new_start, ids, held_back, mixed_precision=False)
 
 
 def join(*parts: FitPositions) -> FitPositions:
-    return FitPositions(*(torch.cat(column) for column in zip(*(vars(p).values() for p in parts))))
+    return FitPositions.joined(parts)
 
 
 def main() -> None:
@@ -124,7 +124,7 @@ def main() -> None:
     snippets = read_snippets(str(run_dir / "snippets"), [t.text for t in expansion.tokens])
     windows = snippets.corpus_windows(config.output_fit.snippets_per_token)  # the windows the job's fit reads
     t = time.perf_counter()
-    snip_at = collect_positions(model, initial, new_start, windows, list(range(len(windows))), mixed_precision=False)
+    snip_at = collect_positions(model, initial, new_start, windows, [False] * len(windows), mixed_precision=False)
     print(f"snippets: {len(windows)}, {len(snip_at.hidden)} positions read in {time.perf_counter() - t:.0f} s")
     for k, fraction in enumerate(fractions):
         text_at = join(*segments[: k + 1])

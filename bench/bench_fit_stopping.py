@@ -1,18 +1,19 @@
 """Where the output fit should stop: the held-out text's bits per byte along the fit.
 
 Takes a finished job run (its tokenizer, distilled rows, snippets) and fits the output
-rows again in one process on the run's fit text and windows, as the job does, but on
-past the point where the held-back check stops it. At each check it prints the fit's
-held-back loss, that loss on the held-back chunks of the fit text alone and on the
-held-back windows alone, and the held-out text's bits per byte (unpruned) against the
-original model's. The input rows are fixed while the output rows are fitted, so every
+rows again in one process on the run's fit text and windows, as the job does, once per
+learning rate and window weight asked for, all on the same positions. At each check it
+prints the fit's held-back loss and the held-out text's bits per byte (unpruned) against
+the original model's; with --past_stop the fit goes on to max_steps past the point where
+its check stops it. The input rows are fixed while the output rows are fitted, so every
 held-out state is computed once and a check costs one pass of the new rows over them.
 
-The job's own fitted rows are scored the same way first, and the last rows once more
-through the expanded model as the evaluation scores it (the two must agree to round-off).
+The job's own fitted rows are scored the same way first, and the last fit's rows once
+more through the expanded model as the evaluation scores it (the two agree to round-off).
 
     python jobs/expand_vocab.py --config jobs/configs/french_5k_cpu.yaml
-    python bench/bench_fit_stopping.py --config jobs/configs/french_5k_cpu.yaml --max_steps 1500
+    python bench/bench_fit_stopping.py --config jobs/configs/french_5k_cpu.yaml --max_steps 1200 --past_stop
+    python bench/bench_fit_stopping.py --fits 1e-3:1 1e-3:0.25 3e-4:1
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from tokdist_ray.training.output_fit import (
     fit_output_rows,
     fit_sequences,
     position_losses,
+    reading_passes,
 )
 from tokdist_ray.training.snippet_files import read_snippets
 from tokdist_ray.vocab.expansion_files import load_expansion
@@ -50,10 +52,6 @@ from tokdist_ray.vocab.special import start_token
 from tokdist_ray.vocab.weights import read_rows
 
 PATIENCE = output_fit.PATIENCE  # the job's: the trace goes on past it
-
-
-def concatenated(a: FitPositions, b: FitPositions) -> FitPositions:
-    return FitPositions(*(torch.cat([x, y]) for x, y in zip(vars(a).values(), vars(b).values())))
 
 
 def total_loss(rows: torch.Tensor, at: FitPositions, index: torch.Tensor) -> float:
@@ -67,18 +65,19 @@ def main() -> None:
     parser.add_argument("--config", default="jobs/configs/french_5k_cpu.yaml")
     parser.add_argument("--run_dir", help="the config's run_dir unless given")
     parser.add_argument("--heldout_bytes", type=int, default=62_000)
-    parser.add_argument("--max_steps", type=int, default=1500, help="steps the fit takes, whatever its checks say")
-    parser.add_argument("--learning_rate", type=float, help="output_fit.learning_rate unless given")
+    parser.add_argument("--fits", nargs="+", metavar="LR:WEIGHT",
+                        help="a fit for each learning rate and window weight (the config's output_fit unless given)")
+    parser.add_argument("--max_steps", type=int, help="output_fit.max_steps unless given")
+    parser.add_argument("--past_stop", action="store_true", help="take max_steps whatever the checks say")
     args = parser.parse_args()
     config = load_config(args.config)
-    settings = replace(config.output_fit, max_steps=args.max_steps,
-                       learning_rate=args.learning_rate or config.output_fit.learning_rate)
+    fit = config.output_fit
     run_dir = Path(args.run_dir or config.run_dir)
     expansion = load_expansion(run_dir / "tokenizer")
     new_start, names = expansion.new_start, [t.text for t in expansion.tokens]
     input_rows = read_rows(run_dir / "rows" / DISTILLED_ROWS)["input"]
-    texts = fit_text(config.data.corpus, settings, json.loads((run_dir / "snippets_report.json").read_text()), expansion)
-    windows = read_snippets(str(run_dir / "snippets"), names).corpus_windows(settings.snippets_per_token)
+    texts = fit_text(config.data.corpus, fit, json.loads((run_dir / "snippets_report.json").read_text()), expansion)
+    windows = read_snippets(str(run_dir / "snippets"), names).corpus_windows(fit.snippets_per_token)
     held = heldout_chunks([t for t in documents(FileDataSource(paths=list(config.eval.heldout_paths)))
                            if isinstance(t, str)], 2000, args.heldout_bytes)
     held_bytes = sum(len(c.encode("utf-8")) for c in held)
@@ -89,19 +88,12 @@ def main() -> None:
 
     mixed = config.training.mixed_precision
     share = fit_sequences(model, expansion.tokenizer, texts, windows)
-    n = len(share.chunks)
-    weights = [1.0] * n + [settings.window_weight] * (len(share.ids) - n)
-    text_at = collect_positions(model, input_rows, new_start, share.ids[:n], share.numbers[:n], None, mixed,
-                                weights=weights[:n])
-    window_at = collect_positions(model, input_rows, new_start, share.ids[n:], share.numbers[n:], None, mixed,
-                                  weights=weights[n:])
-    at = concatenated(text_at, window_at)
-    is_text = torch.arange(len(at.held_back)) < len(text_at.held_back)
-    held_text = (at.held_back & is_text).nonzero().squeeze(1)
-    held_windows = (at.held_back & ~is_text).nonzero().squeeze(1)
+    at = collect_positions(model, input_rows, new_start, share.ids, share.held_back, None, mixed)
+    in_window = torch.cat([torch.full((len(share.ids[i]) - 1,), share.numbers[i] >= share.n_texts)
+                           for batch in reading_passes(share.ids) for i in batch])  # in the order they were read
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     heldout_ids = fit_chunk_ids(expansion.tokenizer, held, start_token(expansion.tokenizer), limit)
-    heldout_at = collect_positions(model, input_rows, new_start, heldout_ids, [0] * len(heldout_ids), None, mixed)
+    heldout_at = collect_positions(model, input_rows, new_start, heldout_ids, [False] * len(heldout_ids), None, mixed)
     everywhere = torch.arange(len(heldout_at.held_back))
 
     def expanded_bits(output_rows: torch.Tensor) -> float:
@@ -121,41 +113,31 @@ def main() -> None:
     job_rows = read_rows(run_dir / "rows" / FITTED_ROWS)
     print(f"the job's fitted rows: held-out {vs_original(job_rows['output']):+.2%} vs original (unpruned); "
           f"the distilled rows as output rows: {vs_original(input_rows):+.2%}", flush=True)
-    print("| step | held-back loss | held-back text | held-back windows | held-out bits/byte vs original |")
-    print("|---:|---:|---:|---:|---:|")
-    trace: list[tuple[int, float, float, float]] = []
-    last = {}
+    if args.past_stop:
+        output_fit.PATIENCE = args.max_steps or fit.max_steps
+    summaries = []
+    for lr, weight in ([float(x) for x in f.split(":")] for f in args.fits or [f"{fit.learning_rate}:{fit.window_weight}"]):
+        settings = replace(fit, learning_rate=lr, window_weight=weight, max_steps=args.max_steps or fit.max_steps)
+        print(f"\nlearning rate {lr:g}, window weight {weight:g}\n\n| step | held-back loss | held-out bits/byte vs "
+              "original |\n|---:|---:|---:|")
+        trace: list[tuple[int, float]] = []
 
-    def on_check(step: int, loss: float, rows: torch.Tensor) -> None:
-        last["rows"] = rows.clone()
-        text = total_loss(rows, at, held_text) / len(held_text)
-        window = total_loss(rows, at, held_windows) / max(1, len(held_windows))
-        trace.append((step, loss, text, vs_original(rows)))
-        print(f"| {step} | {loss:.4f} | {text:.4f} | {window:.4f} | {trace[-1][3]:+.2%} |", flush=True)
+        def on_check(step: int, loss: float, rows: torch.Tensor) -> None:
+            trace.append((step, vs_original(rows)))
+            print(f"| {step} | {loss:.4f} | {trace[-1][1]:+.2%} |", flush=True)
 
-    output_fit.PATIENCE = args.max_steps
-    started = time.perf_counter()
-    fit_output_rows(input_rows, at, settings, config.training.seed, on_check=on_check)
-    print(f"fit: {time.perf_counter() - started:.0f} s for {trace[-1][0]} steps")
-    for name, column in (("held-back loss", 1), ("held-back text", 2), ("held-out (the target)", 3)):
-        print(f"stopped by {name}: {stopping_step(trace, column)}")
-    print(f"last rows through the expanded model: {expanded_bits(last['rows']) / original - 1:+.2%} "
-          f"(from the fixed states {trace[-1][3]:+.2%})")
-
-
-def stopping_step(trace: list[tuple[int, float, float, float]], column: int) -> str:
-    """Where a fit checked on `column` stops (as the job's does: PATIENCE checks without a
-    new best) and keeps its best rows, and the held-out figure of those rows."""
-    best, since = 0, 0
-    for i, row in enumerate(trace):
-        if row[column] < trace[best][column] - 1e-6:
-            best, since = i, 0
-        elif i:
-            since += 1
-        if since >= PATIENCE:
-            break
-    step, _, _, heldout = trace[best]
-    return f"keeps step {step} (stops at {trace[min(i, len(trace) - 1)][0]}), held-out {heldout:+.2%}"
+        started = time.perf_counter()
+        result = fit_output_rows(input_rows, replace(at, weight=torch.where(in_window, weight, 1.0)), settings,
+                                 config.training.seed, on_check=on_check)
+        best_step, best = min(trace, key=lambda row: row[1])
+        summaries.append(f"| {lr:g} | {weight:g} | {result.summary['steps']} | "
+                         f"{result.summary['held_back_loss_best']:.4f} | {vs_original(result.rows):+.2%} | "
+                         f"{best:+.2%} at step {best_step} | {time.perf_counter() - started:.0f} |")
+    print("\n| learning rate | window weight | steps | held-back loss, kept rows | held-out vs original, kept rows | "
+          "best held-out on the trace | fit s |\n|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(summaries))
+    print(f"the last kept rows through the expanded model: {expanded_bits(result.rows) / original - 1:+.2%} "
+          f"(from the fixed states {vs_original(result.rows):+.2%})")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from tokdist_ray.training.output_fit import (
     fit_chunk_ids,
     fit_on_text,
     fit_output_rows,
+    fit_sequences,
     position_losses,
     reading_passes,
 )
@@ -153,6 +154,32 @@ def test_windows_are_read_as_the_text_they_were_cut_from(tiny_model_dir):
     assert summary["snippet_windows"] == len(windows) and summary["positions"] == text_summary["positions"]
     assert summary["before_new_tokens"] == text_summary["before_new_tokens"] > 0
     torch.testing.assert_close(on_windows["output"], on_text["output"])
+
+
+def test_the_fit_is_checked_on_held_back_text_and_fits_every_window(tiny_model_dir):
+    """Windows over-represent their tokens, so the check that picks the rows reads held-back
+    chunks of the fit text only: adding windows leaves its starting loss as it was. With too
+    little text for a held-back chunk, every tenth window is held back instead."""
+    from transformers import AutoTokenizer
+
+    model = load_model(tiny_model_dir(tied=False))
+    expansion = expand_with_merges(AutoTokenizer.from_pretrained(tiny_model_dir(tied=False)), WORDS)
+    n_new, d = len(expansion.tokens), model.config.hidden_size
+    rows = {"input": torch.randn(n_new, d) * 0.02, "output": torch.randn(n_new, d) * 0.02}
+    texts = SENTENCES * 4
+    windows = fit_chunk_ids(expansion.tokenizer, SENTENCES * 2, start_token(expansion.tokenizer), None)
+    settings = OutputFitConfig(max_steps=25)
+    _, alone = fit_on_text(model, rows, expansion.new_start, expansion.tokenizer, texts, settings, seed=0,
+                           mixed_precision=False)
+    _, with_windows = fit_on_text(model, rows, expansion.new_start, expansion.tokenizer, texts, settings, seed=0,
+                                  mixed_precision=False, windows=windows)
+    assert with_windows["positions"] > alone["positions"]
+    assert with_windows["held_back_loss_start"] == pytest.approx(alone["held_back_loss_start"], rel=1e-6)
+
+    share = fit_sequences(model, expansion.tokenizer, texts, windows)
+    assert not any(share.held_back[len(texts):]) and share.held_back[9]
+    short = fit_sequences(model, expansion.tokenizer, texts[:5], windows)
+    assert [i for i, held in enumerate(short.held_back) if held] == [9]  # the fifth window
 
 
 def test_text_sample_spreads_over_the_corpus_and_skips_rows_without_text(tmp_path):

@@ -91,7 +91,7 @@ def test_the_output_fit_reads_fp32_logits_from_a_bf16_model(tiny_model_dir, monk
     model = distiller.model.to(torch.bfloat16)
     expanded = expand_with_merges(tok, WORDS).tokenizer
     ids = fit_chunk_ids(expanded, SENTENCES, start_token(expanded), None)
-    at = collect_positions(model, distiller.rows.input, distiller.new_start, ids, list(range(len(ids))), passes=1,
+    at = collect_positions(model, distiller.rows.input, distiller.new_start, ids, [False] * len(ids), passes=1,
                            mixed_precision=True, progress=False)
     old_rows = model.get_output_embeddings().weight[: distiller.new_start]
     assert at.hidden.dtype == at.old_log_norm.dtype == torch.float32

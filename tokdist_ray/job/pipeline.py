@@ -41,8 +41,9 @@ from tokdist_ray.vocab.expansion_files import load_expansion
 from tokdist_ray.vocab.models import load_tokenizer
 
 log = logging.getLogger("tokdist_ray")
-# what the fit stage writes: a fit recorded before it measured token values (pruning reads them) runs again
-FIT_RECORD_FORMAT = "with token values from held-back chunks"
+# what the fit stage writes: a fit recorded before it measured token values (pruning reads them), or
+# before its check read held-back text only, runs again
+FIT_RECORD_FORMAT = "with token values from held-back chunks; checked on held-back text"
 
 
 def _key(*parts) -> str:

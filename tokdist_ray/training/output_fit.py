@@ -16,8 +16,11 @@ A and new logits z = W h, the loss is
     logaddexp(A, logsumexp(z)) - z_y       before a new token y,
     softplus(logsumexp(z) - A)             before an old token (its old logit is constant).
 
-A tenth of the chunks is held back; the fit keeps the rows that scored best on it, and
-stops once they stop improving.
+A tenth of the fit text's chunks is held back; the fit keeps the rows that scored best on
+them, and stops once they stop improving. The mined windows are all fitted on, none held
+back: a window holds its token wherever the text does not, and past some point the rows
+go on fitting the windows while text as it comes gets worse (bench/README.md, "Where the
+output fit stops"). Only a fit text too short for a held-back chunk holds back windows.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class FitPositions:
     new_target: torch.Tensor  # [N] the next id minus new_start, -1 before an old token
     held_back: torch.Tensor  # [N] bool: from a held-back chunk
     weight: torch.Tensor  # [N] the position's weight in the loss: 1 in the fit text, settings.window_weight in a window
+
+    @staticmethod
+    def joined(parts: Sequence[FitPositions]) -> FitPositions:
+        return FitPositions(*(torch.cat(column) for column in zip(*(vars(p).values() for p in parts))))
 
 
 def fit_chunk_ids(tokenizer, chunks: Sequence[str], start: int, max_len: int | None) -> list[list[int]]:
@@ -103,16 +110,16 @@ def final_states(model, input_rows: torch.Tensor, new_start: int, seqs: Sequence
 
 @torch.no_grad()
 def collect_positions(model, input_rows: torch.Tensor, new_start: int, chunk_ids: Sequence[list[int]],
-                      chunk_numbers: Sequence[int], passes: int | None = None, mixed_precision: bool = True,
+                      held_back: Sequence[bool], passes: int | None = None, mixed_precision: bool = True,
                       progress: bool = True, weights: Sequence[float] | None = None) -> FitPositions:
     """Final states and old log-normalisers at every position of the chunks (one worker's
-    share; `chunk_numbers` their indices in the whole fit text), with the new tokens
-    embedded from `input_rows`; `weights`: each chunk's positions' weight (1 unless given).
+    share; `held_back`: whether each chunk is), with the new tokens embedded from
+    `input_rows`; `weights`: each chunk's positions' weight (1 unless given).
     `passes` forward passes are run whatever the share's size (ZeRO-3 workers must run the
     same number: at least `reading_passes`'); passes without chunks run a one-id input."""
     device = input_rows.device
     old_rows = model.get_output_embeddings().weight[:new_start]
-    parts: list[tuple[torch.Tensor, ...]] = []
+    parts: list[FitPositions] = []
     shown = StageProgress("output fit, reading the text", len(chunk_ids), "chunks") if progress else None
     batches = reading_passes(chunk_ids)
     for p in range(max(len(batches), passes or 0)):
@@ -124,17 +131,18 @@ def collect_positions(model, input_rows: torch.Tensor, new_start: int, chunk_ids
         keep = mask[:, :-1] & mask[:, 1:]
         hidden = states[:, :-1][keep].float()
         targets = ids[:, 1:][keep]
-        numbers = torch.tensor([chunk_numbers[i] for i in batch], device=device)[:, None].expand_as(keep)[keep]
+        held = torch.tensor([held_back[i] for i in batch], device=device)[:, None].expand_as(keep)[keep]
         weight = torch.tensor([1.0 if weights is None else weights[i] for i in batch], device=device)
-        parts.append((hidden, old_log_norm(hidden, old_rows), torch.where(targets >= new_start, targets - new_start, -1),
-                      numbers % HELD_BACK_EVERY == HELD_BACK_EVERY - 1, weight[:, None].expand_as(keep)[keep]))
+        parts.append(FitPositions(hidden, old_log_norm(hidden, old_rows),
+                                  torch.where(targets >= new_start, targets - new_start, -1), held,
+                                  weight[:, None].expand_as(keep)[keep]))
         if shown is not None:
             shown.advance(len(batch))
     if not parts:
         d = input_rows.shape[1]
         return FitPositions(input_rows.new_zeros(0, d), input_rows.new_zeros(0), torch.zeros(0, dtype=torch.long, device=device),
                             torch.zeros(0, dtype=torch.bool, device=device), input_rows.new_zeros(0))
-    return FitPositions(*(torch.cat(column) for column in zip(*parts)))
+    return FitPositions.joined(parts)
 
 
 def position_losses(rows: torch.Tensor, at: FitPositions, index: torch.Tensor) -> torch.Tensor:
@@ -224,7 +232,9 @@ class FitSequences:
 
     @property
     def held_back(self) -> list[bool]:
-        return [n % HELD_BACK_EVERY == HELD_BACK_EVERY - 1 for n in self.numbers]
+        """Every tenth chunk of the fit text; windows only if it has no tenth chunk (module docstring)."""
+        windows_held = self.n_texts < HELD_BACK_EVERY
+        return [n % HELD_BACK_EVERY == HELD_BACK_EVERY - 1 and (n < self.n_texts or windows_held) for n in self.numbers]
 
     @property
     def chunks(self) -> list[list[int]]:
@@ -237,7 +247,7 @@ class FitSequences:
 
 def fit_sequences(model, tokenizer, texts: Sequence[str], windows: Sequence[list[int]], rank: int = 0,
                   world: int = 1) -> FitSequences:
-    """Worker `rank`'s share: every world-th chunk and window (a tenth of each is held back)."""
+    """Worker `rank`'s share: every world-th chunk and window."""
     numbers = list(range(rank, len(texts), world))
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     ids = fit_chunk_ids(tokenizer, [texts[i] for i in numbers], start_token(tokenizer), limit)
@@ -262,7 +272,7 @@ def fit_on_text(model, rows: dict[str, torch.Tensor], new_start: int, tokenizer,
     passes[rank] = len(reading_passes(share.ids))
     all_reduce(passes)
     weights = [1.0 if n < share.n_texts else settings.window_weight for n in share.numbers]
-    at = collect_positions(model, rows["input"].to(device), new_start, share.ids, share.numbers, int(passes.max()),
+    at = collect_positions(model, rows["input"].to(device), new_start, share.ids, share.held_back, int(passes.max()),
                            mixed_precision, progress=rank == 0, weights=weights)
     initial = rows.get("output", rows["input"]).to(device)
     result = fit_output_rows(initial, at, settings, seed, rank, world, all_reduce)
