@@ -8,6 +8,10 @@ llama.cpp's `llama`) and Qwen2. Tensors stream from the safetensors shards one a
 the writer takes every tensor's name, shape and type first (the file's header), then
 the data tensor by tensor, so no process holds the whole model.
 
+The vocabulary's rows (the embedding table and an untied head) are padded with zero rows,
+UNUSED tokens, to a multiple of VOCAB_ROWS_MULTIPLE: llama.cpp's CPU matmul picks its
+kernel by the row count mod 16, and an expansion's count is seldom a round one.
+
 The tokenizer goes in as llama.cpp's byte-level BPE (`gpt2`): the vocabulary, token
 types, the merges of tokenizer.json (the new tokens' merges rank after the base ones, as
 there), the special ids and a pre-tokenizer name. The name is decided from the
@@ -23,7 +27,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -86,6 +90,8 @@ PRE_TOKENIZERS = {
 # (tokenizer.json's model.ignore_merges); for the others it merges every pre-token
 IGNORES_MERGES = ("llama-bpe", "tekken")
 _F16_MAX = torch.finfo(torch.float16).max
+VOCAB_ROWS_MULTIPLE = 64
+VOCAB_TENSORS = ("token_embd.weight", "output.weight")
 
 
 def export_gguf(model_dir: str | Path, out_file: str | Path, dtype: str = "f16", pre: str | None = None) -> Path:
@@ -391,6 +397,8 @@ class _PlannedTensor:
                 if ".attn_k." in self.gguf_name:
                     n_head = getattr(text, "num_key_value_heads", None) or n_head
                 tensor = permute_qk(tensor, n_head)
+        if len(tensor) < self.shape[0]:  # a padded vocabulary: zero rows, UNUSED tokens
+            tensor = torch.cat([tensor, tensor.new_zeros(self.shape[0] - len(tensor), *tensor.shape[1:])])
         if self.out_dtype == "f16" and tensor.abs().max() > _F16_MAX:
             raise ExportError(f"{self.source[1] if self.source else self.gguf_name} holds values beyond float16's "
                               f"range (±{_F16_MAX:g}); export the GGUF in bf16 or f32")
@@ -432,7 +440,15 @@ def _tensor_plan(gguf, config, arch: _Arch, files: dict, dtype: str) -> list[_Pl
                           "convert the exported HF directory with llama.cpp's convert_hf_to_gguf.py instead")
     if _rope(text)[1].get("rope_type") == "llama3":
         plan.append(_PlannedTensor("rope_freqs.weight", None, (_head_dim(text) // 2,), "f32"))
-    return sorted(plan, key=_write_order)
+    return sorted((_padded(p) for p in plan), key=_write_order)
+
+
+def _padded(p: _PlannedTensor) -> _PlannedTensor:
+    """A vocabulary tensor with its rows rounded up to VOCAB_ROWS_MULTIPLE (read() fills zeros)."""
+    if p.gguf_name not in VOCAB_TENSORS:
+        return p
+    rows = -(-p.shape[0] // VOCAB_ROWS_MULTIPLE) * VOCAB_ROWS_MULTIPLE
+    return replace(p, shape=(rows, *p.shape[1:]))
 
 
 def _write_order(p: _PlannedTensor):
