@@ -17,8 +17,7 @@ A and new logits z = W h, the loss is
     softplus(logsumexp(z) - A)             before an old token (its old logit is constant).
 
 A tenth of the fit text's chunks is held back; the fit keeps the rows that scored best on
-them. Once they stop improving it goes on from the best rows at a lower learning rate,
-twice, then stops. The mined windows are all fitted on, none held
+them, and stops once they stop improving. The mined windows are all fitted on, none held
 back: a window holds its token wherever the text does not, and past some point the rows
 go on fitting the windows while text as it comes gets worse (bench/README.md, "Where the
 output fit stops"). Only a fit text too short for a held-back chunk holds back windows.
@@ -45,9 +44,7 @@ log = logging.getLogger("tokdist_ray")
 POSITIONS_PER_PASS = 4096  # ids per forward pass (eight 2,000-byte chunks, or a hundred snippets)
 HELD_BACK_EVERY = 10  # every 10th chunk is held back
 CHECK_EVERY = 25  # steps between checks on the held-back chunks
-PATIENCE = 6  # checks without improvement before the fit lowers its learning rate, or stops
-LR_DROPS = 2  # times the learning rate is lowered, each time from the best rows so far
-LR_DROP = 0.3
+PATIENCE = 6  # checks without improvement before the fit stops
 NOT_FITTED = {"skipped": "not asked for, or no corpus text"}  # report.json's output_fit then
 
 
@@ -194,7 +191,7 @@ def fit_output_rows(initial: torch.Tensor, at: FitPositions, settings: OutputFit
 
     rows.grad = torch.zeros_like(rows)
     start = best = held_back_loss()
-    best_rows, since_best, step, drops = rows.detach().clone(), 0, 0, 0
+    best_rows, since_best, step = rows.detach().clone(), 0, 0
     for step in range(1, settings.max_steps + 1):
         pick = train[torch.randint(len(train), (per_worker,), generator=generator).to(train.device)] if len(train) \
             else train
@@ -217,18 +214,10 @@ def fit_output_rows(initial: torch.Tensor, at: FitPositions, settings: OutputFit
         if rank == 0 and step % (4 * CHECK_EVERY) == 0:
             log.info("output fit: step %d, held-back loss %.4f nats per position (from %.4f)", step, current, start)
         if since_best >= PATIENCE:
-            if drops == LR_DROPS:
-                break
-            # Adam moves each coordinate by about the rate per step, whatever its gradient: at
-            # the first rate the rare tokens' rows end up noisy; a lower one refines them
-            drops, since_best = drops + 1, 0
-            with torch.no_grad():
-                rows.copy_(best_rows)
-            for group in optimizer.param_groups:
-                group["lr"] *= LR_DROP
+            break
     summary = {"positions": int(counts[0] + counts[1]), "before_new_tokens": int(counts[2]), "steps": step,
                "held_back_loss_start": round(start, 6), "held_back_loss_best": round(best, 6),
-               "learning_rate_drops": drops, "stopped_early": step < settings.max_steps}
+               "stopped_early": step < settings.max_steps}
     return FitResult(best_rows, summary)
 
 
