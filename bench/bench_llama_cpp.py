@@ -17,7 +17,9 @@ model, which are printed too when the run's eval.json is found.
     python bench/bench_llama_cpp.py --model-dir /tmp/demo/model           # builds llama.cpp once
 
 The expanded model's model.gguf is used if the export wrote one (output.gguf: true), else
-written (f16) into --work, as is the original model's (report.json names it).
+written (f16) into --work, as is the original model's (report.json names it). With
+--unpadded the expanded model also runs from a GGUF whose vocabulary rows are not padded
+to a multiple of 64 (what the padding buys llama.cpp's matmul).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from tokdist_ray.export.gguf import GGUF_FILE, export_gguf  # noqa: E402
 from tokdist_ray.vocab.models import resolve_model_path  # noqa: E402
 
 HELD_OUT = "/usr/share/doc/maint-guide-fr/maint-guide.fr.txt.gz"  # the demo job's held-out manual
+UNPADDED = "expanded, unpadded"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx_vnni", "avx512_vnni")
 
 
@@ -88,17 +91,20 @@ def summary(side: dict, prompt_bytes: int, new_start: int | None) -> dict:
 
 def table(result: dict) -> str:
     o, e = result["original"], result["expanded"]
+    sides = [name for name in ("original", "expanded", UNPADDED) if name in result]
     lines = ["| mode | model | bytes / step | bytes / s | steps / s | new-token share of generated ids |",
              "|---|---|---|---|---|---|"]
     for mode in llama_cpp.MODES:
-        for name, side in (("original", o), ("expanded", e)):
-            r = side[mode]
+        for name in sides:
+            r = result[name][mode]
             share = "" if r["new_token_share"] is None else f"{r['new_token_share']:.1%}"
             lines.append(f"| {mode} | {name} | {r['bytes_per_step']:.2f} | {r['bytes_per_s']:.0f} | "
                          f"{r['steps_per_s']:.1f} | {share} |")
-        lines.append(f"| {mode} | expanded / original | {e[mode]['bytes_per_step'] / o[mode]['bytes_per_step']:.3f} | "
-                     f"{e[mode]['bytes_per_s'] / o[mode]['bytes_per_s']:.3f} | "
-                     f"{e[mode]['steps_per_s'] / o[mode]['steps_per_s']:.3f} | |")
+        for name in sides[1:]:
+            x = result[name][mode]
+            lines.append(f"| {mode} | {name} / original | {x['bytes_per_step'] / o[mode]['bytes_per_step']:.3f} | "
+                         f"{x['bytes_per_s'] / o[mode]['bytes_per_s']:.3f} | "
+                         f"{x['steps_per_s'] / o[mode]['steps_per_s']:.3f} | |")
     h = result["heldout"]
     lines += ["", f"prefill: {o['prefill_bytes_per_s']:.0f} and {e['prefill_bytes_per_s']:.0f} prompt bytes/s "
               f"(expanded / original {e['prefill_bytes_per_s'] / o['prefill_bytes_per_s']:.3f}; prompt tokens "
@@ -140,6 +146,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=SNIPPET_SEED)
     ap.add_argument("--work", type=Path, help="where GGUFs the export did not write go (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="write the figures here too")
+    ap.add_argument("--unpadded", action="store_true", help="also the expanded model with its vocabulary rows unpadded")
     args = ap.parse_args()
     if not (args.model_dir / "report.json").is_file():
         sys.exit(f"{args.model_dir} is no exported expansion (no report.json); run the demo job first: "
@@ -162,19 +169,25 @@ def main() -> None:
           f"{len(prompts)} prompts of ~{args.prompt_bytes} bytes, {args.steps} steps each, {args.rounds} rounds; "
           f"{before['cpu']}, {before['cores']} cores, {' '.join(before['flags'])}, Debian {before['debian']}, "
           f"load {before['load_average'][0]:.1f}", flush=True)
-    raw = llama_cpp.generate(llama, [original, expanded], prompts, args.steps, seed=args.seed, rounds=args.rounds,
+    runs = [original, expanded]
+    if args.unpadded:
+        runs.append(work / "expanded-unpadded.gguf")
+        if not runs[-1].is_file():
+            export_gguf(args.model_dir, runs[-1], vocab_multiple=1)
+    raw = llama_cpp.generate(llama, runs, prompts, args.steps, seed=args.seed, rounds=args.rounds,
                              threads=args.threads)
     prompt_bytes = sum(len(p.encode("utf-8")) for p in prompts)
     result = {
         "original": summary(raw[str(original)], prompt_bytes, None),
         "expanded": summary(raw[str(expanded)], prompt_bytes, new_start),
+        **({UNPADDED: summary(raw[str(runs[2])], prompt_bytes, new_start)} if args.unpadded else {}),
         "heldout": {"bytes": len(held.encode("utf-8")),
                     "original_tokens_per_kb": len(held_ids["original"]) / kb,
                     "expanded_tokens_per_kb": len(held_ids["expanded"]) / kb,
                     "new_token_share": sum(i >= new_start for i in held_ids["expanded"]) / len(held_ids["expanded"])},
         "settings": {"model_dir": str(args.model_dir), "model": name, "new_tokens": None, "prompts": len(prompts),
                      "prompt_bytes": args.prompt_bytes, "steps": args.steps, "rounds": args.rounds,
-                     "threads": args.threads, "seed": args.seed, "ggufs": [str(original), str(expanded)]},
+                     "threads": args.threads, "seed": args.seed, "ggufs": [str(g) for g in runs]},
         "machine": before | {"load_average_after": os.getloadavg()},
         "llama_cpp": llama.info,
     }

@@ -131,6 +131,19 @@ def test_tiny_llama_round_trips_in_each_dtype(tiny_tokenizer_dir, tmp_path, dtyp
     assert_same_weights(model.state_dict(), load_gguf_model(directory).state_dict(), cast)
 
 
+def test_vocabulary_rows_are_padded_for_llama_cpp_unless_asked_not_to(tiny_tokenizer_dir, tmp_path):
+    directory, model = tiny_llama_dir(tmp_path, tiny_tokenizer_dir(bos=True), tied=False)
+    rows = model.config.vocab_size
+    shapes = {}
+    for multiple in (64, 1):
+        export_gguf(directory, tmp_path / f"{multiple}.gguf", "f32", vocab_multiple=multiple)
+        fields = metadata(tmp_path / f"{multiple}.gguf")
+        shapes[multiple] = (fields["llama.vocab_size"], fields["tensors"]["output.weight"][1][1])
+    assert shapes[1] == (rows, rows) and shapes[64] == (-(-rows // 64) * 64,) * 2 and rows % 64
+    with pytest.raises(ExportError, match="vocab_multiple"):
+        export_gguf(directory, tmp_path / "x.gguf", vocab_multiple=0)
+
+
 @pytest.mark.parametrize("kind", ["mistral", "qwen2"])
 def test_tiny_mistral_and_qwen2_round_trip(tiny_tokenizer_dir, tmp_path, kind):
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM

@@ -94,16 +94,20 @@ VOCAB_ROWS_MULTIPLE = 64
 VOCAB_TENSORS = ("token_embd.weight", "output.weight")
 
 
-def export_gguf(model_dir: str | Path, out_file: str | Path, dtype: str = "f16", pre: str | None = None) -> Path:
+def export_gguf(model_dir: str | Path, out_file: str | Path, dtype: str = "f16", pre: str | None = None,
+                vocab_multiple: int = VOCAB_ROWS_MULTIPLE) -> Path:
     """Write the HF model in `model_dir` (safetensors, config.json, tokenizer.json) as a
     GGUF at `out_file`: 2-D weights in `dtype` ("f16", "bf16" or "f32"), norms and biases
-    in f32, as llama.cpp's own converter keeps them. `pre` names llama.cpp's
+    in f32, as llama.cpp's own converter keeps them, the vocabulary's rows padded to a
+    multiple of `vocab_multiple` (1: as they are). `pre` names llama.cpp's
     pre-tokenizer where the tokenizer's is not one of PRE_TOKENIZERS. The file appears
     whole or not at all (written beside it, then renamed)."""
     import gguf
     from transformers import AutoConfig, AutoTokenizer
 
     options = GgufOptions(dtype, pre)
+    if isinstance(vocab_multiple, bool) or not isinstance(vocab_multiple, int) or vocab_multiple < 1:
+        raise ExportError(f"vocab_multiple must be an int >= 1 (1: rows as they are), got {vocab_multiple!r}")
     model_dir, out_file = Path(model_dir), Path(out_file)
     shards = shards_of(model_dir)
     if not shards:
@@ -120,7 +124,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, dtype: str = "f16",
     try:
         with contextlib.ExitStack() as stack:
             files = {shard: stack.enter_context(safe_open(model_dir / shard, framework="pt")) for shard in shards}
-            plan = _tensor_plan(gguf, config, arch, files, options.dtype)
+            plan = [_padded(p, vocab_multiple) for p in _tensor_plan(gguf, config, arch, files, options.dtype)]
             n_vocab = next(p.shape[0] for p in plan if p.gguf_name == "token_embd.weight")
             writer = gguf.GGUFWriter(tmp, arch.name)
             stack.callback(writer.close)
@@ -440,14 +444,14 @@ def _tensor_plan(gguf, config, arch: _Arch, files: dict, dtype: str) -> list[_Pl
                           "convert the exported HF directory with llama.cpp's convert_hf_to_gguf.py instead")
     if _rope(text)[1].get("rope_type") == "llama3":
         plan.append(_PlannedTensor("rope_freqs.weight", None, (_head_dim(text) // 2,), "f32"))
-    return sorted((_padded(p) for p in plan), key=_write_order)
+    return sorted(plan, key=_write_order)
 
 
-def _padded(p: _PlannedTensor) -> _PlannedTensor:
-    """A vocabulary tensor with its rows rounded up to VOCAB_ROWS_MULTIPLE (read() fills zeros)."""
+def _padded(p: _PlannedTensor, multiple: int) -> _PlannedTensor:
+    """A vocabulary tensor with its rows rounded up to a multiple (read() fills zeros)."""
     if p.gguf_name not in VOCAB_TENSORS:
         return p
-    rows = -(-p.shape[0] // VOCAB_ROWS_MULTIPLE) * VOCAB_ROWS_MULTIPLE
+    rows = -(-p.shape[0] // multiple) * multiple
     return replace(p, shape=(rows, *p.shape[1:]))
 
 
