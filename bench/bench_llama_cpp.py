@@ -18,8 +18,8 @@ model, which are printed too when the run's eval.json is found.
 
 The expanded model's model.gguf is used if the export wrote one (output.gguf: true), else
 written (f16) into --work, as is the original model's (report.json names it). With
---unpadded the expanded model also runs from a GGUF whose vocabulary rows are not padded
-to a multiple of 64 (what the padding buys llama.cpp's matmul).
+--padded N the expanded model also runs from a GGUF whose vocabulary rows are padded to a
+multiple of N (llama.cpp's matmul picks its kernel by the row count).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from tokdist_ray.export.gguf import GGUF_FILE, export_gguf  # noqa: E402
 from tokdist_ray.vocab.models import resolve_model_path  # noqa: E402
 
 HELD_OUT = "/usr/share/doc/maint-guide-fr/maint-guide.fr.txt.gz"  # the demo job's held-out manual
-UNPADDED = "expanded, unpadded"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx_vnni", "avx512_vnni")
 
 
@@ -91,7 +90,7 @@ def summary(side: dict, prompt_bytes: int, new_start: int | None) -> dict:
 
 def table(result: dict) -> str:
     o, e = result["original"], result["expanded"]
-    sides = [name for name in ("original", "expanded", UNPADDED) if name in result]
+    sides = [name for name in result if name == "original" or name.startswith("expanded")]
     lines = ["| mode | model | bytes / step | bytes / s | steps / s | new-token share of generated ids |",
              "|---|---|---|---|---|---|"]
     for mode in llama_cpp.MODES:
@@ -146,7 +145,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=SNIPPET_SEED)
     ap.add_argument("--work", type=Path, help="where GGUFs the export did not write go (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="write the figures here too")
-    ap.add_argument("--unpadded", action="store_true", help="also the expanded model with its vocabulary rows unpadded")
+    ap.add_argument("--padded", type=int, metavar="N", help="also the expanded model, its vocabulary rows padded to "
+                    "a multiple of N")
     args = ap.parse_args()
     if not (args.model_dir / "report.json").is_file():
         sys.exit(f"{args.model_dir} is no exported expansion (no report.json); run the demo job first: "
@@ -170,17 +170,18 @@ def main() -> None:
           f"{before['cpu']}, {before['cores']} cores, {' '.join(before['flags'])}, Debian {before['debian']}, "
           f"load {before['load_average'][0]:.1f}", flush=True)
     runs = [original, expanded]
-    if args.unpadded:
-        runs.append(work / "expanded-unpadded.gguf")
+    if args.padded:
+        runs.append(work / f"expanded-padded-{args.padded}.gguf")
         if not runs[-1].is_file():
-            export_gguf(args.model_dir, runs[-1], vocab_multiple=1)
+            export_gguf(args.model_dir, runs[-1], vocab_multiple=args.padded)
     raw = llama_cpp.generate(llama, runs, prompts, args.steps, seed=args.seed, rounds=args.rounds,
                              threads=args.threads)
     prompt_bytes = sum(len(p.encode("utf-8")) for p in prompts)
     result = {
         "original": summary(raw[str(original)], prompt_bytes, None),
         "expanded": summary(raw[str(expanded)], prompt_bytes, new_start),
-        **({UNPADDED: summary(raw[str(runs[2])], prompt_bytes, new_start)} if args.unpadded else {}),
+        **({f"expanded, padded to {args.padded}": summary(raw[str(runs[2])], prompt_bytes, new_start)}
+           if args.padded else {}),
         "heldout": {"bytes": len(held.encode("utf-8")),
                     "original_tokens_per_kb": len(held_ids["original"]) / kb,
                     "expanded_tokens_per_kb": len(held_ids["expanded"]) / kb,

@@ -30,20 +30,6 @@ def load_gguf_model(directory, name=GGUF_FILE):
                                                 quantization_config=GgufConfig(dequantize=True))
 
 
-def assert_same_weights(expected: dict, got: dict, cast=None) -> None:
-    """Every tensor equal (in `cast`, where given, for 2-D ones); the vocabulary's tensors
-    past the HF model's rows are the GGUF's padding: zero."""
-    assert expected.keys() == got.keys()
-    for name, tensor in expected.items():
-        want = tensor.to(cast).float() if cast is not None and tensor.dim() > 1 else tensor
-        have = got[name]
-        if have.shape != want.shape:  # embed_tokens / lm_head, padded to a multiple of 64 rows
-            assert len(have) % gguf_export.VOCAB_ROWS_MULTIPLE == 0 and len(have) - len(want) < 64, name
-            assert not have[len(want):].any(), name
-            have = have[: len(want)]
-        assert torch.equal(have, want), name
-
-
 def metadata(path) -> dict:
     reader = gguf.GGUFReader(path)
     fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
@@ -64,26 +50,25 @@ def test_an_expanded_smollm2_reads_back_from_gguf_as_its_hf_export(smollm2_dir, 
 
     fields = metadata(out / GGUF_FILE)
     n_vocab = len(expansion.tokenizer)
-    padded = -(-n_vocab // 64) * 64  # llama.cpp's CPU matmul is faster on a round row count
-    assert n_vocab < padded
     assert (fields["general.architecture"], fields["tokenizer.ggml.model"]) == ("llama", "gpt2")
     # the bundled SmolLM2 came out of a GGUF, and transformers dropped its digit split there: GPT-2's regex
     assert fields["tokenizer.ggml.pre"] == "gpt-2"
-    assert fields["llama.vocab_size"] == len(fields["tokenizer.ggml.tokens"]) == padded
-    assert fields["tokenizer.ggml.tokens"][expansion.new_start:n_vocab] == [
+    assert fields["llama.vocab_size"] == len(fields["tokenizer.ggml.tokens"]) == n_vocab
+    assert fields["tokenizer.ggml.tokens"][expansion.new_start:] == [
         expansion.tokenizer.convert_ids_to_tokens(i) for i in range(expansion.new_start, n_vocab)]
-    assert fields["tokenizer.ggml.token_type"][n_vocab:] == [gguf.TokenType.UNUSED] * (padded - n_vocab)
     assert fields["tokenizer.ggml.merges"][-len(expansion.merges):] == [f"{a} {b}" for a, b in expansion.merges]
     assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (1, 2)
     assert fields["tokenizer.ggml.add_bos_token"] is False and fields["general.name"] == "bundled:smollm2"
     assert "output.weight" not in fields["tensors"]  # tied: llama.cpp reads the head from token_embd
-    assert fields["tensors"]["token_embd.weight"] == ("F32", (576, padded))
+    assert fields["tensors"]["token_embd.weight"] == ("F32", (576, n_vocab))
 
     exported, from_gguf = AutoModelForCausalLM.from_pretrained(out), load_gguf_model(out)
-    assert from_gguf.config.tie_word_embeddings and from_gguf.config.vocab_size == padded
+    assert from_gguf.config.tie_word_embeddings and from_gguf.config.vocab_size == n_vocab
     embeddings = from_gguf.get_input_embeddings().weight
-    assert torch.equal(embeddings[expansion.new_start:n_vocab], rows["input"])
-    assert_same_weights(exported.state_dict(), from_gguf.state_dict())  # old rows and new bit for bit, q/k unpermuted
+    assert torch.equal(embeddings, exported.get_input_embeddings().weight)  # old rows and new, bit for bit
+    assert torch.equal(embeddings[expansion.new_start:], rows["input"])
+    expected, got = exported.state_dict(), from_gguf.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)  # q/k unpermuted
 
     gguf_tokenizer = AutoTokenizer.from_pretrained(out, gguf_file=GGUF_FILE)
     ids = expansion.tokenizer(HELD_OUT)["input_ids"]
@@ -92,8 +77,7 @@ def test_an_expanded_smollm2_reads_back_from_gguf_as_its_hf_export(smollm2_dir, 
         assert gguf_tokenizer(text)["input_ids"] == expansion.tokenizer(text)["input_ids"], text
     with torch.no_grad():
         logits = [m(torch.tensor([ids])).logits for m in (exported, from_gguf)]
-    torch.testing.assert_close(logits[1][..., :n_vocab], logits[0], rtol=0, atol=1e-4)
-    assert not logits[1][..., n_vocab:].any()  # a zero row: logit 0
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-4)
 
 
 # --- tiny models: dtypes, the head, rope scaling -------------------------------------------
@@ -127,19 +111,25 @@ def test_tiny_llama_round_trips_in_each_dtype(tiny_tokenizer_dir, tmp_path, dtyp
     assert fields["tokenizer.ggml.token_type"][-3:] == [gguf.TokenType.UNUSED] * 3  # the spare rows
     assert (fields["llama.attention.head_count"], fields["llama.attention.head_count_kv"]) == (4, 2)
 
+    got = load_gguf_model(directory).state_dict()
+    expected = model.state_dict()
+    assert expected.keys() == got.keys()
     cast = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    assert_same_weights(model.state_dict(), load_gguf_model(directory).state_dict(), cast)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor.to(cast).float() if tensor.dim() > 1 else tensor), name
 
 
-def test_vocabulary_rows_are_padded_for_llama_cpp_unless_asked_not_to(tiny_tokenizer_dir, tmp_path):
+def test_vocabulary_rows_padded_when_asked_are_zero_rows_of_unused_tokens(tiny_tokenizer_dir, tmp_path):
     directory, model = tiny_llama_dir(tmp_path, tiny_tokenizer_dir(bos=True), tied=False)
     rows = model.config.vocab_size
-    shapes = {}
-    for multiple in (64, 1):
-        export_gguf(directory, tmp_path / f"{multiple}.gguf", "f32", vocab_multiple=multiple)
-        fields = metadata(tmp_path / f"{multiple}.gguf")
-        shapes[multiple] = (fields["llama.vocab_size"], fields["tensors"]["output.weight"][1][1])
-    assert shapes[1] == (rows, rows) and shapes[64] == (-(-rows // 64) * 64,) * 2 and rows % 64
+    padded = -(-rows // 64) * 64
+    export_gguf(directory, directory / GGUF_FILE, "f32", vocab_multiple=64)
+    fields = metadata(directory / GGUF_FILE)
+    assert fields["llama.vocab_size"] == fields["tensors"]["output.weight"][1][1] == padded > rows
+    assert fields["tokenizer.ggml.token_type"][rows - 3:] == [gguf.TokenType.UNUSED] * (padded - rows + 3)
+    got, expected = load_gguf_model(directory).state_dict(), model.state_dict()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(got[name][:rows], expected[name]) and not got[name][rows:].any(), name
     with pytest.raises(ExportError, match="vocab_multiple"):
         export_gguf(directory, tmp_path / "x.gguf", vocab_multiple=0)
 
@@ -165,7 +155,8 @@ def test_tiny_mistral_and_qwen2_round_trip(tiny_tokenizer_dir, tmp_path, kind):
     assert fields["general.architecture"] == arch and f"{arch}.context_length" in fields
     assert ("blk.0.attn_q.bias" in fields["tensors"]) == (kind == "qwen2")  # Qwen2's q/k/v have biases
     assert fields["tokenizer.ggml.add_bos_token"] is False  # this tokenizer adds none
-    assert_same_weights(model.state_dict(), load_gguf_model(directory).state_dict())
+    expected, got = model.state_dict(), load_gguf_model(directory).state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_added_tokens_are_user_defined_and_spelled_as_in_raw_text(tiny_tokenizer_dir, tmp_path):
@@ -300,7 +291,7 @@ def test_the_api_writes_a_gguf_beside_the_saved_model(tiny_model_dir, tmp_path):
            gguf_dtype="f32")
 
     exported = AutoModelForCausalLM.from_pretrained(out)
-    assert_same_weights(exported.state_dict(), load_gguf_model(out).state_dict())
+    assert torch.equal(load_gguf_model(out).get_output_embeddings().weight, exported.get_output_embeddings().weight)
     tokenizer = AutoTokenizer.from_pretrained(out)
     gguf_tokenizer = AutoTokenizer.from_pretrained(out, gguf_file=GGUF_FILE)
     for text in SENTENCES:

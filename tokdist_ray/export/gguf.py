@@ -8,10 +8,6 @@ llama.cpp's `llama`) and Qwen2. Tensors stream from the safetensors shards one a
 the writer takes every tensor's name, shape and type first (the file's header), then
 the data tensor by tensor, so no process holds the whole model.
 
-The vocabulary's rows (the embedding table and an untied head) are padded with zero rows,
-UNUSED tokens, to a multiple of VOCAB_ROWS_MULTIPLE: llama.cpp's CPU matmul picks its
-kernel by the row count mod 16, and an expansion's count is seldom a round one.
-
 The tokenizer goes in as llama.cpp's byte-level BPE (`gpt2`): the vocabulary, token
 types, the merges of tokenizer.json (the new tokens' merges rank after the base ones, as
 there), the special ids and a pre-tokenizer name. The name is decided from the
@@ -90,16 +86,17 @@ PRE_TOKENIZERS = {
 # (tokenizer.json's model.ignore_merges); for the others it merges every pre-token
 IGNORES_MERGES = ("llama-bpe", "tekken")
 _F16_MAX = torch.finfo(torch.float16).max
-VOCAB_ROWS_MULTIPLE = 64
 VOCAB_TENSORS = ("token_embd.weight", "output.weight")
 
 
 def export_gguf(model_dir: str | Path, out_file: str | Path, dtype: str = "f16", pre: str | None = None,
-                vocab_multiple: int = VOCAB_ROWS_MULTIPLE) -> Path:
+                vocab_multiple: int = 1) -> Path:
     """Write the HF model in `model_dir` (safetensors, config.json, tokenizer.json) as a
     GGUF at `out_file`: 2-D weights in `dtype` ("f16", "bf16" or "f32"), norms and biases
-    in f32, as llama.cpp's own converter keeps them, the vocabulary's rows padded to a
-    multiple of `vocab_multiple` (1: as they are). `pre` names llama.cpp's
+    in f32, as llama.cpp's own converter keeps them. `vocab_multiple` pads the vocabulary's
+    rows (embedding table, untied head) with zero rows, UNUSED tokens, to a multiple of it:
+    llama.cpp's CPU matmul picks its kernel by the row count (bench/README.md, "Generation
+    in llama.cpp": it paid at 100 new tokens and cost at 5,000). `pre` names llama.cpp's
     pre-tokenizer where the tokenizer's is not one of PRE_TOKENIZERS. The file appears
     whole or not at all (written beside it, then renamed)."""
     import gguf
