@@ -51,8 +51,6 @@ from tokdist_ray.vocab.models import load_model, load_tokenizer
 from tokdist_ray.vocab.special import start_token
 from tokdist_ray.vocab.weights import read_rows
 
-PATIENCE = output_fit.PATIENCE  # the job's: the trace goes on past it
-
 
 def total_loss(rows: torch.Tensor, at: FitPositions, index: torch.Tensor) -> float:
     """Nats summed over the positions at `index`, unweighted."""
@@ -114,7 +112,7 @@ def main() -> None:
     print(f"the job's fitted rows: held-out {vs_original(job_rows['output']):+.2%} vs original (unpruned); "
           f"the distilled rows as output rows: {vs_original(input_rows):+.2%}", flush=True)
     if args.past_stop:
-        output_fit.PATIENCE = args.max_steps or fit.max_steps
+        output_fit.PATIENCE = args.max_steps or fit.max_steps  # the trace goes on past the job's stop
     summaries = []
     for lr, weight in ([float(x) for x in f.split(":")] for f in args.fits or [f"{fit.learning_rate}:{fit.window_weight}"]):
         settings = replace(fit, learning_rate=lr, window_weight=weight, max_steps=args.max_steps or fit.max_steps)
