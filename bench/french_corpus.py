@@ -44,7 +44,7 @@ def render_man_pages(out: Path, pages: Path = MAN_PAGES) -> int:
     for page in sorted(pages.rglob("*.gz")):
         target = out / f"{page.parent.name}-{page.name.removesuffix('.gz')}.txt"
         if not target.exists():
-            text = subprocess.run(["groff", "-mandoc", "-Tutf8", "-P-cbou"], input=gzip.decompress(page.read_bytes()),
+            text = subprocess.run(["groff", "-K", "utf8", "-mandoc", "-Tutf8", "-P-cbou"], input=gzip.decompress(page.read_bytes()),
                                   capture_output=True, env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin"}).stdout
             target.write_bytes(text)
         total += target.stat().st_size
