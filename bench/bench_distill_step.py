@@ -19,6 +19,7 @@ they need, so our side may train more rows than there are words.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import statistics
 import time
@@ -221,6 +222,10 @@ def main() -> None:
     teacher = TeacherPass(ours.distiller.model)
     steps = {"reference": ref, "tokdist-ray": ours, "teacher pass alone": teacher}
     inputs = {"reference": ref_batches, "tokdist-ray": batches, "teacher pass alone": batches}
+    if bf16_supported(torch.device("cpu")):  # the default step autocasts to bf16 here: fp32 beside it
+        fp32 = dataclasses.replace(cfg, mixed_precision=False)
+        steps["tokdist-ray, fp32"] = OurStep(load_model(path, dtype=torch.float32), new_start, tokens, fp32)
+        inputs["tokdist-ray, fp32"], used["tokdist-ray, fp32"] = batches, used["tokdist-ray"]
     times = {name: [] for name in steps}
     for i in range(len(batches)):  # the first step of each is warm-up
         for name, step in steps.items():
@@ -239,7 +244,8 @@ def main() -> None:
     print("| step | new rows | teacher / student ids per snippet | s/step (median) | snippets/s | optimizer state |")
     print("|---|---:|---:|---:|---:|---:|")
     med = {k: statistics.median(v) for k, v in times.items()}
-    n_rows = {"reference": len(ref_tokens), "tokdist-ray": len(tokens), "teacher pass alone": "-"}
+    n_rows = {"reference": len(ref_tokens), "tokdist-ray": len(tokens), "tokdist-ray, fp32": len(tokens),
+              "teacher pass alone": "-"}
     for name, step in steps.items():
         teacher_len = statistics.mean(len(e["teacher_ids"]) for e in used[name])
         student_len = statistics.mean(len(e["student_ids"]) for e in used[name])

@@ -32,6 +32,7 @@ log = logging.getLogger("tokdist_ray")
 WAIT_ENV = "TOKDIST_RAY_NODE_WAIT_S"
 DEFAULT_WAIT_S = 900.0  # a cloud GPU node pulls a large image before Ray starts on it
 POLL_S = 1.0
+FREE_CPU_WAIT_S = 10.0  # how long the CPUs that the stage before still releases are waited for
 NOT_PLACING = ("memory", "object_store_memory")
 
 
@@ -62,6 +63,11 @@ class Capacity:
         launchable = sum(int(t.resources.get("CPU", 0) // cpus_per_worker) * t.max_count
                          for t in self.node_types if not t.resources.get("GPU"))
         return max(1, up, launchable)
+
+    def cpus_per_cpu_worker(self, workers: int) -> int:
+        """The most CPUs each of `workers` CPU workers can have with all of them placed (as
+        cpu_workers counts); 1 where even that many do not fit."""
+        return next((c for c in range(self.largest_cpu_node(), 0, -1) if self.cpu_workers(c) >= workers), 1)
 
     def gpu_replicas(self, gpus_per_replica: int = 1, accelerator_type: str | None = None) -> int:
         """Replicas of `gpus_per_replica` GPUs on one node each (of `accelerator_type`, if set):
@@ -187,6 +193,22 @@ def wait_seconds() -> float:
         return float(value)
     except ValueError:
         raise ClusterCapacityError(f"{WAIT_ENV} must be a number of seconds, not {value!r}") from None
+
+
+def free_cpus(capacity: Capacity, wanted: float) -> float:
+    """The CPUs free now for work that wants `wanted` of them, or the most a node the autoscaler
+    can launch has, whichever is more. Sizing work to them, not to the cluster's total, keeps
+    CPUs an actor still holds (a pool another stage left alive) from keeping it waiting for
+    ever. Ray frees a finished stage's CPUs (Ray Train's placement group, say) a moment after
+    it ends: that moment is waited for, or the work would run on half the cores it could have."""
+    import ray
+
+    deadline = time.monotonic() + FREE_CPU_WAIT_S
+    while True:
+        free = max(ray.available_resources().get("CPU", 1), capacity.largest_launchable_cpu_node())
+        if free >= wanted or time.monotonic() > deadline:
+            return free
+        time.sleep(0.5)
 
 
 def wait_for_nodes(stage: str, bundle: dict[str, float], count: int, capacity: Capacity | None = None,

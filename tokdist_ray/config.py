@@ -397,7 +397,9 @@ class DistributedConfig:
     resume: bool = False
     max_failures: int = 0  # worker-group restarts from the latest checkpoint; -1: unlimited
     keep_checkpoints: int = 2
-    cpus_per_worker: float = 1.0
+    # "auto": 1 with GPUs; without, the most CPUs each at which the cluster (as it is, or as
+    # its autoscaler can grow it) holds every worker: one worker on a 2-core machine gets both
+    cpus_per_worker: float | str = "auto"
     worker_memory_gb: float | None = None  # for "auto"; probed on a worker when None
     deepspeed_config: dict | None = None  # merged over the generated DeepSpeed config
 
@@ -427,7 +429,10 @@ class DistributedConfig:
             raise bad("keep_checkpoints", "an int >= 1")
         if not self.run_name or "/" in self.run_name:
             raise bad("run_name", "a non-empty name without '/'")
-        positive_number("cpus_per_worker", self.cpus_per_worker)
+        if isinstance(self.cpus_per_worker, str) and self.cpus_per_worker != "auto":
+            raise bad("cpus_per_worker", "'auto' or a finite number > 0")
+        if self.cpus_per_worker != "auto":
+            positive_number("cpus_per_worker", self.cpus_per_worker)
         positive_number("worker_memory_gb", self.worker_memory_gb, optional=True)
         # Ray Train takes a FileSystem object; anything else (a string from a YAML job) failed two stages on
         if self.storage_filesystem is not None and not isinstance(self.storage_filesystem, pyarrow.fs.FileSystem):

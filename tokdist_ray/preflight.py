@@ -186,10 +186,12 @@ def check_model(model: str, target_layer: int, trust_remote_code: bool = False) 
     check_target_layer(target_layer, config.get_text_config().num_hidden_layers)
 
 
-def check_local_workers(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+def check_local_workers(num_workers: int, cpus_per_worker: float | str, use_gpu: bool) -> None:
     """A local Ray instance has this machine's CPUs and GPUs and no autoscaler: workers it
-    cannot place would make Ray Train wait for ever. (A cluster may grow; it is not checked.)"""
+    cannot place would make Ray Train wait for ever. (A cluster may grow; it is not checked.)
+    "auto" CPUs are at least 1 each."""
     cpus = os.cpu_count() or 1
+    cpus_per_worker = 1 if cpus_per_worker == "auto" else cpus_per_worker
     if num_workers * cpus_per_worker > cpus:
         raise ConfigError(
             f"distributed.num_workers {num_workers} x cpus_per_worker {cpus_per_worker:g} needs "

@@ -48,6 +48,16 @@ def test_a_fixed_cluster_is_sized_by_its_nodes_up():
     assert fixed.gpu_replicas() == 2 and fixed.largest_cpu_node() == 8
 
 
+def test_cpu_workers_get_the_most_cpus_at_which_all_of_them_are_placed():
+    laptop = Capacity(({"CPU": 2.0},))
+    assert laptop.cpus_per_cpu_worker(1) == 2 and laptop.cpus_per_cpu_worker(2) == 1  # the demo's one worker: both cores
+    assert laptop.cpus_per_cpu_worker(3) == 1  # more than fit: 1 each, and Ray Train waits as before
+    fixed = Capacity(({"CPU": 8.0}, {"CPU": 4.0}))
+    assert [fixed.cpus_per_cpu_worker(n) for n in (1, 2, 3, 4)] == [8, 4, 4, 2]
+    aws = shipped("aws.yaml")  # an empty cluster: the CPU node type it launches, one worker per node
+    assert aws.cpus_per_cpu_worker(16) == 32 and aws.cpus_per_cpu_worker(32) == 16
+
+
 def test_a_node_type_is_capped_by_the_cluster_max_workers_and_the_head_is_no_worker_type():
     config = {"max_workers": 3, "head_node_type": "head",
               "available_node_types": {"head": {"resources": {"CPU": 4}, "max_workers": 0},

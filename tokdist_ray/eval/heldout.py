@@ -6,14 +6,13 @@ written as eval.json, eval.md and PNG plots."""
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from tokdist_ray.atomic import write_json
-from tokdist_ray.capacity import Capacity, cluster_capacity, wait_for_nodes
+from tokdist_ray.capacity import Capacity, cluster_capacity, free_cpus, wait_for_nodes
 from tokdist_ray.config import FileDataSource
 from tokdist_ray.console import quiet_worker, worker_env
 from tokdist_ray.data.corpus.corpus import documents
@@ -62,23 +61,9 @@ def _on_ray(evaluation: Evaluation) -> list[dict]:
         raise
 
 
-FREE_CPU_WAIT_S = 10.0  # how long the CPUs that the stage before still releases are waited for
-
-
 def _cpus_per_worker(count: int, capacity: Capacity) -> int:
-    import ray
-
-    # no more than is free or a node the autoscaler launches has: CPUs an actor still holds
-    # (a pool another stage left alive) would otherwise keep the tasks waiting forever. Ray
-    # frees a finished stage's CPUs (Ray Train's placement group, say) a moment after it
-    # ends: wait that moment, or the evaluation runs on half the cores it could have
-    wanted, deadline = capacity.largest_cpu_node(), time.monotonic() + FREE_CPU_WAIT_S
-    while True:
-        free = max(ray.available_resources().get("CPU", 1), capacity.largest_launchable_cpu_node())
-        if free >= wanted or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    return max(1, int(min(wanted, free)) // count)  # torch in the task uses as many threads
+    wanted = capacity.largest_cpu_node()
+    return max(1, int(min(wanted, free_cpus(capacity, wanted))) // count)  # torch in the task uses as many threads
 
 
 def _part_task(evaluation: Evaluation, index: int, count: int) -> dict:

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import pyarrow.fs
 
-from tokdist_ray.capacity import cluster_capacity, wait_for_nodes
+from tokdist_ray.capacity import Capacity, cluster_capacity, free_cpus, wait_for_nodes
 from tokdist_ray.config import (
     DistillationConfig,
     DistributedConfig,
@@ -136,13 +136,15 @@ def distill_distributed(
                  pre_init_strategy, snippets_filesystem, after_step)
     plan = dataclasses.replace(plan, output_fit=output_fit)
     connect()
-    _wait_for_workers(dist)
+    capacity = cluster_capacity()
+    dist = _with_cpus(dist, capacity)
+    _wait_for_workers(dist, capacity)
     strategy, zero_stage = choose_strategy(dist, plan.model_path, training, len(plan.tokens), snippet_len + 1,
                                            plan.output_emb_policy)
     plan = dataclasses.replace(plan, strategy=strategy, zero_stage=zero_stage)
     log.info(
-        "distributed distillation: %d tokens, %d workers, %s%s, global batch %d",
-        len(plan.tokens), plan.num_workers, plan.strategy,
+        "distributed distillation: %d tokens, %d workers of %g CPUs, %s%s, global batch %d",
+        len(plan.tokens), plan.num_workers, dist.cpus_per_worker, plan.strategy,
         f" ZeRO-{plan.zero_stage}" if plan.zero_stage else "", plan.global_training.batch_size,
     )
     run = RunDirectory(plan.storage, dist.run_name, dist.storage_filesystem)
@@ -177,12 +179,22 @@ def distill_distributed(
     return DistilledRun(rows, json.loads((rows / TRAINING_RECORD).read_text()), output_fit is not None, checkpoint)
 
 
-def _wait_for_workers(dist: DistributedConfig) -> None:
+def _with_cpus(dist: DistributedConfig, capacity: Capacity) -> DistributedConfig:
+    """`cpus_per_worker` "auto" made a number (config.DistributedConfig). Without an
+    autoscaler to add nodes, no more than the CPUs free now allow (capacity.free_cpus)."""
+    if dist.cpus_per_worker != "auto":
+        return dist
+    cpus = 1 if dist.use_gpu else capacity.cpus_per_cpu_worker(dist.num_workers)
+    if not dist.use_gpu and not (capacity.node_types or capacity.unseen_autoscaler):
+        cpus = max(1, min(cpus, int(free_cpus(capacity, cpus * dist.num_workers)) // dist.num_workers))
+    return dataclasses.replace(dist, cpus_per_worker=cpus)
+
+
+def _wait_for_workers(dist: DistributedConfig, capacity: Capacity) -> None:
     """Ray Train waits for its workers' resources for ever: ask an autoscaler for them here,
     refuse in one line what no node type holds, and say so once when the cluster, grown as
     far as it can, holds fewer workers than asked for. (A local run was checked before.)"""
     bundle = {"CPU": dist.cpus_per_worker, **({"GPU": 1} if dist.use_gpu else {})}
-    capacity = cluster_capacity()
     wait_for_nodes("distillation", bundle, dist.num_workers, capacity, setting="distributed.cpus_per_worker")
     room = capacity.gpu_replicas() if dist.use_gpu else capacity.cpu_workers(dist.cpus_per_worker)
     if room < dist.num_workers:
