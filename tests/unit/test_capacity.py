@@ -17,6 +17,8 @@ from tokdist_ray.capacity import (
     wait_for_nodes,
     wait_seconds,
 )
+from tokdist_ray.config import DistributedConfig
+from tokdist_ray.training.ray_trainer import _with_cpus
 
 CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
 EMPTY = ({"CPU": 0.0, "memory": 8e9},)  # a cloud cluster at start: its head, which runs no work
@@ -56,6 +58,10 @@ def test_cpu_workers_get_the_most_cpus_at_which_all_of_them_are_placed():
     assert [fixed.cpus_per_cpu_worker(n) for n in (1, 2, 3, 4)] == [8, 4, 4, 2]
     aws = shipped("aws.yaml")  # an empty cluster: the CPU node type it launches, one worker per node
     assert aws.cpus_per_cpu_worker(16) == 32 and aws.cpus_per_cpu_worker(32) == 16
+    # the distillation's "auto": sized so on a cluster that grows (no wait for CPUs free now), 1 with GPUs
+    assert _with_cpus(DistributedConfig(num_workers=16), aws).cpus_per_worker == 32
+    assert _with_cpus(DistributedConfig(num_workers=4, use_gpu=True), aws).cpus_per_worker == 1
+    assert _with_cpus(DistributedConfig(num_workers=4, cpus_per_worker=3), aws).cpus_per_worker == 3
 
 
 def test_a_node_type_is_capped_by_the_cluster_max_workers_and_the_head_is_no_worker_type():
