@@ -5,8 +5,9 @@
 - with --manuals, the French HTML manuals of several packages (GIMP, LibreOffice, the
   Debian Administrator's Handbook, KiCad, LilyPond, Debian Edu, aptitude, TeXworks, the
   Ubuntu packaging guide), fetched with `apt-get download` (nothing is installed) and
-  rendered to text, one .txt file per page, into runs/french-corpus/manuals
-  (jobs/configs/french_30k_cpu.yaml).
+  rendered to text, one .txt file per page, into runs/french-corpus/manuals, and the
+  French manual pages for developers (manpages-fr-dev) into runs/french-corpus/man-dev:
+  text for a 30,000-token workload.
 
     python bench/french_corpus.py [--manuals]
 """
@@ -34,6 +35,7 @@ MANUALS = {
     "texworks-help-fr": ["usr/share/texworks-help/fr/**/*.html"],
     "ubuntu-packaging-guide-html-fr": ["usr/share/doc/ubuntu-packaging-guide-html-fr/**/*.html"],
 }
+MANUAL_PAGES = ("manpages-fr-dev",)  # rendered as the installed pages are
 
 
 def render_man_pages(out: Path, pages: Path = MAN_PAGES) -> int:
@@ -92,7 +94,7 @@ def render_manuals(out: Path, debs: Path) -> int:
     """The French pages of MANUALS' packages as text in `out`, a file per distinct page
     (the same page shipped twice is kept once); returns the bytes written."""
     debs.mkdir(parents=True, exist_ok=True)
-    missing = [p for p in MANUALS if not list(debs.glob(f"{p}_*.deb"))]
+    missing = [p for p in (*MANUALS, *MANUAL_PAGES) if not list(debs.glob(f"{p}_*.deb"))]
     if missing:
         subprocess.run(["apt-get", "download", *missing], cwd=debs, check=True)
     tree = debs / "tree"
@@ -123,3 +125,5 @@ if __name__ == "__main__":
     print(f"{render_man_pages(out / 'man') / 1e6:.1f} MB of French manual pages in {out / 'man'}")
     if args.manuals:
         print(f"{render_manuals(out / 'manuals', Path(args.debs)) / 1e6:.1f} MB of French manuals in {out / 'manuals'}")
+        pages = render_man_pages(out / "man-dev", Path(args.debs) / "tree" / "usr/share/man/fr")
+        print(f"{pages / 1e6:.1f} MB of French manual pages for developers in {out / 'man-dev'}")
