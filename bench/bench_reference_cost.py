@@ -117,7 +117,7 @@ def run_reference(words: list[str], paths: list[str], snippet_len: int, per_toke
     seconds["collect snippets"], t = time.perf_counter() - t, time.perf_counter()
 
     ReferenceStep(model, new_start, tokens, 1e-4)  # resized, the new rows FVT-initialised
-    tokenizer.add_tokens([t.text for t in tokens])
+    tokenizer.add_tokens([token.text for token in tokens])
     temp = out / "temp-extended"
     model.save_pretrained(temp)
     tokenizer.save_pretrained(temp)
@@ -125,7 +125,7 @@ def run_reference(words: list[str], paths: list[str], snippet_len: int, per_toke
     step = ReferenceStep(model, new_start, tokens, 1e-4)  # its rows already set; AdamW on the whole matrix
     seconds["save and reload"], t = time.perf_counter() - t, time.perf_counter()
 
-    examples = reference_examples(ReferenceMerger([t.phrase_ids for t in tokens]), new_start, snippets)
+    examples = reference_examples(ReferenceMerger([token.phrase_ids for token in tokens]), new_start, snippets)
     random.Random(42).shuffle(examples)
     model.train()
     for example in examples:  # batch 1, one epoch
