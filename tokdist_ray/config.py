@@ -397,8 +397,8 @@ class DistributedConfig:
     resume: bool = False
     max_failures: int = 0  # worker-group restarts from the latest checkpoint; -1: unlimited
     keep_checkpoints: int = 2
-    # "auto": 1 with GPUs; without, the most CPUs each at which the cluster (as it is, or as
-    # its autoscaler can grow it) holds every worker: one worker on a 2-core machine gets both
+    # "auto": 1 with GPUs or on a cluster with an autoscaler; else the most CPUs each at which
+    # the nodes up hold every worker, as far as they are free: one worker on a 2-core machine gets both
     cpus_per_worker: float | str = "auto"
     worker_memory_gb: float | None = None  # for "auto"; probed on a worker when None
     deepspeed_config: dict | None = None  # merged over the generated DeepSpeed config

@@ -36,7 +36,10 @@ finally:
 def test_a_job_on_two_nodes_exports_the_model_of_a_one_node_run(ray_session, tiny_model_dir, job_corpus_dir,
                                                                   tmp_path, capsys):
     def args(run_dir):
-        return tiny_job_args(tiny_model_dir(tied=False), job_corpus_dir, run_dir) + ["--distributed.num_workers", "2"]
+        # the same CPUs per worker on both: "auto" gives a worker a whole 2-CPU node on two nodes and half of one
+        # node's 2, and torch's reductions differ in the last bit with the thread count
+        return tiny_job_args(tiny_model_dir(tied=False), job_corpus_dir, run_dir) + [
+            "--distributed.num_workers", "2", "--distributed.cpus_per_worker", "1"]
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)

@@ -58,9 +58,10 @@ def test_cpu_workers_get_the_most_cpus_at_which_all_of_them_are_placed():
     assert [fixed.cpus_per_cpu_worker(n) for n in (1, 2, 3, 4)] == [8, 4, 4, 2]
     aws = shipped("aws.yaml")  # an empty cluster: the CPU node type it launches, one worker per node
     assert aws.cpus_per_cpu_worker(16) == 32 and aws.cpus_per_cpu_worker(32) == 16
-    # the distillation's "auto": sized so on a cluster that grows (no wait for CPUs free now), 1 with GPUs
-    assert _with_cpus(DistributedConfig(num_workers=16), aws).cpus_per_worker == 32
-    assert _with_cpus(DistributedConfig(num_workers=4, use_gpu=True), aws).cpus_per_worker == 1
+    # the distillation's "auto": 1 on a cluster that grows (a worker asking for a whole node could wait for
+    # ever for CPUs another actor holds there) and with GPUs; a number given is kept
+    assert _with_cpus(DistributedConfig(num_workers=16), aws).cpus_per_worker == 1
+    assert _with_cpus(DistributedConfig(num_workers=4, use_gpu=True), laptop).cpus_per_worker == 1
     assert _with_cpus(DistributedConfig(num_workers=4, cpus_per_worker=3), aws).cpus_per_worker == 3
 
 

@@ -180,13 +180,16 @@ def distill_distributed(
 
 
 def _with_cpus(dist: DistributedConfig, capacity: Capacity) -> DistributedConfig:
-    """`cpus_per_worker` "auto" made a number (config.DistributedConfig). Without an
-    autoscaler to add nodes, no more than the CPUs free now allow (capacity.free_cpus)."""
+    """`cpus_per_worker` "auto" made a number (config.DistributedConfig): 1 with GPUs or an
+    autoscaler (a worker that asks for a whole node waits for ever once anything else holds
+    a CPU there and the cluster is at its size); else the most at which the nodes up hold
+    every worker, no more than the CPUs free now allow (capacity.free_cpus)."""
     if dist.cpus_per_worker != "auto":
         return dist
-    cpus = 1 if dist.use_gpu else capacity.cpus_per_cpu_worker(dist.num_workers)
-    if not dist.use_gpu and not (capacity.node_types or capacity.unseen_autoscaler):
-        cpus = max(1, min(cpus, int(free_cpus(capacity, cpus * dist.num_workers)) // dist.num_workers))
+    if dist.use_gpu or capacity.node_types or capacity.unseen_autoscaler:
+        return dataclasses.replace(dist, cpus_per_worker=1)
+    cpus = capacity.cpus_per_cpu_worker(dist.num_workers)
+    cpus = max(1, min(cpus, int(free_cpus(capacity, cpus * dist.num_workers)) // dist.num_workers))
     return dataclasses.replace(dist, cpus_per_worker=cpus)
 
 
