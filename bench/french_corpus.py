@@ -39,16 +39,17 @@ MANUAL_PAGES = ("manpages-fr-dev",)  # rendered as the installed pages are
 
 
 def render_man_pages(out: Path, pages: Path = MAN_PAGES) -> int:
-    """Each gzipped page under `pages` as UTF-8 text (no overstrikes or colours) in `out`;
-    returns the bytes written. Pages already rendered are kept."""
+    """Each gzipped page under `pages`, read as UTF-8, as text (no overstrikes or colours) in
+    `out`; returns the bytes written. Every page is rendered again (seconds): pages rendered
+    before groff was told their encoding were mojibake."""
     out.mkdir(parents=True, exist_ok=True)
     total = 0
     for page in sorted(pages.rglob("*.gz")):
         target = out / f"{page.parent.name}-{page.name.removesuffix('.gz')}.txt"
-        if not target.exists():
-            text = subprocess.run(["groff", "-K", "utf8", "-mandoc", "-Tutf8", "-P-cbou"], input=gzip.decompress(page.read_bytes()),
-                                  capture_output=True, env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin"}).stdout
-            target.write_bytes(text)
+        text = subprocess.run(["groff", "-K", "utf8", "-mandoc", "-Tutf8", "-P-cbou"],
+                              input=gzip.decompress(page.read_bytes()), capture_output=True,
+                              env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin"}).stdout
+        target.write_bytes(text)
         total += target.stat().st_size
     return total
 
