@@ -40,8 +40,8 @@ MANUAL_PAGES = ("manpages-fr-dev",)  # rendered as the installed pages are
 
 def render_man_pages(out: Path, pages: Path = MAN_PAGES) -> int:
     """Each gzipped page under `pages`, read as UTF-8, as text (no overstrikes or colours) in
-    `out`; returns the bytes written. Every page is rendered again (seconds): pages rendered
-    before groff was told their encoding were mojibake."""
+    `out`; returns the bytes written. Every page is rendered on each call (seconds), so no
+    file of an earlier rendering is left beside the new ones."""
     out.mkdir(parents=True, exist_ok=True)
     total = 0
     for page in sorted(pages.rglob("*.gz")):
