@@ -203,6 +203,10 @@ class OutputFitConfig:
     learning_rate: float = 3e-4
     max_steps: int = 2000  # Adam steps at most; it stops earlier once its held-back text stops improving
     batch_positions: int = 8192  # positions per step, over all workers
+    # a step computes every new row's logit at each of its positions: past this many logits
+    # a step takes fewer positions (8,192 up to 5,000 new tokens, 1,365 at 30,000), so its
+    # cost stops growing with the vocabulary; the held-back check stays exact
+    max_step_logits: int = 8192 * 5000
 
     def __post_init__(self) -> None:
         for name in ("enabled", "prune"):
@@ -211,7 +215,7 @@ class OutputFitConfig:
         if isinstance(self.snippets_per_token, bool) or not isinstance(self.snippets_per_token, int) \
                 or self.snippets_per_token < 0:
             raise ConfigError(f"output_fit.snippets_per_token must be an int >= 0 (0: none), got {self.snippets_per_token!r}")
-        for name in ("occurrences_per_token", "text_bytes", "max_steps", "batch_positions"):
+        for name in ("occurrences_per_token", "text_bytes", "max_steps", "batch_positions", "max_step_logits"):
             count_at_least_one(f"output_fit.{name}", getattr(self, name))
         positive_number("output_fit.learning_rate", self.learning_rate)
         positive_number("output_fit.window_weight", self.window_weight)

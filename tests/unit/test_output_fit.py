@@ -65,6 +65,17 @@ def test_fit_recovers_the_rows_the_text_was_drawn_from():
     assert torch.equal(result.rows, again.rows)  # the same rows from the same seed
 
 
+def test_a_step_takes_fewer_positions_where_their_logits_over_the_new_rows_pass_the_budget():
+    at, _, true_new, _, _ = _positions()
+    capped = OutputFitConfig(learning_rate=0.05, max_steps=600, batch_positions=1024, max_step_logits=2 * 128)
+    result = fit_output_rows(torch.zeros(2, 8), at, capped, seed=0)
+    assert result.summary["positions_per_step"] == 128  # 256 logits over 2 new rows
+    held = at.held_back.nonzero().squeeze(1)
+    assert position_losses(result.rows, at, held).mean() < position_losses(true_new, at, held).mean() + 0.03
+    roomy = replace(capped, max_step_logits=10**6)
+    assert fit_output_rows(torch.zeros(2, 8), at, roomy, seed=0).summary["positions_per_step"] == 1024
+
+
 def test_a_token_that_never_follows_loses_its_mass_and_one_that_does_gets_its_share():
     at, _, true_new, _, _ = _positions()
     only_first = FitPositions(at.hidden, at.old_log_norm, torch.where(at.new_target == 1, -1, at.new_target), at.held_back,

@@ -155,6 +155,12 @@ def position_losses(rows: torch.Tensor, at: FitPositions, index: torch.Tensor) -
     return torch.where(is_new, torch.logaddexp(old, new_norm) - target_logit, F.softplus(new_norm - old))
 
 
+def step_positions(settings: OutputFitConfig, n_new: int) -> int:
+    """Positions per step over all workers: batch_positions, fewer where their logits over
+    the `n_new` rows would pass max_step_logits (the step's cost grows with both)."""
+    return max(1, min(settings.batch_positions, settings.max_step_logits // max(1, n_new)))
+
+
 @dataclass
 class FitResult:
     rows: torch.Tensor  # [n_new, d] fp32
@@ -172,7 +178,8 @@ def fit_output_rows(initial: torch.Tensor, at: FitPositions, settings: OutputFit
     train = (~at.held_back).nonzero().squeeze(1)
     held = at.held_back.nonzero().squeeze(1)
     generator = torch.Generator(device="cpu").manual_seed(seed + rank)
-    per_worker = max(1, settings.batch_positions // world)
+    positions = step_positions(settings, len(initial))
+    per_worker = max(1, positions // world)
     counts = torch.tensor([float(len(train)), float(len(held)), float((at.new_target >= 0).sum()),
                            float(at.weight[held].sum())], device=rows.device)
     all_reduce(counts)
@@ -215,7 +222,8 @@ def fit_output_rows(initial: torch.Tensor, at: FitPositions, settings: OutputFit
             log.info("output fit: step %d, held-back loss %.4f nats per position (from %.4f)", step, current, start)
         if since_best >= PATIENCE:
             break
-    summary = {"positions": int(counts[0] + counts[1]), "before_new_tokens": int(counts[2]), "steps": step,
+    summary = {"positions": int(counts[0] + counts[1]), "before_new_tokens": int(counts[2]),
+               "positions_per_step": per_worker * world, "steps": step,
                "held_back_loss_start": round(start, 6), "held_back_loss_best": round(best, 6),
                "stopped_early": step < settings.max_steps}
     return FitResult(best_rows, summary)
