@@ -433,9 +433,9 @@ class DistributedConfig:
             raise bad("keep_checkpoints", "an int >= 1")
         if not self.run_name or "/" in self.run_name:
             raise bad("run_name", "a non-empty name without '/'")
-        if isinstance(self.cpus_per_worker, str) and self.cpus_per_worker != "auto":
-            raise bad("cpus_per_worker", "'auto' or a finite number > 0")
         if self.cpus_per_worker != "auto":
+            if isinstance(self.cpus_per_worker, str):
+                raise bad("cpus_per_worker", "'auto' or a finite number > 0")
             positive_number("cpus_per_worker", self.cpus_per_worker)
         positive_number("worker_memory_gb", self.worker_memory_gb, optional=True)
         # Ray Train takes a FileSystem object; anything else (a string from a YAML job) failed two stages on

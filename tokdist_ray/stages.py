@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +31,7 @@ from tokdist_ray.data.budget import Quota, quota_of
 from tokdist_ray.data.corpus.corpus import text_sample
 from tokdist_ray.data.snippets import SNIPPET_SCHEMA
 from tokdist_ray.vocab.merges import ADDED_TOKENS, SKIP, MergeExpansion, expand_with_merges
-from tokdist_ray.vocab.pruning import cannot_prune, prune
+from tokdist_ray.vocab.pruning import cannot_prune, corpus_occurrences, prune
 from tokdist_ray.vocab.tokens import NewToken, not_distilled_note, skip_counts, tokens_to_distill
 
 log = logging.getLogger("tokdist_ray")
@@ -168,10 +168,13 @@ class Pruning:
         return {**record, "positions_per_token": [record["positions_per_token"][i] for i in self.kept]}
 
 
-def prune_tokens(expansion: MergeExpansion, rows: dict, fit_summary: dict, settings: OutputFitConfig) -> Pruning:
+def prune_tokens(expansion: MergeExpansion, rows: dict, fit_summary: dict, settings: OutputFitConfig,
+                 corpus_counts: Mapping[str, int] | None = None) -> Pruning:
     """With settings.prune, the expansion without the new tokens that do not pay for
     themselves (the fit's token_value, training/token_value.py) and their rows; else as
-    it is. The report says what those tokens cost and save either way."""
+    it is. The report says what those tokens cost and save either way. `corpus_counts`:
+    the counts continued BPE learned the tokens with, which say how often each occurs
+    (vocab/pruning.corpus_occurrences) on far more text than the fit reads."""
     from tokdist_ray.training.token_value import TokenValue  # torch: only where a fit ran
 
     every = list(range(len(expansion.tokens)))
@@ -179,6 +182,9 @@ def prune_tokens(expansion: MergeExpansion, rows: dict, fit_summary: dict, setti
     if record is None:
         return Pruning(expansion, rows, {"skipped": "the output fit measured no token values (it did not run)"}, every)
     value = TokenValue.from_record(record)
+    occurrences = corpus_occurrences(expansion, corpus_counts or {})
+    if occurrences is not None:
+        value = value.with_occurrences(occurrences)
     pieces = [t.phrase_ids for t in expansion.tokens]
     drop = value.not_paying(pieces, settings.max_bits_per_saved_id)
     reason = cannot_prune(expansion)
@@ -187,6 +193,7 @@ def prune_tokens(expansion: MergeExpansion, rows: dict, fit_summary: dict, setti
     cost, saved = value.bits_per_byte(), value.ids_saved_per_byte(pieces)
     report = {
         "pruned": settings.prune and reason is None and bool(gone), "max_bits_per_saved_id": settings.max_bits_per_saved_id,
+        "occurrences_from": "the fit text" if occurrences is None else "the corpus counts",
         "not_paying": len(drop), "not_paying_but_needed": len(drop) - len(gone),
         # estimated on the held-back text, per byte: what all the new tokens cost and save, and those that go (or would)
         "estimated_bits_per_byte": {"all": round(float(cost.sum()), 6), "taken_out": round(float(cost[gone].sum()), 6)},

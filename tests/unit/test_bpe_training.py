@@ -18,6 +18,7 @@ from tokdist_ray.vocab import bpe_training
 from tokdist_ray.vocab.bpe_model import apply_merges
 from tokdist_ray.vocab.bpe_training import continue_bpe, pre_token_counts
 from tokdist_ray.vocab.merges import expand_with_merges
+from tokdist_ray.vocab.pruning import corpus_occurrences
 from tokdist_ray.vocab.tokens import phrase_ids
 
 PROSE = [
@@ -175,6 +176,19 @@ def test_ids_saved_on_the_corpus_are_the_learned_counts(tokenizer):
     saved = ids(tokenizer) - ids(expanded)
     assert saved > 0
     assert saved == sum(t.count for t in learned)
+
+
+def test_each_new_tokens_occurrences_in_the_corpus_follow_from_the_learned_counts(tokenizer):
+    # what pruning weighs a token's saving by: its count when learned, less what later merges took
+    counts = pre_token_counts(tokenizer, CORPUS)
+    learned = continue_bpe(tokenizer, counts, 150)
+    expansion = expand_with_merges(tokenizer, [t.text for t in learned])
+    ids = [i for x in expansion.tokenizer(CORPUS, add_special_tokens=False)["input_ids"] for i in x]
+    found = Counter(i - expansion.new_start for i in ids if i >= expansion.new_start)
+    occurrences = corpus_occurrences(expansion, {t.text: t.count for t in learned})
+    assert occurrences == [found[i] for i in range(len(learned))]
+    assert any(o < t.count for o, t in zip(occurrences, learned))  # later merges took some: not just the counts
+    assert corpus_occurrences(expansion, {t.text: t.count for t in learned[1:]}) is None  # a token without a count
 
 
 def test_progress_is_reported(tiny_tokenizer_dir, monkeypatch):

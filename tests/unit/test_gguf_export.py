@@ -30,6 +30,12 @@ def load_gguf_model(directory, name=GGUF_FILE):
                                                 quantization_config=GgufConfig(dequantize=True))
 
 
+def assert_same_weights(expected: dict, got: dict) -> None:
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
 def metadata(path) -> dict:
     reader = gguf.GGUFReader(path)
     fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
@@ -68,7 +74,7 @@ def test_an_expanded_smollm2_reads_back_from_gguf_as_its_hf_export(smollm2_dir, 
     assert torch.equal(embeddings, exported.get_input_embeddings().weight)  # old rows and new, bit for bit
     assert torch.equal(embeddings[expansion.new_start:], rows["input"])
     expected, got = exported.state_dict(), from_gguf.state_dict()
-    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)  # q/k unpermuted
+    assert_same_weights(expected, got)  # q/k unpermuted
 
     gguf_tokenizer = AutoTokenizer.from_pretrained(out, gguf_file=GGUF_FILE)
     ids = expansion.tokenizer(HELD_OUT)["input_ids"]
@@ -156,7 +162,7 @@ def test_tiny_mistral_and_qwen2_round_trip(tiny_tokenizer_dir, tmp_path, kind):
     assert ("blk.0.attn_q.bias" in fields["tensors"]) == (kind == "qwen2")  # Qwen2's q/k/v have biases
     assert fields["tokenizer.ggml.add_bos_token"] is False  # this tokenizer adds none
     expected, got = model.state_dict(), load_gguf_model(directory).state_dict()
-    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert_same_weights(expected, got)
 
 
 def test_added_tokens_are_user_defined_and_spelled_as_in_raw_text(tiny_tokenizer_dir, tmp_path):

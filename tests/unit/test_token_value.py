@@ -2,6 +2,7 @@
 not pay out of the tokenizer (vocab/pruning.py, stages.prune_tokens)."""
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from tokdist_ray.training.token_value import TokenValue, measure_token_value
 from tokdist_ray.vocab.alignment import PieceAligner
 from tokdist_ray.vocab.merges import ADDED_TOKENS, expand_with_merges
 from tokdist_ray.vocab.models import load_model
-from tokdist_ray.vocab.pruning import cannot_prune, prune
+from tokdist_ray.vocab.pruning import cannot_prune, corpus_occurrences, prune
 from tokdist_ray.vocab.special import start_token
 
 
@@ -139,6 +140,33 @@ def test_a_token_whose_text_would_keep_a_new_token_stays(tiny):
     assert prune(expansion, [krank, *shorter])[1] == list(range(len(expansion.tokens)))  # " Krankenw" stays, so it does
     _, keep = prune(expansion, [krank, *steps])
     assert krank not in keep and not set(steps) & set(keep)
+
+
+def test_corpus_counts_say_how_often_a_token_the_fit_text_lacks_occurs(tiny):
+    # at tens of thousands of tokens most never occur in the fit text: by its counts they would save nothing
+    _, expansion, rows = tiny
+    n = len(expansion.tokens)
+    lacking = [i for i, t in enumerate(expansion.tokens) if t.text in " Schmetterling" and t.text not in " Krankenwagen"]
+    summary = {"token_value": _value([0 if i in lacking else 5 for i in range(n)], [10] * n, [-10.0] * n,
+                                     [0.01] * n).as_record()}
+    settings = OutputFitConfig(max_bits_per_saved_id=0.0)
+    by_fit_text = prune_tokens(expansion, rows, summary, settings)
+    assert by_fit_text.kept == [i for i in range(n) if i not in lacking]
+    assert by_fit_text.report["occurrences_from"] == "the fit text"
+    # counts as continued BPE learns them: each merge's firings, which later merges built on it take from:
+    # 100 occurrences of each token are left
+    text_of = {expansion.tokenizer.convert_ids_to_tokens(expansion.new_start + i): t.text
+               for i, t in enumerate(expansion.tokens)}
+    counts = Counter()
+    for left, right in reversed(expansion.merges):
+        built = text_of[left + right]
+        counts[built] += 100
+        for side in (left, right):
+            if side in text_of:
+                counts[text_of[side]] += counts[built]
+    assert corpus_occurrences(expansion, counts) == [100] * n
+    by_corpus = prune_tokens(expansion, rows, summary, settings, counts)
+    assert by_corpus.report["occurrences_from"] == "the corpus counts" and by_corpus.kept == list(range(n))
 
 
 def test_added_tokens_are_not_pruned(tiny):

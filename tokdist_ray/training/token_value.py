@@ -15,14 +15,15 @@ Both are read from the tenth of the fit text's chunks that the fit held back, ne
 what its rows were fitted on. Not from its held-back snippet windows: an occurrence in one
 also sits in the windows of the tokens around it, which the fit did read, so its span
 would look far cheaper than on text the fit never saw. How often a token
-occurs comes from all of the chunks. A token seen a few times on held-back text has its
+occurs comes from all of the chunks, or where the job chose the tokens by continued BPE,
+from their counts on its corpus (TokenValue.with_occurrences). A token seen a few times on held-back text has its
 span cost shrunk towards the mean over every held-back occurrence.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -57,6 +58,14 @@ class TokenValue:
     def ids_saved_per_byte(self, pieces: Sequence[Sequence[int]]) -> torch.Tensor:
         fewer = torch.tensor([len(p) - 1 for p in pieces], dtype=torch.float64)
         return self.occurrences.double() * fewer / max(self.text_bytes, 1.0)
+
+    def with_occurrences(self, counts: Sequence[float]) -> TokenValue:
+        """Occurrences in proportion to `counts` (each token's in far more text: the corpus
+        continued BPE learned it on), scaled to the fit text's total. At tens of thousands of
+        tokens most occur in the fit text a few times or never, and would look as if they saved nothing."""
+        counts = torch.as_tensor(counts, dtype=torch.float64)
+        total = float(counts.sum())
+        return replace(self, occurrences=counts * float(self.occurrences.sum()) / total) if total else self
 
     def not_paying(self, pieces: Sequence[Sequence[int]], max_bits_per_saved_id: float) -> list[int]:
         """Indices of the tokens that cost more than `max_bits_per_saved_id` bits for each id

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from tokdist_ray.vocab.merges import MERGES, MergeExpansion, not_emitted, tokenizer_from_json
 
@@ -33,10 +33,31 @@ def cannot_prune(expansion: MergeExpansion) -> str | None:
     return None
 
 
+def corpus_occurrences(expansion: MergeExpansion, counts: Mapping[str, int]) -> list[int] | None:
+    """Each new token's occurrences in the corpus continued BPE learned it on
+    (vocab/bpe_training.py: the expanded tokenizer tokenises that corpus as its merges did):
+    its count when learned, less one for each firing of a later merge built from it.
+    None unless every new token has a count (tokens chosen another way)."""
+    if not counts or any(t.text not in counts for t in expansion.tokens):
+        return None
+    index = _new_index(expansion)
+    left = [counts[t.text] for t in expansion.tokens]
+    for pair in expansion.merges:
+        built = index.get("".join(pair))
+        for side in pair:
+            if built is not None and side in index:
+                left[index[side]] -= counts[expansion.tokens[built].text]
+    return left
+
+
+def _new_index(expansion: MergeExpansion) -> dict[str, int]:
+    """Each new token's vocabulary string -> its index in expansion.tokens."""
+    return {expansion.tokenizer.convert_ids_to_tokens(expansion.new_start + i): i for i in range(len(expansion.tokens))}
+
+
 def _built_on(expansion: MergeExpansion, keep: set[int]) -> set[int]:
     """`keep` and every token a kept one is built from."""
-    index = {expansion.tokenizer.convert_ids_to_tokens(expansion.new_start + i): i
-             for i in range(len(expansion.tokens))}
+    index = _new_index(expansion)
     keep = set(keep)
     for left, right in reversed(expansion.merges):  # a merge's operands are built by earlier merges
         if index.get(left + right) in keep:
