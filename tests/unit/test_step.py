@@ -8,9 +8,12 @@ from tests.helpers import tiny_setup
 from tokdist_ray.config import NEW_TOKEN_OUTPUT_LOSS, DistillationConfig
 from tokdist_ray.training import step as distill
 from tokdist_ray.training.batching import collate
-from tokdist_ray.training.loop import train_local
+from tokdist_ray.training.checkpoint import Progress
+from tokdist_ray.training.loop import AlignedExamples, train_local, train_loop
 from tokdist_ray.training.losses import LOSSES, check_methods
-from tokdist_ray.training.schedule import make_optimizer
+from tokdist_ray.training.progress import TrainingHistory
+from tokdist_ray.training.schedule import SnippetSchedule, make_optimizer
+from tokdist_ray.training.strategies import Local
 
 
 def _manual_hidden_mse(distiller, batch, layer):
@@ -159,6 +162,24 @@ def test_reusing_the_teachers_prefix_changes_neither_loss_nor_gradient(tiny_mode
     reused = target_layer == -1 or "CE-auto-weighted" not in losses
     assert results[0][2] == (mask[:, :split].sum() / mask.sum() if reused else 0)
     assert results[1][2] == 0
+
+
+def test_a_run_the_budget_stopped_takes_no_further_step_when_continued(tiny_model_dir):
+    # continued for its output fit, or after a crash once its last checkpoint was written
+    distiller, examples, _ = tiny_setup(tiny_model_dir(tied=True))  # 4 snippets: 2 steps per epoch
+    snippets = AlignedExamples(examples)
+
+    def continued(budget_s: float) -> tuple[int, bool]:
+        cfg = DistillationConfig(epochs=10, batch_size=2, time_budget_s=budget_s)
+        schedule = SnippetSchedule.for_run(snippets.student_ids, distiller.new_start, cfg)
+        optimizer, lr = make_optimizer([p for p in distiller.parameters() if p.requires_grad], cfg,
+                                       schedule.total_steps(cfg))
+        stopped = Progress(step=3, history=TrainingHistory(steps=3, seconds=60.0, stopped_by="time_budget"))
+        progress, rows = train_loop(Local(distiller, optimizer, lr), snippets, schedule, cfg, stopped)
+        return progress.step, rows is not None
+
+    assert continued(60.0) == (3, False)  # no rows of its own: the checkpoint's stand
+    assert continued(3600.0) == (20, True)  # a raised budget trains on, to the end of the epochs
 
 
 def test_a_compute_budget_stops_training_and_bounds_the_eta(tiny_model_dir, caplog):

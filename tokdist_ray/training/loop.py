@@ -94,7 +94,9 @@ def train_loop(
     last_checkpoint = time.perf_counter()
     started = time.perf_counter() - progress.history.seconds
     rows = None
-    while progress.step < steps:
+    # a run the budget stopped takes no further step when continued (for its fit, say),
+    # unless the budget was raised: every rank restored the same seconds
+    while progress.step < steps and not _budget_spent(cfg, progress.history):
         indices = schedule.rank_indices(progress.step, rank, world)
         global_batch = schedule.global_indices(progress.step)
         # a rank without snippets in a short batch still joins the gradient average,
@@ -109,7 +111,7 @@ def train_loop(
         over_budget = checkpoint_due = False
         if cfg.time_budget_s or checkpoint_every_s:  # the same on every rank: all or none reduce
             over_budget, checkpoint_due = _any_rank(
-                parallel, bool(cfg.time_budget_s) and history.seconds >= cfg.time_budget_s,
+                parallel, _budget_spent(cfg, history),
                 bool(checkpoint_every_s) and time.perf_counter() - last_checkpoint >= checkpoint_every_s)
         stop = schedule.stop_reason(progress.step, cfg, over_budget)
         history.stopped_by = stop or history.stopped_by
@@ -143,6 +145,10 @@ def _step(parallel, batch: dict, world: int, has_snippets: bool) -> dict[str, to
     metrics = parallel(batch)
     parallel.backward_and_step(metrics["loss"] * share * world)
     return {name: value.detach().float() * share for name, value in metrics.items()}
+
+
+def _budget_spent(cfg: DistillationConfig, history) -> bool:
+    return bool(cfg.time_budget_s) and history.seconds >= cfg.time_budget_s
 
 
 def _any_rank(parallel, *flags: bool) -> list[bool]:
