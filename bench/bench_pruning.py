@@ -3,7 +3,9 @@ and without the ones that do not pay at several thresholds.
 
 Takes a finished job run (its fitted rows and the token values the fit measured, in
 rows/output_fit.json) and prunes it as the job does (stages.prune_tokens) at each
-`--thresholds` value of output_fit.max_bits_per_saved_id (`none`: nothing pruned). Each
+`--thresholds` value of output_fit.max_bits_per_saved_id (`none`: nothing pruned), with
+each token's occurrences from the corpus counts continued BPE learned it with (as the job
+prunes) and, with `--occurrences corpus fit-text`, from the fit text alone. Each
 variant is the original model expanded with the kept rows, read through its own
 tokenizer on the same held-out chunks; the original once, on its tokenisation.
 
@@ -27,6 +29,7 @@ from tokdist_ray.data.corpus.corpus import documents
 from tokdist_ray.eval.bits_per_byte import bits_per_byte, heldout_chunks
 from tokdist_ray.export.hf import expand_model
 from tokdist_ray.job.config import load_config
+from tokdist_ray.job.stages import corpus_counts
 from tokdist_ray.stages import prune_tokens
 from tokdist_ray.training.distilled_rows import FIT_RECORD, FITTED_ROWS
 from tokdist_ray.vocab.expansion_files import load_expansion
@@ -40,6 +43,9 @@ def main() -> None:
     parser.add_argument("--run_dir", help="the config's run_dir unless given")
     parser.add_argument("--heldout_bytes", type=int, default=62_000)
     parser.add_argument("--thresholds", nargs="+", default=["none", "0", "0.5", "1", "2"])
+    parser.add_argument("--occurrences", nargs="+", choices=["corpus", "fit-text"], default=["corpus"],
+                        help="where a token's occurrences come from: the run's corpus counts (as the job prunes; "
+                             "the fit text's where the tokens have none) or the fit text's")
     args = parser.parse_args()
     config = load_config(args.config, {})
     run_dir = Path(args.run_dir or config.run_dir)
@@ -53,14 +59,17 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}; {len(expansion.tokens)} new tokens; held-out "
           f"{original['bytes']} bytes; original {original['bits_per_byte']:.4f} bits/byte, "
           f"{original['tokens_per_byte']:.4f} tokens/byte")
-    print("| max bits per saved id | new tokens kept | fewer held-out tokens | bits/byte | vs original | "
-          "estimated: bits/byte taken out, ids/byte given up | seconds |")
-    print("|---|---:|---:|---:|---:|---|---:|")
-    for threshold in args.thresholds:
+    print("| occurrences from | max bits per saved id | new tokens kept | fewer held-out tokens | bits/byte | "
+          "vs original | estimated: bits/byte taken out, ids/byte given up | seconds |")
+    print("|---|---|---:|---:|---:|---:|---|---:|")
+    counts = corpus_counts(run_dir)
+    for source, threshold in ((s, t) for s in args.occurrences for t in args.thresholds):
+        if source == "fit-text" and threshold == "none":
+            continue  # nothing pruned: the same as the corpus's
         started = time.perf_counter()
         settings = replace(config.output_fit, prune=threshold != "none",
                            max_bits_per_saved_id=0.0 if threshold == "none" else float(threshold))
-        pruning = prune_tokens(expansion, rows, record, settings)
+        pruning = prune_tokens(expansion, rows, record, settings, counts if source == "corpus" else None)
         kept = pruning.expansion
         model = expand_model(load_model(config.model, dtype=torch.float32), kept.new_start, pruning.rows["input"],
                              pruning.rows.get("output"))
@@ -68,7 +77,7 @@ def main() -> None:
         report = pruning.report
         estimate = (f"{report['estimated_bits_per_byte']['taken_out']:.4f}, "
                     f"{report['estimated_ids_saved_per_byte']['taken_out']:.4f}") if settings.prune else ""
-        print(f"| {threshold} | {len(kept.tokens)} | {1 - scored['tokens'] / original['tokens']:.1%} | "
+        print(f"| {pruning.report.get('occurrences_from', '')} | {threshold} | {len(kept.tokens)} | {1 - scored['tokens'] / original['tokens']:.1%} | "
               f"{scored['bits_per_byte']:.4f} | {scored['bits_per_byte'] / original['bits_per_byte'] - 1:+.2%} | "
               f"{estimate} | {time.perf_counter() - started:.0f} |", flush=True)
 

@@ -94,7 +94,7 @@ def _expected_compression(config: JobConfig, tokenizer, expansion: MergeExpansio
     return compression(tokenizer, expansion.tokenizer, sample)
 
 
-def _corpus_counts(run_dir: Path) -> dict[str, int]:
+def corpus_counts(run_dir: Path) -> dict[str, int]:
     """Each new token's corpus count, where the tokens stage chose it from the corpus."""
     tokens = read_json(run_dir / "tokens.json")["tokens"]
     return {t["token"]: t["corpus_count"] for t in tokens if "corpus_count" in t}
@@ -110,7 +110,7 @@ def gather_snippets(config: JobConfig, expansion: MergeExpansion, run_dir: Path)
     source, snippet = config.data.corpus, config.snippets
     quota = snippet_quota(snippet.budget, [t.text for t in expansion.tokens], snippet.snippets_per_token,
                           snippet.min_snippets_per_token,
-                          _corpus_counts(run_dir) if snippet.budget == "by_frequency" else None)
+                          corpus_counts(run_dir) if snippet.budget == "by_frequency" else None)
     mine = None if source is None else partial(
         mine_corpus, source, expansion, snippet.snippet_len, quota, str(run_dir / "mining"),
         snippet.seed, config.data.num_workers, top_up=config.data.top_up_with_generation,
@@ -190,7 +190,7 @@ def prune_vocabulary(config: JobConfig, expansion: MergeExpansion, fitted: dict,
     under run_dir/pruned; and `fitted` with that rows path and the pruning in its summary.
     Cheap (no model), so it runs whenever they do: a new max_bits_per_saved_id needs no refit."""
     pruning = prune_tokens(expansion, read_rows(fitted["rows_path"]), fitted["summary"], config.output_fit,
-                           _corpus_counts(run_dir))
+                           corpus_counts(run_dir))
     summary = pruning.fit_summary(fitted["summary"])
     if pruning.expansion is expansion:
         return pruning, {**fitted, "summary": summary}
