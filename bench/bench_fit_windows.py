@@ -30,7 +30,6 @@ from tokdist_ray.data.mining.mining import mine_corpus
 from tokdist_ray.eval.bits_per_byte import bits_per_byte, heldout_chunks
 from tokdist_ray.export.hf import expand_model
 from tokdist_ray.job.config import load_config
-from tokdist_ray.job.stages import corpus_counts
 from tokdist_ray.stages import fit_text, prune_tokens
 from tokdist_ray.training.distilled_rows import DISTILLED_ROWS
 from tokdist_ray.training.fit_hook import OutputFit
@@ -80,8 +79,7 @@ def main() -> None:
         fit_s = time.perf_counter() - started
         scores = []
         for prune in (True, False):
-            pruning = prune_tokens(expansion, fitted.rows, fitted.summary, replace(settings, prune=prune),
-                                   corpus_counts(run_dir))
+            pruning = prune_tokens(expansion, fitted.rows, fitted.summary, replace(settings, prune=prune))
             kept = pruning.expansion
             expanded = expand_model(load_model(config.model, dtype=torch.float32), kept.new_start,
                                     pruning.rows["input"], pruning.rows.get("output"))

@@ -4,8 +4,9 @@ and without the ones that do not pay at several thresholds.
 Takes a finished job run (its fitted rows and the token values the fit measured, in
 rows/output_fit.json) and prunes it as the job does (stages.prune_tokens) at each
 `--thresholds` value of output_fit.max_bits_per_saved_id (`none`: nothing pruned), with
-each token's occurrences from the corpus counts continued BPE learned it with (as the job
-prunes) and, with `--occurrences corpus fit-text`, from the fit text alone. Each
+each token's occurrences counted on the fit text (as the job prunes) and, with
+`--occurrences fit-text corpus`, taken from the counts continued BPE learned the tokens
+with on the whole corpus. Each
 variant is the original model expanded with the kept rows, read through its own
 tokenizer on the same held-out chunks; the original once, on its tokenisation.
 
@@ -43,9 +44,9 @@ def main() -> None:
     parser.add_argument("--run_dir", help="the config's run_dir unless given")
     parser.add_argument("--heldout_bytes", type=int, default=62_000)
     parser.add_argument("--thresholds", nargs="+", default=["none", "0", "0.5", "1", "2"])
-    parser.add_argument("--occurrences", nargs="+", choices=["corpus", "fit-text"], default=["corpus"],
-                        help="where a token's occurrences come from: the run's corpus counts (as the job prunes; "
-                             "the fit text's where the tokens have none) or the fit text's")
+    parser.add_argument("--occurrences", nargs="+", choices=["fit-text", "corpus"], default=["fit-text"],
+                        help="where a token's occurrences come from: the fit text (as the job prunes) or the run's "
+                             "corpus counts (the fit text where the tokens have none)")
     args = parser.parse_args()
     config = load_config(args.config, {})
     run_dir = Path(args.run_dir or config.run_dir)
@@ -64,8 +65,8 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---|---:|")
     counts = corpus_counts(run_dir)
     for source, threshold in ((s, t) for s in args.occurrences for t in args.thresholds):
-        if source == "fit-text" and threshold == "none":
-            continue  # nothing pruned: the same as the corpus's
+        if source == "corpus" and threshold == "none":
+            continue  # nothing pruned: the same as the fit text's
         started = time.perf_counter()
         settings = replace(config.output_fit, prune=threshold != "none",
                            max_bits_per_saved_id=0.0 if threshold == "none" else float(threshold))

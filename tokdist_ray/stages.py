@@ -172,9 +172,11 @@ def prune_tokens(expansion: MergeExpansion, rows: dict, fit_summary: dict, setti
                  corpus_counts: Mapping[str, int] | None = None) -> Pruning:
     """With settings.prune, the expansion without the new tokens that do not pay for
     themselves (the fit's token_value, training/token_value.py) and their rows; else as
-    it is. The report says what those tokens cost and save either way. `corpus_counts`:
-    the counts continued BPE learned the tokens with, which say how often each occurs
-    (vocab/pruning.corpus_occurrences) on far more text than the fit reads."""
+    it is. The report says what those tokens cost and save either way. With
+    `corpus_counts` (those continued BPE learned the tokens with), how often each occurs
+    comes from the whole corpus (vocab/pruning.corpus_occurrences) rather than the fit
+    text: bench_pruning.py compares the two, and at 30,000 tokens the corpus's keep the
+    rare tokens whose cost the held-back text cannot tell, so the job counts on the fit text."""
     from tokdist_ray.training.token_value import TokenValue  # torch: only where a fit ran
 
     every = list(range(len(expansion.tokens)))

@@ -189,8 +189,7 @@ def prune_vocabulary(config: JobConfig, expansion: MergeExpansion, fitted: dict,
     output_fit.prune, without the tokens that do not pay (stages.prune_tokens), written
     under run_dir/pruned; and `fitted` with that rows path and the pruning in its summary.
     Cheap (no model), so it runs whenever they do: a new max_bits_per_saved_id needs no refit."""
-    pruning = prune_tokens(expansion, read_rows(fitted["rows_path"]), fitted["summary"], config.output_fit,
-                           corpus_counts(run_dir))
+    pruning = prune_tokens(expansion, read_rows(fitted["rows_path"]), fitted["summary"], config.output_fit)
     summary = pruning.fit_summary(fitted["summary"])
     if pruning.expansion is expansion:
         return pruning, {**fitted, "summary": summary}

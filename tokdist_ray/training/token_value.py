@@ -15,8 +15,8 @@ Both are read from the tenth of the fit text's chunks that the fit held back, ne
 what its rows were fitted on. Not from its held-back snippet windows: an occurrence in one
 also sits in the windows of the tokens around it, which the fit did read, so its span
 would look far cheaper than on text the fit never saw. How often a token
-occurs comes from all of the chunks, or where the job chose the tokens by continued BPE,
-from their counts on its corpus (TokenValue.with_occurrences). A token seen a few times on held-back text has its
+occurs comes from all of the chunks (TokenValue.with_occurrences puts counts on more text
+in their place, which bench/bench_pruning.py compares). A token seen a few times on held-back text has its
 span cost shrunk towards the mean over every held-back occurrence.
 """
 
