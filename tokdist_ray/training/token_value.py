@@ -14,10 +14,10 @@ costs bits, against the original model reading the same text in its own tokenisa
 Both are read from the tenth of the fit text's chunks that the fit held back, never from
 what its rows were fitted on. Not from its held-back snippet windows: an occurrence in one
 also sits in the windows of the tokens around it, which the fit did read, so its span
-would look far cheaper than on text the fit never saw. How often a token
-occurs comes from all of the chunks (TokenValue.with_occurrences puts counts on more text
-in their place, which bench/bench_pruning.py compares). A token seen a few times on held-back text has its
-span cost shrunk towards the mean over every held-back occurrence.
+would look far cheaper than on text the fit never saw. How often a token occurs comes
+from all of the chunks (TokenValue.with_occurrences puts counts on more text in their
+place, which bench/bench_pruning.py compares). A token seen a few times on held-back text
+has its span cost shrunk towards the mean over every held-back occurrence.
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ class TokenValue:
 
     def with_occurrences(self, counts: Sequence[float]) -> TokenValue:
         """Occurrences in proportion to `counts` (each token's in far more text: the corpus
-        continued BPE learned it on), scaled to the fit text's total. At tens of thousands of
-        tokens most occur in the fit text a few times or never, and would look as if they saved nothing."""
+        continued BPE learned it on), scaled to the fit text's total. It keeps the rare
+        tokens the fit text lacks, whose span cost the held-back text cannot tell: at 30,000
+        French tokens that lost to counting on the fit text (bench/README.md)."""
         counts = torch.as_tensor(counts, dtype=torch.float64)
         total = float(counts.sum())
         return replace(self, occurrences=counts * float(self.occurrences.sum()) / total) if total else self
