@@ -102,8 +102,8 @@ def _rank_main(rank: int, world: int, directory: str, job, args) -> None:
     dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world)
     try:
         torch.save(job(rank, *args), f"{directory}/result{rank}.pt")
-        # a rank that tears the group down while another still exchanges with it aborts that
-        # one in gloo's own thread (seen once in CI: SIGABRT, "terminate called without an active exception")
+        # a rank that tears the group down while another still exchanges with it makes gloo
+        # abort that one (SIGABRT from its own thread): leave together
         dist.barrier()
     finally:
         dist.destroy_process_group()
