@@ -63,9 +63,9 @@ def main() -> None:
     parser.add_argument("--config", default="jobs/configs/french_5k_cpu.yaml")
     parser.add_argument("--run_dir", help="the config's run_dir unless given")
     parser.add_argument("--heldout_bytes", type=int, default=62_000)
-    parser.add_argument("--fits", nargs="+", metavar="LR:WEIGHT[:LOGITS]",
-                        help="a fit for each learning rate, window weight and max_step_logits (the config's "
-                             "output_fit's unless given)")
+    parser.add_argument("--fits", nargs="+", metavar="LR:WEIGHT[:LOGITS[:POSITIONS]]",
+                        help="a fit for each learning rate, window weight, max_step_logits and batch_positions "
+                             "(the config's output_fit's unless given)")
     parser.add_argument("--max_steps", type=int, help="output_fit.max_steps unless given")
     parser.add_argument("--past_stop", action="store_true", help="take max_steps whatever the checks say")
     args = parser.parse_args()
@@ -117,10 +117,12 @@ def main() -> None:
         output_fit.PATIENCE = args.max_steps or fit.max_steps  # the trace goes on past the job's stop
     summaries = []
     for spec in args.fits or [f"{fit.learning_rate}:{fit.window_weight}"]:
-        lr, weight, *logits = (float(x) for x in spec.split(":"))
+        lr, weight, *step = (float(x) for x in spec.split(":"))
         settings = replace(fit, learning_rate=lr, window_weight=weight, max_steps=args.max_steps or fit.max_steps,
-                           max_step_logits=int(logits[0]) if logits else fit.max_step_logits)
-        print(f"\nlearning rate {lr:g}, window weight {weight:g}, max_step_logits {settings.max_step_logits}\n\n"
+                           max_step_logits=int(step[0]) if step else fit.max_step_logits,
+                           batch_positions=int(step[1]) if len(step) > 1 else fit.batch_positions)
+        print(f"\nlearning rate {lr:g}, window weight {weight:g}, max_step_logits {settings.max_step_logits}, "
+              f"batch_positions {settings.batch_positions}\n\n"
               "| step | fit s | held-back loss | held-out bits/byte vs original |\n|---:|---:|---:|---:|")
         trace: list[tuple[int, float]] = []
         started, scoring = time.perf_counter(), 0.0  # the fit's own seconds leave out this bench's scoring
@@ -136,11 +138,13 @@ def main() -> None:
                                  config.training.seed, on_check=on_check)
         seconds = time.perf_counter() - started - scoring
         best_step, best = min(trace, key=lambda row: row[1])
-        summaries.append(f"| {lr:g} | {weight:g} | {result.summary['positions_per_step']} | {result.summary['steps']} | "
+        summaries.append(f"| {lr:g} | {weight:g} | {result.summary['positions_per_step']} | "
+                         f"{result.summary['rows_per_step']} | {result.summary['steps']} | "
                          f"{result.summary['held_back_loss_best']:.4f} | {vs_original(result.rows):+.2%} | "
                          f"{best:+.2%} at step {best_step} | {seconds:.0f} |")
-    print("\n| learning rate | window weight | positions per step | steps | held-back loss, kept rows | held-out vs "
-          "original, kept rows | best held-out on the trace | fit s |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| learning rate | window weight | positions per step | rows per step | steps | held-back loss, kept rows | "
+          "held-out vs original, kept rows | best held-out on the trace | fit s |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(summaries))
     print(f"the last kept rows through the expanded model: {expanded_bits(result.rows) / original - 1:+.2%} "
           f"(from the fixed states {vs_original(result.rows):+.2%})")

@@ -203,9 +203,10 @@ class OutputFitConfig:
     learning_rate: float = 3e-4
     max_steps: int = 2000  # Adam steps at most; it stops earlier once its held-back text stops improving
     batch_positions: int = 8192  # positions per step, over all workers
-    # a step computes every new row's logit at each of its positions: past this many logits
-    # a step takes fewer positions (8,192 up to 5,000 new tokens, 1,365 at 30,000), so its
-    # cost stops growing with the vocabulary; the held-back check stays exact
+    # a step computes the new rows' logits at each of its positions: past this many logits
+    # (beyond 5,000 new tokens) it computes those of the tokens its positions hold and of a
+    # uniform draw of the others, their part of the normaliser scaled up, so its cost stops
+    # growing with the vocabulary; the held-back check stays exact
     max_step_logits: int = 8192 * 5000
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ from tokdist_ray.training.output_fit import (
     fit_sequences,
     position_losses,
     reading_passes,
+    sample_rows,
 )
 from tokdist_ray.vocab.merges import expand_with_merges
 from tokdist_ray.vocab.models import load_model
@@ -65,15 +66,36 @@ def test_fit_recovers_the_rows_the_text_was_drawn_from():
     assert torch.equal(result.rows, again.rows)  # the same rows from the same seed
 
 
-def test_a_step_takes_fewer_positions_where_their_logits_over_the_new_rows_pass_the_budget():
-    at, _, true_new, _, _ = _positions()
-    capped = OutputFitConfig(learning_rate=0.05, max_steps=600, batch_positions=1024, max_step_logits=2 * 128)
-    result = fit_output_rows(torch.zeros(2, 8), at, capped, seed=0)
-    assert result.summary["positions_per_step"] == 128  # 256 logits over 2 new rows
+def test_a_sampled_normaliser_is_unbiased_and_holds_each_positions_own_token():
+    at, _, _, _, _ = _positions(n=64, n_new=40)
+    rows, index = torch.randn(40, 8), torch.arange(64)
+    exact = torch.logsumexp(at.hidden @ rows.T, -1).exp()
+    g, estimates = torch.Generator().manual_seed(0), []
+    for _ in range(3000):
+        sample = sample_rows(40, at.new_target, 12, g)
+        own = at.new_target[at.new_target >= 0]
+        assert torch.equal(sample.index[sample.column[own]], own)  # every next token's logit is computed
+        assert len(sample.index) <= max(12, len(own.unique()) + 6)
+        estimates.append(torch.logsumexp(at.hidden @ rows[sample.index].T + sample.log_weight, -1).exp())
+    assert torch.allclose(torch.stack(estimates).mean(0), exact, rtol=0.05)
+    assert sample_rows(40, at.new_target, 40, g) is None  # affording every row, a step computes them all
+    exact_loss = position_losses(rows, at, index)
+    assert torch.equal(position_losses(rows, at, index, None), exact_loss)
+
+
+def test_a_step_over_more_new_rows_than_its_budget_still_recovers_them():
+    at, _, true_new, _, _ = _positions(n_new=24)
+    capped = OutputFitConfig(learning_rate=0.05, max_steps=1500, batch_positions=32, max_step_logits=32 * 8)
+    some = sample_rows(24, at.new_target[:32], 8, torch.Generator().manual_seed(0))
+    assert len(some.index) < 24 and some.log_weight.max() > 0  # a step's positions hold fewer than all 24: a draw
+    result = fit_output_rows(torch.zeros(24, 8), at, capped, seed=0)
+    assert result.summary["rows_per_step"] == 8 and result.summary["positions_per_step"] == 32
+    exact = fit_output_rows(torch.zeros(24, 8), at, replace(capped, max_step_logits=10**6), seed=0)
+    assert exact.summary["rows_per_step"] == 24
     held = at.held_back.nonzero().squeeze(1)
-    assert position_losses(result.rows, at, held).mean() < position_losses(true_new, at, held).mean() + 0.03
-    roomy = replace(capped, max_step_logits=10**6)
-    assert fit_output_rows(torch.zeros(2, 8), at, roomy, seed=0).summary["positions_per_step"] == 1024
+    sampled_loss, exact_loss = (position_losses(r.rows, at, held).mean() for r in (result, exact))
+    assert exact_loss < position_losses(true_new, at, held).mean() + 0.05
+    assert sampled_loss < exact_loss + 0.03
 
 
 def test_a_token_that_never_follows_loses_its_mass_and_one_that_does_gets_its_share():

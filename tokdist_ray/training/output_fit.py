@@ -26,6 +26,7 @@ output fit stops"). Only a fit text too short for a held-back chunk holds back w
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -145,20 +146,57 @@ def collect_positions(model, input_rows: torch.Tensor, new_start: int, chunk_ids
     return FitPositions.joined(parts)
 
 
-def position_losses(rows: torch.Tensor, at: FitPositions, index: torch.Tensor) -> torch.Tensor:
-    """[len(index)] the loss at those positions (see the module docstring), from fp32 logits."""
+@dataclass
+class RowSample:
+    """The new rows a step computes logits for, when not every one: those its positions'
+    next tokens are, and a uniform draw of the rest, each drawn row counting for
+    weight = (rest / drawn) rows in the normaliser (an unbiased estimate of its sum)."""
+
+    index: torch.Tensor  # [S] rows, the positions' own first
+    log_weight: torch.Tensor  # [S] 0 for a positions' own row, log(weight) for a drawn one
+    column: torch.Tensor  # [n_new] each row's place in index (-1: not computed)
+
+
+def sample_rows(n_new: int, targets: torch.Tensor, rows: int, generator: torch.Generator) -> RowSample | None:
+    """The rows a step over positions with these `targets` (-1 before an old token) computes
+    when it can afford `rows` of the `n_new` (None: it affords all). At least half of
+    `rows` are drawn, however many next tokens the positions hold."""
+    if rows >= n_new:
+        return None
+    own = torch.unique(targets[targets >= 0]).cpu()
+    rest = torch.ones(n_new, dtype=torch.bool)
+    rest[own] = False
+    rest = rest.nonzero().squeeze(1)
+    drawn = rest[torch.randperm(len(rest), generator=generator)[: max(rows - len(own), rows // 2)]]
+    index = torch.cat([own, drawn]).to(targets.device)
+    weight = len(rest) / len(drawn) if len(drawn) else 1.0  # nothing to draw: the positions hold every row
+    log_weight = torch.cat([torch.zeros(len(own)), torch.full((len(drawn),), math.log(weight))])
+    column = torch.full((n_new,), -1, dtype=torch.long, device=targets.device)
+    column[index] = torch.arange(len(index), device=targets.device)
+    return RowSample(index, log_weight.to(targets.device), column)
+
+
+def position_losses(rows: torch.Tensor, at: FitPositions, index: torch.Tensor,
+                    sample: RowSample | None = None) -> torch.Tensor:
+    """[len(index)] the loss at those positions (see the module docstring), from fp32 logits
+    over every new row, or over `sample`'s (holding each position's next token) with the
+    rest of the normaliser estimated from its draw."""
     hidden, old, target = at.hidden[index], at.old_log_norm[index], at.new_target[index]
-    logits = head_logits(hidden, rows)
-    new_norm = torch.logsumexp(logits, -1)
+    if sample is None:
+        logits = head_logits(hidden, rows)
+        new_norm, target_column = torch.logsumexp(logits, -1), target.clamp_min(0)
+    else:
+        logits = head_logits(hidden, rows[sample.index])
+        new_norm, target_column = torch.logsumexp(logits + sample.log_weight, -1), sample.column[target.clamp_min(0)]
     is_new = target >= 0
-    target_logit = logits.gather(1, target.clamp_min(0)[:, None]).squeeze(1)
+    target_logit = logits.gather(1, target_column.clamp_min(0)[:, None]).squeeze(1)
     return torch.where(is_new, torch.logaddexp(old, new_norm) - target_logit, F.softplus(new_norm - old))
 
 
-def step_positions(settings: OutputFitConfig, n_new: int) -> int:
-    """Positions per step over all workers: batch_positions, fewer where their logits over
-    the `n_new` rows would pass max_step_logits (the step's cost grows with both)."""
-    return max(1, min(settings.batch_positions, settings.max_step_logits // max(1, n_new)))
+def step_rows(settings: OutputFitConfig, n_new: int) -> int:
+    """New rows whose logits a step computes: every one, or as many as keep its logits over
+    batch_positions positions within max_step_logits (a step's cost grows with both)."""
+    return max(1, min(n_new, settings.max_step_logits // settings.batch_positions))
 
 
 @dataclass
@@ -178,16 +216,16 @@ def fit_output_rows(initial: torch.Tensor, at: FitPositions, settings: OutputFit
     train = (~at.held_back).nonzero().squeeze(1)
     held = at.held_back.nonzero().squeeze(1)
     generator = torch.Generator(device="cpu").manual_seed(seed + rank)
-    positions = step_positions(settings, len(initial))
-    per_worker = max(1, positions // world)
+    per_worker = max(1, settings.batch_positions // world)
+    rows_per_step = step_rows(settings, len(initial))
     counts = torch.tensor([float(len(train)), float(len(held)), float((at.new_target >= 0).sum()),
                            float(at.weight[held].sum())], device=rows.device)
     all_reduce(counts)
     if counts[0] == 0 or counts[1] == 0:
         return FitResult(initial.detach().float().clone(), {"skipped": "too little corpus text to fit on"})
 
-    def weighted_loss(index: torch.Tensor) -> torch.Tensor:
-        return (position_losses(rows, at, index) * at.weight[index]).sum()
+    def weighted_loss(index: torch.Tensor, sample: RowSample | None = None) -> torch.Tensor:
+        return (position_losses(rows, at, index, sample) * at.weight[index]).sum()
 
     def held_back_loss() -> float:
         with torch.no_grad():
@@ -203,7 +241,8 @@ def fit_output_rows(initial: torch.Tensor, at: FitPositions, settings: OutputFit
         pick = train[torch.randint(len(train), (per_worker,), generator=generator).to(train.device)] if len(train) \
             else train
         if len(pick):
-            (weighted_loss(pick) / (per_worker * world)).backward()
+            sample = sample_rows(len(initial), at.new_target[pick], rows_per_step, generator)
+            (weighted_loss(pick, sample) / (per_worker * world)).backward()
         # every worker joins, with or without positions of its own. Dense, unlike DDP's exchange
         # (sparse_exchange.py): each position's normaliser gives every new row a gradient
         all_reduce(rows.grad)
@@ -223,7 +262,7 @@ def fit_output_rows(initial: torch.Tensor, at: FitPositions, settings: OutputFit
         if since_best >= PATIENCE:
             break
     summary = {"positions": int(counts[0] + counts[1]), "before_new_tokens": int(counts[2]),
-               "positions_per_step": per_worker * world, "steps": step,
+               "positions_per_step": per_worker * world, "rows_per_step": rows_per_step, "steps": step,
                "held_back_loss_start": round(start, 6), "held_back_loss_best": round(best, 6),
                "stopped_early": step < settings.max_steps}
     return FitResult(best_rows, summary)
