@@ -244,7 +244,7 @@ def fit_output_rows(initial: torch.Tensor, at: FitPositions, settings: OutputFit
             sample = sample_rows(len(initial), at.new_target[pick], rows_per_step, generator)
             (weighted_loss(pick, sample) / (per_worker * world)).backward()
         # every worker joins, with or without positions of its own. Dense, unlike DDP's exchange
-        # (sparse_exchange.py): each position's normaliser gives every new row a gradient
+        # (sparse_exchange.py): each position's normaliser gives every row it computes a gradient
         all_reduce(rows.grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
