@@ -15,7 +15,8 @@ moments (gpu_check_runs.PrecisionProbe).
              uninterrupted runs'
     export   export.streamed of the trained rows, loaded back by transformers
     fit      the output fit (output_fit.fit_on_text) on a tiny Llama with a trained BPE
-             tokenizer: held-back loss falls, fitted rows fp32, input rows untouched
+             tokenizer, its steps over a draw of the rows: held-back loss falls, fitted
+             rows fp32, input rows untouched
     eval     shard 1 of 2 of the held-out evaluation (eval.heldout.score_part) with the
              fitted rows, and shards.merge of it: drift, bits per byte, generation
              (gpu_check_text.py; skipped without pyahocorasick)
@@ -207,7 +208,8 @@ def run_fit(check: Check) -> tuple[str, dict]:
     fail_if_injected(1, 0)  # the fit has no loop steps of ours: --fail-at fit fails it here
     check.fitted_rows, summary = fit_output(check.text(), check.data.device)
     detail = (f"held-back loss {summary['held_back_loss_start']:.4g} -> {summary['held_back_loss_best']:.4g} over "
-              f"{summary['positions']} positions in {summary['steps']} steps; fitted rows fp32, input rows untouched")
+              f"{summary['positions']} positions in {summary['steps']} steps of {summary['rows_per_step']} rows; fitted "
+              "rows fp32, input rows untouched")
     return detail, summary
 
 

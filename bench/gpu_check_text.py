@@ -29,7 +29,9 @@ VERBS = (" passed", " waited near", " crossed", " left", " reached", " watched")
 ENDINGS = (" in the morning.", " after the rain.", " at noon.", " before the storm.", " on Sunday.")
 TEXT_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
-FIT = OutputFitConfig(max_steps=100, batch_positions=1024)
+# 16 of the 35 new rows a step (the three words and a draw of the rest): the drawn step of
+# tens of thousands of tokens, on the device
+FIT = OutputFitConfig(max_steps=100, batch_positions=1024, max_step_logits=1024 * 16)
 FIT_CHUNKS = 40  # every 10th is held back: 4 held-back chunks
 EVAL_SHARDS = 2  # the check scores the first of them
 
@@ -93,6 +95,8 @@ def fit_output(text: TextModel, device: torch.device) -> tuple[dict[str, torch.T
                                   FIT, seed=0)
     if "skipped" in summary:
         raise AssertionError(f"the output fit was skipped: {summary['skipped']}")
+    if not summary["rows_per_step"] < len(text.expansion.tokens):
+        raise AssertionError(f"the fit computed all {len(text.expansion.tokens)} rows a step: its draw went unchecked")
     if fitted["output"].dtype != torch.float32:
         raise AssertionError(f"fitted output rows are {fitted['output'].dtype}, not fp32")
     if not torch.equal(fitted["input"], rows["input"]):

@@ -37,7 +37,7 @@ def test_the_dry_run_passes_every_stage(tmp_path):
     assert all(stages[name]["metrics"]["precision"] == FP32 for name in ("step", "ddp", "zero1", "zero2", "zero3"))
     assert set(stages["resume"]["metrics"]) == {"ddp", "zero3"}
     fit = stages["fit"]["metrics"]
-    assert fit["held_back_loss_best"] < fit["held_back_loss_start"]
+    assert fit["held_back_loss_best"] < fit["held_back_loss_start"] and fit["rows_per_step"] == 16
     assert stages["eval"]["metrics"]["heldout_snippets"] > 0
     [wide] = stages["rows"]["metrics"]["measurements"]
     assert wide["n_new"] == 30_000 and wide["precision"] == FP32
