@@ -16,6 +16,10 @@ A and new logits z = W h, the loss is
     logaddexp(A, logsumexp(z)) - z_y       before a new token y,
     softplus(logsumexp(z) - A)             before an old token (its old logit is constant).
 
+With tens of thousands of new rows a step's logsumexp(z) is estimated: it computes the
+rows its positions' next tokens are and a uniform draw of the others, which stand for all
+of them (sample_rows); the held-back checks use every row.
+
 A tenth of the fit text's chunks is held back; the fit keeps the rows that scored best on
 them, and stops once they stop improving. The mined windows are all fitted on, none held
 back: a window holds its token wherever the text does not, and past some point the rows
