@@ -13,6 +13,7 @@ from tokdist_ray.errors import ConfigError
 from tokdist_ray.training.output_fit import (
     POSITIONS_PER_PASS,
     FitPositions,
+    RowSample,
     fit_chunk_ids,
     fit_on_text,
     fit_output_rows,
@@ -79,8 +80,9 @@ def test_a_sampled_normaliser_is_unbiased_and_holds_each_positions_own_token():
         estimates.append(torch.logsumexp(at.hidden @ rows[sample.index].T + sample.log_weight, -1).exp())
     assert torch.allclose(torch.stack(estimates).mean(0), exact, rtol=0.05)
     assert sample_rows(40, at.new_target, 40, g) is None  # affording every row, a step computes them all
-    exact_loss = position_losses(rows, at, index)
-    assert torch.equal(position_losses(rows, at, index, None), exact_loss)
+    reversed_rows = torch.arange(40).flip(0)  # a "sample" of every row, in another order: the exact loss
+    every = RowSample(reversed_rows, torch.zeros(40), torch.argsort(reversed_rows))
+    assert torch.allclose(position_losses(rows, at, index, every), position_losses(rows, at, index), atol=1e-5)
 
 
 def test_a_step_over_more_new_rows_than_its_budget_still_recovers_them():
