@@ -227,11 +227,11 @@ def wait_for_nodes(stage: str, bundle: dict[str, float], count: int, capacity: C
         lower = f", or lower {setting}" if setting else ""
         raise ClusterCapacityError(f"{stage} needs {asked}, which no node of this cluster holds ({capacity.describe()}); "
                                    f"add a node type that has them to the cluster config{lower}")
-    from ray.autoscaler.sdk import request_resources
+    import ray
 
     timeout = wait_seconds() if timeout is None else timeout
     log.info("%s: asked the autoscaler for %s; waiting up to %.0f s for the first node", stage, asked, timeout)
-    request_resources(bundles=[bundle] * count)
+    demand = _pending_demand(bundle, count)
     deadline = time.monotonic() + timeout
     try:
         while not any(fits(bundle, node) for node in nodes_up()):
@@ -243,4 +243,15 @@ def wait_for_nodes(stage: str, bundle: dict[str, float], count: int, capacity: C
                     f"{WAIT_ENV}=<seconds> waits longer")
             time.sleep(POLL_S)
     finally:
-        request_resources(bundles=[])  # no floor left behind: the stage's own workers ask from here on
+        ray.util.remove_placement_group(demand)  # the stage's own workers ask from here on
+
+
+def _pending_demand(bundle: dict[str, float], count: int):
+    """`count` bundles the autoscaler sees as demand until they are placed: a placement group
+    (PACK: bin-packed, as `request_resources` bundles are). Not `request_resources`: its
+    floor is one per cluster, and Ray Data's autoscaling coordinator, alive once any dataset
+    has run, rewrites it every 20 s with its own requests; a request it overwrote before
+    the autoscaler read it left the stage waiting for a node never launched."""
+    import ray
+
+    return ray.util.placement_group([{k: v for k, v in bundle.items() if v} for _ in range(count)], strategy="PACK")

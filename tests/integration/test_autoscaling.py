@@ -1,7 +1,8 @@
 """A cluster that starts empty, as cloud clusters do (cluster/*.yaml: a head without CPUs,
 min_workers 0): Ray's fake multi-node provider under Ray's own autoscaler launches node types
 on demand on this machine. The job sizes its stages from the node types, not from the empty
-head, asks for the nodes and runs on them.
+head, asks for the nodes and runs on them, also while something else rewrites the
+autoscaler's resource requests (Ray Data does, once a dataset has run).
 
 Not ray.cluster_utils.AutoscalingCluster itself: its start and shutdown run `ray stop --force`,
 which stops every Ray instance of this user on the machine (other test runs' too), and its
@@ -55,8 +56,8 @@ def _config(gcs_address: str) -> dict:
 
 @pytest.fixture
 def autoscaling_cluster():
-    """An empty autoscaling cluster (a head with 0 CPUs); yields its GCS address and the
-    environment its drivers run in."""
+    """An empty autoscaling cluster (a head with 0 CPUs); yields its GCS address, the
+    environment its drivers run in and its temp dir (its logs)."""
     temp = tempfile.mkdtemp(prefix="as", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", HF_HUB_OFFLINE="1",
                RAY_AUTH_MODE="disabled",  # its drivers need no token
@@ -65,7 +66,7 @@ def autoscaling_cluster():
     head, address = None, None
     try:
         head, address = _start_head(temp, env)
-        yield address, env
+        yield address, env, temp
     finally:
         if head is not None:
             os.killpg(head.pid, signal.SIGTERM)
@@ -132,16 +133,30 @@ def _kill_left(temp: str) -> None:
     psutil.wait_procs(left, timeout=10)
 
 
-def _run(script: str, args: list, env: dict, timeout: int = 600) -> dict:
-    run = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True,
-                         timeout=timeout)
+def _run(script: str, args: list, env: dict, temp: str, timeout: int = 600) -> dict:
+    try:
+        run = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True,
+                             text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # where it stood, and what the autoscaler did meanwhile
+        pytest.fail(f"the driver ran past {timeout} s; its stderr's end:\n{_text(e.stderr)[-6000:]}\n"
+                    f"the autoscaler's log's end:\n{_autoscaler_log(temp)[-4000:]}")
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(next(line[7:] for line in run.stdout.splitlines() if line.startswith("RESULT ")))
 
 
+def _text(output: bytes | str | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def _autoscaler_log(temp: str) -> str:
+    logs = Path(temp, "session_latest", "logs")
+    return "".join(log.read_text(errors="replace") for log in sorted(logs.glob("monitor*.log")))
+
+
 STAGES = """
-import json, sys
+import json, sys, threading, time
 import ray, ray.data
+from ray.autoscaler.sdk import request_resources
 from tokdist_ray import capacity
 from tokdist_ray.config import FileDataSource, GeneratedDataSource
 from tokdist_ray.data.corpus import file_source
@@ -161,8 +176,14 @@ def refusal(stage, bundle, **kwargs):
     except capacity.ClusterCapacityError as e:
         return str(e)
 
+def overwrite_requests():  # as Ray Data's autoscaling coordinator does every 20 s, here at once
+    while True:
+        request_resources(bundles=[])
+        time.sleep(0.05)
+
 model, corpus, run_dir, words = sys.argv[1:5]
 connect()  # RAY_ADDRESS is set: the job's own way in
+threading.Thread(target=overwrite_requests, daemon=True).start()
 seen = capacity.cluster_capacity()
 result = {"before": nodes(), "node_types": [[t.name, t.resources, t.max_count] for t in seen.node_types],
           "miners": seen.cpu_workers(1), "gpu_replicas": seen.gpu_replicas(),
@@ -186,13 +207,15 @@ print("RESULT " + json.dumps(result))
 
 def test_an_empty_autoscaling_cluster_is_sized_by_its_node_types_and_grows_for_each_stage(
         autoscaling_cluster, tiny_model_dir, tmp_path):
-    address, env = autoscaling_cluster
+    address, env, temp = autoscaling_cluster
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(48):  # about 30 kB: 2 kB parts for 4 miners
         (corpus / f"doc{i:02d}.txt").write_text(" ".join(SENTENCES[(i + k) % 4] for k in range(8)), encoding="utf-8")
     started = time.perf_counter()
-    result = _run(STAGES, [tiny_model_dir(), corpus, tmp_path / "run", json.dumps(WORDS)], dict(env, RAY_ADDRESS=address))
+    # a node that does not come up fails the stage in 3 minutes, not the test's 10
+    result = _run(STAGES, [tiny_model_dir(), corpus, tmp_path / "run", json.dumps(WORDS)],
+                  dict(env, RAY_ADDRESS=address, TOKDIST_RAY_NODE_WAIT_S="180"), temp)
     print(f"stages on the autoscaling cluster: {time.perf_counter() - started:.0f} s", json.dumps(result))
 
     # before any launch: an empty head, and the node types the autoscaler can launch
@@ -213,7 +236,8 @@ def test_an_empty_autoscaling_cluster_is_sized_by_its_node_types_and_grows_for_e
     assert result["mining"]["workers"] == 4 and result["mining"]["documents"] == 48
     assert set(result["mining"]["nodes"]) == cpu_nodes
 
-    # the vLLM stage is sized from the GPU type and waited for a GPU node to come up
+    # the vLLM stage is sized from the GPU type and waited for a GPU node to come up, its
+    # demand seen by the autoscaler although the requests were overwritten all along
     assert result["generation"] == ["vLLM stage", 1]
     assert [(n["CPU"], n["GPU"]) for n in result["after_generation"] if n["GPU"]] == [(2, 1)]
 
@@ -236,16 +260,17 @@ def test_the_job_on_an_empty_autoscaling_cluster_exports_the_model_of_a_one_node
 
     from tests.helpers import tiny_job_args
 
-    address, env = autoscaling_cluster
+    address, env, temp = autoscaling_cluster
 
     def job(run_dir, **extra):
         started = time.perf_counter()
         args = tiny_job_args(tiny_model_dir(tied=False), job_corpus_dir, run_dir) + ["--distributed.num_workers", "2"]
-        result = _run(JOB, [json.dumps(args)], dict(env, **extra))
+        result = _run(JOB, [json.dumps(args)], dict(env, **extra), temp)
         assert result["code"] == 0
         return result, time.perf_counter() - started
 
-    (cluster, cluster_s), (one, one_s) = job(tmp_path / "cluster", RAY_ADDRESS=address), job(tmp_path / "one")
+    (cluster, cluster_s), (one, one_s) = (job(tmp_path / "cluster", RAY_ADDRESS=address, TOKDIST_RAY_NODE_WAIT_S="180"),
+                                           job(tmp_path / "one"))
     run = tmp_path / "cluster"
     placement = {
         "launched": cluster["nodes"],
