@@ -161,17 +161,17 @@ class RowSample:
     column: torch.Tensor  # [n_new] each row's place in index (-1: not computed)
 
 
-def sample_rows(n_new: int, targets: torch.Tensor, rows: int, generator: torch.Generator) -> RowSample | None:
+def sample_rows(n_new: int, targets: torch.Tensor, affordable: int, generator: torch.Generator) -> RowSample | None:
     """The rows a step over positions with these `targets` (-1 before an old token) computes
-    when it can afford `rows` of the `n_new` (None: it affords all). At least half of
-    `rows` are drawn, however many next tokens the positions hold."""
-    if rows >= n_new:
+    when it can afford `affordable` of the `n_new` (None: it affords all). At least half of
+    them are drawn, however many next tokens the positions hold."""
+    if affordable >= n_new:
         return None
     own = torch.unique(targets[targets >= 0]).cpu()
     rest = torch.ones(n_new, dtype=torch.bool)
     rest[own] = False
     rest = rest.nonzero().squeeze(1)
-    drawn = rest[torch.randperm(len(rest), generator=generator)[: max(rows - len(own), rows // 2)]]
+    drawn = rest[torch.randperm(len(rest), generator=generator)[: max(affordable - len(own), affordable // 2)]]
     index = torch.cat([own, drawn]).to(targets.device)
     weight = len(rest) / len(drawn) if len(drawn) else 1.0  # nothing to draw: the positions hold every row
     log_weight = torch.cat([torch.zeros(len(own)), torch.full((len(drawn),), math.log(weight))])
