@@ -243,15 +243,17 @@ def wait_for_nodes(stage: str, bundle: dict[str, float], count: int, capacity: C
                     f"{WAIT_ENV}=<seconds> waits longer")
             time.sleep(POLL_S)
     finally:
-        ray.util.remove_placement_group(demand)  # the stage's own workers ask from here on
+        for group in demand:  # the stage's own workers ask from here on
+            ray.util.remove_placement_group(group)
 
 
-def _pending_demand(bundle: dict[str, float], count: int):
-    """`count` bundles the autoscaler sees as demand until they are placed: a placement group
-    (PACK: bin-packed, as `request_resources` bundles are). Not `request_resources`: its
-    floor is one per cluster, and Ray Data's autoscaling coordinator, alive once any dataset
-    has run, rewrites it every 20 s with its own requests; a request it overwrote before
-    the autoscaler read it left the stage waiting for a node never launched."""
+def _pending_demand(bundle: dict[str, float], count: int) -> list:
+    """`count` placement groups of one `bundle` each: demand the autoscaler sees until they
+    are placed, each on its own (v2 places a group's bundles all or none, so one group of
+    more workers than the cluster can hold would launch nothing). Not `request_resources`:
+    its floor is one per cluster, and Ray Data's autoscaling coordinator, alive once any
+    dataset has run, rewrites it every 20 s with its own requests; a request it overwrote
+    before the autoscaler read it left the stage waiting for a node never launched."""
     import ray
 
-    return ray.util.placement_group([{k: v for k, v in bundle.items() if v} for _ in range(count)], strategy="PACK")
+    return [ray.util.placement_group([{k: v for k, v in bundle.items() if v}]) for _ in range(count)]

@@ -96,3 +96,20 @@ def test_a_wait_that_is_no_number_is_refused_in_one_line(monkeypatch):
     monkeypatch.setenv(WAIT_ENV, "15m")
     with pytest.raises(ClusterCapacityError, match=r"^TOKDIST_RAY_NODE_WAIT_S must be a number of seconds, not '15m'$"):
         wait_seconds()
+
+
+def test_a_stage_asks_for_each_worker_apart_so_a_cluster_too_small_for_all_still_grows(ray_session):
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    from tokdist_ray.capacity import _pending_demand
+
+    demand = _pending_demand({"CPU": 64.0, "GPU": 0.0}, 3)  # no node up holds one: pending, as on an empty cluster
+    try:
+        # Ray's autoscaler v2 places a group's bundles all or none: one group of 3 on a cluster
+        # that can launch 2 such nodes would launch none
+        assert [placement_group_table(g)["bundles"] for g in demand] == [{0: {"CPU": 64.0}}] * 3
+        assert {placement_group_table(g)["state"] for g in demand} == {"PENDING"}
+    finally:
+        for group in demand:
+            ray.util.remove_placement_group(group)
