@@ -65,10 +65,11 @@ class DistilledRun:
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    """Everything a worker needs, resolved on the driver."""
+    """Everything a worker needs, checked on the driver."""
 
-    model_path: str  # a local HF directory (resolve_model_path)
-    model_name: str  # as the user gave it, for the report
+    # as the user gave it: each worker resolves it on its own node (vocab.models.load_model),
+    # where a bundled or GGUF model materialises; the driver's copy is on the driver's node
+    model_path: str
     snippets_path: str
     snippets_filesystem: pyarrow.fs.FileSystem | None
     expansion: MergeExpansion  # every new id gets a row; shipped by value, rank 0 exports its tokenizer
@@ -139,7 +140,7 @@ def distill_distributed(
     capacity = cluster_capacity()
     dist = _with_cpus(dist, capacity)
     _wait_for_workers(dist, capacity)
-    strategy, zero_stage = choose_strategy(dist, plan.model_path, training, len(plan.tokens), snippet_len + 1,
+    strategy, zero_stage = choose_strategy(dist, resolve_model_path(plan.model_path), training, len(plan.tokens), snippet_len + 1,
                                            plan.output_emb_policy)
     plan = dataclasses.replace(plan, strategy=strategy, zero_stage=zero_stage)
     log.info(
@@ -254,8 +255,11 @@ def _plan(model_path, snippets_path, expansion, distilled, rows_dir, training, d
     # Ray Train starts workers in their own artifacts directory: relative paths would miss.
     if snippets_fs is None:
         snippets_path = absolute(snippets_path)
+    resolve_model_path(model_path)  # a name that names no model fails here, before any worker starts
+    if Path(model_path).expanduser().exists():
+        model_path = absolute(model_path)
     return WorkerPlan(
-        model_path=resolve_model_path(model_path), model_name=model_path, snippets_path=snippets_path,
+        model_path=model_path, snippets_path=snippets_path,
         snippets_filesystem=snippets_fs, expansion=expansion, distilled=distilled, rows_dir=str(out), training=training,
         num_workers=dist.num_workers, use_gpu=dist.use_gpu, strategy=dist.strategy, zero_stage=dist.zero_stage,
         deepspeed_overrides=dist.deepspeed_config, checkpoint_every=dist.checkpoint_every,

@@ -32,7 +32,7 @@ def manifest(plan) -> dict:
     """The settings of a run (a WorkerPlan) that its resumption must share."""
     training = {k: v for k, v in vars(plan.training).items() if k not in NOT_IN_RUN_IDENTITY}
     return json.loads(json.dumps({
-        "model": plan.model_name,
+        "model": plan.model_path,
         "snippets": plan.snippets_path,
         "tokens": [[t.text, list(t.phrase_ids)] for t in plan.tokens],
         "training": training,
