@@ -1,5 +1,5 @@
-"""A cluster whose run_dir one node cannot see: the job says so in one line before any
-work. The node runs in a mount namespace of its own with an empty filesystem over the
+"""A cluster whose run_dir, or out_path, one node cannot see: the job says so in one line
+before any work. The node runs in a mount namespace of its own with an empty filesystem over the
 runs' folder, as a node without the shared mount would be."""
 
 import json
@@ -77,19 +77,25 @@ def test_a_run_dir_one_node_cannot_see_is_one_line_before_any_work(tiny_model_di
                            *_node_ports(ports[len(NODE_PORTS):])])
     node = _start(["unshare", "-m", "--propagation", "private", "sh", "-c",
                    f"mount -t tmpfs none {runs} && exec {blind_node}"], env)
+    def job(run_dir, *extra):
+        return subprocess.run([sys.executable, "-c", JOIN_AND_RUN,
+                               json.dumps(tiny_job_args(tiny_model_dir(tied=False), job_corpus_dir, run_dir) + [*extra])],
+                              env=env | {"RAY_ADDRESS": address}, capture_output=True, text=True, timeout=600)
+
     try:
         _wait_for_nodes(address, env, 2)
-        run_dir = runs / "run"
-        job = subprocess.run([sys.executable, "-c", JOIN_AND_RUN,
-                              json.dumps(tiny_job_args(tiny_model_dir(tied=False), job_corpus_dir, run_dir))],
-                             env=env | {"RAY_ADDRESS": address}, capture_output=True, text=True, timeout=600)
+        run_dir, seen_run_dir, out_path = runs / "run", tmp_path / "seen" / "run", runs / "model"
+        blind_run_dir = job(run_dir)
+        blind_out_path = job(seen_run_dir, "--out_path", str(out_path))  # the export task may run on the blind node
     finally:
         _stop(node)
         _stop(head)
         subprocess.run(["rm", "-rf", temp])
-    lines = [line for line in job.stderr.splitlines() if line.startswith("tokdist-ray: error:")]
-    assert job.returncode == 2, job.stderr[-3000:]
-    assert len(lines) == 1 and re.search(rf"run_dir {run_dir} is not storage every node sees: nodes \['[\d.]+'\]",
-                                         lines[0]), lines  # one node, by its address
-    assert "put run_dir on a filesystem every node mounts" in lines[0]
+    for done, key, path in ((blind_run_dir, "run_dir", run_dir), (blind_out_path, "out_path", out_path)):
+        lines = [line for line in done.stderr.splitlines() if line.startswith("tokdist-ray: error:")]
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert len(lines) == 1 and re.search(rf"{key} {path} is not storage every node sees: nodes \['[\d.]+'\]",
+                                             lines[0]), lines  # one node, by its address
+        assert f"put {key} on a filesystem every node mounts" in lines[0]
     assert not (run_dir / "tokens.json").exists() and not list(run_dir.glob(".tokdist-probe-*"))
+    assert not (seen_run_dir / "tokens.json").exists() and not list(runs.glob(".tokdist-probe-*"))

@@ -24,7 +24,7 @@ from tokdist_ray.job.config import GGUF_OPTIONS, STAGES, JobConfig, config_dict
 from tokdist_ray.job.inputs import content_digest, corpus_files, heldout_files, model_files
 from tokdist_ray.job.ledger import StageLedger
 from tokdist_ray.job.lock import RunDirLock
-from tokdist_ray.job.shared_run_dir import check_run_dir_shared
+from tokdist_ray.job.shared_run_dir import check_shared
 from tokdist_ray.job.stages import (
     distill_rows,
     evaluate_rows,
@@ -105,7 +105,9 @@ def _run_stages(config: JobConfig, stages: tuple[str, ...], run_dir: Path) -> di
     keys = stage_keys(config, settings)
     if joins_cluster():  # before any work: a node-local run_dir would fail stages later
         connect()
-        check_run_dir_shared(run_dir)
+        check_shared("run_dir", run_dir)
+        if config.out_path:  # the export task writes it on whichever node it runs
+            check_shared("out_path", Path(config.model_dir).expanduser().resolve())
 
     if config.tokens.from_corpus:
         connect()  # pre-token counts run on Ray Data

@@ -1,7 +1,8 @@
 """On a cluster, run_dir must be storage every node sees: miners write snippets there that
-the GPU workers read, rank 0 writes the model and report there for the driver. A node-local
-run_dir fails only stages later; this finds it before any work, with a file the driver
-writes and a task on every other node reads."""
+the GPU workers read, rank 0 writes the model and report there for the driver; so must an
+out_path, which the export task writes on whichever node it runs. A node-local one fails
+only stages later (or the model lands on a node's own disk); this finds it before any
+work, with a file the driver writes and a task on every other node reads."""
 
 from __future__ import annotations
 
@@ -16,18 +17,20 @@ log = logging.getLogger("tokdist_ray")
 PROBE_TIMEOUT_S = 120.0
 
 
-def check_run_dir_shared(run_dir: Path, timeout_s: float = PROBE_TIMEOUT_S) -> None:
-    """Raise one line naming the nodes that cannot read a file written into `run_dir` here.
-    Nodes launched later (an autoscaling cluster starts empty) are not probed: their
-    first read of a missing file says the same (training/snippet_files.py)."""
+def check_shared(key: str, directory: Path, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Raise one line naming the nodes that cannot read a file written into `directory` (the
+    setting `key`; the nearest folder of it that exists, where it does not yet) here. Nodes
+    launched later (an autoscaling cluster starts empty) are not probed: their first read of
+    a missing file says the same (training/snippet_files.py)."""
     import ray
 
     here = ray.get_runtime_context().get_node_id()
     nodes = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
     if not nodes:
         return
+    existing = next(p for p in (directory, *directory.parents) if p.is_dir())
     token = uuid.uuid4().hex
-    probe = run_dir / f".tokdist-probe-{token}"
+    probe = existing / f".tokdist-probe-{token}"
     atomic_write_text(probe, token)
     try:
         seen = _read_on_each(nodes, str(probe), timeout_s)
@@ -39,8 +42,8 @@ def check_run_dir_shared(run_dir: Path, timeout_s: float = PROBE_TIMEOUT_S) -> N
         log.warning("nodes %s did not answer the shared-storage check within %.0f s; not checked", silent, timeout_s)
     if blind:
         raise ConfigError(
-            f"run_dir {run_dir} is not storage every node sees: nodes {blind} cannot read a file written there on "
-            "the driver's node; put run_dir on a filesystem every node mounts at the same path (/shared in "
+            f"{key} {directory} is not storage every node sees: nodes {blind} cannot read a file written there on "
+            f"the driver's node; put {key} on a filesystem every node mounts at the same path (/shared in "
             "cluster/*.yaml: EFS, Filestore, a ReadWriteMany volume)"
         )
 
