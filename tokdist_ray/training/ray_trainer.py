@@ -140,8 +140,8 @@ def distill_distributed(
     capacity = cluster_capacity()
     dist = _with_cpus(dist, capacity)
     _wait_for_workers(dist, capacity)
-    strategy, zero_stage = choose_strategy(dist, resolve_model_path(plan.model_path), training, len(plan.tokens), snippet_len + 1,
-                                           plan.output_emb_policy)
+    strategy, zero_stage = choose_strategy(dist, resolve_model_path(plan.model_path), training, len(plan.tokens),
+                                           snippet_len + 1, plan.output_emb_policy)
     plan = dataclasses.replace(plan, strategy=strategy, zero_stage=zero_stage)
     log.info(
         "distributed distillation: %d tokens, %d workers of %g CPUs, %s%s, global batch %d",
